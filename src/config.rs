@@ -1,0 +1,113 @@
+//! Command-line flags, each also read from an environment variable.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+/// Which store keeps session documents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StoreKind {
+    /// Embedded SQLite database under `--data-dir` (durable).
+    Sqlite,
+    /// Process memory only: nothing survives a restart.
+    Memory,
+}
+
+/// When SQLite waits for the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FsyncMode {
+    /// Durable against a crash of the process (WAL, synchronous=NORMAL).
+    Normal,
+    /// Durable against power loss too (WAL, synchronous=FULL).
+    Always,
+}
+
+#[derive(Debug, Clone, Parser)]
+#[command(name = "optiverse-collab", version, about = "Collaboration server for Optiverse scenes")]
+pub struct Config {
+    /// Address to listen on.
+    #[arg(long, env = "COLLAB_HOST", default_value = "0.0.0.0")]
+    pub host: IpAddr,
+
+    /// Port to listen on (0 picks a free one).
+    #[arg(long, env = "COLLAB_PORT", default_value_t = 8765)]
+    pub port: u16,
+
+    /// Seconds without any frame after which a `/ws` connection is closed (1001).
+    #[arg(long, env = "COLLAB_IDLE_TIMEOUT", default_value = "90", value_parser = parse_seconds)]
+    pub idle_timeout: Duration,
+
+    /// Largest WebSocket message accepted; larger ones close the connection (1009).
+    #[arg(long, env = "COLLAB_MAX_MESSAGE_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub max_message_bytes: usize,
+
+    /// Bytes a connection's outbound queue may hold before it is closed as too slow (1013).
+    #[arg(long, env = "COLLAB_MAX_QUEUE_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub max_queue_bytes: usize,
+
+    /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `optiverse_collab=debug`.
+    #[arg(long, env = "COLLAB_LOG", default_value = "info")]
+    pub log_level: String,
+
+    /// Where session documents are kept.
+    #[arg(long, env = "COLLAB_STORE", value_enum, default_value_t = StoreKind::Sqlite)]
+    pub store: StoreKind,
+
+    /// Directory of the embedded store.
+    #[arg(long, env = "COLLAB_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+
+    /// Durability of the embedded store.
+    #[arg(long, env = "COLLAB_FSYNC", value_enum, default_value_t = FsyncMode::Normal)]
+    pub fsync: FsyncMode,
+
+    /// Seconds a session stays in memory without connections.
+    #[arg(long, env = "COLLAB_EVICT_AFTER", default_value = "60", value_parser = parse_seconds)]
+    pub evict_after: Duration,
+
+    /// Largest awareness state of one Yjs client.
+    #[arg(long, env = "COLLAB_MAX_AWARENESS_BYTES", default_value_t = 64 * 1024)]
+    pub max_awareness_bytes: usize,
+
+    /// Most awareness states one session holds.
+    #[arg(long, env = "COLLAB_MAX_AWARENESS_STATES", default_value_t = 1024)]
+    pub max_awareness_states: usize,
+}
+
+impl Config {
+    /// The defaults, as `cargo run` would use them with no flags and no environment.
+    pub fn defaults() -> Self {
+        Config::parse_from(["optiverse-collab"])
+    }
+}
+
+fn parse_seconds(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s.parse().map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    Duration::try_from_secs_f64(secs).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_protocol() {
+        let c = Config::parse_from(["optiverse-collab"]);
+        assert_eq!(c.port, 8765);
+        assert_eq!(c.host.to_string(), "0.0.0.0");
+        assert_eq!(c.idle_timeout, Duration::from_secs(90));
+        assert_eq!(c.max_message_bytes, 16 * 1024 * 1024);
+        assert_eq!(c.store, StoreKind::Sqlite);
+        assert_eq!(c.evict_after, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn flags_parse_fractional_seconds() {
+        let c = Config::parse_from(["x", "--idle-timeout", "0.5", "--port", "0", "--store", "memory"]);
+        assert_eq!(c.idle_timeout, Duration::from_millis(500));
+        assert_eq!(c.store, StoreKind::Memory);
+        assert!(Config::try_parse_from(["x", "--idle-timeout", "soon"]).is_err());
+    }
+}

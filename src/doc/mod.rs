@@ -1,0 +1,13 @@
+//! The network-free core: the session's Yjs document, its item schema, guarded application of
+//! untrusted bytes, and the translation between legacy Optiverse commands and the document.
+
+pub mod guard;
+pub mod legacy;
+pub mod scene;
+pub mod value;
+pub mod ydoc;
+
+pub use legacy::{Action, Command, UploadedItem};
+pub use scene::{CommandMessage, Effects, FullState, Outgoing, PeerId, Scene};
+pub use value::ItemFields;
+pub use ydoc::{DocError, GuardedDoc};

@@ -1,0 +1,25 @@
+//! optiverse-collab: a collaboration server where several people edit one Optiverse
+//! optical-bench scene at once. Each session is one Yjs document; Optiverse desktop clients
+//! (JSON commands) and standard Yjs clients edit it together. See `ARCHITECTURE.md`.
+
+pub mod config;
+pub mod doc;
+pub mod protocol;
+pub mod server;
+pub mod session;
+pub mod store;
+pub mod warn_limit;
+
+use std::sync::Arc;
+
+use config::{Config, StoreKind};
+use store::memory::MemoryStore;
+use store::Store;
+
+/// The store `config` asks for.
+pub fn open_store(config: &Config) -> Result<Arc<dyn Store>, store::StoreError> {
+    match config.store {
+        StoreKind::Memory => Ok(Arc::new(MemoryStore::new())),
+        StoreKind::Sqlite => Ok(Arc::new(store::sqlite::SqliteStore::open(&config.data_dir, config.fsync)?)),
+    }
+}

@@ -1,0 +1,100 @@
+//! The HTTP API: health, metrics, session listing, the scene as JSON, and the document as one
+//! Yjs update (read and write).
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+use super::path::decode_name;
+use super::AppState;
+use crate::session::{SessionMsg, SessionSummary};
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({"error": message.into()}))).into_response()
+}
+
+fn session_id(raw: &str) -> Result<String, Response> {
+    decode_name(raw).ok_or_else(|| error(StatusCode::BAD_REQUEST, "invalid session id"))
+}
+
+fn unavailable() -> Response {
+    error(StatusCode::SERVICE_UNAVAILABLE, "session unavailable")
+}
+
+/// `GET /health`
+pub async fn health(State(state): State<AppState>) -> Response {
+    Json(json!({
+        "status": "ok",
+        "version": env!("CARGO_PKG_VERSION"),
+        "sessions": state.registry.loaded(),
+        "connections": state.connections.active(),
+    }))
+    .into_response()
+}
+
+/// `GET /metrics`
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    let body = state.metrics.as_ref().map(|h| h.render()).unwrap_or_default();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}
+
+/// `GET /api/sessions`: the sessions in memory.
+pub async fn sessions(State(state): State<AppState>) -> Response {
+    let mut list: Vec<SessionSummary> = Vec::new();
+    for handle in state.registry.handles() {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if handle.send(SessionMsg::Summary(tx)).await.is_ok() {
+            if let Ok(summary) = rx.await {
+                list.push(summary);
+            }
+        }
+    }
+    list.sort_by(|a, b| a.id.cmp(&b.id));
+    Json(list).into_response()
+}
+
+/// `GET /api/sessions/{session}/scene`
+pub async fn scene(State(state): State<AppState>, Path(raw): Path<String>) -> Response {
+    let id = match session_id(&raw) {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    match state.registry.request(&id, SessionMsg::Scene).await {
+        Some(scene) => ([(header::CONTENT_TYPE, "application/json")], scene).into_response(),
+        None => unavailable(),
+    }
+}
+
+/// `GET /api/sessions/{session}/update`
+pub async fn get_update(State(state): State<AppState>, Path(raw): Path<String>) -> Response {
+    let id = match session_id(&raw) {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    match state.registry.request(&id, SessionMsg::EncodeState).await {
+        Some(Ok(update)) => ([(header::CONTENT_TYPE, "application/octet-stream")], update).into_response(),
+        Some(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        None => unavailable(),
+    }
+}
+
+/// `POST /api/sessions/{session}/update`: applies a v1 update like any client's.
+pub async fn post_update(State(state): State<AppState>, Path(raw): Path<String>, body: Bytes) -> Response {
+    let id = match session_id(&raw) {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    let update = body.to_vec();
+    match state
+        .registry
+        .request(&id, |tx| SessionMsg::ApplyUpdate(update.clone(), tx))
+        .await
+    {
+        Some(Ok(())) => Json(json!({"status": "applied"})).into_response(),
+        Some(Err(e)) => error(StatusCode::BAD_REQUEST, e),
+        None => unavailable(),
+    }
+}

@@ -1,0 +1,210 @@
+//! One WebSocket connection: a single task that reads frames, hands them to the session, and
+//! writes what the session queued for it.
+//!
+//! Decoding happens here, in the connection's task, so a session task only ever sees valid
+//! messages and bad input costs the session nothing. The loop also owns the connection's
+//! timers: the JSON idle timeout on `/ws` (Qt clients must never get protocol pings) and the
+//! protocol ping on `/yjs`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use tokio::time::{sleep_until, Instant};
+use tracing::{info, warn};
+
+use super::AppState;
+use crate::doc::PeerId;
+use crate::protocol::json::{self, ErrorCode, ProtocolError};
+use crate::protocol::yjs;
+use crate::session::outbox::{CloseReason, CLOSE_GOING_AWAY, CLOSE_IDLE, CLOSE_INTERNAL, CLOSE_TOO_BIG};
+use crate::session::{outbox, ConnKind, Frame, Inbox, JoinRequest, Outbox, SessionHandle, SessionMsg};
+
+/// Interval of protocol pings on `/yjs`; a peer that has not answered the previous one by
+/// the next is dropped.
+const YJS_PING_INTERVAL: Duration = Duration::from_secs(30);
+/// How long to wait for the peer's answer to our close frame.
+const CLOSE_HANDSHAKE: Duration = Duration::from_secs(2);
+
+/// Who is connecting, once the path was validated.
+pub struct ConnectionTarget {
+    pub session: String,
+    pub user: Option<Arc<str>>,
+    pub kind: ConnKind,
+}
+
+/// Sends a close frame and waits briefly for the peer's answer.
+pub async fn close(mut socket: WebSocket, reason: CloseReason) {
+    let frame = CloseFrame {
+        code: reason.code,
+        reason: Utf8Bytes::from_static(reason.reason),
+    };
+    if socket.send(Message::Close(Some(frame))).await.is_err() {
+        return;
+    }
+    let _ = tokio::time::timeout(CLOSE_HANDSHAKE, async {
+        while let Some(Ok(msg)) = socket.recv().await {
+            if matches!(msg, Message::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+/// Serves one connection until it closes.
+pub async fn serve(socket: WebSocket, state: AppState, target: ConnectionTarget) {
+    let _guard = state.connections.enter();
+    let peer = state.registry.next_peer_id();
+    let (outbox, inbox) = outbox(state.config.max_queue_bytes);
+    let request = JoinRequest {
+        peer,
+        kind: target.kind,
+        user: target.user.clone(),
+        outbox: outbox.clone(),
+    };
+    let session = match state.registry.join(&target.session, request).await {
+        Ok(handle) => handle,
+        Err(e) => {
+            warn!(session = %target.session, error = ?e, "join failed");
+            if target.kind.speaks_json() {
+                let error = ProtocolError::new(ErrorCode::Forbidden, "session unavailable");
+                let _ = outbox.send(Frame::text(json::encode_error(&error)));
+            }
+            drop(inbox);
+            close(socket, CLOSE_INTERNAL).await;
+            return;
+        }
+    };
+    let user = target.user.as_deref().unwrap_or("-").to_owned();
+    info!(session = %target.session, user, peer, kind = ?target.kind, "connection opened");
+    let mut connection = Connection {
+        state,
+        session,
+        peer,
+        kind: target.kind,
+        outbox,
+    };
+    let reason = connection.run(socket, inbox).await;
+    let _ = connection.session.send(SessionMsg::Leave(peer)).await;
+    info!(session = %target.session, user, peer, code = reason.code, "connection closed");
+}
+
+struct Connection {
+    state: AppState,
+    session: SessionHandle,
+    peer: PeerId,
+    kind: ConnKind,
+    outbox: Outbox,
+}
+
+impl Connection {
+    async fn run(&mut self, mut socket: WebSocket, mut inbox: Inbox) -> CloseReason {
+        let mut shutdown = self.state.shutdown.clone();
+        let idle_timeout = self.state.config.idle_timeout;
+        let mut idle_deadline = Instant::now() + idle_timeout;
+        let mut ping = tokio::time::interval_at(Instant::now() + YJS_PING_INTERVAL, YJS_PING_INTERVAL);
+        let mut pong_due = false;
+        let mut close_signal = inbox.close.clone();
+        let reason = loop {
+            tokio::select! {
+                biased;
+                _ = close_signal.changed() => {
+                    if let Some(reason) = *close_signal.borrow() {
+                        break reason;
+                    }
+                }
+                _ = shutdown.changed() => break CLOSE_GOING_AWAY,
+                frame = inbox.recv() => {
+                    let Some(frame) = frame else { break CLOSE_INTERNAL };
+                    let msg = match frame {
+                        Frame::Text(t) => Message::Text(t),
+                        Frame::Binary(b) => Message::Binary(b),
+                    };
+                    if socket.send(msg).await.is_err() {
+                        return CLOSE_GOING_AWAY;
+                    }
+                }
+                incoming = socket.recv() => {
+                    idle_deadline = Instant::now() + idle_timeout;
+                    match incoming {
+                        None | Some(Ok(Message::Close(_))) => return CloseReason { code: 1000, reason: "" },
+                        Some(Err(e)) => {
+                            if is_too_big(&e) {
+                                break CLOSE_TOO_BIG;
+                            }
+                            return CloseReason { code: 1006, reason: "" };
+                        }
+                        Some(Ok(Message::Text(text))) => self.on_text(&text).await,
+                        Some(Ok(Message::Binary(bytes))) => self.on_binary(&bytes).await,
+                        Some(Ok(Message::Pong(_))) => pong_due = false,
+                        Some(Ok(Message::Ping(_))) => {}
+                    }
+                }
+                _ = sleep_until(idle_deadline), if self.kind != ConnKind::Yjs => break CLOSE_IDLE,
+                _ = ping.tick(), if self.kind == ConnKind::Yjs => {
+                    if pong_due {
+                        break CLOSE_IDLE;
+                    }
+                    pong_due = true;
+                    if socket.send(Message::Ping(Default::default())).await.is_err() {
+                        return CLOSE_GOING_AWAY;
+                    }
+                }
+            }
+        };
+        close(socket, reason).await;
+        reason
+    }
+
+    async fn on_text(&mut self, text: &str) {
+        if self.kind == ConnKind::Yjs {
+            self.reject(ProtocolError::new(ErrorCode::BadMessage, "y-websocket frames are binary"));
+            return;
+        }
+        match json::parse_client_message(text) {
+            Ok(msg) => {
+                let _ = self.session.send(SessionMsg::Legacy(self.peer, msg)).await;
+            }
+            Err(e) => self.reject(e),
+        }
+    }
+
+    async fn on_binary(&mut self, bytes: &[u8]) {
+        if self.kind == ConnKind::Legacy {
+            self.reject(ProtocolError::new(
+                ErrorCode::BadMessage,
+                "binary frames need a Yjs connection (?yjs=1)",
+            ));
+            return;
+        }
+        match yjs::decode(bytes) {
+            Ok(msg) => {
+                let _ = self.session.send(SessionMsg::Yjs(self.peer, msg)).await;
+            }
+            Err(e) => self.reject(ProtocolError::new(ErrorCode::BadMessage, e.to_string())),
+        }
+    }
+
+    fn reject(&self, error: ProtocolError) {
+        metrics::counter!("collab_rejected_input_total").increment(1);
+        if self.state.rejected_warnings.allow() {
+            warn!(session = %self.session.id, peer = self.peer, error = %error, "rejected input");
+        }
+        if self.kind.speaks_json() {
+            let _ = self.outbox.send(Frame::text(json::encode_error(&error)));
+        }
+    }
+}
+
+/// Whether a receive error is tungstenite's "message/frame larger than the limit".
+fn is_too_big(error: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = source {
+        if let Some(tungstenite::Error::Capacity(_)) = e.downcast_ref::<tungstenite::Error>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}

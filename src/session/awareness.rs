@@ -1,0 +1,220 @@
+//! The session's awareness states (cursors, selections, user names of Yjs clients), bounded.
+//!
+//! Semantics follow y-protocols: a state replaces an older one when its clock is higher, or
+//! when it is a removal (`null`) at the same clock. Each state remembers which connection
+//! introduced it, so closing that connection removes it; states not renewed for 30 s expire,
+//! as Yjs clients expect (they renew every 15 s).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use yrs::sync::awareness::{AwarenessUpdate, AwarenessUpdateEntry};
+use yrs::updates::decoder::Decode;
+use yrs::updates::encoder::Encode;
+use yrs::ClientID;
+
+use crate::doc::guard;
+use crate::doc::PeerId;
+
+/// States not renewed for this long are removed.
+pub const AWARENESS_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug)]
+struct State {
+    clock: u32,
+    json: Arc<str>,
+    owner: PeerId,
+    renewed: Instant,
+}
+
+/// Why an awareness update was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AwarenessError(pub String);
+
+impl std::fmt::Display for AwarenessError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// All awareness states of one session.
+#[derive(Debug)]
+pub struct AwarenessStates {
+    states: HashMap<ClientID, State>,
+    /// Clocks of removed states, so a late duplicate cannot resurrect them.
+    removed: HashMap<ClientID, u32>,
+    max_state_bytes: usize,
+    max_states: usize,
+}
+
+impl AwarenessStates {
+    pub fn new(max_state_bytes: usize, max_states: usize) -> Self {
+        AwarenessStates {
+            states: HashMap::new(),
+            removed: HashMap::new(),
+            max_state_bytes,
+            max_states,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.states.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.states.is_empty()
+    }
+
+    /// Applies an untrusted awareness update from `owner`. Returns the encoded update of what
+    /// changed (to broadcast), or `None` when nothing did.
+    pub fn apply(&mut self, owner: PeerId, bytes: &[u8], now: Instant) -> Result<Option<Vec<u8>>, AwarenessError> {
+        guard::check_awareness_update_v1(bytes).map_err(|e| AwarenessError(e.to_string()))?;
+        let update = AwarenessUpdate::decode_v1(bytes).map_err(|e| AwarenessError(e.to_string()))?;
+        if let Some((client, _)) = update.clients.iter().find(|(_, e)| e.json.len() > self.max_state_bytes) {
+            return Err(AwarenessError(format!(
+                "awareness state of client {client} exceeds {} bytes",
+                self.max_state_bytes
+            )));
+        }
+        let new_clients = update
+            .clients
+            .iter()
+            .filter(|(id, e)| !self.states.contains_key(*id) && !is_null(&e.json))
+            .count();
+        if self.states.len() + new_clients > self.max_states {
+            return Err(AwarenessError(format!(
+                "a session may hold at most {} awareness states",
+                self.max_states
+            )));
+        }
+        let mut changed = HashMap::new();
+        for (client, entry) in update.clients {
+            let removal = is_null(&entry.json);
+            let accept = match self.states.get(&client) {
+                Some(state) => state.clock < entry.clock || (state.clock == entry.clock && removal),
+                None => !removal && self.removed.get(&client).is_none_or(|c| *c < entry.clock),
+            };
+            if !accept {
+                continue;
+            }
+            if removal {
+                self.states.remove(&client);
+                self.removed.insert(client, entry.clock);
+            } else {
+                self.removed.remove(&client);
+                self.states.insert(
+                    client,
+                    State {
+                        clock: entry.clock,
+                        json: entry.json.clone(),
+                        owner,
+                        renewed: now,
+                    },
+                );
+            }
+            changed.insert(client, entry);
+        }
+        Ok(encode(changed))
+    }
+
+    /// Every state, encoded, or `None` when there are none.
+    pub fn encode_all(&self) -> Option<Vec<u8>> {
+        encode(
+            self.states
+                .iter()
+                .map(|(id, s)| {
+                    (
+                        *id,
+                        AwarenessUpdateEntry {
+                            clock: s.clock,
+                            json: s.json.clone(),
+                        },
+                    )
+                })
+                .collect(),
+        )
+    }
+
+    /// Removes the states `owner` introduced; returns the encoded removal.
+    pub fn remove_owner(&mut self, owner: PeerId) -> Option<Vec<u8>> {
+        self.remove_where(|s| s.owner == owner)
+    }
+
+    /// Removes states not renewed within [`AWARENESS_TIMEOUT`]; returns the encoded removal.
+    pub fn expire(&mut self, now: Instant) -> Option<Vec<u8>> {
+        self.remove_where(|s| now.saturating_duration_since(s.renewed) >= AWARENESS_TIMEOUT)
+    }
+
+    fn remove_where(&mut self, doomed: impl Fn(&State) -> bool) -> Option<Vec<u8>> {
+        let ids: Vec<ClientID> = self.states.iter().filter(|(_, s)| doomed(s)).map(|(id, _)| *id).collect();
+        let mut removed = HashMap::new();
+        for id in ids {
+            if let Some(state) = self.states.remove(&id) {
+                let clock = state.clock.saturating_add(1);
+                self.removed.insert(id, clock);
+                removed.insert(id, AwarenessUpdateEntry { clock, json: "null".into() });
+            }
+        }
+        if self.removed.len() > self.max_states * 4 {
+            self.removed.clear();
+        }
+        encode(removed)
+    }
+}
+
+fn is_null(json: &str) -> bool {
+    json.trim() == "null"
+}
+
+fn encode(clients: HashMap<ClientID, AwarenessUpdateEntry>) -> Option<Vec<u8>> {
+    (!clients.is_empty()).then(|| AwarenessUpdate { clients }.encode_v1())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn update(entries: &[(u64, u32, &str)]) -> Vec<u8> {
+        AwarenessUpdate {
+            clients: entries
+                .iter()
+                .map(|(id, clock, json)| (ClientID::new(*id), AwarenessUpdateEntry { clock: *clock, json: (*json).into() }))
+                .collect(),
+        }
+        .encode_v1()
+    }
+
+    fn decoded(bytes: Vec<u8>) -> AwarenessUpdate {
+        AwarenessUpdate::decode_v1(&bytes).unwrap()
+    }
+
+    #[test]
+    fn newer_clocks_replace_and_owner_close_removes() {
+        let now = Instant::now();
+        let mut aw = AwarenessStates::new(1024, 10);
+        assert!(aw.apply(1, &update(&[(7, 1, "{\"a\":1}")]), now).unwrap().is_some());
+        assert!(aw.apply(1, &update(&[(7, 1, "{\"a\":2}")]), now).unwrap().is_none(), "same clock");
+        assert!(aw.apply(1, &update(&[(7, 2, "{\"a\":3}")]), now).unwrap().is_some());
+        let removal = decoded(aw.remove_owner(1).unwrap());
+        assert_eq!(removal.clients[&ClientID::new(7)].clock, 3);
+        assert_eq!(&*removal.clients[&ClientID::new(7)].json, "null");
+        assert!(aw.is_empty());
+        assert!(aw.apply(2, &update(&[(7, 2, "{\"a\":3}")]), now).unwrap().is_none(), "no resurrection");
+    }
+
+    #[test]
+    fn bounds_and_expiry() {
+        let now = Instant::now();
+        let mut aw = AwarenessStates::new(8, 2);
+        assert!(aw.apply(1, &update(&[(1, 1, "\"0123456789\"")]), now).is_err());
+        aw.apply(1, &update(&[(1, 1, "1"), (2, 1, "2")]), now).unwrap();
+        assert!(aw.apply(1, &update(&[(3, 1, "3")]), now).is_err());
+        assert_eq!(aw.len(), 2);
+        assert!(aw.expire(now + Duration::from_secs(5)).is_none());
+        let gone = decoded(aw.expire(now + AWARENESS_TIMEOUT).unwrap());
+        assert_eq!(gone.clients.len(), 2);
+        assert!(aw.encode_all().is_none());
+        assert!(aw.apply(1, &[0xff, 0xff, 0xff, 0xff, 0x0f], now).is_err());
+    }
+}

@@ -1,0 +1,547 @@
+//! The task that owns one session: its scene, members, awareness and store writes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Instant;
+
+use base64::Engine as _;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, error, warn};
+
+use super::awareness::AwarenessStates;
+use super::outbox::{CLOSE_INTERNAL, CLOSE_REPLACED};
+use super::registry::Registry;
+use super::{ConnKind, Frame, JoinError, JoinRequest, Outbox, SessionHandle, SessionMsg, SessionSummary};
+use crate::doc::scene::CommandMessage;
+use crate::doc::{Effects, GuardedDoc, PeerId, Scene};
+use crate::protocol::json::{self, ClientMessage, ErrorCode, ProtocolError, UserEntry, YjsAckFields};
+use crate::protocol::yjs::{self, YjsMessage};
+use crate::store::{SessionMeta, StoredSession};
+use crate::warn_limit::WarnLimiter;
+
+/// Most messages handled before their effects are written and sent.
+const BATCH: usize = 256;
+/// How often awareness states are checked for expiry.
+const AWARENESS_TICK: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// User id written on changes that arrive through the HTTP API.
+const API_USER: &str = "api";
+/// User id written on changes from anonymous Yjs connections.
+const YJS_USER: &str = "yjs";
+
+struct Member {
+    kind: ConnKind,
+    user: Option<Arc<str>>,
+    connected_at: Arc<str>,
+    outbox: Outbox,
+}
+
+/// What a batch produced, sent only after its updates are in the store.
+#[derive(Default)]
+struct Pending {
+    updates: Vec<Vec<u8>>,
+    frames: Vec<(PeerId, Frame)>,
+    replies: Vec<(oneshot::Sender<Result<(), String>>, Result<(), String>)>,
+}
+
+struct SessionTask {
+    id: Arc<str>,
+    registry: Arc<Registry>,
+    handle: SessionHandle,
+    scene: Scene,
+    host: Option<Arc<str>>,
+    members: BTreeMap<PeerId, Member>,
+    awareness: AwarenessStates,
+    pending: Pending,
+    idle_since: Option<Instant>,
+    stored_updates: usize,
+    stored_bytes: usize,
+    warnings: WarnLimiter,
+    /// The store failed; the in-memory document holds changes that are not durable.
+    failed: bool,
+}
+
+pub(super) fn spawn(registry: Arc<Registry>, handle: SessionHandle, rx: mpsc::Receiver<SessionMsg>) {
+    tokio::spawn(async move {
+        let id = handle.id.clone();
+        match load(&registry, &id).await {
+            Ok((scene, host)) => {
+                let config = &registry.config;
+                let task = SessionTask {
+                    awareness: AwarenessStates::new(config.max_awareness_bytes, config.max_awareness_states),
+                    id,
+                    registry: registry.clone(),
+                    handle,
+                    scene,
+                    host,
+                    members: BTreeMap::new(),
+                    pending: Pending::default(),
+                    idle_since: Some(Instant::now()),
+                    stored_updates: 0,
+                    stored_bytes: 0,
+                    warnings: WarnLimiter::default(),
+                    failed: false,
+                };
+                task.run(rx).await;
+            }
+            Err(e) => {
+                error!(session = %id, error = %e, "session could not be loaded");
+                metrics::counter!("collab_session_load_failures_total").increment(1);
+                registry.remove(&handle);
+                refuse_queued(rx, JoinError::Unavailable(e)).await;
+            }
+        }
+    });
+}
+
+async fn load(registry: &Registry, id: &str) -> Result<(Scene, Option<Arc<str>>), String> {
+    let stored = registry
+        .store
+        .load(id)
+        .await
+        .map_err(|e| e.to_string())?
+        .unwrap_or_else(StoredSession::default);
+    let doc = GuardedDoc::from_updates(stored.updates.iter().map(Vec::as_slice))
+        .map_err(|e| format!("stored document is unreadable: {e}"))?;
+    metrics::counter!("collab_sessions_loaded_total").increment(1);
+    Ok((Scene::new(doc, stored.meta.initialized), stored.meta.host.map(Arc::from)))
+}
+
+/// Closes the queue and answers what is still in it: joins get `reason`, other requests see
+/// their reply channel dropped and retry.
+async fn refuse_queued(mut rx: mpsc::Receiver<SessionMsg>, reason: JoinError) {
+    rx.close();
+    while let Some(msg) = rx.recv().await {
+        if let SessionMsg::Join(_, reply) = msg {
+            let _ = reply.send(Err(reason.clone()));
+        }
+    }
+}
+
+impl SessionTask {
+    async fn run(mut self, mut rx: mpsc::Receiver<SessionMsg>) {
+        let mut shutdown = self.registry.shutdown.clone();
+        let mut batch = Vec::with_capacity(BATCH);
+        let mut awareness_tick = tokio::time::interval(AWARENESS_TICK);
+        loop {
+            let evict_at = self
+                .idle_since
+                .map(|t| tokio::time::Instant::from_std(t + self.registry.config.evict_after));
+            tokio::select! {
+                n = rx.recv_many(&mut batch, BATCH) => {
+                    if n == 0 {
+                        break;
+                    }
+                    for msg in batch.drain(..) {
+                        self.handle(msg);
+                    }
+                }
+                _ = sleep_until_opt(evict_at) => {
+                    debug!(session = %self.id, "evicting idle session");
+                    break;
+                }
+                _ = awareness_tick.tick(), if !self.awareness.is_empty() => {
+                    if let Some(removal) = self.awareness.expire(Instant::now()) {
+                        self.broadcast_awareness(&removal);
+                    }
+                }
+                _ = shutdown.changed() => break,
+            }
+            if let Err(e) = self.commit().await {
+                self.fail(&e);
+                break;
+            }
+        }
+        self.registry.remove(&self.handle);
+        if !self.failed {
+            if let Err(e) = self.commit().await {
+                self.fail(&e);
+            }
+        }
+        self.compact_on_exit().await;
+        refuse_queued(rx, JoinError::Retry).await;
+        metrics::counter!("collab_sessions_evicted_total").increment(1);
+    }
+
+    fn handle(&mut self, msg: SessionMsg) {
+        match msg {
+            SessionMsg::Join(request, reply) => {
+                let result = self.join(request);
+                let _ = reply.send(result);
+            }
+            SessionMsg::Leave(peer) => self.leave(peer),
+            SessionMsg::Legacy(peer, msg) => self.legacy(peer, msg),
+            SessionMsg::Yjs(peer, msg) => self.yjs(peer, msg),
+            SessionMsg::ApplyUpdate(bytes, reply) => {
+                let user: Arc<str> = Arc::from(API_USER);
+                let result = match self.scene.apply_update(&user, &bytes) {
+                    Ok(effects) => {
+                        self.emit(effects, None);
+                        Ok(())
+                    }
+                    Err(e) => Err(e.to_string()),
+                };
+                self.pending.replies.push((reply, result));
+            }
+            SessionMsg::Scene(reply) => {
+                let _ = reply.send(json::encode_scene(&self.scene.full_state(None)));
+            }
+            SessionMsg::EncodeState(reply) => {
+                let _ = reply.send(self.encode_state());
+            }
+            SessionMsg::Summary(reply) => {
+                let _ = reply.send(SessionSummary {
+                    id: self.id.to_string(),
+                    users: self.users().into_iter().map(|u| u.user_id.to_string()).collect(),
+                    connections: self.members.len(),
+                    item_count: self.scene.item_count(),
+                    document_bytes: self.encode_state().map_or(0, |b| b.len()),
+                });
+            }
+        }
+    }
+
+    fn encode_state(&mut self) -> Result<Vec<u8>, String> {
+        let doc = self.scene.doc_mut();
+        doc.encode_state_v1()
+            .or_else(|_| doc.encode_state_v1())
+            .map_err(|e| e.to_string())
+    }
+
+    fn users(&self) -> Vec<UserEntry> {
+        self.members
+            .values()
+            .filter_map(|m| {
+                m.user.as_ref().map(|u| UserEntry {
+                    user_id: u.clone(),
+                    connected_at: m.connected_at.clone(),
+                })
+            })
+            .collect()
+    }
+
+    fn join(&mut self, request: JoinRequest) -> Result<(), JoinError> {
+        let JoinRequest { peer, kind, user, outbox } = request;
+        let replaced = user.as_ref().and_then(|u| {
+            self.members
+                .iter()
+                .find(|(_, m)| m.user.as_ref() == Some(u))
+                .map(|(id, _)| *id)
+        });
+        if let Some(old) = replaced {
+            self.remove_member(old, Some(CLOSE_REPLACED));
+        }
+        let is_host = kind.speaks_json()
+            && user.is_some()
+            && !self.scene.initialized()
+            && !self.members.values().any(|m| m.user.is_some());
+        if is_host {
+            self.host = user.clone();
+        }
+        let yjs_ack = if kind == ConnKind::LegacyYjs {
+            let snapshot = self.encode_state().map_err(JoinError::Unavailable)?;
+            let b64 = base64::engine::general_purpose::STANDARD;
+            Some(YjsAckFields {
+                snapshot: b64.encode(snapshot),
+                state_vector: b64.encode(self.scene.doc().state_vector_v1()),
+            })
+        } else {
+            None
+        };
+        self.members.insert(
+            peer,
+            Member {
+                kind,
+                user: user.clone(),
+                connected_at: json::timestamp().into(),
+                outbox,
+            },
+        );
+        self.idle_since = None;
+        if kind == ConnKind::Legacy {
+            self.scene.add_peer(peer, is_host);
+        }
+        if let (true, Some(name)) = (kind.speaks_json(), &user) {
+            let ack = json::encode_ack(&self.id, name, is_host, &self.users(), yjs_ack.as_ref());
+            self.send(peer, Frame::text(ack));
+        }
+        if kind == ConnKind::Legacy && self.scene.initialized() {
+            let state = self.scene.full_state(Some(peer));
+            self.send(peer, Frame::text(json::encode_full_state(&state)));
+        }
+        if kind.speaks_yjs() {
+            self.send(peer, Frame::Binary(yjs::sync_step1(&self.scene.doc().state_vector_v1())));
+            if let Some(states) = self.awareness.encode_all() {
+                self.send(peer, Frame::Binary(yjs::awareness(&states)));
+            }
+        }
+        if let (None, Some(name)) = (replaced, &user) {
+            let joined = Frame::text(json::encode_user_event(true, name));
+            self.send_to_json_members(joined, Some(peer));
+        }
+        metrics::gauge!("collab_connections").increment(1.0);
+        Ok(())
+    }
+
+    fn leave(&mut self, peer: PeerId) {
+        if let Some(user) = self.remove_member(peer, None) {
+            let left = Frame::text(json::encode_user_event(false, &user));
+            self.send_to_json_members(left, None);
+        }
+    }
+
+    /// Removes a member (closing it with `close` if given); returns its user name.
+    fn remove_member(&mut self, peer: PeerId, close: Option<super::CloseReason>) -> Option<Arc<str>> {
+        let member = self.members.remove(&peer)?;
+        metrics::gauge!("collab_connections").decrement(1.0);
+        if let Some(reason) = close {
+            member.outbox.close(reason);
+        }
+        self.scene.remove_peer(peer);
+        if let Some(removal) = self.awareness.remove_owner(peer) {
+            self.broadcast_awareness(&removal);
+        }
+        if self.members.is_empty() {
+            self.idle_since = Some(Instant::now());
+        }
+        member.user
+    }
+
+    fn user_of(&self, peer: PeerId) -> Arc<str> {
+        self.members
+            .get(&peer)
+            .and_then(|m| m.user.clone())
+            .unwrap_or_else(|| Arc::from(YJS_USER))
+    }
+
+    fn legacy(&mut self, peer: PeerId, msg: ClientMessage) {
+        if !self.members.contains_key(&peer) {
+            return;
+        }
+        let user = self.user_of(peer);
+        match msg {
+            ClientMessage::Ping => self.send(peer, Frame::text(json::encode_pong())),
+            ClientMessage::SyncRequest => {
+                if self.scene.initialized() {
+                    let state = self.scene.full_state(Some(peer));
+                    self.send(peer, Frame::text(json::encode_full_state(&state)));
+                }
+            }
+            ClientMessage::Command(command) => match self.scene.apply_command(peer, &user, command) {
+                Ok(effects) => self.emit(effects, Some(peer)),
+                Err(e) => self.reject(peer, ProtocolError::new(ErrorCode::BadMessage, e.to_string())),
+            },
+            ClientMessage::FullState(items) => {
+                if self.host.as_ref() != Some(&user) {
+                    debug!(session = %self.id, user = %user, "ignoring a full-state upload from a non-host");
+                    return;
+                }
+                match self.scene.apply_upload(peer, &user, items) {
+                    Ok(effects) => self.emit(effects, Some(peer)),
+                    Err(e) => self.reject(peer, ProtocolError::new(ErrorCode::BadMessage, e.to_string())),
+                }
+            }
+        }
+    }
+
+    fn yjs(&mut self, peer: PeerId, msg: YjsMessage) {
+        if !self.members.contains_key(&peer) {
+            return;
+        }
+        match msg {
+            YjsMessage::SyncStep1(sv) => match self.scene.doc_mut().encode_diff_v1(&sv) {
+                Ok(diff) => self.send(peer, Frame::Binary(yjs::sync_step2(diff))),
+                Err(e) => self.reject(peer, ProtocolError::new(ErrorCode::BadMessage, e.to_string())),
+            },
+            YjsMessage::SyncStep2(update) | YjsMessage::Update(update) => {
+                let user = self.user_of(peer);
+                match self.scene.apply_update(&user, &update) {
+                    Ok(effects) => self.emit(effects, Some(peer)),
+                    Err(e) => self.reject(peer, ProtocolError::new(ErrorCode::BadMessage, e.to_string())),
+                }
+            }
+            YjsMessage::Awareness(bytes) => match self.awareness.apply(peer, &bytes, Instant::now()) {
+                Ok(Some(changed)) => self.broadcast_awareness(&changed),
+                Ok(None) => {}
+                Err(e) => self.reject(peer, ProtocolError::new(ErrorCode::BadMessage, e.to_string())),
+            },
+            YjsMessage::QueryAwareness => {
+                if let Some(states) = self.awareness.encode_all() {
+                    self.send(peer, Frame::Binary(yjs::awareness(&states)));
+                }
+            }
+            YjsMessage::Auth => {}
+        }
+    }
+
+    /// Reports rejected input: an `error` message to JSON-speaking connections, a
+    /// (rate-limited) warning in the log.
+    fn reject(&mut self, peer: PeerId, error: ProtocolError) {
+        metrics::counter!("collab_rejected_input_total").increment(1);
+        let Some(member) = self.members.get(&peer) else {
+            return;
+        };
+        let (kind, user) = (member.kind, member.user.clone());
+        if self.warnings.allow() {
+            warn!(session = %self.id, user = user.as_deref().unwrap_or("-"), error = %error, "rejected input");
+        }
+        if kind.speaks_json() {
+            self.send(peer, Frame::text(json::encode_error(&error)));
+        }
+    }
+
+    /// Queues the effects of one change: the update for the store and Yjs connections (all but
+    /// `origin`), the commands for legacy connections (each encoded once).
+    fn emit(&mut self, effects: Effects, origin: Option<PeerId>) {
+        if let Some(update) = effects.update {
+            metrics::counter!("collab_updates_applied_total").increment(1);
+            let frame = Frame::Binary(yjs::sync_update(update.clone()));
+            self.pending.updates.push(update);
+            let targets: Vec<PeerId> = self
+                .members
+                .iter()
+                .filter(|(id, m)| m.kind.speaks_yjs() && Some(**id) != origin)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in targets {
+                self.pending.frames.push((id, frame.clone()));
+            }
+        }
+        let mut encoded: HashMap<*const CommandMessage, Frame> = HashMap::new();
+        for out in effects.messages {
+            let frame = encoded
+                .entry(Arc::as_ptr(&out.message))
+                .or_insert_with(|| Frame::text(json::encode_command(&out.message)))
+                .clone();
+            self.pending.frames.push((out.to, frame));
+        }
+    }
+
+    fn broadcast_awareness(&mut self, update: &[u8]) {
+        let frame = Frame::Binary(yjs::awareness(update));
+        let targets: Vec<PeerId> = self
+            .members
+            .iter()
+            .filter(|(_, m)| m.kind.speaks_yjs())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in targets {
+            self.pending.frames.push((id, frame.clone()));
+        }
+    }
+
+    fn send(&mut self, peer: PeerId, frame: Frame) {
+        self.pending.frames.push((peer, frame));
+    }
+
+    fn send_to_json_members(&mut self, frame: Frame, except: Option<PeerId>) {
+        let targets: Vec<PeerId> = self
+            .members
+            .iter()
+            .filter(|(id, m)| m.kind.speaks_json() && Some(**id) != except)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in targets {
+            self.pending.frames.push((id, frame.clone()));
+        }
+    }
+
+    fn meta(&self) -> SessionMeta {
+        SessionMeta {
+            initialized: self.scene.initialized(),
+            host: self.host.as_deref().map(str::to_owned),
+        }
+    }
+
+    /// Writes the batch's updates to the store, then sends its frames and replies. Members
+    /// whose queue overflows are removed (their connection closes with 1013).
+    async fn commit(&mut self) -> Result<(), String> {
+        if !self.pending.updates.is_empty() {
+            let updates = std::mem::take(&mut self.pending.updates);
+            let count = updates.len();
+            let bytes: usize = updates.iter().map(Vec::len).sum();
+            self.registry
+                .store
+                .append(&self.id, updates, self.meta())
+                .await
+                .map_err(|e| e.to_string())?;
+            self.stored_updates += count;
+            self.stored_bytes += bytes;
+            self.compact_if_due().await?;
+        }
+        loop {
+            let frames = std::mem::take(&mut self.pending.frames);
+            if frames.is_empty() {
+                break;
+            }
+            let mut overflowed = Vec::new();
+            for (peer, frame) in frames {
+                if let Some(member) = self.members.get(&peer) {
+                    if member.outbox.send(frame).is_err() {
+                        overflowed.push(peer);
+                    }
+                }
+            }
+            for peer in overflowed {
+                if self.members.contains_key(&peer) {
+                    metrics::counter!("collab_slow_consumers_total").increment(1);
+                    warn!(session = %self.id, peer, "slow consumer disconnected (1013)");
+                    self.leave(peer);
+                }
+            }
+        }
+        for (reply, result) in self.pending.replies.drain(..) {
+            let _ = reply.send(result);
+        }
+        Ok(())
+    }
+
+    async fn compact_if_due(&mut self) -> Result<(), String> {
+        let config = &self.registry.config;
+        if self.stored_updates < config.compact_after_updates && self.stored_bytes < config.compact_after_bytes {
+            return Ok(());
+        }
+        self.compact().await
+    }
+
+    async fn compact(&mut self) -> Result<(), String> {
+        let snapshot = self.encode_state()?;
+        self.registry
+            .store
+            .compact(&self.id, snapshot, self.meta())
+            .await
+            .map_err(|e| e.to_string())?;
+        self.stored_updates = 0;
+        self.stored_bytes = 0;
+        metrics::counter!("collab_compactions_total").increment(1);
+        Ok(())
+    }
+
+    async fn compact_on_exit(&mut self) {
+        if !self.failed && self.stored_updates > 1 {
+            if let Err(e) = self.compact().await {
+                error!(session = %self.id, error = %e, "compaction at eviction failed");
+            }
+        }
+    }
+
+    /// The store failed: what this batch changed is not durable, so nobody may hear of it.
+    /// Every member is closed (1011) and the session leaves memory; reconnecting clients get
+    /// the stored state.
+    fn fail(&mut self, error: &str) {
+        error!(session = %self.id, error, "store failure; closing the session");
+        self.failed = true;
+        self.pending = Pending::default();
+        for (_, member) in std::mem::take(&mut self.members) {
+            member.outbox.close(CLOSE_INTERNAL);
+            metrics::gauge!("collab_connections").decrement(1.0);
+        }
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,56 @@
+//! Where session documents live between restarts.
+//!
+//! A small trait: load a session, append accepted updates (before anyone hears of them),
+//! replace the log by a snapshot, list, delete. The session task calls it; implementations
+//! do their blocking work off the async runtime.
+
+pub mod memory;
+pub mod sqlite;
+
+use std::future::Future;
+use std::pin::Pin;
+
+/// Per-session facts persisted beside the document.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SessionMeta {
+    /// Whether an item or a host upload has reached the scene.
+    pub initialized: bool,
+    /// The user who got `is_host`.
+    pub host: Option<String>,
+}
+
+/// A stored session: a snapshot and/or log of v1 updates, in order.
+#[derive(Debug, Clone, Default)]
+pub struct StoredSession {
+    pub updates: Vec<Vec<u8>>,
+    pub meta: SessionMeta,
+}
+
+/// A store failure, with what was being done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreError(pub String);
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "store error: {}", self.0)
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// Durable storage of session documents.
+pub trait Store: Send + Sync + 'static {
+    /// The session's stored updates, or `None` when it was never stored.
+    fn load(&self, session: &str) -> StoreFuture<'_, Option<StoredSession>>;
+    /// Appends updates (durably, per the store's setting) and the current metadata.
+    fn append(&self, session: &str, updates: Vec<Vec<u8>>, meta: SessionMeta) -> StoreFuture<'_, ()>;
+    /// Replaces everything stored for the session by one snapshot update.
+    fn compact(&self, session: &str, snapshot: Vec<u8>, meta: SessionMeta) -> StoreFuture<'_, ()>;
+    /// Every stored session id.
+    fn list(&self) -> StoreFuture<'_, Vec<String>>;
+    fn delete(&self, session: &str) -> StoreFuture<'_, ()>;
+    /// Makes everything appended durable (at shutdown).
+    fn flush(&self) -> StoreFuture<'_, ()>;
+}

@@ -1,0 +1,255 @@
+//! Shared test support: an in-process server on an ephemeral port, WebSocket clients for
+//! both protocols, a minimal HTTP client, and the fixtures.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use optiverse_collab::config::{Config, StoreKind};
+use optiverse_collab::server::Server;
+use optiverse_collab::store::memory::MemoryStore;
+use optiverse_collab::store::Store;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// Upper bound on waiting for an event that must come; it only keeps a broken test from
+/// hanging, it is never what a test asserts.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+pub struct TestServer {
+    pub server: Option<Server>,
+    pub addr: std::net::SocketAddr,
+    pub store: Arc<dyn Store>,
+}
+
+/// A config for tests: loopback, ephemeral port, memory store.
+pub fn test_config() -> Config {
+    let mut config = Config::defaults();
+    config.host = "127.0.0.1".parse().unwrap();
+    config.port = 0;
+    config.store = StoreKind::Memory;
+    config
+}
+
+impl TestServer {
+    pub async fn start() -> TestServer {
+        Self::start_with(test_config(), Arc::new(MemoryStore::new())).await
+    }
+
+    pub async fn start_with(config: Config, store: Arc<dyn Store>) -> TestServer {
+        let server = Server::start(config, store.clone()).await.expect("server starts");
+        TestServer {
+            addr: server.addr,
+            server: Some(server),
+            store,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("ws://{}{}", self.addr, path)
+    }
+
+    pub async fn shutdown(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.shutdown().await;
+        }
+    }
+
+    /// `GET path` → (status, body).
+    pub async fn get(&self, path: &str) -> (u16, Vec<u8>) {
+        http(self.addr, "GET", path, &[]).await
+    }
+
+    pub async fn post(&self, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+        http(self.addr, "POST", path, body).await
+    }
+
+    /// The scene's `state` JSON from the HTTP API.
+    pub async fn scene(&self, session: &str) -> Value {
+        let (status, body) = self.get(&format!("/api/sessions/{session}/scene")).await;
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+        serde_json::from_slice(&body).unwrap()
+    }
+
+    pub async fn connect(&self, path: &str) -> Ws {
+        let (ws, _) = tokio_tungstenite::connect_async(self.url(path)).await.expect("websocket connects");
+        ws
+    }
+
+    /// Connects a legacy client and returns it with its ack.
+    pub async fn legacy(&self, session: &str, user: &str) -> (Ws, Value) {
+        let mut ws = self.connect(&format!("/ws/{session}/{user}")).await;
+        let ack = recv_json(&mut ws).await;
+        assert_eq!(ack["type"], "connection:ack", "{ack}");
+        (ws, ack)
+    }
+}
+
+/// A tiny HTTP/1.1 client (the project has no HTTP client dependency).
+pub async fn http(addr: std::net::SocketAddr, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\nContent-Type: application/octet-stream\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(body).await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut response))
+        .await
+        .expect("http response in time")
+        .unwrap();
+    let split = response.windows(4).position(|w| w == b"\r\n\r\n").expect("http head");
+    let head = String::from_utf8_lossy(&response[..split]).to_string();
+    let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let mut body = response[split + 4..].to_vec();
+    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        body = dechunk(&body);
+    }
+    (status, body)
+}
+
+fn dechunk(mut data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = data.windows(2).position(|w| w == b"\r\n").unwrap();
+        let size = usize::from_str_radix(std::str::from_utf8(&data[..line_end]).unwrap().trim(), 16).unwrap();
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&data[line_end + 2..line_end + 2 + size]);
+        data = &data[line_end + 2 + size + 2..];
+    }
+}
+
+/// The next message, whatever it is; panics on close.
+pub async fn recv(ws: &mut Ws) -> Message {
+    loop {
+        let msg = tokio::time::timeout(PATIENCE, ws.next())
+            .await
+            .expect("a message in time")
+            .expect("connection open")
+            .expect("valid frame");
+        match msg {
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => return other,
+        }
+    }
+}
+
+/// The next text message as JSON.
+pub async fn recv_json(ws: &mut Ws) -> Value {
+    match recv(ws).await {
+        Message::Text(t) => serde_json::from_str(&t).unwrap(),
+        other => panic!("expected text, got {other:?}"),
+    }
+}
+
+/// The next binary message.
+pub async fn recv_binary(ws: &mut Ws) -> Vec<u8> {
+    loop {
+        match recv(ws).await {
+            Message::Binary(b) => return b.to_vec(),
+            Message::Text(_) => continue,
+            other => panic!("expected binary, got {other:?}"),
+        }
+    }
+}
+
+pub async fn send_json(ws: &mut Ws, value: &Value) {
+    ws.send(Message::text(value.to_string())).await.unwrap();
+}
+
+/// Sends `ping` and returns every message received before the `pong`. Pings go through the
+/// session, so everything sent before was applied by then.
+pub async fn ping_collect(ws: &mut Ws) -> Vec<Value> {
+    send_json(ws, &json!({"type": "ping"})).await;
+    let mut before = Vec::new();
+    loop {
+        let msg = recv_json(ws).await;
+        if msg["type"] == "pong" {
+            return before;
+        }
+        before.push(msg);
+    }
+}
+
+/// Waits for the close frame and returns its code (skipping whatever came before it).
+pub async fn close_code(ws: &mut Ws) -> u16 {
+    loop {
+        let msg = tokio::time::timeout(PATIENCE, ws.next()).await.expect("close in time");
+        match msg {
+            Some(Ok(Message::Close(Some(frame)))) => return u16::from(frame.code),
+            Some(Ok(Message::Close(None))) => return u16::from(CloseCode::Status),
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => panic!("connection failed without a close frame: {e}"),
+            None => panic!("connection ended without a close frame"),
+        }
+    }
+}
+
+/// A `command` message as the Optiverse client sends it.
+pub fn command(action: &str, item_type: &str, item_id: &str, data: Value, user: &str) -> Value {
+    json!({
+        "type": "command",
+        "command": {"action": action, "item_type": item_type, "item_id": item_id, "data": data},
+        "timestamp": "2026-11-25T19:22:01.123Z",
+        "user_id": user,
+    })
+}
+
+/// Every item of every fixture scene in `../shared/fixtures`.
+pub fn fixture_items() -> Vec<Value> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures");
+    let mut paths: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("fixtures at {}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().ends_with(".scene.json"))
+        .collect();
+    paths.sort();
+    paths
+        .iter()
+        .flat_map(|p| {
+            let scene: Value = serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap();
+            scene["items"].as_array().cloned().unwrap_or_default()
+        })
+        .collect()
+}
+
+/// A fixture item (by index) as an `add_item` command payload: (item_type, uuid, data).
+pub fn fixture_item(i: usize) -> (String, String, Value) {
+    let items = fixture_items();
+    let item = items[i % items.len()].clone();
+    let item_type = item["_type"].as_str().unwrap_or("component").to_owned();
+    let uuid = item["item_uuid"].as_str().unwrap().to_owned();
+    (item_type, uuid, item)
+}
+
+/// Items of a scene keyed by uuid, with the fields legacy clients compare (all but the
+/// `uuid`/`item_uuid` keys the server adds).
+pub fn scene_by_uuid(state: &Value) -> std::collections::BTreeMap<String, Value> {
+    state["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|item| (item["uuid"].as_str().unwrap().to_owned(), normalize(item)))
+        .collect()
+}
+
+/// An item's fields without the keys the server adds.
+pub fn normalize(item: &Value) -> Value {
+    let mut item = item.clone();
+    if let Some(map) = item.as_object_mut() {
+        map.remove("uuid");
+        map.remove("item_uuid");
+    }
+    item
+}
