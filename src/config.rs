@@ -25,7 +25,11 @@ pub enum FsyncMode {
 }
 
 #[derive(Debug, Clone, Parser)]
-#[command(name = "optiverse-collab", version, about = "Collaboration server for Optiverse scenes")]
+#[command(
+    name = "optiverse-collab",
+    version,
+    about = "Collaboration server for Optiverse scenes"
+)]
 pub struct Config {
     /// Address to listen on.
     #[arg(long, env = "COLLAB_HOST", default_value = "0.0.0.0")]
@@ -84,7 +88,9 @@ impl Config {
 }
 
 fn parse_seconds(s: &str) -> Result<Duration, String> {
-    let secs: f64 = s.parse().map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
     Duration::try_from_secs_f64(secs).map_err(|e| e.to_string())
 }
 
@@ -105,7 +111,15 @@ mod tests {
 
     #[test]
     fn flags_parse_fractional_seconds() {
-        let c = Config::parse_from(["x", "--idle-timeout", "0.5", "--port", "0", "--store", "memory"]);
+        let c = Config::parse_from([
+            "x",
+            "--idle-timeout",
+            "0.5",
+            "--port",
+            "0",
+            "--store",
+            "memory",
+        ]);
         assert_eq!(c.idle_timeout, Duration::from_millis(500));
         assert_eq!(c.store, StoreKind::Memory);
         assert!(Config::try_parse_from(["x", "--idle-timeout", "soon"]).is_err());

@@ -20,6 +20,9 @@ use store::Store;
 pub fn open_store(config: &Config) -> Result<Arc<dyn Store>, store::StoreError> {
     match config.store {
         StoreKind::Memory => Ok(Arc::new(MemoryStore::new())),
-        StoreKind::Sqlite => Ok(Arc::new(store::sqlite::SqliteStore::open(&config.data_dir, config.fsync)?)),
+        StoreKind::Sqlite => Ok(Arc::new(store::sqlite::SqliteStore::open(
+            &config.data_dir,
+            config.fsync,
+        )?)),
     }
 }

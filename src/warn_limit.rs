@@ -29,7 +29,10 @@ impl WarnLimiter {
         let now = Instant::now();
         if now.duration_since(state.0) >= WINDOW {
             if state.1 > PER_WINDOW {
-                warn!(suppressed = state.1 - PER_WINDOW, "rejected-input warnings suppressed");
+                warn!(
+                    suppressed = state.1 - PER_WINDOW,
+                    "rejected-input warnings suppressed"
+                );
             }
             *state = (now, 0);
         }

@@ -56,7 +56,10 @@ impl ModelClient {
         tokio::spawn(async move {
             while let Some(Ok(msg)) = stream.next().await {
                 if let Message::Text(text) = msg {
-                    if tx.send(serde_json::from_str::<Value>(&text).unwrap()).is_err() {
+                    if tx
+                        .send(serde_json::from_str::<Value>(&text).unwrap())
+                        .is_err()
+                    {
                         break;
                     }
                 }
@@ -151,13 +154,21 @@ impl ModelClient {
     }
 
     async fn send(&mut self, msg: Value) {
-        self.sink.send(Message::text(msg.to_string())).await.unwrap();
+        self.sink
+            .send(Message::text(msg.to_string()))
+            .await
+            .unwrap();
     }
 
     async fn send_command(&mut self, action: &str, uuid: &str, data: Value) {
-        let item_type = data.get("item_type").and_then(Value::as_str).unwrap_or("component").to_owned();
+        let item_type = data
+            .get("item_type")
+            .and_then(Value::as_str)
+            .unwrap_or("component")
+            .to_owned();
         let name = self.name.clone();
-        self.send(command(action, &item_type, uuid, data, &name)).await;
+        self.send(command(action, &item_type, uuid, data, &name))
+            .await;
     }
 
     fn uuids(&self) -> Vec<String> {
@@ -168,7 +179,10 @@ impl ModelClient {
     }
 
     fn fields_of(&self, uuid: &str) -> Option<Map<String, Value>> {
-        self.objects.iter().find(|(u, _)| u == uuid).map(|(_, f)| f.clone())
+        self.objects
+            .iter()
+            .find(|(u, _)| u == uuid)
+            .map(|(_, f)| f.clone())
     }
 
     /// One random local edit, applied locally first and then sent, as the desktop does.
@@ -185,7 +199,14 @@ impl ModelClient {
             let mut local = data.as_object().unwrap().clone();
             local.insert("item_type".into(), json!(item_type));
             self.objects.push((uuid.clone(), local));
-            self.send(command("add_item", &item_type, &uuid, data, &self.name.clone())).await;
+            self.send(command(
+                "add_item",
+                &item_type,
+                &uuid,
+                data,
+                &self.name.clone(),
+            ))
+            .await;
             return;
         }
         let uuid = uuids[rng.below(uuids.len())].clone();
@@ -199,27 +220,42 @@ impl ModelClient {
                 }
                 self.set_local(&uuid, &fields);
                 let drag = rng.chance(0.5);
-                self.send_command("move_item", &uuid, Value::Object(fields.clone())).await;
+                self.send_command("move_item", &uuid, Value::Object(fields.clone()))
+                    .await;
                 if drag {
-                    self.send_command("update_item", &uuid, Value::Object(fields)).await;
+                    self.send_command("update_item", &uuid, Value::Object(fields))
+                        .await;
                 }
             }
             55..=89 => {
                 match rng.below(4) {
-                    0 => fields.insert("name".into(), json!(format!("{} {}", self.name, rng.below(1000)))),
+                    0 => fields.insert(
+                        "name".into(),
+                        json!(format!("{} {}", self.name, rng.below(1000))),
+                    ),
                     1 => fields.insert("z_value".into(), json!(rng.below(20))),
                     2 => fields.insert("locked".into(), json!(rng.chance(0.5))),
                     _ => fields.insert("notes".into(), json!(format!("note {}", rng.below(1000)))),
                 };
                 self.set_local(&uuid, &fields);
-                self.send_command("update_item", &uuid, Value::Object(fields)).await;
+                self.send_command("update_item", &uuid, Value::Object(fields))
+                    .await;
             }
             _ => {
                 self.objects.retain(|(u, _)| *u != uuid);
-                let item_type = fields.get("item_type").cloned().unwrap_or(json!("component"));
+                let item_type = fields
+                    .get("item_type")
+                    .cloned()
+                    .unwrap_or(json!("component"));
                 let name = self.name.clone();
-                self.send(command("remove_item", item_type.as_str().unwrap(), &uuid, json!({}), &name))
-                    .await;
+                self.send(command(
+                    "remove_item",
+                    item_type.as_str().unwrap(),
+                    &uuid,
+                    json!({}),
+                    &name,
+                ))
+                .await;
             }
         }
     }
@@ -235,7 +271,11 @@ impl ModelClient {
         let mut scene = BTreeMap::new();
         for (uuid, fields) in &self.objects {
             let previous = scene.insert(uuid.clone(), normalize(&Value::Object(fields.clone())));
-            assert!(previous.is_none(), "{} holds two objects for {uuid}", self.name);
+            assert!(
+                previous.is_none(),
+                "{} holds two objects for {uuid}",
+                self.name
+            );
         }
         scene
     }
@@ -279,7 +319,11 @@ async fn converge(seed: u64, clients: usize, edits: usize, hold_back: f64) {
     tasks.push(tokio::spawn(run(late, seed * 131, edits / 2)));
     let mut second_half = Vec::new();
     for (i, task) in tasks.into_iter().enumerate() {
-        second_half.push(tokio::spawn(run(task.await.unwrap(), seed * 17 + i as u64, edits / 2)));
+        second_half.push(tokio::spawn(run(
+            task.await.unwrap(),
+            seed * 17 + i as u64,
+            edits / 2,
+        )));
     }
     let mut models = Vec::new();
     for task in second_half {
@@ -297,8 +341,14 @@ async fn converge(seed: u64, clients: usize, edits: usize, hold_back: f64) {
     for model in &models {
         let scene = model.scene();
         if scene != expected {
-            let only_client: Vec<_> = scene.keys().filter(|k| !expected.contains_key(*k)).collect();
-            let only_server: Vec<_> = expected.keys().filter(|k| !scene.contains_key(*k)).collect();
+            let only_client: Vec<_> = scene
+                .keys()
+                .filter(|k| !expected.contains_key(*k))
+                .collect();
+            let only_server: Vec<_> = expected
+                .keys()
+                .filter(|k| !scene.contains_key(*k))
+                .collect();
             let differing: Vec<_> = scene
                 .iter()
                 .filter(|(k, v)| expected.get(*k).is_some_and(|e| e != *v))
@@ -336,7 +386,10 @@ async fn four_clients_converge_with_long_delays() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "soak run, minutes long"]
 async fn soak_many_seeds() {
-    let extra: u64 = std::env::var("CONVERGENCE_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(50);
+    let extra: u64 = std::env::var("CONVERGENCE_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(50);
     for seed in 1000..1000 + extra {
         let hold_back = [0.0, 0.5, 0.9, 0.99][(seed % 4) as usize];
         converge(seed, 2 + (seed % 4) as usize, 200, hold_back).await;
@@ -344,13 +397,17 @@ async fn soak_many_seeds() {
 }
 
 /// Sets up a session where A and B both hold item `u1` (name L1, z_value 0).
-async fn two_clients_with_one_item(server: &TestServer, session: &str) -> (ModelClient, ModelClient, Value) {
+async fn two_clients_with_one_item(
+    server: &TestServer,
+    session: &str,
+) -> (ModelClient, ModelClient, Value) {
     let mut a = ModelClient::join(server, session, "A").await;
     let data = json!({"_type": "component", "item_uuid": "u1", "name": "L1", "z_value": 0, "x_mm": 0.0, "y_mm": 0.0, "angle_deg": 0.0});
     let mut local = data.as_object().unwrap().clone();
     local.insert("item_type".into(), json!("component"));
     a.objects.push(("u1".into(), local));
-    a.send(command("add_item", "component", "u1", data.clone(), "A")).await;
+    a.send(command("add_item", "component", "u1", data.clone(), "A"))
+        .await;
     a.barrier().await;
     let mut b = ModelClient::join(server, session, "B").await;
     b.barrier().await;
@@ -359,7 +416,11 @@ async fn two_clients_with_one_item(server: &TestServer, session: &str) -> (Model
     (a, b, data)
 }
 
-async fn assert_all_converged(server: &TestServer, session: &str, models: &mut [&mut ModelClient]) -> BTreeMap<String, Value> {
+async fn assert_all_converged(
+    server: &TestServer,
+    session: &str,
+    models: &mut [&mut ModelClient],
+) -> BTreeMap<String, Value> {
     for _ in 0..2 {
         for model in models.iter_mut() {
             model.barrier().await;
@@ -380,13 +441,15 @@ async fn stale_dict_does_not_revert_a_concurrent_rename() {
     let mut renamed = a.fields_of("u1").unwrap();
     renamed.insert("name".into(), json!("L2"));
     a.set_local("u1", &renamed);
-    a.send_command("update_item", "u1", Value::Object(renamed)).await;
+    a.send_command("update_item", "u1", Value::Object(renamed))
+        .await;
     a.barrier().await;
     // B's whole dict still says L1 and changes z_value.
     let mut stale = b.fields_of("u1").unwrap();
     stale.insert("z_value".into(), json!(5));
     b.set_local("u1", &stale);
-    b.send_command("update_item", "u1", Value::Object(stale)).await;
+    b.send_command("update_item", "u1", Value::Object(stale))
+        .await;
     let scene = assert_all_converged(&server, "stale-1", &mut [&mut a, &mut b]).await;
     assert_eq!(scene["u1"]["name"], "L2");
     assert_eq!(scene["u1"]["z_value"], 5);
@@ -400,13 +463,15 @@ async fn stale_dict_does_not_revert_a_rename_that_arrives_later() {
     let mut b_dict = b.fields_of("u1").unwrap();
     b_dict.insert("z_value".into(), json!(5));
     b.set_local("u1", &b_dict);
-    b.send_command("update_item", "u1", Value::Object(b_dict)).await;
+    b.send_command("update_item", "u1", Value::Object(b_dict))
+        .await;
     b.barrier().await;
     let mut a_dict = a.fields_of("u1").unwrap();
     assert_eq!(a_dict["z_value"], 0, "A has not applied B's change yet");
     a_dict.insert("name".into(), json!("L2"));
     a.set_local("u1", &a_dict);
-    a.send_command("update_item", "u1", Value::Object(a_dict)).await;
+    a.send_command("update_item", "u1", Value::Object(a_dict))
+        .await;
     let scene = assert_all_converged(&server, "stale-2", &mut [&mut a, &mut b]).await;
     assert_eq!(scene["u1"]["name"], "L2");
     assert_eq!(scene["u1"]["z_value"], 5);
@@ -419,20 +484,24 @@ async fn two_edits_back_to_back_while_a_correction_is_in_flight() {
     let mut renamed = a.fields_of("u1").unwrap();
     renamed.insert("name".into(), json!("L2"));
     a.set_local("u1", &renamed);
-    a.send_command("update_item", "u1", Value::Object(renamed)).await;
+    a.send_command("update_item", "u1", Value::Object(renamed))
+        .await;
     a.barrier().await;
     // B edits twice without reading: the first edit earns a correction that is still in
     // flight when the second is sent.
     let mut dict = b.fields_of("u1").unwrap();
     dict.insert("z_value".into(), json!(5));
     b.set_local("u1", &dict);
-    b.send_command("update_item", "u1", Value::Object(dict.clone())).await;
+    b.send_command("update_item", "u1", Value::Object(dict.clone()))
+        .await;
     dict.insert("x_mm".into(), json!(42.5));
     b.set_local("u1", &dict);
-    b.send_command("move_item", "u1", Value::Object(dict.clone())).await;
+    b.send_command("move_item", "u1", Value::Object(dict.clone()))
+        .await;
     dict.insert("locked".into(), json!(true));
     b.set_local("u1", &dict);
-    b.send_command("update_item", "u1", Value::Object(dict)).await;
+    b.send_command("update_item", "u1", Value::Object(dict))
+        .await;
     let scene = assert_all_converged(&server, "in-flight", &mut [&mut a, &mut b]).await;
     assert_eq!(scene["u1"]["name"], "L2");
     assert_eq!(scene["u1"]["z_value"], 5);
@@ -452,5 +521,8 @@ async fn an_edit_crossing_a_removal_is_answered_with_remove_item() {
     b.set_local("u1", &dict);
     b.send_command("move_item", "u1", Value::Object(dict)).await;
     let scene = assert_all_converged(&server, "crossing-remove", &mut [&mut a, &mut b]).await;
-    assert!(scene.is_empty(), "the removed item stays removed: {scene:?}");
+    assert!(
+        scene.is_empty(),
+        "the removed item stays removed: {scene:?}"
+    );
 }

@@ -91,7 +91,11 @@ impl Scene {
                     read_fields(txn, &value).map(|f| (Arc::<str>::from(uuid), Arc::new(f)))
                 })
                 .collect();
-            let version = txn.state_vector().iter().map(|(_, clock)| u64::from(*clock)).sum();
+            let version = txn
+                .state_vector()
+                .iter()
+                .map(|(_, clock)| u64::from(*clock))
+                .sum();
             (mirror, version)
         });
         Scene {
@@ -194,22 +198,27 @@ impl Scene {
         let writes = match command.action {
             Action::Remove => None,
             Action::Add if !exists => Some(all_fields(&command)),
-            Action::Move => Some(self.changed_fields(from, &uuid, &command.data, Some(&POSITION_FIELDS))),
-            Action::Add | Action::Update => Some(self.changed_fields(from, &uuid, &command.data, None)),
+            Action::Move => {
+                Some(self.changed_fields(from, &uuid, &command.data, Some(&POSITION_FIELDS)))
+            }
+            Action::Add | Action::Update => {
+                Some(self.changed_fields(from, &uuid, &command.data, None))
+            }
         };
         let change = {
             let uuid = uuid.clone();
             let create = command.action == Action::Add && !exists;
-            self.doc.transact(move |txn, items| match writes {
-                None => {
-                    items.remove(txn, &uuid);
-                }
-                Some(writes) if create => {
-                    items.insert(txn, uuid.as_ref(), MapPrelim::from_iter(writes));
-                }
-                Some(writes) => write_fields(txn, items, &uuid, writes),
-            })?
-            .1
+            self.doc
+                .transact(move |txn, items| match writes {
+                    None => {
+                        items.remove(txn, &uuid);
+                    }
+                    Some(writes) if create => {
+                        items.insert(txn, uuid.as_ref(), MapPrelim::from_iter(writes));
+                    }
+                    Some(writes) => write_fields(txn, items, &uuid, writes),
+                })?
+                .1
         };
         let action = command.action;
         self.publish(change, Source::Command { from, action }, user, &mut effects);
@@ -240,7 +249,10 @@ impl Scene {
         let mut plan = Vec::with_capacity(upload.len());
         for item in &upload {
             let exists = self.mirror.contains_key(&item.uuid);
-            let told_removed = self.peers.get(&from).is_some_and(|p| p.was_told_removed(&item.uuid));
+            let told_removed = self
+                .peers
+                .get(&from)
+                .is_some_and(|p| p.was_told_removed(&item.uuid));
             if exists {
                 let writes = self.changed_fields(from, &item.uuid, &item.fields, None);
                 plan.push((item.uuid.clone(), false, writes));
@@ -256,7 +268,11 @@ impl Scene {
         }
         let told: Vec<bool> = upload
             .iter()
-            .map(|item| self.peers.get(&from).is_none_or(|p| p.told_since_command(&item.uuid)))
+            .map(|item| {
+                self.peers
+                    .get(&from)
+                    .is_none_or(|p| p.told_since_command(&item.uuid))
+            })
             .collect();
         let (_, change) = self.doc.transact(move |txn, items| {
             for (uuid, create, writes) in plan {
@@ -268,7 +284,12 @@ impl Scene {
             }
         })?;
         self.initialized = true;
-        self.publish(change, Source::Derived { except: Some(from) }, user, &mut effects);
+        self.publish(
+            change,
+            Source::Derived { except: Some(from) },
+            user,
+            &mut effects,
+        );
         for (item, told) in upload.into_iter().zip(told) {
             if !self.mirror.contains_key(&item.uuid) {
                 continue;
@@ -282,7 +303,12 @@ impl Scene {
         }
         let missing: Vec<Arc<str>> = match self.peers.get(&from) {
             Some(peer) => {
-                let mut missing: Vec<_> = self.mirror.keys().filter(|u| !peer.has(u)).cloned().collect();
+                let mut missing: Vec<_> = self
+                    .mirror
+                    .keys()
+                    .filter(|u| !peer.has(u))
+                    .cloned()
+                    .collect();
                 missing.sort_unstable();
                 missing
             }
@@ -320,7 +346,13 @@ impl Scene {
 
     /// Sends connection `to` the item's current state as a correction (`update_item`, or
     /// `add_item` if its scene lacks the item, or `remove_item` if the item is gone).
-    fn send_current(&mut self, to: PeerId, uuid: &Arc<str>, user: &Arc<str>, effects: &mut Effects) {
+    fn send_current(
+        &mut self,
+        to: PeerId,
+        uuid: &Arc<str>,
+        user: &Arc<str>,
+        effects: &mut Effects,
+    ) {
         let Some(fields) = self.mirror.get(uuid).cloned() else {
             self.send_removal(to, uuid, user, effects);
             return;
@@ -328,7 +360,11 @@ impl Scene {
         let Some(peer) = self.peers.get_mut(&to) else {
             return;
         };
-        let action = if peer.has(uuid) { Action::Update } else { Action::Add };
+        let action = if peer.has(uuid) {
+            Action::Update
+        } else {
+            Action::Add
+        };
         peer.tell(uuid, &fields);
         effects.messages.push(Outgoing {
             to,
@@ -336,7 +372,13 @@ impl Scene {
         });
     }
 
-    fn send_removal(&mut self, to: PeerId, uuid: &Arc<str>, user: &Arc<str>, effects: &mut Effects) {
+    fn send_removal(
+        &mut self,
+        to: PeerId,
+        uuid: &Arc<str>,
+        user: &Arc<str>,
+        effects: &mut Effects,
+    ) {
         if let Some(peer) = self.peers.get_mut(&to) {
             peer.tell_removed(uuid);
             effects.messages.push(Outgoing {
@@ -348,7 +390,13 @@ impl Scene {
 
     /// Updates the mirror from a transaction's touched items and tells every other legacy
     /// connection about each real change.
-    fn publish(&mut self, change: Option<Change>, source: Source, user: &Arc<str>, effects: &mut Effects) {
+    fn publish(
+        &mut self,
+        change: Option<Change>,
+        source: Source,
+        user: &Arc<str>,
+        effects: &mut Effects,
+    ) {
         let Some(change) = change else {
             return;
         };
@@ -393,7 +441,11 @@ impl Scene {
                 Source::Derived { except } => except,
             };
             let mut shared: HashMap<Action, Arc<CommandMessage>> = HashMap::new();
-            let mut recipients: Vec<_> = self.peers.iter_mut().filter(|(id, _)| Some(**id) != except).collect();
+            let mut recipients: Vec<_> = self
+                .peers
+                .iter_mut()
+                .filter(|(id, _)| Some(**id) != except)
+                .collect();
             recipients.sort_unstable_by_key(|(id, _)| **id);
             for (id, peer) in recipients {
                 let action = if action == Action::Remove {
@@ -422,7 +474,12 @@ impl Scene {
     }
 }
 
-fn command_message(action: Action, uuid: &Arc<str>, data: &Arc<ItemFields>, user: &Arc<str>) -> CommandMessage {
+fn command_message(
+    action: Action,
+    uuid: &Arc<str>,
+    data: &Arc<ItemFields>,
+    user: &Arc<str>,
+) -> CommandMessage {
     CommandMessage {
         action,
         item_id: uuid.clone(),
@@ -452,7 +509,13 @@ fn all_fields(command: &Command) -> Vec<(String, Any)> {
     let item_type = command
         .item_type
         .clone()
-        .or_else(|| command.data.get("item_type").and_then(Value::as_str).map(str::to_owned))
+        .or_else(|| {
+            command
+                .data
+                .get("item_type")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        })
         .unwrap_or_else(|| DEFAULT_ITEM_TYPE.to_owned());
     fields.push(("item_type".to_owned(), Any::from(item_type)));
     fields
@@ -482,7 +545,9 @@ fn read_fields<T: ReadTxn>(txn: &T, value: &Out) -> Option<ItemFields> {
 }
 
 fn fields_equal(a: &ItemFields, b: &ItemFields) -> bool {
-    a.len() == b.len() && a.iter().all(|(k, v)| b.get(k).is_some_and(|w| json_equal(v, w)))
+    a.len() == b.len()
+        && a.iter()
+            .all(|(k, v)| b.get(k).is_some_and(|w| json_equal(v, w)))
 }
 
 fn only_position_changed(old: &ItemFields, new: &ItemFields) -> bool {

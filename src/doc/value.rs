@@ -70,12 +70,9 @@ fn any_to_json_at(any: &Any, depth: usize) -> Value {
         Any::Number(n) => number_to_json(n),
         Any::String(s) => Value::String(s.to_string()),
         Any::Buffer(bytes) => Value::Array(bytes.iter().map(|b| Value::from(*b)).collect()),
-        Any::Array(items) => Value::Array(
-            items
-                .iter()
-                .map(|v| any_to_json_at(v, depth + 1))
-                .collect(),
-        ),
+        Any::Array(items) => {
+            Value::Array(items.iter().map(|v| any_to_json_at(v, depth + 1)).collect())
+        }
         Any::Map(map) => Value::Object(
             map.iter()
                 .map(|(k, v)| (k.clone(), any_to_json_at(v, depth + 1)))

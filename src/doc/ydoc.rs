@@ -186,7 +186,9 @@ impl GuardedDoc {
 
     fn encode_diff(&mut self, sv: &StateVector) -> Result<Vec<u8>, DocError> {
         let doc = &self.doc;
-        match catch_unwind(AssertUnwindSafe(|| doc.transact().encode_state_as_update_v1(sv))) {
+        match catch_unwind(AssertUnwindSafe(|| {
+            doc.transact().encode_state_as_update_v1(sv)
+        })) {
             Ok(bytes) => Ok(bytes),
             Err(_) => {
                 self.rebuild();
@@ -272,7 +274,10 @@ fn build_doc(base: &[u8], log: &[Vec<u8>]) -> Option<DocParts> {
                 txn.apply_update(update).ok()?;
             }
         }
-        parts.0.transact().encode_state_as_update_v1(&StateVector::default());
+        parts
+            .0
+            .transact()
+            .encode_state_as_update_v1(&StateVector::default());
         parts.2.lock().unwrap_or_else(|p| p.into_inner()).clear();
         Some(parts)
     })
@@ -322,7 +327,10 @@ mod tests {
         let mut doc = GuardedDoc::new();
         let change = doc.apply_update(&update).unwrap().unwrap();
         assert_eq!(change.touched, vec![Arc::<str>::from("u1")]);
-        assert!(doc.apply_update(&update).unwrap().is_none(), "a duplicate changes nothing");
+        assert!(
+            doc.apply_update(&update).unwrap().is_none(),
+            "a duplicate changes nothing"
+        );
         let copy = GuardedDoc::from_updates([doc.encode_state_v1().unwrap().as_slice()]).unwrap();
         assert_eq!(copy.state_vector_v1(), doc.state_vector_v1());
     }
@@ -338,7 +346,9 @@ mod tests {
         for bad in [&[0xff, 0xff, 0xff, 0x0f][..], &[1, 2, 3], &[0, 0, 1]] {
             assert!(doc.apply_update(bad).is_err());
         }
-        assert!(doc.encode_diff_v1(&[0xff, 0xff, 0xff, 0xff, 0x0f, 0, 0, 0]).is_err());
+        assert!(doc
+            .encode_diff_v1(&[0xff, 0xff, 0xff, 0xff, 0x0f, 0, 0, 0])
+            .is_err());
         assert_eq!(doc.encode_state_v1().unwrap(), before);
     }
 
@@ -347,7 +357,11 @@ mod tests {
         let mut doc = GuardedDoc::new();
         for i in 0..20 {
             doc.transact(|txn, items| {
-                items.insert(txn, format!("item-{i}"), MapPrelim::from([("i", Any::from(i as f64))]));
+                items.insert(
+                    txn,
+                    format!("item-{i}"),
+                    MapPrelim::from([("i", Any::from(i as f64))]),
+                );
             })
             .unwrap();
         }

@@ -149,10 +149,15 @@ fn parse_command(command: Option<Value>) -> Result<Command, ProtocolError> {
 
 fn check_fields(fields: ItemFields) -> Result<ItemFields, ProtocolError> {
     if fields.len() > MAX_FIELDS {
-        return Err(ProtocolError::bad(format!("an item may have at most {MAX_FIELDS} fields")));
+        return Err(ProtocolError::bad(format!(
+            "an item may have at most {MAX_FIELDS} fields"
+        )));
     }
     if let Some(key) = fields.keys().find(|k| !valid_name(k)) {
-        return Err(ProtocolError::bad(format!("invalid field name {:?}", truncate(key))));
+        return Err(ProtocolError::bad(format!(
+            "invalid field name {:?}",
+            truncate(key)
+        )));
     }
     if fields.values().any(|v| json_depth(v) > MAX_VALUE_DEPTH) {
         return Err(ProtocolError::bad(format!(
@@ -276,7 +281,12 @@ struct SceneItems<'a>(&'a FullState);
 
 impl Serialize for SceneItems<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_seq(self.0.items.iter().map(|(uuid, fields)| SceneItem(uuid, fields)))
+        serializer.collect_seq(
+            self.0
+                .items
+                .iter()
+                .map(|(uuid, fields)| SceneItem(uuid, fields)),
+        )
     }
 }
 
@@ -370,7 +380,9 @@ pub fn encode_pong() -> String {
 
 /// `error`.
 pub fn encode_error(error: &ProtocolError) -> String {
-    to_json(&serde_json::json!({"type": "error", "code": error.code.as_str(), "message": error.message}))
+    to_json(
+        &serde_json::json!({"type": "error", "code": error.code.as_str(), "message": error.message}),
+    )
 }
 
 fn to_json<T: Serialize>(value: &T) -> String {
@@ -400,11 +412,15 @@ mod tests {
             ErrorCode::BadMessage
         );
         assert_eq!(
-            code_of(r#"{"type":"command","command":{"action":"move_item","item_id":"","data":{}}}"#),
+            code_of(
+                r#"{"type":"command","command":{"action":"move_item","item_id":"","data":{}}}"#
+            ),
             ErrorCode::BadMessage
         );
         assert_eq!(
-            code_of(r#"{"type":"command","command":{"action":"move_item","item_id":"a","data":[]}}"#),
+            code_of(
+                r#"{"type":"command","command":{"action":"move_item","item_id":"a","data":[]}}"#
+            ),
             ErrorCode::BadMessage
         );
         let deep = format!("{}1{}", "[".repeat(40), "]".repeat(40));
@@ -422,7 +438,9 @@ mod tests {
             r#"{"type":"command","command":{"action":"add_item","item_type":"source","item_id":"u1","data":{"x_mm":1.0}},"user_id":"a"}"#,
         )
         .unwrap();
-        let ClientMessage::Command(cmd) = msg else { panic!("not a command") };
+        let ClientMessage::Command(cmd) = msg else {
+            panic!("not a command")
+        };
         assert_eq!(cmd.action, Action::Add);
         assert_eq!(cmd.item_type.as_deref(), Some("source"));
         assert_eq!(cmd.data.get("x_mm"), Some(&json!(1.0)));
@@ -430,20 +448,33 @@ mod tests {
             r#"{"type":"command","command":{"action":"remove_item","item_type":"source","item_id":"u1"}}"#,
         )
         .unwrap();
-        assert!(matches!(msg, ClientMessage::Command(Command { action: Action::Remove, .. })));
+        assert!(matches!(
+            msg,
+            ClientMessage::Command(Command {
+                action: Action::Remove,
+                ..
+            })
+        ));
         let msg = parse_client_message(
             r#"{"type":"sync:full_state","state":{"items":[{"_type":"source","item_uuid":"u1","x_mm":0.0}]}}"#,
         )
         .unwrap();
-        let ClientMessage::FullState(items) = msg else { panic!("not an upload") };
+        let ClientMessage::FullState(items) = msg else {
+            panic!("not an upload")
+        };
         assert_eq!(items[0].uuid.as_ref(), "u1");
         assert_eq!(items[0].item_type.as_deref(), Some("source"));
-        assert_eq!(parse_client_message(r#"{"type":"ping"}"#).unwrap(), ClientMessage::Ping);
+        assert_eq!(
+            parse_client_message(r#"{"type":"ping"}"#).unwrap(),
+            ClientMessage::Ping
+        );
     }
 
     #[test]
     fn scene_items_carry_uuid_and_type_once() {
-        let fields: ItemFields = serde_json::from_value(json!({"item_type": "ruler", "item_uuid": "old", "x_mm": 1})).unwrap();
+        let fields: ItemFields =
+            serde_json::from_value(json!({"item_type": "ruler", "item_uuid": "old", "x_mm": 1}))
+                .unwrap();
         let state = FullState {
             items: vec![("u1".into(), Arc::new(fields))],
             version: 3,

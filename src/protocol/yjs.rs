@@ -50,18 +50,25 @@ fn err(message: impl Into<String>) -> FrameError {
 /// Decodes one binary frame.
 pub fn decode(frame: &[u8]) -> Result<YjsMessage, FrameError> {
     let mut cursor = Cursor::new(frame);
-    let tag: u32 = cursor.read_var().map_err(|_| err("truncated message type"))?;
+    let tag: u32 = cursor
+        .read_var()
+        .map_err(|_| err("truncated message type"))?;
     let message = match u8::try_from(tag).unwrap_or(u8::MAX) {
         MSG_SYNC => {
             let step: u32 = cursor.read_var().map_err(|_| err("truncated sync step"))?;
-            let payload = cursor.read_buf().map_err(|_| err("truncated sync payload"))?.to_vec();
+            let payload = cursor
+                .read_buf()
+                .map_err(|_| err("truncated sync payload"))?
+                .to_vec();
             match u8::try_from(step).unwrap_or(u8::MAX) {
                 MSG_SYNC_STEP_1 => {
-                    guard::check_state_vector_v1(&payload).map_err(|e| err(format!("bad state vector: {e}")))?;
+                    guard::check_state_vector_v1(&payload)
+                        .map_err(|e| err(format!("bad state vector: {e}")))?;
                     YjsMessage::SyncStep1(payload)
                 }
                 MSG_SYNC_STEP_2 | MSG_SYNC_UPDATE => {
-                    guard::check_update_v1(&payload).map_err(|e| err(format!("bad update: {e}")))?;
+                    guard::check_update_v1(&payload)
+                        .map_err(|e| err(format!("bad update: {e}")))?;
                     if step == u32::from(MSG_SYNC_STEP_2) {
                         YjsMessage::SyncStep2(payload)
                     } else {
@@ -72,8 +79,12 @@ pub fn decode(frame: &[u8]) -> Result<YjsMessage, FrameError> {
             }
         }
         MSG_AWARENESS => {
-            let payload = cursor.read_buf().map_err(|_| err("truncated awareness payload"))?.to_vec();
-            guard::check_awareness_update_v1(&payload).map_err(|e| err(format!("bad awareness update: {e}")))?;
+            let payload = cursor
+                .read_buf()
+                .map_err(|_| err("truncated awareness payload"))?
+                .to_vec();
+            guard::check_awareness_update_v1(&payload)
+                .map_err(|e| err(format!("bad awareness update: {e}")))?;
             YjsMessage::Awareness(payload)
         }
         MSG_QUERY_AWARENESS => YjsMessage::QueryAwareness,
@@ -131,14 +142,24 @@ mod tests {
         let doc = Doc::new();
         let text = doc.get_or_insert_text("t");
         text.insert(&mut doc.transact_mut(), 0, "hello");
-        let update = doc.transact().encode_state_as_update_v1(&StateVector::default());
+        let update = doc
+            .transact()
+            .encode_state_as_update_v1(&StateVector::default());
         let sv = doc.transact().state_vector().encode_v1();
-        assert_eq!(decode(&sync_update(update.clone())).unwrap(), YjsMessage::Update(update.clone()));
-        assert_eq!(decode(&sync_step2(update.clone())).unwrap(), YjsMessage::SyncStep2(update.clone()));
+        assert_eq!(
+            decode(&sync_update(update.clone())).unwrap(),
+            YjsMessage::Update(update.clone())
+        );
+        assert_eq!(
+            decode(&sync_step2(update.clone())).unwrap(),
+            YjsMessage::SyncStep2(update.clone())
+        );
         assert_eq!(decode(&sync_step1(&sv)).unwrap(), YjsMessage::SyncStep1(sv));
         let copy = Doc::new();
         let ct = copy.get_or_insert_text("t");
-        copy.transact_mut().apply_update(yrs::Update::decode_v1(&update).unwrap()).unwrap();
+        copy.transact_mut()
+            .apply_update(yrs::Update::decode_v1(&update).unwrap())
+            .unwrap();
         assert_eq!(ct.get_string(&copy.transact()), "hello");
     }
 
@@ -152,7 +173,9 @@ mod tests {
             &[0, 2, 4, 0xff, 0xff, 0xff, 0x0f],
             &[0, 2, 10, 1],
             &[1, 5, 0xff, 0xff, 0xff, 0xff, 0x0f],
-            &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff],
+            &[
+                0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+            ],
         ] {
             assert!(decode(bad).is_err(), "accepted {bad:?}");
         }

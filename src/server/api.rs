@@ -16,8 +16,8 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({"error": message.into()}))).into_response()
 }
 
-fn session_id(raw: &str) -> Result<String, Response> {
-    decode_name(raw).ok_or_else(|| error(StatusCode::BAD_REQUEST, "invalid session id"))
+fn invalid_session() -> Response {
+    error(StatusCode::BAD_REQUEST, "invalid session id")
 }
 
 fn unavailable() -> Response {
@@ -37,7 +37,11 @@ pub async fn health(State(state): State<AppState>) -> Response {
 
 /// `GET /metrics`
 pub async fn metrics(State(state): State<AppState>) -> Response {
-    let body = state.metrics.as_ref().map(|h| h.render()).unwrap_or_default();
+    let body = state
+        .metrics
+        .as_ref()
+        .map(|h| h.render())
+        .unwrap_or_default();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 
@@ -58,9 +62,8 @@ pub async fn sessions(State(state): State<AppState>) -> Response {
 
 /// `GET /api/sessions/{session}/scene`
 pub async fn scene(State(state): State<AppState>, Path(raw): Path<String>) -> Response {
-    let id = match session_id(&raw) {
-        Ok(id) => id,
-        Err(r) => return r,
+    let Some(id) = decode_name(&raw) else {
+        return invalid_session();
     };
     match state.registry.request(&id, SessionMsg::Scene).await {
         Some(scene) => ([(header::CONTENT_TYPE, "application/json")], scene).into_response(),
@@ -70,22 +73,26 @@ pub async fn scene(State(state): State<AppState>, Path(raw): Path<String>) -> Re
 
 /// `GET /api/sessions/{session}/update`
 pub async fn get_update(State(state): State<AppState>, Path(raw): Path<String>) -> Response {
-    let id = match session_id(&raw) {
-        Ok(id) => id,
-        Err(r) => return r,
+    let Some(id) = decode_name(&raw) else {
+        return invalid_session();
     };
     match state.registry.request(&id, SessionMsg::EncodeState).await {
-        Some(Ok(update)) => ([(header::CONTENT_TYPE, "application/octet-stream")], update).into_response(),
+        Some(Ok(update)) => {
+            ([(header::CONTENT_TYPE, "application/octet-stream")], update).into_response()
+        }
         Some(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
         None => unavailable(),
     }
 }
 
 /// `POST /api/sessions/{session}/update`: applies a v1 update like any client's.
-pub async fn post_update(State(state): State<AppState>, Path(raw): Path<String>, body: Bytes) -> Response {
-    let id = match session_id(&raw) {
-        Ok(id) => id,
-        Err(r) => return r,
+pub async fn post_update(
+    State(state): State<AppState>,
+    Path(raw): Path<String>,
+    body: Bytes,
+) -> Response {
+    let Some(id) = decode_name(&raw) else {
+        return invalid_session();
     };
     let update = body.to_vec();
     match state

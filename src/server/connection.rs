@@ -17,8 +17,12 @@ use super::AppState;
 use crate::doc::PeerId;
 use crate::protocol::json::{self, ErrorCode, ProtocolError};
 use crate::protocol::yjs;
-use crate::session::outbox::{CloseReason, CLOSE_GOING_AWAY, CLOSE_IDLE, CLOSE_INTERNAL, CLOSE_TOO_BIG};
-use crate::session::{outbox, ConnKind, Frame, Inbox, JoinRequest, Outbox, SessionHandle, SessionMsg};
+use crate::session::outbox::{
+    CloseReason, CLOSE_GOING_AWAY, CLOSE_IDLE, CLOSE_INTERNAL, CLOSE_TOO_BIG,
+};
+use crate::session::{
+    outbox, ConnKind, Frame, Inbox, JoinRequest, Outbox, SessionHandle, SessionMsg,
+};
 
 /// Interval of protocol pings on `/yjs`; a peer that has not answered the previous one by
 /// the next is dropped.
@@ -103,7 +107,8 @@ impl Connection {
         let mut shutdown = self.state.shutdown.clone();
         let idle_timeout = self.state.config.idle_timeout;
         let mut idle_deadline = Instant::now() + idle_timeout;
-        let mut ping = tokio::time::interval_at(Instant::now() + YJS_PING_INTERVAL, YJS_PING_INTERVAL);
+        let mut ping =
+            tokio::time::interval_at(Instant::now() + YJS_PING_INTERVAL, YJS_PING_INTERVAL);
         let mut pong_due = false;
         let mut close_signal = inbox.close.clone();
         let reason = loop {
@@ -159,7 +164,10 @@ impl Connection {
 
     async fn on_text(&mut self, text: &str) {
         if self.kind == ConnKind::Yjs {
-            self.reject(ProtocolError::new(ErrorCode::BadMessage, "y-websocket frames are binary"));
+            self.reject(ProtocolError::new(
+                ErrorCode::BadMessage,
+                "y-websocket frames are binary",
+            ));
             return;
         }
         match json::parse_client_message(text) {

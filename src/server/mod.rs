@@ -95,7 +95,10 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(api::metrics))
         .route("/api/sessions", get(api::sessions))
         .route("/api/sessions/{session}/scene", get(api::scene))
-        .route("/api/sessions/{session}/update", get(api::get_update).post(api::post_update))
+        .route(
+            "/api/sessions/{session}/update",
+            get(api::get_update).post(api::post_update),
+        )
         .route("/ws", get(ws::legacy))
         .route("/ws/", get(ws::legacy))
         .route("/ws/{*rest}", get(ws::legacy))

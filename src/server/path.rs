@@ -37,13 +37,28 @@ mod tests {
             parse_segments("/ws/lab%201/J%C3%BCrgen", "/ws/", 2),
             Some(vec!["lab 1".to_owned(), "Jürgen".to_owned()])
         );
-        assert_eq!(parse_segments("/ws/a%2Fb/u", "/ws/", 2), Some(vec!["a/b".to_owned(), "u".to_owned()]));
-        assert_eq!(parse_segments("/yjs/room", "/yjs/", 1), Some(vec!["room".to_owned()]));
+        assert_eq!(
+            parse_segments("/ws/a%2Fb/u", "/ws/", 2),
+            Some(vec!["a/b".to_owned(), "u".to_owned()])
+        );
+        assert_eq!(
+            parse_segments("/yjs/room", "/yjs/", 1),
+            Some(vec!["room".to_owned()])
+        );
     }
 
     #[test]
     fn refuses_invalid_paths() {
-        for path in ["/ws/", "/ws/s", "/ws/s/", "/ws//u", "/ws/s/u/x", "/ws/s/%0A", "/ws/s/%FF", "/ws"] {
+        for path in [
+            "/ws/",
+            "/ws/s",
+            "/ws/s/",
+            "/ws//u",
+            "/ws/s/u/x",
+            "/ws/s/%0A",
+            "/ws/s/%FF",
+            "/ws",
+        ] {
             assert_eq!(parse_segments(path, "/ws/", 2), None, "{path}");
         }
         let long = "x".repeat(MAX_NAME_CHARS + 1);

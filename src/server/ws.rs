@@ -31,7 +31,11 @@ pub async fn legacy(
     Query(params): Query<HashMap<String, String>>,
     State(state): State<AppState>,
 ) -> Response {
-    let kind = if flag(&params, "yjs") { ConnKind::LegacyYjs } else { ConnKind::Legacy };
+    let kind = if flag(&params, "yjs") {
+        ConnKind::LegacyYjs
+    } else {
+        ConnKind::Legacy
+    };
     let target = parse_segments(uri.path(), "/ws/", 2).map(|mut segments| {
         let user = segments.pop().map(Arc::from);
         ConnectionTarget {

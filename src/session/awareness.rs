@@ -68,10 +68,20 @@ impl AwarenessStates {
 
     /// Applies an untrusted awareness update from `owner`. Returns the encoded update of what
     /// changed (to broadcast), or `None` when nothing did.
-    pub fn apply(&mut self, owner: PeerId, bytes: &[u8], now: Instant) -> Result<Option<Vec<u8>>, AwarenessError> {
+    pub fn apply(
+        &mut self,
+        owner: PeerId,
+        bytes: &[u8],
+        now: Instant,
+    ) -> Result<Option<Vec<u8>>, AwarenessError> {
         guard::check_awareness_update_v1(bytes).map_err(|e| AwarenessError(e.to_string()))?;
-        let update = AwarenessUpdate::decode_v1(bytes).map_err(|e| AwarenessError(e.to_string()))?;
-        if let Some((client, _)) = update.clients.iter().find(|(_, e)| e.json.len() > self.max_state_bytes) {
+        let update =
+            AwarenessUpdate::decode_v1(bytes).map_err(|e| AwarenessError(e.to_string()))?;
+        if let Some((client, _)) = update
+            .clients
+            .iter()
+            .find(|(_, e)| e.json.len() > self.max_state_bytes)
+        {
             return Err(AwarenessError(format!(
                 "awareness state of client {client} exceeds {} bytes",
                 self.max_state_bytes
@@ -147,13 +157,24 @@ impl AwarenessStates {
     }
 
     fn remove_where(&mut self, doomed: impl Fn(&State) -> bool) -> Option<Vec<u8>> {
-        let ids: Vec<ClientID> = self.states.iter().filter(|(_, s)| doomed(s)).map(|(id, _)| *id).collect();
+        let ids: Vec<ClientID> = self
+            .states
+            .iter()
+            .filter(|(_, s)| doomed(s))
+            .map(|(id, _)| *id)
+            .collect();
         let mut removed = HashMap::new();
         for id in ids {
             if let Some(state) = self.states.remove(&id) {
                 let clock = state.clock.saturating_add(1);
                 self.removed.insert(id, clock);
-                removed.insert(id, AwarenessUpdateEntry { clock, json: "null".into() });
+                removed.insert(
+                    id,
+                    AwarenessUpdateEntry {
+                        clock,
+                        json: "null".into(),
+                    },
+                );
             }
         }
         if self.removed.len() > self.max_states * 4 {
@@ -179,7 +200,15 @@ mod tests {
         AwarenessUpdate {
             clients: entries
                 .iter()
-                .map(|(id, clock, json)| (ClientID::new(*id), AwarenessUpdateEntry { clock: *clock, json: (*json).into() }))
+                .map(|(id, clock, json)| {
+                    (
+                        ClientID::new(*id),
+                        AwarenessUpdateEntry {
+                            clock: *clock,
+                            json: (*json).into(),
+                        },
+                    )
+                })
                 .collect(),
         }
         .encode_v1()
@@ -193,22 +222,41 @@ mod tests {
     fn newer_clocks_replace_and_owner_close_removes() {
         let now = Instant::now();
         let mut aw = AwarenessStates::new(1024, 10);
-        assert!(aw.apply(1, &update(&[(7, 1, "{\"a\":1}")]), now).unwrap().is_some());
-        assert!(aw.apply(1, &update(&[(7, 1, "{\"a\":2}")]), now).unwrap().is_none(), "same clock");
-        assert!(aw.apply(1, &update(&[(7, 2, "{\"a\":3}")]), now).unwrap().is_some());
+        assert!(aw
+            .apply(1, &update(&[(7, 1, "{\"a\":1}")]), now)
+            .unwrap()
+            .is_some());
+        assert!(
+            aw.apply(1, &update(&[(7, 1, "{\"a\":2}")]), now)
+                .unwrap()
+                .is_none(),
+            "same clock"
+        );
+        assert!(aw
+            .apply(1, &update(&[(7, 2, "{\"a\":3}")]), now)
+            .unwrap()
+            .is_some());
         let removal = decoded(aw.remove_owner(1).unwrap());
         assert_eq!(removal.clients[&ClientID::new(7)].clock, 3);
         assert_eq!(&*removal.clients[&ClientID::new(7)].json, "null");
         assert!(aw.is_empty());
-        assert!(aw.apply(2, &update(&[(7, 2, "{\"a\":3}")]), now).unwrap().is_none(), "no resurrection");
+        assert!(
+            aw.apply(2, &update(&[(7, 2, "{\"a\":3}")]), now)
+                .unwrap()
+                .is_none(),
+            "no resurrection"
+        );
     }
 
     #[test]
     fn bounds_and_expiry() {
         let now = Instant::now();
         let mut aw = AwarenessStates::new(8, 2);
-        assert!(aw.apply(1, &update(&[(1, 1, "\"0123456789\"")]), now).is_err());
-        aw.apply(1, &update(&[(1, 1, "1"), (2, 1, "2")]), now).unwrap();
+        assert!(aw
+            .apply(1, &update(&[(1, 1, "\"0123456789\"")]), now)
+            .is_err());
+        aw.apply(1, &update(&[(1, 1, "1"), (2, 1, "2")]), now)
+            .unwrap();
         assert!(aw.apply(1, &update(&[(3, 1, "3")]), now).is_err());
         assert_eq!(aw.len(), 2);
         assert!(aw.expire(now + Duration::from_secs(5)).is_none());

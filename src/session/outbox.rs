@@ -43,14 +43,38 @@ pub struct CloseReason {
     pub reason: &'static str,
 }
 
-pub const CLOSE_NORMAL: CloseReason = CloseReason { code: 1000, reason: "" };
-pub const CLOSE_GOING_AWAY: CloseReason = CloseReason { code: 1001, reason: "Server shutting down" };
-pub const CLOSE_IDLE: CloseReason = CloseReason { code: 1001, reason: "Idle timeout" };
-pub const CLOSE_INVALID_PATH: CloseReason = CloseReason { code: 1008, reason: "Invalid path" };
-pub const CLOSE_TOO_BIG: CloseReason = CloseReason { code: 1009, reason: "Message too big" };
-pub const CLOSE_INTERNAL: CloseReason = CloseReason { code: 1011, reason: "Session unavailable" };
-pub const CLOSE_SLOW: CloseReason = CloseReason { code: 1013, reason: "Slow consumer, reconnect" };
-pub const CLOSE_REPLACED: CloseReason = CloseReason { code: 4000, reason: "Replaced by a newer connection" };
+pub const CLOSE_NORMAL: CloseReason = CloseReason {
+    code: 1000,
+    reason: "",
+};
+pub const CLOSE_GOING_AWAY: CloseReason = CloseReason {
+    code: 1001,
+    reason: "Server shutting down",
+};
+pub const CLOSE_IDLE: CloseReason = CloseReason {
+    code: 1001,
+    reason: "Idle timeout",
+};
+pub const CLOSE_INVALID_PATH: CloseReason = CloseReason {
+    code: 1008,
+    reason: "Invalid path",
+};
+pub const CLOSE_TOO_BIG: CloseReason = CloseReason {
+    code: 1009,
+    reason: "Message too big",
+};
+pub const CLOSE_INTERNAL: CloseReason = CloseReason {
+    code: 1011,
+    reason: "Session unavailable",
+};
+pub const CLOSE_SLOW: CloseReason = CloseReason {
+    code: 1013,
+    reason: "Slow consumer, reconnect",
+};
+pub const CLOSE_REPLACED: CloseReason = CloseReason {
+    code: 4000,
+    reason: "Replaced by a newer connection",
+};
 
 /// The queue is over its byte bound; the connection is being closed with 1013.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -148,9 +172,13 @@ mod tests {
     #[tokio::test]
     async fn overflow_closes_with_1013_and_keeps_what_was_queued() {
         let (out, mut inbox) = outbox(10);
-        out.send(Frame::Binary(Bytes::from_static(b"123456"))).unwrap();
+        out.send(Frame::Binary(Bytes::from_static(b"123456")))
+            .unwrap();
         assert_eq!(out.queued_bytes(), 6);
-        assert_eq!(out.send(Frame::Binary(Bytes::from_static(b"123456"))), Err(Overflow));
+        assert_eq!(
+            out.send(Frame::Binary(Bytes::from_static(b"123456"))),
+            Err(Overflow)
+        );
         assert_eq!(inbox.close_reason(), Some(CLOSE_SLOW));
         assert_eq!(inbox.recv().await.unwrap().len(), 6);
         assert_eq!(out.queued_bytes(), 0);

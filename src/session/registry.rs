@@ -58,7 +58,11 @@ pub struct Registry {
 }
 
 impl Registry {
-    pub fn new(store: Arc<dyn Store>, config: SessionConfig, shutdown: watch::Receiver<bool>) -> Arc<Self> {
+    pub fn new(
+        store: Arc<dyn Store>,
+        config: SessionConfig,
+        shutdown: watch::Receiver<bool>,
+    ) -> Arc<Self> {
         Arc::new(Registry {
             sessions: DashMap::new(),
             store,
@@ -96,7 +100,10 @@ impl Registry {
             .entry(Arc::from(id))
             .or_insert_with(|| {
                 let (tx, rx) = mpsc::channel(SESSION_QUEUE);
-                let handle = SessionHandle { id: Arc::from(id), tx };
+                let handle = SessionHandle {
+                    id: Arc::from(id),
+                    tx,
+                };
                 task::spawn(self.clone(), handle.clone(), rx);
                 handle
             })
@@ -105,11 +112,16 @@ impl Registry {
 
     /// Removes `handle` from the map if it is still the session's current task.
     pub(super) fn remove(&self, handle: &SessionHandle) {
-        self.sessions.remove_if(&handle.id, |_, current| current.same_task(handle));
+        self.sessions
+            .remove_if(&handle.id, |_, current| current.same_task(handle));
     }
 
     /// Joins a session, retrying while it is being evicted.
-    pub async fn join(self: &Arc<Self>, id: &str, request: JoinRequest) -> Result<SessionHandle, JoinError> {
+    pub async fn join(
+        self: &Arc<Self>,
+        id: &str,
+        request: JoinRequest,
+    ) -> Result<SessionHandle, JoinError> {
         for _ in 0..RETRIES {
             let handle = self.get_or_start(id);
             let (tx, rx) = oneshot::channel();

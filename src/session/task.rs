@@ -11,10 +11,14 @@ use tracing::{debug, error, warn};
 use super::awareness::AwarenessStates;
 use super::outbox::{CLOSE_INTERNAL, CLOSE_REPLACED};
 use super::registry::Registry;
-use super::{ConnKind, Frame, JoinError, JoinRequest, Outbox, SessionHandle, SessionMsg, SessionSummary};
+use super::{
+    ConnKind, Frame, JoinError, JoinRequest, Outbox, SessionHandle, SessionMsg, SessionSummary,
+};
 use crate::doc::scene::CommandMessage;
 use crate::doc::{Effects, GuardedDoc, PeerId, Scene};
-use crate::protocol::json::{self, ClientMessage, ErrorCode, ProtocolError, UserEntry, YjsAckFields};
+use crate::protocol::json::{
+    self, ClientMessage, ErrorCode, ProtocolError, UserEntry, YjsAckFields,
+};
 use crate::protocol::yjs::{self, YjsMessage};
 use crate::store::{SessionMeta, StoredSession};
 use crate::warn_limit::WarnLimiter;
@@ -36,12 +40,15 @@ struct Member {
     outbox: Outbox,
 }
 
+/// Where the outcome of an HTTP update goes.
+type ApplyReply = oneshot::Sender<Result<(), String>>;
+
 /// What a batch produced, sent only after its updates are in the store.
 #[derive(Default)]
 struct Pending {
     updates: Vec<Vec<u8>>,
     frames: Vec<(PeerId, Frame)>,
-    replies: Vec<(oneshot::Sender<Result<(), String>>, Result<(), String>)>,
+    replies: Vec<(ApplyReply, Result<(), String>)>,
 }
 
 struct SessionTask {
@@ -61,14 +68,21 @@ struct SessionTask {
     failed: bool,
 }
 
-pub(super) fn spawn(registry: Arc<Registry>, handle: SessionHandle, rx: mpsc::Receiver<SessionMsg>) {
+pub(super) fn spawn(
+    registry: Arc<Registry>,
+    handle: SessionHandle,
+    rx: mpsc::Receiver<SessionMsg>,
+) {
     tokio::spawn(async move {
         let id = handle.id.clone();
         match load(&registry, &id).await {
             Ok((scene, host)) => {
                 let config = &registry.config;
                 let task = SessionTask {
-                    awareness: AwarenessStates::new(config.max_awareness_bytes, config.max_awareness_states),
+                    awareness: AwarenessStates::new(
+                        config.max_awareness_bytes,
+                        config.max_awareness_states,
+                    ),
                     id,
                     registry: registry.clone(),
                     handle,
@@ -104,7 +118,10 @@ async fn load(registry: &Registry, id: &str) -> Result<(Scene, Option<Arc<str>>)
     let doc = GuardedDoc::from_updates(stored.updates.iter().map(Vec::as_slice))
         .map_err(|e| format!("stored document is unreadable: {e}"))?;
     metrics::counter!("collab_sessions_loaded_total").increment(1);
-    Ok((Scene::new(doc, stored.meta.initialized), stored.meta.host.map(Arc::from)))
+    Ok((
+        Scene::new(doc, stored.meta.initialized),
+        stored.meta.host.map(Arc::from),
+    ))
 }
 
 /// Closes the queue and answers what is still in it: joins get `reason`, other requests see
@@ -192,7 +209,11 @@ impl SessionTask {
             SessionMsg::Summary(reply) => {
                 let _ = reply.send(SessionSummary {
                     id: self.id.to_string(),
-                    users: self.users().into_iter().map(|u| u.user_id.to_string()).collect(),
+                    users: self
+                        .users()
+                        .into_iter()
+                        .map(|u| u.user_id.to_string())
+                        .collect(),
                     connections: self.members.len(),
                     item_count: self.scene.item_count(),
                     document_bytes: self.encode_state().map_or(0, |b| b.len()),
@@ -221,7 +242,12 @@ impl SessionTask {
     }
 
     fn join(&mut self, request: JoinRequest) -> Result<(), JoinError> {
-        let JoinRequest { peer, kind, user, outbox } = request;
+        let JoinRequest {
+            peer,
+            kind,
+            user,
+            outbox,
+        } = request;
         let replaced = user.as_ref().and_then(|u| {
             self.members
                 .iter()
@@ -270,7 +296,10 @@ impl SessionTask {
             self.send(peer, Frame::text(json::encode_full_state(&state)));
         }
         if kind.speaks_yjs() {
-            self.send(peer, Frame::Binary(yjs::sync_step1(&self.scene.doc().state_vector_v1())));
+            self.send(
+                peer,
+                Frame::Binary(yjs::sync_step1(&self.scene.doc().state_vector_v1())),
+            );
             if let Some(states) = self.awareness.encode_all() {
                 self.send(peer, Frame::Binary(yjs::awareness(&states)));
             }
@@ -291,7 +320,11 @@ impl SessionTask {
     }
 
     /// Removes a member (closing it with `close` if given); returns its user name.
-    fn remove_member(&mut self, peer: PeerId, close: Option<super::CloseReason>) -> Option<Arc<str>> {
+    fn remove_member(
+        &mut self,
+        peer: PeerId,
+        close: Option<super::CloseReason>,
+    ) -> Option<Arc<str>> {
         let member = self.members.remove(&peer)?;
         metrics::gauge!("collab_connections").decrement(1.0);
         if let Some(reason) = close {
@@ -327,9 +360,13 @@ impl SessionTask {
                     self.send(peer, Frame::text(json::encode_full_state(&state)));
                 }
             }
-            ClientMessage::Command(command) => match self.scene.apply_command(peer, &user, command) {
+            ClientMessage::Command(command) => match self.scene.apply_command(peer, &user, command)
+            {
                 Ok(effects) => self.emit(effects, Some(peer)),
-                Err(e) => self.reject(peer, ProtocolError::new(ErrorCode::BadMessage, e.to_string())),
+                Err(e) => self.reject(
+                    peer,
+                    ProtocolError::new(ErrorCode::BadMessage, e.to_string()),
+                ),
             },
             ClientMessage::FullState(items) => {
                 if self.host.as_ref() != Some(&user) {
@@ -338,7 +375,10 @@ impl SessionTask {
                 }
                 match self.scene.apply_upload(peer, &user, items) {
                     Ok(effects) => self.emit(effects, Some(peer)),
-                    Err(e) => self.reject(peer, ProtocolError::new(ErrorCode::BadMessage, e.to_string())),
+                    Err(e) => self.reject(
+                        peer,
+                        ProtocolError::new(ErrorCode::BadMessage, e.to_string()),
+                    ),
                 }
             }
         }
@@ -351,20 +391,31 @@ impl SessionTask {
         match msg {
             YjsMessage::SyncStep1(sv) => match self.scene.doc_mut().encode_diff_v1(&sv) {
                 Ok(diff) => self.send(peer, Frame::Binary(yjs::sync_step2(diff))),
-                Err(e) => self.reject(peer, ProtocolError::new(ErrorCode::BadMessage, e.to_string())),
+                Err(e) => self.reject(
+                    peer,
+                    ProtocolError::new(ErrorCode::BadMessage, e.to_string()),
+                ),
             },
             YjsMessage::SyncStep2(update) | YjsMessage::Update(update) => {
                 let user = self.user_of(peer);
                 match self.scene.apply_update(&user, &update) {
                     Ok(effects) => self.emit(effects, Some(peer)),
-                    Err(e) => self.reject(peer, ProtocolError::new(ErrorCode::BadMessage, e.to_string())),
+                    Err(e) => self.reject(
+                        peer,
+                        ProtocolError::new(ErrorCode::BadMessage, e.to_string()),
+                    ),
                 }
             }
-            YjsMessage::Awareness(bytes) => match self.awareness.apply(peer, &bytes, Instant::now()) {
-                Ok(Some(changed)) => self.broadcast_awareness(&changed),
-                Ok(None) => {}
-                Err(e) => self.reject(peer, ProtocolError::new(ErrorCode::BadMessage, e.to_string())),
-            },
+            YjsMessage::Awareness(bytes) => {
+                match self.awareness.apply(peer, &bytes, Instant::now()) {
+                    Ok(Some(changed)) => self.broadcast_awareness(&changed),
+                    Ok(None) => {}
+                    Err(e) => self.reject(
+                        peer,
+                        ProtocolError::new(ErrorCode::BadMessage, e.to_string()),
+                    ),
+                }
+            }
             YjsMessage::QueryAwareness => {
                 if let Some(states) = self.awareness.encode_all() {
                     self.send(peer, Frame::Binary(yjs::awareness(&states)));
@@ -498,7 +549,9 @@ impl SessionTask {
 
     async fn compact_if_due(&mut self) -> Result<(), String> {
         let config = &self.registry.config;
-        if self.stored_updates < config.compact_after_updates && self.stored_bytes < config.compact_after_bytes {
+        if self.stored_updates < config.compact_after_updates
+            && self.stored_bytes < config.compact_after_bytes
+        {
             return Ok(());
         }
         self.compact().await

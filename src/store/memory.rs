@@ -24,7 +24,12 @@ impl Store for MemoryStore {
         ready(self.sessions.get(session).map(|s| s.clone()))
     }
 
-    fn append(&self, session: &str, updates: Vec<Vec<u8>>, meta: SessionMeta) -> StoreFuture<'_, ()> {
+    fn append(
+        &self,
+        session: &str,
+        updates: Vec<Vec<u8>>,
+        meta: SessionMeta,
+    ) -> StoreFuture<'_, ()> {
         let mut entry = self.sessions.entry(session.to_owned()).or_default();
         entry.updates.extend(updates);
         entry.meta = meta;

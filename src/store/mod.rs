@@ -45,7 +45,12 @@ pub trait Store: Send + Sync + 'static {
     /// The session's stored updates, or `None` when it was never stored.
     fn load(&self, session: &str) -> StoreFuture<'_, Option<StoredSession>>;
     /// Appends updates (durably, per the store's setting) and the current metadata.
-    fn append(&self, session: &str, updates: Vec<Vec<u8>>, meta: SessionMeta) -> StoreFuture<'_, ()>;
+    fn append(
+        &self,
+        session: &str,
+        updates: Vec<Vec<u8>>,
+        meta: SessionMeta,
+    ) -> StoreFuture<'_, ()>;
     /// Replaces everything stored for the session by one snapshot update.
     fn compact(&self, session: &str, snapshot: Vec<u8>, meta: SessionMeta) -> StoreFuture<'_, ()>;
     /// Every stored session id.

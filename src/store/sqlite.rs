@@ -62,7 +62,8 @@ impl SqliteStore {
     /// Opens (creating if needed) `collab.db` in `dir`.
     pub fn open(dir: &Path, fsync: FsyncMode) -> Result<SqliteStore, StoreError> {
         let path = dir.join("collab.db");
-        let fail = |e: &dyn std::fmt::Display| StoreError(format!("cannot open {}: {e}", path.display()));
+        let fail =
+            |e: &dyn std::fmt::Display| StoreError(format!("cannot open {}: {e}", path.display()));
         std::fs::create_dir_all(dir).map_err(|e| fail(&e))?;
         let conn = Connection::open(&path).map_err(|e| fail(&e))?;
         let synchronous = match fsync {
@@ -87,12 +88,16 @@ impl SqliteStore {
         &self.path
     }
 
-    fn call<T: Send + 'static>(&self, make: impl FnOnce(Reply<T>) -> Request) -> StoreFuture<'_, T> {
+    fn call<T: Send + 'static>(
+        &self,
+        make: impl FnOnce(Reply<T>) -> Request,
+    ) -> StoreFuture<'_, T> {
         let (reply, rx) = oneshot::channel();
         let sent = self.tx.send(make(reply));
         Box::pin(async move {
             sent.map_err(|_| StoreError("the store thread has stopped".into()))?;
-            rx.await.map_err(|_| StoreError("the store thread has stopped".into()))?
+            rx.await
+                .map_err(|_| StoreError("the store thread has stopped".into()))?
         })
     }
 }
@@ -103,7 +108,12 @@ impl Store for SqliteStore {
         self.call(|r| Request::Load(session, r))
     }
 
-    fn append(&self, session: &str, updates: Vec<Vec<u8>>, meta: SessionMeta) -> StoreFuture<'_, ()> {
+    fn append(
+        &self,
+        session: &str,
+        updates: Vec<Vec<u8>>,
+        meta: SessionMeta,
+    ) -> StoreFuture<'_, ()> {
         let session = session.to_owned();
         self.call(|r| Request::Append(session, updates, meta, r))
     }
@@ -151,7 +161,10 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Request>) {
                     let _ = reply.send(list(&conn).map_err(err));
                 }
                 Request::Flush(reply) => {
-                    let _ = reply.send(conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE);").map_err(err));
+                    let _ = reply.send(
+                        conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE);")
+                            .map_err(err),
+                    );
                 }
                 write => writes.push(write),
             }
@@ -215,7 +228,9 @@ fn apply_write(conn: &Connection, write: &Request) -> rusqlite::Result<()> {
     match write {
         Request::Append(session, updates, meta, _) => {
             upsert_meta(conn, session, meta)?;
-            let mut insert = conn.prepare_cached("INSERT INTO updates (session, kind, data) VALUES (?1, 'update', ?2)")?;
+            let mut insert = conn.prepare_cached(
+                "INSERT INTO updates (session, kind, data) VALUES (?1, 'update', ?2)",
+            )?;
             for update in updates {
                 insert.execute(params![session, update])?;
             }
@@ -253,7 +268,8 @@ fn load(conn: &Connection, session: &str) -> rusqlite::Result<Option<StoredSessi
     let Some(meta) = meta else {
         return Ok(None);
     };
-    let mut query = conn.prepare_cached("SELECT data FROM updates WHERE session = ?1 ORDER BY id")?;
+    let mut query =
+        conn.prepare_cached("SELECT data FROM updates WHERE session = ?1 ORDER BY id")?;
     let updates = query
         .query_map(params![session], |row| row.get::<_, Vec<u8>>(0))?
         .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -279,17 +295,29 @@ mod tests {
             initialized: true,
             host: Some("alice".into()),
         };
-        store.append("s", vec![vec![1], vec![2]], meta.clone()).await.unwrap();
-        store.append("s", vec![vec![3]], meta.clone()).await.unwrap();
+        store
+            .append("s", vec![vec![1], vec![2]], meta.clone())
+            .await
+            .unwrap();
+        store
+            .append("s", vec![vec![3]], meta.clone())
+            .await
+            .unwrap();
         let loaded = store.load("s").await.unwrap().unwrap();
         assert_eq!(loaded.updates, vec![vec![1], vec![2], vec![3]]);
         assert_eq!(loaded.meta, meta);
         store.compact("s", vec![9, 9], meta.clone()).await.unwrap();
-        assert_eq!(store.load("s").await.unwrap().unwrap().updates, vec![vec![9, 9]]);
+        assert_eq!(
+            store.load("s").await.unwrap().unwrap().updates,
+            vec![vec![9, 9]]
+        );
         assert_eq!(store.list().await.unwrap(), vec!["s".to_owned()]);
         drop(store);
         let reopened = SqliteStore::open(dir.path(), FsyncMode::Always).unwrap();
-        assert_eq!(reopened.load("s").await.unwrap().unwrap().updates, vec![vec![9, 9]]);
+        assert_eq!(
+            reopened.load("s").await.unwrap().unwrap().updates,
+            vec![vec![9, 9]]
+        );
         reopened.delete("s").await.unwrap();
         assert!(reopened.load("s").await.unwrap().is_none());
     }

@@ -45,7 +45,9 @@ impl TestServer {
     }
 
     pub async fn start_with(config: Config, store: Arc<dyn Store>) -> TestServer {
-        let server = Server::start(config, store.clone()).await.expect("server starts");
+        let server = Server::start(config, store.clone())
+            .await
+            .expect("server starts");
         TestServer {
             addr: server.addr,
             server: Some(server),
@@ -80,7 +82,9 @@ impl TestServer {
     }
 
     pub async fn connect(&self, path: &str) -> Ws {
-        let (ws, _) = tokio_tungstenite::connect_async(self.url(path)).await.expect("websocket connects");
+        let (ws, _) = tokio_tungstenite::connect_async(self.url(path))
+            .await
+            .expect("websocket connects");
         ws
     }
 
@@ -94,7 +98,12 @@ impl TestServer {
 }
 
 /// A tiny HTTP/1.1 client (the project has no HTTP client dependency).
-pub async fn http(addr: std::net::SocketAddr, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+pub async fn http(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> (u16, Vec<u8>) {
     let mut stream = TcpStream::connect(addr).await.unwrap();
     let head = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\nContent-Type: application/octet-stream\r\n\r\n",
@@ -107,11 +116,17 @@ pub async fn http(addr: std::net::SocketAddr, method: &str, path: &str, body: &[
         .await
         .expect("http response in time")
         .unwrap();
-    let split = response.windows(4).position(|w| w == b"\r\n\r\n").expect("http head");
+    let split = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("http head");
     let head = String::from_utf8_lossy(&response[..split]).to_string();
     let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
     let mut body = response[split + 4..].to_vec();
-    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         body = dechunk(&body);
     }
     (status, body)
@@ -121,7 +136,9 @@ fn dechunk(mut data: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     loop {
         let line_end = data.windows(2).position(|w| w == b"\r\n").unwrap();
-        let size = usize::from_str_radix(std::str::from_utf8(&data[..line_end]).unwrap().trim(), 16).unwrap();
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&data[..line_end]).unwrap().trim(), 16)
+                .unwrap();
         if size == 0 {
             return out;
         }
@@ -185,7 +202,9 @@ pub async fn ping_collect(ws: &mut Ws) -> Vec<Value> {
 /// Waits for the close frame and returns its code (skipping whatever came before it).
 pub async fn close_code(ws: &mut Ws) -> u16 {
     loop {
-        let msg = tokio::time::timeout(PATIENCE, ws.next()).await.expect("close in time");
+        let msg = tokio::time::timeout(PATIENCE, ws.next())
+            .await
+            .expect("close in time");
         match msg {
             Some(Ok(Message::Close(Some(frame)))) => return u16::from(frame.code),
             Some(Ok(Message::Close(None))) => return u16::from(CloseCode::Status),
