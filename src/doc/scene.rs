@@ -83,21 +83,23 @@ impl Default for Scene {
 impl Scene {
     /// Wraps a loaded document. `initialized` is the persisted flag; a document holding items
     /// is initialized in any case.
-    pub fn new(doc: GuardedDoc, initialized: bool) -> Self {
-        let (mirror, version) = doc.read(|txn, items| {
-            let mirror: HashMap<_, _> = items
-                .iter(txn)
-                .filter_map(|(uuid, value)| {
-                    read_fields(txn, &value).map(|f| (Arc::<str>::from(uuid), Arc::new(f)))
-                })
-                .collect();
-            let version = txn
-                .state_vector()
-                .iter()
-                .map(|(_, clock)| u64::from(*clock))
-                .sum();
-            (mirror, version)
-        });
+    pub fn new(mut doc: GuardedDoc, initialized: bool) -> Self {
+        let (mirror, version) = doc
+            .read(|txn, items| {
+                let mirror: HashMap<_, _> = items
+                    .iter(txn)
+                    .filter_map(|(uuid, value)| {
+                        read_fields(txn, &value).map(|f| (Arc::<str>::from(uuid), Arc::new(f)))
+                    })
+                    .collect();
+                let version = txn
+                    .state_vector()
+                    .iter()
+                    .map(|(_, clock)| u64::from(*clock))
+                    .sum();
+                (mirror, version)
+            })
+            .unwrap_or_default();
         Scene {
             initialized: initialized || !mirror.is_empty(),
             doc,
@@ -403,15 +405,20 @@ impl Scene {
         self.version += 1;
         let mut touched = change.touched;
         touched.sort_unstable();
-        let current: Vec<(Arc<str>, Option<ItemFields>)> = self.doc.read(|txn, items| {
+        let read_touched = |txn: &yrs::Transaction, items: &MapRef| -> Vec<(Arc<str>, Option<ItemFields>)> {
             touched
-                .into_iter()
+                .iter()
                 .map(|uuid| {
-                    let fields = items.get(txn, &uuid).and_then(|v| read_fields(txn, &v));
-                    (uuid, fields)
+                    let fields = items.get(txn, uuid).and_then(|v| read_fields(txn, &v));
+                    (uuid.clone(), fields)
                 })
                 .collect()
-        });
+        };
+        let current = match self.doc.read(read_touched) {
+            Ok(current) => current,
+            // yrs could not read the document and rebuilt it: compare every item.
+            Err(_) => self.read_all_items(),
+        };
         for (uuid, fields) in current {
             let old = self.mirror.get(&uuid).cloned();
             let (action, data) = match (old, fields) {
@@ -471,6 +478,30 @@ impl Scene {
             }
         }
         effects.update = Some(change.update);
+    }
+}
+
+impl Scene {
+    /// Every item of the mirror and of the document, with its fields in the document.
+    fn read_all_items(&mut self) -> Vec<(Arc<str>, Option<ItemFields>)> {
+        let in_doc: HashMap<Arc<str>, ItemFields> = self
+            .doc
+            .read(|txn, items| {
+                items
+                    .iter(txn)
+                    .filter_map(|(uuid, v)| read_fields(txn, &v).map(|f| (Arc::from(uuid), f)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut all: Vec<Arc<str>> = self.mirror.keys().chain(in_doc.keys()).cloned().collect();
+        all.sort_unstable();
+        all.dedup();
+        all.into_iter()
+            .map(|uuid| {
+                let fields = in_doc.get(&uuid).cloned();
+                (uuid, fields)
+            })
+            .collect()
     }
 }
 

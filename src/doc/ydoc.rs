@@ -161,10 +161,17 @@ impl GuardedDoc {
         }
     }
 
-    /// Reads the document.
-    pub fn read<R>(&self, f: impl FnOnce(&yrs::Transaction, &MapRef) -> R) -> R {
-        let txn = self.doc.transact();
-        f(&txn, &self.items)
+    /// Reads the document. Should yrs panic reading it (a document poisoned by a crafted
+    /// update), the document is rebuilt and read once more.
+    pub fn read<R>(&mut self, f: impl Fn(&yrs::Transaction, &MapRef) -> R) -> Result<R, DocError> {
+        for _ in 0..2 {
+            let (doc, items) = (&self.doc, &self.items);
+            match catch_unwind(AssertUnwindSafe(|| f(&doc.transact(), items))) {
+                Ok(result) => return Ok(result),
+                Err(_) => self.rebuild(),
+            }
+        }
+        Err(DocError::Panicked)
     }
 
     /// The document's v1 state vector.
@@ -368,6 +375,6 @@ mod tests {
         let before = doc.encode_state_v1().unwrap();
         doc.rebuild();
         assert_eq!(doc.encode_state_v1().unwrap(), before);
-        assert_eq!(doc.read(|txn, items| items.len(txn)), 20);
+        assert_eq!(doc.read(|txn, items| items.len(txn)).unwrap(), 20);
     }
 }

@@ -138,6 +138,7 @@ impl Server {
             rejected_warnings: Arc::default(),
         };
         let connections = state.connections.clone();
+        let registry = state.registry.clone();
         let app = router(state);
         let mut stop = shutdown_rx;
         let task = tokio::spawn(async move {
@@ -147,7 +148,11 @@ impl Server {
             if let Err(e) = serve.await {
                 tracing::error!(error = %e, "server error");
             }
-            let _ = tokio::time::timeout(SHUTDOWN_GRACE, connections.wait_idle()).await;
+            let drained = async {
+                connections.wait_idle().await;
+                registry.wait_empty().await;
+            };
+            let _ = tokio::time::timeout(SHUTDOWN_GRACE, drained).await;
             if let Err(e) = store.flush().await {
                 tracing::error!(error = %e, "store flush at shutdown failed");
             }

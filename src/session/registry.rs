@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dashmap::DashMap;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 use super::{task, JoinError, JoinRequest, SessionHandle, SessionMsg};
 use crate::doc::PeerId;
@@ -55,6 +55,7 @@ pub struct Registry {
     pub(super) config: SessionConfig,
     pub(super) shutdown: watch::Receiver<bool>,
     next_peer: AtomicU64,
+    emptied: Notify,
 }
 
 impl Registry {
@@ -69,6 +70,7 @@ impl Registry {
             config,
             shutdown,
             next_peer: AtomicU64::new(1),
+            emptied: Notify::new(),
         })
     }
 
@@ -91,29 +93,49 @@ impl Registry {
         self.sessions.iter().map(|e| e.value().clone()).collect()
     }
 
-    /// The session's task, started (and loading) if it was not running.
+    /// The session's task, started (and loading) if it was not running. A task that died
+    /// (its queue is closed) is replaced.
     pub fn get_or_start(self: &Arc<Self>, id: &str) -> SessionHandle {
         if let Some(handle) = self.sessions.get(id) {
-            return handle.clone();
+            if !handle.tx.is_closed() {
+                return handle.clone();
+            }
         }
-        self.sessions
+        let mut entry = self
+            .sessions
             .entry(Arc::from(id))
-            .or_insert_with(|| {
-                let (tx, rx) = mpsc::channel(SESSION_QUEUE);
-                let handle = SessionHandle {
-                    id: Arc::from(id),
-                    tx,
-                };
-                task::spawn(self.clone(), handle.clone(), rx);
-                handle
-            })
-            .clone()
+            .or_insert_with(|| self.start(id));
+        if entry.tx.is_closed() {
+            *entry = self.start(id);
+        }
+        entry.clone()
+    }
+
+    fn start(self: &Arc<Self>, id: &str) -> SessionHandle {
+        let (tx, rx) = mpsc::channel(SESSION_QUEUE);
+        let handle = SessionHandle { id: Arc::from(id), tx };
+        task::spawn(self.clone(), handle.clone(), rx);
+        handle
     }
 
     /// Removes `handle` from the map if it is still the session's current task.
     pub(super) fn remove(&self, handle: &SessionHandle) {
         self.sessions
             .remove_if(&handle.id, |_, current| current.same_task(handle));
+        if self.sessions.is_empty() {
+            self.emptied.notify_waiters();
+        }
+    }
+
+    /// Waits until no session is in memory (at shutdown: every task wrote its last batch).
+    pub async fn wait_empty(&self) {
+        loop {
+            let emptied = self.emptied.notified();
+            if self.sessions.is_empty() {
+                return;
+            }
+            emptied.await;
+        }
     }
 
     /// Joins a session, retrying while it is being evicted.

@@ -1,6 +1,7 @@
 //! The task that owns one session: its scene, members, awareness and store writes.
 
 use std::collections::{BTreeMap, HashMap};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -149,8 +150,17 @@ impl SessionTask {
                     if n == 0 {
                         break;
                     }
-                    for msg in batch.drain(..) {
-                        self.handle(msg);
+                    let handled = catch_unwind(AssertUnwindSafe(|| {
+                        for msg in batch.drain(..) {
+                            self.handle(msg);
+                        }
+                    }));
+                    if handled.is_err() {
+                        // A bug, not bad input (that is rejected before it gets here). The
+                        // batch's changes are not durable: drop the session, keep the server.
+                        batch.clear();
+                        self.fail("internal error while handling a message");
+                        break;
                     }
                 }
                 _ = sleep_until_opt(evict_at) => {
