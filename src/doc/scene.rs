@@ -193,10 +193,7 @@ impl Scene {
             self.send_removal(from, &uuid, user, &mut effects);
             return Ok(effects);
         }
-        let told = self
-            .peers
-            .get(&from)
-            .is_none_or(|p| p.told_since_command(&uuid));
+        let told = self.crossed(from, &uuid);
         let writes = match command.action {
             Action::Remove => None,
             Action::Add if !exists => Some(all_fields(&command)),
@@ -270,11 +267,7 @@ impl Scene {
         }
         let told: Vec<bool> = upload
             .iter()
-            .map(|item| {
-                self.peers
-                    .get(&from)
-                    .is_none_or(|p| p.told_since_command(&item.uuid))
-            })
+            .map(|item| self.crossed(from, &item.uuid))
             .collect();
         let (_, change) = self.doc.transact(move |txn, items| {
             for (uuid, create, writes) in plan {
@@ -320,6 +313,17 @@ impl Scene {
             self.send_current(from, &uuid, user, &mut effects);
         }
         Ok(effects)
+    }
+
+    /// Whether something the server sent `from` about an existing item may have crossed the
+    /// command `from` is sending about it, so that it needs the item's state afterwards. An
+    /// item that does not exist yet has nothing to cross.
+    fn crossed(&self, from: PeerId, uuid: &str) -> bool {
+        self.mirror.contains_key(uuid)
+            && self
+                .peers
+                .get(&from)
+                .is_some_and(|p| p.told_since_command(uuid))
     }
 
     /// The fields of `data` (limited to `only`) that connection `from` really changed: not a

@@ -365,7 +365,8 @@ impl SessionTask {
         match msg {
             ClientMessage::Ping => self.send(peer, Frame::text(json::encode_pong())),
             ClientMessage::SyncRequest => {
-                if self.scene.initialized() {
+                // Only plain legacy connections take full states (PROTOCOL §4).
+                if self.scene.initialized() && self.scene.peer(peer).is_some() {
                     let state = self.scene.full_state(Some(peer));
                     self.send(peer, Frame::text(json::encode_full_state(&state)));
                 }
