@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures_util::SinkExt;
 use tokio::time::{sleep_until, Instant};
 use tracing::{info, warn};
 
@@ -122,11 +123,7 @@ impl Connection {
                 _ = shutdown.changed() => break CLOSE_GOING_AWAY,
                 frame = inbox.recv() => {
                     let Some(frame) = frame else { break CLOSE_INTERNAL };
-                    let msg = match frame {
-                        Frame::Text(t) => Message::Text(t),
-                        Frame::Binary(b) => Message::Binary(b),
-                    };
-                    if socket.send(msg).await.is_err() {
+                    if write_queued(&mut socket, frame, &mut inbox).await.is_err() {
                         return CLOSE_GOING_AWAY;
                     }
                 }
@@ -202,6 +199,27 @@ impl Connection {
         if self.kind.speaks_json() {
             let _ = self.outbox.send(Frame::text(json::encode_error(&error)));
         }
+    }
+}
+
+/// Most frames written per flush.
+const FRAMES_PER_FLUSH: usize = 64;
+
+/// Writes `first` and whatever else is already queued, then flushes once: a burst of
+/// broadcasts costs one write system call, not one per frame.
+async fn write_queued(socket: &mut WebSocket, first: Frame, inbox: &mut Inbox) -> Result<(), axum::Error> {
+    socket.feed(into_message(first)).await?;
+    for _ in 1..FRAMES_PER_FLUSH {
+        let Some(frame) = inbox.try_recv() else { break };
+        socket.feed(into_message(frame)).await?;
+    }
+    socket.flush().await
+}
+
+fn into_message(frame: Frame) -> Message {
+    match frame {
+        Frame::Text(t) => Message::Text(t),
+        Frame::Binary(b) => Message::Binary(b),
     }
 }
 

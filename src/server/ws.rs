@@ -18,6 +18,11 @@ use super::AppState;
 use crate::session::outbox::CLOSE_INVALID_PATH;
 use crate::session::ConnKind;
 
+/// Initial read buffer of a connection.
+const READ_BUFFER_BYTES: usize = 4 * 1024;
+/// Frames are written once this many bytes are buffered, or when the outbox is drained.
+const WRITE_BUFFER_BYTES: usize = 16 * 1024;
+
 fn flag(params: &HashMap<String, String>, name: &str) -> bool {
     params
         .get(name)
@@ -73,6 +78,11 @@ fn upgrade(ws: WebSocketUpgrade, state: AppState, target: Option<ConnectionTarge
     let limit = state.config.max_message_bytes;
     ws.max_message_size(limit)
         .max_frame_size(limit)
+        // tungstenite zero-fills its whole read buffer before every read attempt; the
+        // default 128 KiB made that memset the server's hottest code and every idle
+        // connection's largest allocation. Larger messages still grow the buffer.
+        .read_buffer_size(READ_BUFFER_BYTES)
+        .write_buffer_size(WRITE_BUFFER_BYTES)
         .on_upgrade(move |socket| async move {
             match target {
                 Some(target) => connection::serve(socket, state, target).await,

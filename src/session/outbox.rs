@@ -159,6 +159,13 @@ impl Inbox {
         Some(frame)
     }
 
+    /// A frame that is already queued, without waiting.
+    pub fn try_recv(&mut self) -> Option<Frame> {
+        let frame = self.rx.try_recv().ok()?;
+        self.queued.fetch_sub(frame.len(), Ordering::AcqRel);
+        Some(frame)
+    }
+
     /// The close reason, once one was given.
     pub fn close_reason(&self) -> Option<CloseReason> {
         *self.close.borrow()
