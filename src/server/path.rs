@@ -8,13 +8,15 @@ use percent_encoding::percent_decode_str;
 /// Longest session id or user name, in characters.
 pub const MAX_NAME_CHARS: usize = 128;
 
-/// A decoded, valid name: 1 to 128 characters, no control characters.
+/// A decoded, valid name from a raw path segment.
 pub fn decode_name(segment: &str) -> Option<String> {
     let name = percent_decode_str(segment).decode_utf8().ok()?;
-    let valid = !name.is_empty()
-        && name.chars().count() <= MAX_NAME_CHARS
-        && !name.chars().any(char::is_control);
-    valid.then(|| name.into_owned())
+    valid_name(&name).then(|| name.into_owned())
+}
+
+/// Whether a (decoded) name is valid: 1 to 128 characters, no control characters.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty() && name.chars().count() <= MAX_NAME_CHARS && !name.chars().any(char::is_control)
 }
 
 /// The decoded segments after `prefix` (e.g. `/ws/`), if there are exactly `n` valid ones.

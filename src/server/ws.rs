@@ -13,7 +13,7 @@ use axum::http::Uri;
 use axum::response::Response;
 
 use super::connection::{self, ConnectionTarget};
-use super::path::{decode_name, parse_segments};
+use super::path::{parse_segments, valid_name};
 use super::AppState;
 use crate::session::outbox::CLOSE_INVALID_PATH;
 use crate::session::ConnKind;
@@ -61,7 +61,9 @@ pub async fn yjs(
 ) -> Response {
     let user = match params.get("user") {
         None => Ok(None),
-        Some(name) => decode_name(name).map(|n| Some(Arc::from(n))).ok_or(()),
+        // `Query` already percent-decoded the value.
+        Some(name) if valid_name(name) => Ok(Some(Arc::from(name.as_str()))),
+        Some(_) => Err(()),
     };
     let target = match (parse_segments(uri.path(), "/yjs/", 1), user) {
         (Some(mut segments), Ok(user)) => Some(ConnectionTarget {

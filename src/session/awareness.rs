@@ -166,7 +166,9 @@ impl AwarenessStates {
         let mut removed = HashMap::new();
         for id in ids {
             if let Some(state) = self.states.remove(&id) {
-                let clock = state.clock.saturating_add(1);
+                // Same clock, as y-protocols does: a removal at the current clock is
+                // accepted by peers, and the client's next renewal (clock + 1) revives it.
+                let clock = state.clock;
                 self.removed.insert(id, clock);
                 removed.insert(
                     id,
@@ -237,15 +239,16 @@ mod tests {
             .unwrap()
             .is_some());
         let removal = decoded(aw.remove_owner(1).unwrap());
-        assert_eq!(removal.clients[&ClientID::new(7)].clock, 3);
+        assert_eq!(removal.clients[&ClientID::new(7)].clock, 2);
         assert_eq!(&*removal.clients[&ClientID::new(7)].json, "null");
         assert!(aw.is_empty());
         assert!(
             aw.apply(2, &update(&[(7, 2, "{\"a\":3}")]), now)
                 .unwrap()
                 .is_none(),
-            "no resurrection"
+            "no resurrection at the removed clock"
         );
+        assert!(aw.apply(2, &update(&[(7, 3, "{\"a\":4}")]), now).unwrap().is_some());
     }
 
     #[test]

@@ -239,16 +239,24 @@ impl SessionTask {
             .map_err(|e| e.to_string())
     }
 
+    /// The user list: each name once, in the order of its first connection.
     fn users(&self) -> Vec<UserEntry> {
-        self.members
-            .values()
-            .filter_map(|m| {
-                m.user.as_ref().map(|u| UserEntry {
-                    user_id: u.clone(),
-                    connected_at: m.connected_at.clone(),
-                })
-            })
-            .collect()
+        let mut users: Vec<UserEntry> = Vec::new();
+        for member in self.members.values() {
+            if let Some(name) = &member.user {
+                if !users.iter().any(|u| &u.user_id == name) {
+                    users.push(UserEntry {
+                        user_id: name.clone(),
+                        connected_at: member.connected_at.clone(),
+                    });
+                }
+            }
+        }
+        users
+    }
+
+    fn has_user(&self, name: &str) -> bool {
+        self.members.values().any(|m| m.user.as_deref() == Some(name))
     }
 
     fn join(&mut self, request: JoinRequest) -> Result<(), JoinError> {
@@ -258,15 +266,19 @@ impl SessionTask {
             user,
             outbox,
         } = request;
-        let replaced = user.as_ref().and_then(|u| {
+        // A newer Optiverse connection replaces an older one of the same user (PROTOCOL
+        // §3.5). Yjs connections are never replaced: a user may have several (browser tabs),
+        // and y-websocket would reconnect after a close, replacing the other in turn.
+        let replaced = user.as_ref().filter(|_| kind.speaks_json()).and_then(|u| {
             self.members
                 .iter()
-                .find(|(_, m)| m.user.as_ref() == Some(u))
+                .find(|(_, m)| m.kind.speaks_json() && m.user.as_ref() == Some(u))
                 .map(|(id, _)| *id)
         });
         if let Some(old) = replaced {
             self.remove_member(old, Some(CLOSE_REPLACED));
         }
+        let already_present = replaced.is_some() || user.as_deref().is_some_and(|u| self.has_user(u));
         let is_host = kind.speaks_json()
             && user.is_some()
             && !self.scene.initialized()
@@ -314,7 +326,7 @@ impl SessionTask {
                 self.send(peer, Frame::Binary(yjs::awareness(&states)));
             }
         }
-        if let (None, Some(name)) = (replaced, &user) {
+        if let (false, Some(name)) = (already_present, &user) {
             let joined = Frame::text(json::encode_user_event(true, name));
             self.send_to_json_members(joined, Some(peer));
         }
@@ -323,7 +335,8 @@ impl SessionTask {
     }
 
     fn leave(&mut self, peer: PeerId) {
-        if let Some(user) = self.remove_member(peer, None) {
+        let user = self.remove_member(peer, None);
+        if let Some(user) = user.filter(|u| !self.has_user(u)) {
             let left = Frame::text(json::encode_user_event(false, &user));
             self.send_to_json_members(left, None);
         }
