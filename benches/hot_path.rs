@@ -1,0 +1,194 @@
+//! Micro-benchmarks of the hot path: loading a session, applying a Yjs update (against the raw
+//! yrs floor), translating a legacy command, and fanning one broadcast out to 50 queues.
+//!
+//! `cargo bench --bench hot_path`; numbers are recorded in BENCHMARKS.md.
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use optiverse_collab::doc::{Action, Command, GuardedDoc, ItemFields, Scene};
+use optiverse_collab::protocol::yjs;
+use optiverse_collab::session::{outbox, Frame};
+use serde_json::{json, Value};
+use yrs::updates::decoder::Decode;
+use yrs::{Any, Doc, Map, MapPrelim, Out, ReadTxn, StateVector, Transact, Update};
+
+/// Items of the scene fixtures, or one synthetic lens when they are not beside the project.
+fn fixture_items() -> Vec<ItemFields> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures");
+    let mut items = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let Ok(bytes) = std::fs::read(entry.path()) else { continue };
+        let Ok(scene) = serde_json::from_slice::<Value>(&bytes) else { continue };
+        for item in scene["items"].as_array().into_iter().flatten() {
+            if let Value::Object(map) = item {
+                items.push(map.clone());
+            }
+        }
+    }
+    if items.is_empty() {
+        items.push(json!({"_type": "component", "name": "Lens", "x_mm": 0.0}).as_object().cloned().unwrap_or_default());
+    }
+    items
+}
+
+fn to_any(v: &Value) -> Any {
+    optiverse_collab::doc::value::json_to_any(v)
+}
+
+/// A peer document holding `n` items, and its state as a snapshot and as one update per item.
+fn peer_with_items(n: usize) -> (Doc, Vec<u8>, Vec<Vec<u8>>) {
+    let fixtures = fixture_items();
+    let doc = Doc::new();
+    let items = doc.get_or_insert_map("items");
+    let mut log = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut txn = doc.transact_mut();
+        let mut fields = fixtures[i % fixtures.len()].clone();
+        fields.insert("item_uuid".into(), json!(format!("item-{i}")));
+        fields.insert("x_mm".into(), json!(i as f64));
+        let prelim: MapPrelim = fields.iter().map(|(k, v)| (k.clone(), to_any(v))).collect();
+        items.insert(&mut txn, format!("item-{i}"), prelim);
+        log.push(txn.encode_update_v1());
+    }
+    let snapshot = doc.transact().encode_state_as_update_v1(&StateVector::default());
+    (doc, snapshot, log)
+}
+
+/// `count` single-field updates (`x_mm` of successive items) made on `peer`.
+fn field_updates(peer: &Doc, n_items: usize, count: usize, start: usize) -> Vec<Vec<u8>> {
+    let items = peer.get_or_insert_map("items");
+    (start..start + count)
+        .map(|k| {
+            let mut txn = peer.transact_mut();
+            if let Some(Out::YMap(item)) = items.get(&txn, &format!("item-{}", k % n_items)) {
+                item.insert(&mut txn, "x_mm", k as f64 + 0.5);
+            }
+            txn.encode_update_v1()
+        })
+        .collect()
+}
+
+fn load(c: &mut Criterion) {
+    let (_, snapshot, log) = peer_with_items(10_000);
+    let mut group = c.benchmark_group("load_10k_items");
+    group.sample_size(10);
+    group.bench_function("from_snapshot", |b| {
+        b.iter(|| Scene::new(GuardedDoc::from_updates([snapshot.as_slice()]).expect("loads"), true))
+    });
+    group.bench_function("raw_yrs_apply_snapshot_floor", |b| {
+        b.iter(|| {
+            let doc = Doc::new();
+            doc.transact_mut()
+                .apply_update(Update::decode_v1(&snapshot).expect("decodes"))
+                .expect("applies");
+            doc
+        })
+    });
+    group.bench_function("from_log_of_10k_updates", |b| {
+        b.iter(|| Scene::new(GuardedDoc::from_updates(log.iter().map(Vec::as_slice)).expect("loads"), true))
+    });
+    group.finish();
+}
+
+fn apply(c: &mut Criterion) {
+    const N: usize = 1000;
+    let (peer, snapshot, _) = peer_with_items(N);
+    let mut group = c.benchmark_group("apply_field_update_1k_items");
+    let mut scene = Scene::new(GuardedDoc::from_updates([snapshot.as_slice()]).expect("loads"), true);
+    let user: Arc<str> = Arc::from("bench");
+    let mut next = 0;
+    group.bench_function("scene_apply_update", |b| {
+        b.iter_custom(|iters| {
+            let updates = field_updates(&peer, N, iters as usize, next);
+            next += iters as usize;
+            let start = Instant::now();
+            for u in &updates {
+                black_box(scene.apply_update(&user, u).expect("applies"));
+            }
+            start.elapsed()
+        })
+    });
+    // The floor: a plain yrs document applying the same kind of updates (from a second peer
+    // that shares the snapshot, so no update waits for a missing one).
+    let from_snapshot = || {
+        let doc = Doc::new();
+        doc.transact_mut()
+            .apply_update(Update::decode_v1(&snapshot).expect("decodes"))
+            .expect("applies");
+        doc
+    };
+    let (raw, raw_peer) = (from_snapshot(), from_snapshot());
+    let mut raw_next = 0;
+    group.bench_function("raw_yrs_apply_floor", |b| {
+        b.iter_custom(|iters| {
+            let updates = field_updates(&raw_peer, N, iters as usize, raw_next);
+            raw_next += iters as usize;
+            let start = Instant::now();
+            for u in &updates {
+                let update = Update::decode_v1(u).expect("decodes");
+                raw.transact_mut().apply_update(update).expect("applies");
+            }
+            start.elapsed()
+        })
+    });
+    group.finish();
+}
+
+fn legacy(c: &mut Criterion) {
+    const N: usize = 1000;
+    let (_, snapshot, _) = peer_with_items(N);
+    let mut scene = Scene::new(GuardedDoc::from_updates([snapshot.as_slice()]).expect("loads"), true);
+    for peer in 1..=3 {
+        scene.add_peer(peer, false);
+        scene.full_state(Some(peer));
+    }
+    let user: Arc<str> = Arc::from("p1");
+    let template = scene.item("item-7").map(|f| (**f).clone()).unwrap_or_default();
+    let mut x = 0.0;
+    c.bench_function("legacy_move_command_3_peers", |b| {
+        b.iter(|| {
+            x += 1.0;
+            let mut data = template.clone();
+            data.insert("x_mm".into(), json!(x));
+            let command = Command {
+                action: Action::Move,
+                item_type: Some("component".into()),
+                item_id: Arc::from("item-7"),
+                data,
+            };
+            black_box(scene.apply_command(1, &user, command).expect("applies"))
+        })
+    });
+}
+
+fn fanout(c: &mut Criterion) {
+    let mut queues: Vec<_> = (0..50).map(|_| outbox(usize::MAX)).collect();
+    let update = vec![7u8; 60];
+    c.bench_function("encode_once_fanout_to_50_queues", |b| {
+        b.iter_custom(|iters| {
+            let mut elapsed = Duration::ZERO;
+            for _ in 0..iters {
+                let start = Instant::now();
+                let frame = Frame::Binary(yjs::sync_update(update.clone()));
+                for (out, _) in &queues {
+                    out.send(frame.clone()).expect("the bound is far away");
+                }
+                elapsed += start.elapsed();
+                for (_, inbox) in &mut queues {
+                    while inbox.try_recv().is_some() {}
+                }
+            }
+            elapsed
+        })
+    });
+}
+
+fn config() -> Criterion {
+    Criterion::default().warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3))
+}
+
+criterion_group! { name = benches; config = config(); targets = load, apply, legacy, fanout }
+criterion_main!(benches);
