@@ -315,6 +315,28 @@ impl Scene {
         Ok(effects)
     }
 
+    /// Every item of the mirror and of the document, with its fields in the document.
+    fn read_all_items(&mut self) -> Vec<(Arc<str>, Option<ItemFields>)> {
+        let in_doc: HashMap<Arc<str>, ItemFields> = self
+            .doc
+            .read(|txn, items| {
+                items
+                    .iter(txn)
+                    .filter_map(|(uuid, v)| read_fields(txn, &v).map(|f| (Arc::from(uuid), f)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut all: Vec<Arc<str>> = self.mirror.keys().chain(in_doc.keys()).cloned().collect();
+        all.sort_unstable();
+        all.dedup();
+        all.into_iter()
+            .map(|uuid| {
+                let fields = in_doc.get(&uuid).cloned();
+                (uuid, fields)
+            })
+            .collect()
+    }
+
     /// Whether something the server sent `from` about an existing item may have crossed the
     /// command `from` is sending about it, so that it needs the item's state afterwards. An
     /// item that does not exist yet has nothing to cross.
@@ -409,15 +431,16 @@ impl Scene {
         self.version += 1;
         let mut touched = change.touched;
         touched.sort_unstable();
-        let read_touched = |txn: &yrs::Transaction, items: &MapRef| -> Vec<(Arc<str>, Option<ItemFields>)> {
-            touched
-                .iter()
-                .map(|uuid| {
-                    let fields = items.get(txn, uuid).and_then(|v| read_fields(txn, &v));
-                    (uuid.clone(), fields)
-                })
-                .collect()
-        };
+        let read_touched =
+            |txn: &yrs::Transaction, items: &MapRef| -> Vec<(Arc<str>, Option<ItemFields>)> {
+                touched
+                    .iter()
+                    .map(|uuid| {
+                        let fields = items.get(txn, uuid).and_then(|v| read_fields(txn, &v));
+                        (uuid.clone(), fields)
+                    })
+                    .collect()
+            };
         let current = match self.doc.read(read_touched) {
             Ok(current) => current,
             // yrs could not read the document and rebuilt it: compare every item.
@@ -482,30 +505,6 @@ impl Scene {
             }
         }
         effects.update = Some(change.update);
-    }
-}
-
-impl Scene {
-    /// Every item of the mirror and of the document, with its fields in the document.
-    fn read_all_items(&mut self) -> Vec<(Arc<str>, Option<ItemFields>)> {
-        let in_doc: HashMap<Arc<str>, ItemFields> = self
-            .doc
-            .read(|txn, items| {
-                items
-                    .iter(txn)
-                    .filter_map(|(uuid, v)| read_fields(txn, &v).map(|f| (Arc::from(uuid), f)))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let mut all: Vec<Arc<str>> = self.mirror.keys().chain(in_doc.keys()).cloned().collect();
-        all.sort_unstable();
-        all.dedup();
-        all.into_iter()
-            .map(|uuid| {
-                let fields = in_doc.get(&uuid).cloned();
-                (uuid, fields)
-            })
-            .collect()
     }
 }
 
@@ -592,4 +591,242 @@ fn only_position_changed(old: &ItemFields, new: &ItemFields) -> bool {
             .iter()
             .filter(|(k, v)| differs(k, v))
             .all(|(k, _)| POSITION_FIELDS.contains(&k.as_str()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use yrs::updates::decoder::Decode;
+    use yrs::{Doc, Transact};
+
+    fn fields(v: Value) -> ItemFields {
+        match v {
+            Value::Object(map) => map,
+            _ => unreachable!("test helper takes objects"),
+        }
+    }
+
+    fn cmd(action: Action, uuid: &str, data: Value) -> Command {
+        Command {
+            action,
+            item_type: Some("component".into()),
+            item_id: uuid.into(),
+            data: fields(data),
+        }
+    }
+
+    fn user(name: &str) -> Arc<str> {
+        Arc::from(name)
+    }
+
+    /// Messages for `to`, as (action, uuid, data).
+    fn to(effects: &Effects, to: PeerId) -> Vec<(Action, String, Value)> {
+        effects
+            .messages
+            .iter()
+            .filter(|o| o.to == to)
+            .map(|o| {
+                let m = &o.message;
+                (
+                    m.action,
+                    m.item_id.to_string(),
+                    Value::Object((*m.data).clone()),
+                )
+            })
+            .collect()
+    }
+
+    /// A scene with legacy peers 1 and 2 that both hold item `a`.
+    fn scene_with_item() -> Scene {
+        let mut scene = Scene::default();
+        scene.add_peer(1, true);
+        scene.add_peer(2, false);
+        let lens = json!({"name": "L1", "x_mm": 0.0, "y_mm": 0.0, "angle_deg": 0.0, "z_value": 0});
+        let effects = scene
+            .apply_command(1, &user("p1"), cmd(Action::Add, "a", lens))
+            .unwrap();
+        assert_eq!(to(&effects, 2)[0].0, Action::Add);
+        scene
+    }
+
+    #[test]
+    fn add_reaches_others_with_item_type_and_sends_no_echo() {
+        let mut scene = Scene::default();
+        scene.add_peer(1, true);
+        scene.add_peer(2, false);
+        assert!(!scene.initialized());
+        let effects = scene
+            .apply_command(
+                1,
+                &user("p1"),
+                cmd(Action::Add, "a", json!({"x_mm": 1.5, "n_rays": 7})),
+            )
+            .unwrap();
+        assert!(effects.update.is_some());
+        assert!(to(&effects, 1).is_empty(), "no echo: {:?}", to(&effects, 1));
+        let sent = to(&effects, 2);
+        assert_eq!(sent.len(), 1);
+        assert_eq!(
+            sent[0].2,
+            json!({"x_mm": 1.5, "n_rays": 7, "item_type": "component"})
+        );
+        assert!(scene.initialized());
+        assert_eq!(scene.item_count(), 1);
+    }
+
+    #[test]
+    fn move_writes_only_the_position() {
+        let mut scene = scene_with_item();
+        let data = json!({"name": "renamed by a move", "x_mm": 5.0, "y_mm": 6.0, "angle_deg": 90.0, "z_value": 0});
+        let effects = scene
+            .apply_command(2, &user("p2"), cmd(Action::Move, "a", data))
+            .unwrap();
+        let item = scene.item("a").unwrap();
+        assert_eq!(item["x_mm"], json!(5.0));
+        assert_eq!(item["angle_deg"], json!(90.0));
+        assert_eq!(item["name"], json!("L1"));
+        assert_eq!(to(&effects, 1)[0].0, Action::Move);
+    }
+
+    #[test]
+    fn a_stale_dict_does_not_revert_a_concurrent_change() {
+        let mut scene = scene_with_item();
+        let renamed =
+            json!({"name": "L2", "x_mm": 0.0, "y_mm": 0.0, "angle_deg": 0.0, "z_value": 0});
+        let effects = scene
+            .apply_command(1, &user("p1"), cmd(Action::Update, "a", renamed))
+            .unwrap();
+        assert_eq!(to(&effects, 2)[0].0, Action::Update);
+        // Peer 2 had not seen the rename: its whole dict still says L1.
+        let stale = json!({"name": "L1", "x_mm": 0.0, "y_mm": 0.0, "angle_deg": 0.0, "z_value": 5});
+        let effects = scene
+            .apply_command(2, &user("p2"), cmd(Action::Update, "a", stale))
+            .unwrap();
+        let item = scene.item("a").unwrap();
+        assert_eq!(item["name"], json!("L2"));
+        assert_eq!(item["z_value"], json!(5));
+        // The rename crossed peer 2's command: it gets the authoritative state.
+        let correction = to(&effects, 2);
+        assert_eq!(correction.len(), 1);
+        assert_eq!(correction[0].0, Action::Update);
+        assert_eq!(correction[0].2["name"], json!("L2"));
+        assert_eq!(correction[0].2["z_value"], json!(5));
+        assert_eq!(to(&effects, 1)[0].2["z_value"], json!(5));
+    }
+
+    #[test]
+    fn a_command_on_a_removed_item_is_answered_with_remove_item() {
+        let mut scene = scene_with_item();
+        let effects = scene
+            .apply_command(1, &user("p1"), cmd(Action::Remove, "a", json!({})))
+            .unwrap();
+        assert_eq!(
+            to(&effects, 2),
+            vec![(Action::Remove, "a".to_owned(), json!({}))]
+        );
+        let version = scene.version();
+        let effects = scene
+            .apply_command(2, &user("p2"), cmd(Action::Move, "a", json!({"x_mm": 1.0})))
+            .unwrap();
+        assert!(effects.update.is_none());
+        assert_eq!(
+            to(&effects, 2),
+            vec![(Action::Remove, "a".to_owned(), json!({}))]
+        );
+        assert!(to(&effects, 1).is_empty());
+        assert_eq!(scene.version(), version);
+        assert!(scene.item("a").is_none());
+    }
+
+    #[test]
+    fn upload_adds_and_updates_but_never_resurrects_or_deletes() {
+        let mut scene = scene_with_item();
+        scene
+            .apply_command(2, &user("p2"), cmd(Action::Add, "b", json!({"x_mm": 1.0})))
+            .unwrap();
+        scene
+            .apply_command(2, &user("p2"), cmd(Action::Remove, "b", json!({})))
+            .unwrap();
+        let upload = vec![
+            UploadedItem {
+                uuid: "b".into(),
+                item_type: None,
+                fields: fields(json!({"x_mm": 1.0})),
+            },
+            UploadedItem {
+                uuid: "c".into(),
+                item_type: Some("ruler".into()),
+                fields: fields(json!({"x_mm": 2.0})),
+            },
+        ];
+        let effects = scene.apply_upload(1, &user("p1"), upload).unwrap();
+        assert!(
+            scene.item("b").is_none(),
+            "the host was told of b's removal"
+        );
+        assert_eq!(scene.item("c").unwrap()["item_type"], json!("ruler"));
+        assert!(scene.item("a").is_some(), "an upload deletes nothing");
+        assert_eq!(
+            to(&effects, 2),
+            vec![(
+                Action::Add,
+                "c".to_owned(),
+                json!({"x_mm": 2.0, "item_type": "ruler"})
+            )]
+        );
+    }
+
+    #[test]
+    fn yjs_changes_reach_legacy_peers_as_derived_commands() {
+        let mut scene = scene_with_item();
+        let peer = Doc::new();
+        let snapshot = scene.doc_mut().encode_state_v1().unwrap();
+        peer.transact_mut()
+            .apply_update(yrs::Update::decode_v1(&snapshot).unwrap())
+            .unwrap();
+        let items = peer.get_or_insert_map("items");
+        let edit = |f: &dyn Fn(&mut yrs::TransactionMut, &MapRef)| {
+            let mut txn = peer.transact_mut();
+            f(&mut txn, &items);
+            txn.encode_update_v1()
+        };
+        let moved = edit(&|txn, items| {
+            if let Some(Out::YMap(item)) = items.get(txn, "a") {
+                item.insert(txn, "x_mm", 9.0);
+            }
+        });
+        let renamed = edit(&|txn, items| {
+            if let Some(Out::YMap(item)) = items.get(txn, "a") {
+                item.insert(txn, "name", "from yjs");
+            }
+        });
+        let removed = edit(&|txn, items| {
+            items.remove(txn, "a");
+        });
+        let yjs = user("yjs");
+        for (update, action) in [
+            (moved, Action::Move),
+            (renamed, Action::Update),
+            (removed, Action::Remove),
+        ] {
+            let effects = scene.apply_update(&yjs, &update).unwrap();
+            assert_eq!(to(&effects, 1)[0].0, action);
+            assert_eq!(to(&effects, 2)[0].0, action);
+        }
+    }
+
+    #[test]
+    fn full_state_is_sorted_and_versions_grow() {
+        let mut scene = scene_with_item();
+        let v1 = scene.version();
+        scene
+            .apply_command(1, &user("p1"), cmd(Action::Add, "0", json!({"x_mm": 1.0})))
+            .unwrap();
+        let state = scene.full_state(Some(2));
+        assert!(state.version > v1);
+        let uuids: Vec<&str> = state.items.iter().map(|(u, _)| u.as_ref()).collect();
+        assert_eq!(uuids, vec!["0", "a"]);
+        assert!(scene.peer(2).unwrap().has("0"));
+    }
 }

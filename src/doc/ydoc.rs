@@ -108,8 +108,10 @@ impl GuardedDoc {
             {
                 let mut txn = doc.transact_mut();
                 for bytes in &updates {
-                    let update = Update::decode_v1(bytes).map_err(|e| DocError::Malformed(e.to_string()))?;
-                    txn.apply_update(update).map_err(|e| DocError::Malformed(e.to_string()))?;
+                    let update =
+                        Update::decode_v1(bytes).map_err(|e| DocError::Malformed(e.to_string()))?;
+                    txn.apply_update(update)
+                        .map_err(|e| DocError::Malformed(e.to_string()))?;
                 }
             }
             Ok::<_, DocError>(doc)
@@ -309,7 +311,8 @@ fn build_doc(base: &[u8], log: &[Vec<u8>]) -> Option<DocParts> {
                 txn.apply_update(update).ok()?;
             }
         }
-        doc.transact().encode_state_as_update_v1(&StateVector::default());
+        doc.transact()
+            .encode_state_as_update_v1(&StateVector::default());
         Some(observed(doc))
     })
     .ok()

@@ -207,7 +207,11 @@ const FRAMES_PER_FLUSH: usize = 64;
 
 /// Writes `first` and whatever else is already queued, then flushes once: a burst of
 /// broadcasts costs one write system call, not one per frame.
-async fn write_queued(socket: &mut WebSocket, first: Frame, inbox: &mut Inbox) -> Result<(), axum::Error> {
+async fn write_queued(
+    socket: &mut WebSocket,
+    first: Frame,
+    inbox: &mut Inbox,
+) -> Result<(), axum::Error> {
     socket.feed(into_message(first)).await?;
     for _ in 1..FRAMES_PER_FLUSH {
         let Some(frame) = inbox.try_recv() else { break };

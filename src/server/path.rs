@@ -16,7 +16,9 @@ pub fn decode_name(segment: &str) -> Option<String> {
 
 /// Whether a (decoded) name is valid: 1 to 128 characters, no control characters.
 pub fn valid_name(name: &str) -> bool {
-    !name.is_empty() && name.chars().count() <= MAX_NAME_CHARS && !name.chars().any(char::is_control)
+    !name.is_empty()
+        && name.chars().count() <= MAX_NAME_CHARS
+        && !name.chars().any(char::is_control)
 }
 
 /// The decoded segments after `prefix` (e.g. `/ws/`), if there are exactly `n` valid ones.

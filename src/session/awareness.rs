@@ -248,7 +248,10 @@ mod tests {
                 .is_none(),
             "no resurrection at the removed clock"
         );
-        assert!(aw.apply(2, &update(&[(7, 3, "{\"a\":4}")]), now).unwrap().is_some());
+        assert!(aw
+            .apply(2, &update(&[(7, 3, "{\"a\":4}")]), now)
+            .unwrap()
+            .is_some());
     }
 
     #[test]

@@ -113,7 +113,10 @@ impl Registry {
 
     fn start(self: &Arc<Self>, id: &str) -> SessionHandle {
         let (tx, rx) = mpsc::channel(SESSION_QUEUE);
-        let handle = SessionHandle { id: Arc::from(id), tx };
+        let handle = SessionHandle {
+            id: Arc::from(id),
+            tx,
+        };
         task::spawn(self.clone(), handle.clone(), rx);
         handle
     }

@@ -256,7 +256,9 @@ impl SessionTask {
     }
 
     fn has_user(&self, name: &str) -> bool {
-        self.members.values().any(|m| m.user.as_deref() == Some(name))
+        self.members
+            .values()
+            .any(|m| m.user.as_deref() == Some(name))
     }
 
     fn join(&mut self, request: JoinRequest) -> Result<(), JoinError> {
@@ -278,7 +280,8 @@ impl SessionTask {
         if let Some(old) = replaced {
             self.remove_member(old, Some(CLOSE_REPLACED));
         }
-        let already_present = replaced.is_some() || user.as_deref().is_some_and(|u| self.has_user(u));
+        let already_present =
+            replaced.is_some() || user.as_deref().is_some_and(|u| self.has_user(u));
         let is_host = kind.speaks_json()
             && user.is_some()
             && !self.scene.initialized()
