@@ -20,8 +20,12 @@ fn fixture_items() -> Vec<ItemFields> {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures");
     let mut items = Vec::new();
     for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let Ok(bytes) = std::fs::read(entry.path()) else { continue };
-        let Ok(scene) = serde_json::from_slice::<Value>(&bytes) else { continue };
+        let Ok(bytes) = std::fs::read(entry.path()) else {
+            continue;
+        };
+        let Ok(scene) = serde_json::from_slice::<Value>(&bytes) else {
+            continue;
+        };
         for item in scene["items"].as_array().into_iter().flatten() {
             if let Value::Object(map) = item {
                 items.push(map.clone());
@@ -29,7 +33,12 @@ fn fixture_items() -> Vec<ItemFields> {
         }
     }
     if items.is_empty() {
-        items.push(json!({"_type": "component", "name": "Lens", "x_mm": 0.0}).as_object().cloned().unwrap_or_default());
+        items.push(
+            json!({"_type": "component", "name": "Lens", "x_mm": 0.0})
+                .as_object()
+                .cloned()
+                .unwrap_or_default(),
+        );
     }
     items
 }
@@ -53,7 +62,9 @@ fn peer_with_items(n: usize) -> (Doc, Vec<u8>, Vec<Vec<u8>>) {
         items.insert(&mut txn, format!("item-{i}"), prelim);
         log.push(txn.encode_update_v1());
     }
-    let snapshot = doc.transact().encode_state_as_update_v1(&StateVector::default());
+    let snapshot = doc
+        .transact()
+        .encode_state_as_update_v1(&StateVector::default());
     (doc, snapshot, log)
 }
 
@@ -76,7 +87,12 @@ fn load(c: &mut Criterion) {
     let mut group = c.benchmark_group("load_10k_items");
     group.sample_size(10);
     group.bench_function("from_snapshot", |b| {
-        b.iter(|| Scene::new(GuardedDoc::from_updates([snapshot.as_slice()]).expect("loads"), true))
+        b.iter(|| {
+            Scene::new(
+                GuardedDoc::from_updates([snapshot.as_slice()]).expect("loads"),
+                true,
+            )
+        })
     });
     group.bench_function("raw_yrs_apply_snapshot_floor", |b| {
         b.iter(|| {
@@ -88,7 +104,12 @@ fn load(c: &mut Criterion) {
         })
     });
     group.bench_function("from_log_of_10k_updates", |b| {
-        b.iter(|| Scene::new(GuardedDoc::from_updates(log.iter().map(Vec::as_slice)).expect("loads"), true))
+        b.iter(|| {
+            Scene::new(
+                GuardedDoc::from_updates(log.iter().map(Vec::as_slice)).expect("loads"),
+                true,
+            )
+        })
     });
     group.finish();
 }
@@ -97,7 +118,10 @@ fn apply(c: &mut Criterion) {
     const N: usize = 1000;
     let (peer, snapshot, _) = peer_with_items(N);
     let mut group = c.benchmark_group("apply_field_update_1k_items");
-    let mut scene = Scene::new(GuardedDoc::from_updates([snapshot.as_slice()]).expect("loads"), true);
+    let mut scene = Scene::new(
+        GuardedDoc::from_updates([snapshot.as_slice()]).expect("loads"),
+        true,
+    );
     let user: Arc<str> = Arc::from("bench");
     let mut next = 0;
     group.bench_function("scene_apply_update", |b| {
@@ -140,13 +164,19 @@ fn apply(c: &mut Criterion) {
 fn legacy(c: &mut Criterion) {
     const N: usize = 1000;
     let (_, snapshot, _) = peer_with_items(N);
-    let mut scene = Scene::new(GuardedDoc::from_updates([snapshot.as_slice()]).expect("loads"), true);
+    let mut scene = Scene::new(
+        GuardedDoc::from_updates([snapshot.as_slice()]).expect("loads"),
+        true,
+    );
     for peer in 1..=3 {
         scene.add_peer(peer, false);
         scene.full_state(Some(peer));
     }
     let user: Arc<str> = Arc::from("p1");
-    let template = scene.item("item-7").map(|f| (**f).clone()).unwrap_or_default();
+    let template = scene
+        .item("item-7")
+        .map(|f| (**f).clone())
+        .unwrap_or_default();
     let mut x = 0.0;
     c.bench_function("legacy_move_command_3_peers", |b| {
         b.iter(|| {
@@ -187,7 +217,9 @@ fn fanout(c: &mut Criterion) {
 }
 
 fn config() -> Criterion {
-    Criterion::default().warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3))
+    Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3))
 }
 
 criterion_group! { name = benches; config = config(); targets = load, apply, legacy, fanout }

@@ -43,7 +43,10 @@ enum Protocol {
 }
 
 #[derive(Debug, Clone, Parser)]
-#[command(name = "collab-load", about = "Load generator for y-websocket and Optiverse servers")]
+#[command(
+    name = "collab-load",
+    about = "Load generator for y-websocket and Optiverse servers"
+)]
 pub struct Args {
     /// Server base URL.
     #[arg(long, default_value = "ws://127.0.0.1:8765")]
@@ -142,8 +145,12 @@ fn fixture_items(args: &Args) -> Vec<serde_json::Map<String, Value>> {
         let mut paths: Vec<_> = dir.filter_map(|e| e.ok().map(|e| e.path())).collect();
         paths.sort();
         for path in paths {
-            let Ok(bytes) = std::fs::read(&path) else { continue };
-            let Ok(scene) = serde_json::from_slice::<Value>(&bytes) else { continue };
+            let Ok(bytes) = std::fs::read(&path) else {
+                continue;
+            };
+            let Ok(scene) = serde_json::from_slice::<Value>(&bytes) else {
+                continue;
+            };
             for item in scene["items"].as_array().into_iter().flatten() {
                 if let Value::Object(map) = item {
                     items.push(map.clone());
@@ -185,7 +192,9 @@ async fn fanout(args: &Args) -> Result<Value, String> {
             tasks.push(tokio::spawn(async move {
                 match protocol {
                     Protocol::Yjs => yjs_client::run_fanout(config, clock, counters, ready).await,
-                    Protocol::Legacy => yjs_client::run_legacy_fanout(config, clock, counters, ready).await,
+                    Protocol::Legacy => {
+                        yjs_client::run_legacy_fanout(config, clock, counters, ready).await
+                    }
                 }
             }));
         }
@@ -264,7 +273,12 @@ async fn join(args: &Args) -> Result<Value, String> {
     let started = Instant::now();
     for k in 0..args.joiners {
         let t = Instant::now();
-        let received = yjs_client::join_and_sync(&args.url_for(0, &format!("j{k}")), args.items, !args.no_apply).await?;
+        let received = yjs_client::join_and_sync(
+            &args.url_for(0, &format!("j{k}")),
+            args.items,
+            !args.no_apply,
+        )
+        .await?;
         latencies.record(t.elapsed());
         bytes = received;
     }

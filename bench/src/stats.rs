@@ -11,7 +11,8 @@ pub struct Latencies {
 
 impl Latencies {
     pub fn record(&mut self, d: Duration) {
-        self.micros.push(u32::try_from(d.as_micros()).unwrap_or(u32::MAX));
+        self.micros
+            .push(u32::try_from(d.as_micros()).unwrap_or(u32::MAX));
     }
 
     pub fn merge(&mut self, other: Latencies) {

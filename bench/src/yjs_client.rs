@@ -82,12 +82,16 @@ async fn connect(url: &str) -> Result<Ws, String> {
 
 async fn send_sync(ws: &mut Ws, msg: SyncMessage) -> Result<(), String> {
     let bytes = Message::Sync(msg).encode_v1();
-    ws.send(WsMessage::binary(bytes)).await.map_err(|e| e.to_string())
+    ws.send(WsMessage::binary(bytes))
+        .await
+        .map_err(|e| e.to_string())
 }
 
 fn apply(doc: &Doc, update: &[u8]) -> Result<(), String> {
     let update = Update::decode_v1(update).map_err(|e| e.to_string())?;
-    doc.transact_mut().apply_update(update).map_err(|e| e.to_string())
+    doc.transact_mut()
+        .apply_update(update)
+        .map_err(|e| e.to_string())
 }
 
 /// The y-websocket handshake: answer the server's SyncStep1, send ours, apply its SyncStep2.
@@ -102,7 +106,9 @@ async fn handshake(ws: &mut Ws, doc: &Doc, apply_state: bool) -> Result<usize, S
             .await
             .ok_or("closed during handshake")?
             .map_err(|e| e.to_string())?;
-        let WsMessage::Binary(bytes) = frame else { continue };
+        let WsMessage::Binary(bytes) = frame else {
+            continue;
+        };
         match Message::decode_v1(&bytes) {
             Ok(Message::Sync(SyncMessage::SyncStep1(sv))) => {
                 let diff = doc.transact().encode_state_as_update_v1(&sv);
@@ -132,11 +138,18 @@ fn to_any(v: &Value) -> Any {
         },
         Value::String(s) => Any::from(s.as_str()),
         Value::Array(a) => Any::Array(a.iter().map(to_any).collect()),
-        Value::Object(m) => Any::Map(Arc::new(m.iter().map(|(k, v)| (k.clone(), to_any(v))).collect())),
+        Value::Object(m) => Any::Map(Arc::new(
+            m.iter().map(|(k, v)| (k.clone(), to_any(v))).collect(),
+        )),
     }
 }
 
-fn insert_item(txn: &mut yrs::TransactionMut, items: &MapRef, id: &str, fields: &Map<String, Value>) {
+fn insert_item(
+    txn: &mut yrs::TransactionMut,
+    items: &MapRef,
+    id: &str,
+    fields: &Map<String, Value>,
+) {
     let prelim: MapPrelim = fields.iter().map(|(k, v)| (k.clone(), to_any(v))).collect();
     items.insert(txn, id, prelim);
 }
@@ -239,7 +252,9 @@ pub async fn run_legacy_fanout(
         fields.insert("item_uuid".into(), json!(config.item_id));
         let item_type = fields.get("_type").cloned().unwrap_or(json!("component"));
         let add = json!({"type": "command", "command": {"action": "add_item", "item_type": item_type, "item_id": config.item_id, "data": fields}});
-        ws.send(WsMessage::text(add.to_string())).await.map_err(|e| e.to_string())?;
+        ws.send(WsMessage::text(add.to_string()))
+            .await
+            .map_err(|e| e.to_string())?;
         Ok::<_, String>((ws, fields, item_type))
     };
     let setup = setup.await;
@@ -293,7 +308,11 @@ pub async fn run_legacy_fanout(
 
 /// Fills a room with `n` items built from the fixtures; returns once the server has them.
 /// Returns the size of the update.
-pub async fn preload(url: &str, fixtures: &[Map<String, Value>], n: usize) -> Result<usize, String> {
+pub async fn preload(
+    url: &str,
+    fixtures: &[Map<String, Value>],
+    n: usize,
+) -> Result<usize, String> {
     let mut ws = connect(url).await?;
     let doc = Doc::new();
     let items = doc.get_or_insert_map("items");
@@ -317,7 +336,11 @@ pub async fn preload(url: &str, fixtures: &[Map<String, Value>], n: usize) -> Re
     let sv = doc.transact().state_vector();
     send_sync(&mut ws, SyncMessage::SyncStep1(sv)).await?;
     loop {
-        let frame = ws.next().await.ok_or("closed during preload")?.map_err(|e| e.to_string())?;
+        let frame = ws
+            .next()
+            .await
+            .ok_or("closed during preload")?
+            .map_err(|e| e.to_string())?;
         if let WsMessage::Binary(bytes) = frame {
             if let Ok(Message::Sync(SyncMessage::SyncStep2(_))) = Message::decode_v1(&bytes) {
                 break;
@@ -329,7 +352,11 @@ pub async fn preload(url: &str, fixtures: &[Map<String, Value>], n: usize) -> Re
 }
 
 /// Joins a room and syncs; checks the item count when applying. Returns the synced bytes.
-pub async fn join_and_sync(url: &str, expected_items: usize, apply_state: bool) -> Result<usize, String> {
+pub async fn join_and_sync(
+    url: &str,
+    expected_items: usize,
+    apply_state: bool,
+) -> Result<usize, String> {
     let mut ws = connect(url).await?;
     let doc = Doc::new();
     let items = doc.get_or_insert_map("items");
@@ -345,7 +372,12 @@ pub async fn join_and_sync(url: &str, expected_items: usize, apply_state: bool) 
 }
 
 /// A synced connection that stays idle (answering pings) until `hold` is notified.
-pub async fn hold_idle(url: &str, connected: Arc<AtomicU64>, ready: Arc<Barrier>, hold: Arc<Notify>) -> Result<(), String> {
+pub async fn hold_idle(
+    url: &str,
+    connected: Arc<AtomicU64>,
+    ready: Arc<Barrier>,
+    hold: Arc<Notify>,
+) -> Result<(), String> {
     let setup = async {
         let mut ws = connect(url).await?;
         let doc = Doc::new();

@@ -30,6 +30,8 @@ pub enum ErrorCode {
     UnknownType,
     Forbidden,
     RateLimited,
+    /// Not bad input: the session could not be loaded (the connection is then closed 1011).
+    Unavailable,
 }
 
 impl ErrorCode {
@@ -40,6 +42,7 @@ impl ErrorCode {
             ErrorCode::UnknownType => "unknown_type",
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::Unavailable => "unavailable",
         }
     }
 }

@@ -58,7 +58,7 @@ pub async fn close(mut socket: WebSocket, reason: CloseReason) {
 }
 
 /// Serves one connection until it closes.
-pub async fn serve(socket: WebSocket, state: AppState, target: ConnectionTarget) {
+pub async fn serve(mut socket: WebSocket, state: AppState, target: ConnectionTarget) {
     let _guard = state.connections.enter();
     let peer = state.registry.next_peer_id();
     let (outbox, inbox) = outbox(state.config.max_queue_bytes);
@@ -72,11 +72,13 @@ pub async fn serve(socket: WebSocket, state: AppState, target: ConnectionTarget)
         Ok(handle) => handle,
         Err(e) => {
             warn!(session = %target.session, error = ?e, "join failed");
-            if target.kind.speaks_json() {
-                let error = ProtocolError::new(ErrorCode::Forbidden, "session unavailable");
-                let _ = outbox.send(Frame::text(json::encode_error(&error)));
-            }
             drop(inbox);
+            if target.kind.speaks_json() {
+                let error =
+                    ProtocolError::new(ErrorCode::Unavailable, "the session could not be loaded");
+                let text = Utf8Bytes::from(json::encode_error(&error));
+                let _ = socket.send(Message::Text(text)).await;
+            }
             close(socket, CLOSE_INTERNAL).await;
             return;
         }

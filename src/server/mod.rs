@@ -150,7 +150,7 @@ impl Server {
             }
             let drained = async {
                 connections.wait_idle().await;
-                registry.wait_empty().await;
+                registry.wait_stopped().await;
             };
             let _ = tokio::time::timeout(SHUTDOWN_GRACE, drained).await;
             if let Err(e) = store.flush().await {

@@ -7,7 +7,7 @@
 //! with [`JoinError::Retry`]; callers then look the session up again and get a fresh task,
 //! never two live ones.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -55,7 +55,9 @@ pub struct Registry {
     pub(super) config: SessionConfig,
     pub(super) shutdown: watch::Receiver<bool>,
     next_peer: AtomicU64,
-    emptied: Notify,
+    /// Session tasks still running (loaded, or writing their last batch after eviction).
+    live_tasks: AtomicUsize,
+    all_stopped: Notify,
 }
 
 impl Registry {
@@ -70,7 +72,8 @@ impl Registry {
             config,
             shutdown,
             next_peer: AtomicU64::new(1),
-            emptied: Notify::new(),
+            live_tasks: AtomicUsize::new(0),
+            all_stopped: Notify::new(),
         })
     }
 
@@ -125,19 +128,27 @@ impl Registry {
     pub(super) fn remove(&self, handle: &SessionHandle) {
         self.sessions
             .remove_if(&handle.id, |_, current| current.same_task(handle));
-        if self.sessions.is_empty() {
-            self.emptied.notify_waiters();
+    }
+
+    pub(super) fn task_started(&self) {
+        self.live_tasks.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub(super) fn task_stopped(&self) {
+        if self.live_tasks.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.all_stopped.notify_waiters();
         }
     }
 
-    /// Waits until no session is in memory (at shutdown: every task wrote its last batch).
-    pub async fn wait_empty(&self) {
+    /// Waits until every session task has stopped (at shutdown: each wrote its last batch
+    /// and its compaction).
+    pub async fn wait_stopped(&self) {
         loop {
-            let emptied = self.emptied.notified();
-            if self.sessions.is_empty() {
+            let stopped = self.all_stopped.notified();
+            if self.live_tasks.load(Ordering::Acquire) == 0 {
                 return;
             }
-            emptied.await;
+            stopped.await;
         }
     }
 

@@ -34,7 +34,20 @@ const API_USER: &str = "api";
 /// User id written on changes from anonymous Yjs connections.
 const YJS_USER: &str = "yjs";
 
+/// What the store holds for this session, as far as this task knows.
+#[derive(Debug, Default)]
+struct StoredLog {
+    /// Updates and bytes since the last snapshot.
+    updates: usize,
+    bytes: usize,
+    /// Position of the last stored update: a compaction covers everything up to it.
+    last_seq: u64,
+    /// The metadata last written.
+    meta: SessionMeta,
+}
+
 struct Member {
+    joined: u64,
     kind: ConnKind,
     user: Option<Arc<str>>,
     connected_at: Arc<str>,
@@ -62,8 +75,9 @@ struct SessionTask {
     awareness: AwarenessStates,
     pending: Pending,
     idle_since: Option<Instant>,
-    stored_updates: usize,
-    stored_bytes: usize,
+    stored: StoredLog,
+    /// Join order of members (peer ids are handed out before joins are queued).
+    joins: u64,
     warnings: WarnLimiter,
     /// The store failed; the in-memory document holds changes that are not durable.
     failed: bool,
@@ -74,10 +88,11 @@ pub(super) fn spawn(
     handle: SessionHandle,
     rx: mpsc::Receiver<SessionMsg>,
 ) {
+    registry.task_started();
     tokio::spawn(async move {
         let id = handle.id.clone();
         match load(&registry, &id).await {
-            Ok((scene, host)) => {
+            Ok((scene, stored)) => {
                 let config = &registry.config;
                 let task = SessionTask {
                     awareness: AwarenessStates::new(
@@ -88,12 +103,12 @@ pub(super) fn spawn(
                     registry: registry.clone(),
                     handle,
                     scene,
-                    host,
+                    host: stored.meta.host.as_deref().map(Arc::from),
                     members: BTreeMap::new(),
                     pending: Pending::default(),
                     idle_since: Some(Instant::now()),
-                    stored_updates: 0,
-                    stored_bytes: 0,
+                    stored,
+                    joins: 0,
                     warnings: WarnLimiter::default(),
                     failed: false,
                 };
@@ -106,10 +121,11 @@ pub(super) fn spawn(
                 refuse_queued(rx, JoinError::Unavailable(e)).await;
             }
         }
+        registry.task_stopped();
     });
 }
 
-async fn load(registry: &Registry, id: &str) -> Result<(Scene, Option<Arc<str>>), String> {
+async fn load(registry: &Registry, id: &str) -> Result<(Scene, StoredLog), String> {
     let stored = registry
         .store
         .load(id)
@@ -119,10 +135,13 @@ async fn load(registry: &Registry, id: &str) -> Result<(Scene, Option<Arc<str>>)
     let doc = GuardedDoc::from_updates(stored.updates.iter().map(Vec::as_slice))
         .map_err(|e| format!("stored document is unreadable: {e}"))?;
     metrics::counter!("collab_sessions_loaded_total").increment(1);
-    Ok((
-        Scene::new(doc, stored.meta.initialized),
-        stored.meta.host.map(Arc::from),
-    ))
+    let log = StoredLog {
+        updates: stored.updates.len(),
+        bytes: stored.updates.iter().map(Vec::len).sum(),
+        last_seq: stored.last_seq,
+        meta: stored.meta.clone(),
+    };
+    Ok((Scene::new(doc, stored.meta.initialized), log))
 }
 
 /// Closes the queue and answers what is still in it: joins get `reason`, other requests see
@@ -241,8 +260,10 @@ impl SessionTask {
 
     /// The user list: each name once, in the order of its first connection.
     fn users(&self) -> Vec<UserEntry> {
+        let mut members: Vec<&Member> = self.members.values().collect();
+        members.sort_unstable_by_key(|m| m.joined);
         let mut users: Vec<UserEntry> = Vec::new();
-        for member in self.members.values() {
+        for member in members {
             if let Some(name) = &member.user {
                 if !users.iter().any(|u| &u.user_id == name) {
                     users.push(UserEntry {
@@ -302,12 +323,14 @@ impl SessionTask {
         self.members.insert(
             peer,
             Member {
+                joined: self.joins,
                 kind,
                 user: user.clone(),
                 connected_at: json::timestamp().into(),
                 outbox,
             },
         );
+        self.joins += 1;
         self.idle_since = None;
         if kind == ConnKind::Legacy {
             self.scene.add_peer(peer, is_host);
@@ -534,17 +557,18 @@ impl SessionTask {
     /// Writes the batch's updates to the store, then sends its frames and replies. Members
     /// whose queue overflows are removed (their connection closes with 1013).
     async fn commit(&mut self) -> Result<(), String> {
-        if !self.pending.updates.is_empty() {
+        let meta = self.meta();
+        if !self.pending.updates.is_empty() || meta != self.stored.meta {
             let updates = std::mem::take(&mut self.pending.updates);
-            let count = updates.len();
-            let bytes: usize = updates.iter().map(Vec::len).sum();
-            self.registry
+            self.stored.updates += updates.len();
+            self.stored.bytes += updates.iter().map(Vec::len).sum::<usize>();
+            self.stored.last_seq = self
+                .registry
                 .store
-                .append(&self.id, updates, self.meta())
+                .append(&self.id, updates, meta.clone())
                 .await
                 .map_err(|e| e.to_string())?;
-            self.stored_updates += count;
-            self.stored_bytes += bytes;
+            self.stored.meta = meta;
             self.compact_if_due().await?;
         }
         loop {
@@ -576,29 +600,31 @@ impl SessionTask {
 
     async fn compact_if_due(&mut self) -> Result<(), String> {
         let config = &self.registry.config;
-        if self.stored_updates < config.compact_after_updates
-            && self.stored_bytes < config.compact_after_bytes
+        if self.stored.updates < config.compact_after_updates
+            && self.stored.bytes < config.compact_after_bytes
         {
             return Ok(());
         }
         self.compact().await
     }
 
+    /// Replaces the stored log by a snapshot of the document, which holds everything stored
+    /// up to `last_seq`.
     async fn compact(&mut self) -> Result<(), String> {
         let snapshot = self.encode_state()?;
         self.registry
             .store
-            .compact(&self.id, snapshot, self.meta())
+            .compact(&self.id, snapshot, self.stored.last_seq, self.meta())
             .await
             .map_err(|e| e.to_string())?;
-        self.stored_updates = 0;
-        self.stored_bytes = 0;
+        self.stored.updates = 0;
+        self.stored.bytes = 0;
         metrics::counter!("collab_compactions_total").increment(1);
         Ok(())
     }
 
     async fn compact_on_exit(&mut self) {
-        if !self.failed && self.stored_updates > 1 {
+        if !self.failed && self.stored.updates > 1 {
             if let Err(e) = self.compact().await {
                 error!(session = %self.id, error = %e, "compaction at eviction failed");
             }

@@ -24,6 +24,8 @@ pub struct SessionMeta {
 pub struct StoredSession {
     pub updates: Vec<Vec<u8>>,
     pub meta: SessionMeta,
+    /// Position of the last stored update (see [`Store::append`]).
+    pub last_seq: u64,
 }
 
 /// A store failure, with what was being done.
@@ -44,15 +46,23 @@ pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>>
 pub trait Store: Send + Sync + 'static {
     /// The session's stored updates, or `None` when it was never stored.
     fn load(&self, session: &str) -> StoreFuture<'_, Option<StoredSession>>;
-    /// Appends updates (durably, per the store's setting) and the current metadata.
+    /// Appends updates (durably, per the store's setting) and writes the metadata; returns
+    /// the position of the last stored update. Positions only grow.
     fn append(
         &self,
         session: &str,
         updates: Vec<Vec<u8>>,
         meta: SessionMeta,
+    ) -> StoreFuture<'_, u64>;
+    /// Replaces the session's updates up to position `upto` by one snapshot update. Later
+    /// updates (a successor task's, after an eviction) are kept.
+    fn compact(
+        &self,
+        session: &str,
+        snapshot: Vec<u8>,
+        upto: u64,
+        meta: SessionMeta,
     ) -> StoreFuture<'_, ()>;
-    /// Replaces everything stored for the session by one snapshot update.
-    fn compact(&self, session: &str, snapshot: Vec<u8>, meta: SessionMeta) -> StoreFuture<'_, ()>;
     /// Every stored session id.
     fn list(&self) -> StoreFuture<'_, Vec<String>>;
     fn delete(&self, session: &str) -> StoreFuture<'_, ()>;

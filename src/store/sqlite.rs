@@ -45,8 +45,8 @@ type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
 enum Request {
     Load(String, Reply<Option<StoredSession>>),
-    Append(String, Vec<Vec<u8>>, SessionMeta, Reply<()>),
-    Compact(String, Vec<u8>, SessionMeta, Reply<()>),
+    Append(String, Vec<Vec<u8>>, SessionMeta, Reply<u64>),
+    Compact(String, Vec<u8>, u64, SessionMeta, Reply<()>),
     List(Reply<Vec<String>>),
     Delete(String, Reply<()>),
     Flush(Reply<()>),
@@ -64,7 +64,12 @@ impl SqliteStore {
         let path = dir.join("collab.db");
         let fail =
             |e: &dyn std::fmt::Display| StoreError(format!("cannot open {}: {e}", path.display()));
-        std::fs::create_dir_all(dir).map_err(|e| fail(&e))?;
+        std::fs::create_dir_all(dir).map_err(|e| {
+            StoreError(format!(
+                "cannot create the data directory {}: {e}",
+                dir.display()
+            ))
+        })?;
         let conn = Connection::open(&path).map_err(|e| fail(&e))?;
         let synchronous = match fsync {
             FsyncMode::Normal => "NORMAL",
@@ -113,14 +118,20 @@ impl Store for SqliteStore {
         session: &str,
         updates: Vec<Vec<u8>>,
         meta: SessionMeta,
-    ) -> StoreFuture<'_, ()> {
+    ) -> StoreFuture<'_, u64> {
         let session = session.to_owned();
         self.call(|r| Request::Append(session, updates, meta, r))
     }
 
-    fn compact(&self, session: &str, snapshot: Vec<u8>, meta: SessionMeta) -> StoreFuture<'_, ()> {
+    fn compact(
+        &self,
+        session: &str,
+        snapshot: Vec<u8>,
+        upto: u64,
+        meta: SessionMeta,
+    ) -> StoreFuture<'_, ()> {
         let session = session.to_owned();
-        self.call(|r| Request::Compact(session, snapshot, meta, r))
+        self.call(|r| Request::Compact(session, snapshot, upto, meta, r))
     }
 
     fn list(&self) -> StoreFuture<'_, Vec<String>> {
@@ -180,15 +191,17 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Request>) {
 fn commit_group(conn: &mut Connection, writes: Vec<Request>) {
     let result = (|| {
         let txn = conn.transaction()?;
-        for write in &writes {
-            apply_write(&txn, write)?;
-        }
-        txn.commit()
+        let positions = writes
+            .iter()
+            .map(|write| apply_write(&txn, write))
+            .collect::<rusqlite::Result<Vec<u64>>>()?;
+        txn.commit()?;
+        Ok(positions)
     })();
     match result {
-        Ok(()) => {
-            for write in writes {
-                reply_write(write, Ok(()));
+        Ok(positions) => {
+            for (write, position) in writes.into_iter().zip(positions) {
+                reply_write(write, Ok(position));
             }
         }
         Err(_) if writes.len() > 1 => {
@@ -205,10 +218,14 @@ fn commit_group(conn: &mut Connection, writes: Vec<Request>) {
     }
 }
 
-fn reply_write(write: Request, result: Result<(), StoreError>) {
+/// Answers a write; `position` is the last update's row id for an append.
+fn reply_write(write: Request, position: Result<u64, StoreError>) {
     match write {
-        Request::Append(.., reply) | Request::Compact(.., reply) | Request::Delete(_, reply) => {
-            let _ = reply.send(result);
+        Request::Append(.., reply) => {
+            let _ = reply.send(position);
+        }
+        Request::Compact(.., reply) | Request::Delete(_, reply) => {
+            let _ = reply.send(position.map(|_| ()));
         }
         Request::Load(..) | Request::List(..) | Request::Flush(..) => {}
     }
@@ -224,7 +241,9 @@ fn upsert_meta(conn: &Connection, session: &str, meta: &SessionMeta) -> rusqlite
     Ok(())
 }
 
-fn apply_write(conn: &Connection, write: &Request) -> rusqlite::Result<()> {
+/// Applies one write inside the group's transaction; returns the session's last update
+/// position afterwards (meaningful for appends).
+fn apply_write(conn: &Connection, write: &Request) -> rusqlite::Result<u64> {
     match write {
         Request::Append(session, updates, meta, _) => {
             upsert_meta(conn, session, meta)?;
@@ -234,22 +253,35 @@ fn apply_write(conn: &Connection, write: &Request) -> rusqlite::Result<()> {
             for update in updates {
                 insert.execute(params![session, update])?;
             }
+            last_position(conn, session)
         }
-        Request::Compact(session, snapshot, meta, _) => {
+        Request::Compact(session, snapshot, upto, meta, _) => {
             upsert_meta(conn, session, meta)?;
-            conn.execute("DELETE FROM updates WHERE session = ?1", params![session])?;
+            conn.execute(
+                "DELETE FROM updates WHERE session = ?1 AND id <= ?2",
+                params![session, upto],
+            )?;
             conn.execute(
                 "INSERT INTO updates (session, kind, data) VALUES (?1, 'snapshot', ?2)",
                 params![session, snapshot],
             )?;
+            Ok(0)
         }
         Request::Delete(session, _) => {
             conn.execute("DELETE FROM updates WHERE session = ?1", params![session])?;
             conn.execute("DELETE FROM sessions WHERE id = ?1", params![session])?;
+            Ok(0)
         }
-        Request::Load(..) | Request::List(..) | Request::Flush(..) => {}
+        Request::Load(..) | Request::List(..) | Request::Flush(..) => Ok(0),
     }
-    Ok(())
+}
+
+fn last_position(conn: &Connection, session: &str) -> rusqlite::Result<u64> {
+    conn.query_row(
+        "SELECT COALESCE(MAX(id), 0) FROM updates WHERE session = ?1",
+        params![session],
+        |row| row.get(0),
+    )
 }
 
 fn load(conn: &Connection, session: &str) -> rusqlite::Result<Option<StoredSession>> {
@@ -273,7 +305,12 @@ fn load(conn: &Connection, session: &str) -> rusqlite::Result<Option<StoredSessi
     let updates = query
         .query_map(params![session], |row| row.get::<_, Vec<u8>>(0))?
         .collect::<rusqlite::Result<Vec<_>>>()?;
-    Ok(Some(StoredSession { updates, meta }))
+    let last_seq = last_position(conn, session)?;
+    Ok(Some(StoredSession {
+        updates,
+        meta,
+        last_seq,
+    }))
 }
 
 fn list(conn: &Connection) -> rusqlite::Result<Vec<String>> {
@@ -295,29 +332,49 @@ mod tests {
             initialized: true,
             host: Some("alice".into()),
         };
-        store
+        let first = store
             .append("s", vec![vec![1], vec![2]], meta.clone())
             .await
             .unwrap();
-        store
+        let second = store
             .append("s", vec![vec![3]], meta.clone())
             .await
             .unwrap();
+        assert!(second > first);
         let loaded = store.load("s").await.unwrap().unwrap();
         assert_eq!(loaded.updates, vec![vec![1], vec![2], vec![3]]);
         assert_eq!(loaded.meta, meta);
-        store.compact("s", vec![9, 9], meta.clone()).await.unwrap();
+        assert_eq!(loaded.last_seq, second);
+        // A compaction covering the first append keeps what came after it.
+        store
+            .compact("s", vec![9, 9], first, meta.clone())
+            .await
+            .unwrap();
         assert_eq!(
             store.load("s").await.unwrap().unwrap().updates,
-            vec![vec![9, 9]]
+            vec![vec![3], vec![9, 9]]
         );
+        let all = store.load("s").await.unwrap().unwrap().last_seq;
+        store
+            .compact("s", vec![8], all, meta.clone())
+            .await
+            .unwrap();
+        assert_eq!(
+            store.load("s").await.unwrap().unwrap().updates,
+            vec![vec![8]]
+        );
+        // An append of metadata alone keeps the position.
+        let meta_only = store
+            .append("s", Vec::new(), SessionMeta::default())
+            .await
+            .unwrap();
+        assert_eq!(meta_only, store.load("s").await.unwrap().unwrap().last_seq);
         assert_eq!(store.list().await.unwrap(), vec!["s".to_owned()]);
         drop(store);
         let reopened = SqliteStore::open(dir.path(), FsyncMode::Always).unwrap();
-        assert_eq!(
-            reopened.load("s").await.unwrap().unwrap().updates,
-            vec![vec![9, 9]]
-        );
+        let reloaded = reopened.load("s").await.unwrap().unwrap();
+        assert_eq!(reloaded.updates, vec![vec![8]]);
+        assert_eq!(reloaded.meta, SessionMeta::default());
         reopened.delete("s").await.unwrap();
         assert!(reopened.load("s").await.unwrap().is_none());
     }
