@@ -40,8 +40,13 @@ pub struct Config {
     pub port: u16,
 
     /// Seconds without any frame after which a `/ws` connection is closed (1001).
-    #[arg(long, env = "COLLAB_IDLE_TIMEOUT", default_value = "90", value_parser = parse_seconds)]
+    #[arg(long, env = "COLLAB_IDLE_TIMEOUT", default_value = "90", value_parser = parse_positive_seconds)]
     pub idle_timeout: Duration,
+
+    /// Seconds between WebSocket protocol pings on `/yjs`; a peer that has not answered one
+    /// by the next is dropped. (`/ws` never gets protocol pings.)
+    #[arg(long, env = "COLLAB_YJS_PING_INTERVAL", default_value = "30", value_parser = parse_positive_seconds)]
+    pub yjs_ping_interval: Duration,
 
     /// Largest WebSocket message accepted; larger ones close the connection (1009).
     #[arg(long, env = "COLLAB_MAX_MESSAGE_BYTES", default_value_t = 16 * 1024 * 1024)]
@@ -94,6 +99,16 @@ fn parse_seconds(s: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(secs).map_err(|e| e.to_string())
 }
 
+fn parse_positive_seconds(s: &str) -> Result<Duration, String> {
+    parse_seconds(s).and_then(|d| {
+        if d.is_zero() {
+            Err("must be more than 0 seconds".to_owned())
+        } else {
+            Ok(d)
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,6 +122,7 @@ mod tests {
         assert_eq!(c.max_message_bytes, 16 * 1024 * 1024);
         assert_eq!(c.store, StoreKind::Sqlite);
         assert_eq!(c.evict_after, Duration::from_secs(60));
+        assert_eq!(c.yjs_ping_interval, Duration::from_secs(30));
     }
 
     #[test]
@@ -123,5 +139,6 @@ mod tests {
         assert_eq!(c.idle_timeout, Duration::from_millis(500));
         assert_eq!(c.store, StoreKind::Memory);
         assert!(Config::try_parse_from(["x", "--idle-timeout", "soon"]).is_err());
+        assert!(Config::try_parse_from(["x", "--yjs-ping-interval", "0"]).is_err());
     }
 }

@@ -791,3 +791,77 @@ async fn user_param_is_percent_decoded_exactly_once() {
         assert_eq!(left["type"], "user:left", "{left}");
     }
 }
+
+/// A raw WebSocket client that completes the handshake and then never writes (so it never
+/// answers a ping): the server must ping it on `/yjs` and drop it.
+#[tokio::test]
+async fn a_peer_that_stops_answering_pings_is_dropped() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut config = test_config();
+    config.yjs_ping_interval = std::time::Duration::from_millis(200);
+    let server = TestServer::start_with(
+        config,
+        std::sync::Arc::new(optiverse_collab::store::memory::MemoryStore::new()),
+    )
+    .await;
+    let mut tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let request = format!(
+        "GET /yjs/silent HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        server.addr
+    );
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        let n = tokio::time::timeout(PATIENCE, tcp.read(&mut chunk))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "connection closed during the handshake");
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    assert!(String::from_utf8_lossy(&buf[..head_end]).starts_with("HTTP/1.1 101"));
+    let mut frames = buf[head_end..].to_vec();
+    // Read server frames (unmasked) until the close frame; never answer anything.
+    let mut pings = 0;
+    let close_code = loop {
+        let mut parsed = None;
+        if frames.len() >= 2 {
+            let opcode = frames[0] & 0x0f;
+            let (len, start) = match frames[1] & 0x7f {
+                126 if frames.len() >= 4 => {
+                    (u16::from_be_bytes([frames[2], frames[3]]) as usize, 4)
+                }
+                127 if frames.len() >= 10 => (
+                    u64::from_be_bytes(frames[2..10].try_into().unwrap()) as usize,
+                    10,
+                ),
+                n if n < 126 => (n as usize, 2),
+                _ => (usize::MAX, 0),
+            };
+            if len != usize::MAX && frames.len() >= start + len {
+                parsed = Some((opcode, frames[start..start + len].to_vec()));
+                frames.drain(..start + len);
+            }
+        }
+        match parsed {
+            Some((0x9, _)) => pings += 1,
+            Some((0x8, payload)) => break u16::from_be_bytes([payload[0], payload[1]]),
+            Some(_) => {}
+            None => {
+                let n = tokio::time::timeout(PATIENCE, tcp.read(&mut chunk))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                assert!(n > 0, "connection ended without a close frame");
+                frames.extend_from_slice(&chunk[..n]);
+            }
+        }
+    };
+    assert!(pings >= 1, "the server pinged before dropping the peer");
+    assert_eq!(close_code, 1001);
+}

@@ -25,9 +25,6 @@ use crate::session::{
     outbox, ConnKind, Frame, Inbox, JoinRequest, Outbox, SessionHandle, SessionMsg,
 };
 
-/// Interval of protocol pings on `/yjs`; a peer that has not answered the previous one by
-/// the next is dropped.
-const YJS_PING_INTERVAL: Duration = Duration::from_secs(30);
 /// How long to wait for the peer's answer to our close frame.
 const CLOSE_HANDSHAKE: Duration = Duration::from_secs(2);
 
@@ -109,9 +106,10 @@ impl Connection {
     async fn run(&mut self, mut socket: WebSocket, mut inbox: Inbox) -> CloseReason {
         let mut shutdown = self.state.shutdown.clone();
         let idle_timeout = self.state.config.idle_timeout;
+        // Protocol pings on `/yjs`: a peer that has not answered one by the next is dropped.
+        let ping_interval = self.state.config.yjs_ping_interval;
         let mut idle_deadline = Instant::now() + idle_timeout;
-        let mut ping =
-            tokio::time::interval_at(Instant::now() + YJS_PING_INTERVAL, YJS_PING_INTERVAL);
+        let mut ping = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
         let mut pong_due = false;
         let mut close_signal = inbox.close.clone();
         let reason = loop {
