@@ -187,7 +187,7 @@ async fn fanout(args: &Args) -> Result<Value, String> {
                 drain: Duration::from_secs_f64(args.drain),
                 fixture: fixtures[(room * args.clients + client) % fixtures.len()].clone(),
             };
-            let (clock, counters, ready) = (clock.clone(), counters.clone(), ready.clone());
+            let (counters, ready) = (counters.clone(), ready.clone());
             let protocol = args.protocol;
             tasks.push(tokio::spawn(async move {
                 match protocol {
