@@ -7,6 +7,8 @@
 
 mod common;
 
+use optiverse_collab::doc::value::json_equal;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
@@ -443,7 +445,7 @@ fn assert_same_fields(actual: &Value, expected: &Value, context: &Value) {
     keys.dedup();
     for key in keys {
         assert!(
-            same_value(
+            json_equal(
                 &a.get(key).cloned().unwrap_or(Value::Null),
                 &e.get(key).cloned().unwrap_or(Value::Null)
             ),
@@ -451,21 +453,6 @@ fn assert_same_fields(actual: &Value, expected: &Value, context: &Value) {
             a.get(key),
             e.get(key)
         );
-    }
-}
-
-fn same_value(a: &Value, b: &Value) -> bool {
-    match (a, b) {
-        (Value::Number(x), Value::Number(y)) => x.as_f64() == y.as_f64(),
-        (Value::Array(x), Value::Array(y)) => {
-            x.len() == y.len() && x.iter().zip(y).all(|(x, y)| same_value(x, y))
-        }
-        (Value::Object(x), Value::Object(y)) => {
-            x.len() == y.len()
-                && x.iter()
-                    .all(|(k, v)| y.get(k).is_some_and(|w| same_value(v, w)))
-        }
-        _ => a == b,
     }
 }
 

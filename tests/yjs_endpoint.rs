@@ -8,6 +8,8 @@
 
 mod common;
 
+use optiverse_collab::doc::value::json_equal;
+
 use std::collections::HashMap;
 
 use common::*;
@@ -180,25 +182,9 @@ fn set_fields(txn: &mut TransactionMut, items: &MapRef, uuid: &str, fields: &[(&
     }
 }
 
-/// Equal as JSON with numbers compared by value (`100` equals `100.0`).
-fn same_value(a: &Value, b: &Value) -> bool {
-    match (a, b) {
-        (Value::Number(x), Value::Number(y)) => x.as_f64() == y.as_f64(),
-        (Value::Array(x), Value::Array(y)) => {
-            x.len() == y.len() && x.iter().zip(y).all(|(x, y)| same_value(x, y))
-        }
-        (Value::Object(x), Value::Object(y)) => {
-            x.len() == y.len()
-                && x.iter()
-                    .all(|(k, v)| y.get(k).is_some_and(|w| same_value(v, w)))
-        }
-        _ => a == b,
-    }
-}
-
 fn assert_same(actual: &Value, expected: &Value, context: &str) {
     assert!(
-        same_value(actual, expected),
+        json_equal(actual, expected),
         "{context}:\n  got      {actual}\n  expected {expected}"
     );
 }

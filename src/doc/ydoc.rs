@@ -83,7 +83,10 @@ impl Default for GuardedDoc {
 
 impl GuardedDoc {
     pub fn new() -> Self {
-        let (doc, items, touched) = fresh_doc();
+        Self::from_parts(fresh_doc())
+    }
+
+    fn from_parts((doc, items, touched): DocParts) -> Self {
         GuardedDoc {
             doc,
             items,
@@ -105,28 +108,9 @@ impl GuardedDoc {
         }
         let built = catch_unwind(|| {
             let doc = Doc::new();
-            {
-                let mut txn = doc.transact_mut();
-                for bytes in &updates {
-                    let update =
-                        Update::decode_v1(bytes).map_err(|e| DocError::Malformed(e.to_string()))?;
-                    txn.apply_update(update)
-                        .map_err(|e| DocError::Malformed(e.to_string()))?;
-                }
-            }
-            Ok::<_, DocError>(doc)
+            apply_all(&doc, updates.iter().copied()).map(|()| doc)
         });
-        let doc = built.map_err(|_| DocError::Panicked)??;
-        let (doc, items, touched) = observed(doc);
-        let mut doc = GuardedDoc {
-            doc,
-            items,
-            touched,
-            base: Vec::new(),
-            log: Vec::new(),
-            log_bytes: 0,
-            rebuilds: 0,
-        };
+        let mut doc = Self::from_parts(observed(built.map_err(|_| DocError::Panicked)??));
         doc.fold_log()?;
         Ok(doc)
     }
@@ -297,20 +281,26 @@ fn observed(doc: Doc) -> DocParts {
     (doc, items, touched)
 }
 
+/// Applies updates to `doc` in one transaction.
+fn apply_all<'a>(doc: &Doc, updates: impl Iterator<Item = &'a [u8]>) -> Result<(), DocError> {
+    let mut txn = doc.transact_mut();
+    for bytes in updates.filter(|b| !b.is_empty()) {
+        let update = Update::decode_v1(bytes).map_err(|e| DocError::Malformed(e.to_string()))?;
+        txn.apply_update(update)
+            .map_err(|e| DocError::Malformed(e.to_string()))?;
+    }
+    Ok(())
+}
+
 /// A document from trusted parts, or `None` when yrs panics applying or encoding them.
 fn build_doc(base: &[u8], log: &[Vec<u8>]) -> Option<DocParts> {
     catch_unwind(|| {
         let doc = Doc::new();
-        {
-            let mut txn = doc.transact_mut();
-            for bytes in std::iter::once(base).chain(log.iter().map(Vec::as_slice)) {
-                if bytes.is_empty() {
-                    continue;
-                }
-                let update = Update::decode_v1(bytes).ok()?;
-                txn.apply_update(update).ok()?;
-            }
-        }
+        apply_all(
+            &doc,
+            std::iter::once(base).chain(log.iter().map(Vec::as_slice)),
+        )
+        .ok()?;
         doc.transact()
             .encode_state_as_update_v1(&StateVector::default());
         Some(observed(doc))
