@@ -219,14 +219,13 @@ impl<'a> Reader<'a> {
     fn content(&mut self, content_ref: u8) -> Res<u64> {
         match content_ref {
             1 => Ok(self.var_u32()?.into()), // Deleted
-            2 => {
-                // JSON: yrs casts len to i32 (negative => failed reserve), reads len + 1 strings.
-                let len = u64::from(self.var_u32()?);
-                let min_each = if len > i32::MAX as u64 { u64::MAX } else { 1 };
-                let n = fits("JSON content length", len + 1, min_each, self.remaining())?;
-                (0..n).try_for_each(|_| self.string("JSON string length").map(drop))?;
-                Ok(n)
-            }
+            // JSON content (a legacy kind current Yjs never writes): yrs 0.28.1 reads len + 1
+            // strings but writes len, so a document holding it encodes to bytes that no
+            // longer decode, and the session's stored state would not load. Refused.
+            2 => Err(GuardError::UnknownTag {
+                what: "content (JSON content is not supported)",
+                tag: 2,
+            }),
             3 => self.buf("binary content length").map(|_| 1),
             4 => Ok(self.string("string content length")?.encode_utf16().count() as u64),
             5 => self.string("embed JSON length").map(|_| 1),
@@ -317,17 +316,14 @@ mod tests {
     }
 
     /// Real per-transaction and full-state updates (every content kind yrs emits), hand-made
-    /// JSON (ref 2, len + 1 strings), binary (ref 3) and skip (ref 10) updates; state vector.
+    /// binary (ref 3) and skip (ref 10) updates; state vector.
     fn corpus() -> (Vec<Vec<u8>>, Vec<u8>) {
         let doc = Doc::with_client_id(7);
         let items = doc.get_or_insert_map("items");
         let text = doc.get_or_insert_text("text");
         let arr = doc.get_or_insert_array("arr");
         let xml = doc.get_or_insert_xml_fragment("xml");
-        let mut out = vec![
-            hex("01020100020101740101310132010100020105010002"),
-            hex("01030100030101740201020a03000100"),
-        ];
+        let mut out = vec![hex("01030100030101740201020a03000100")];
         let mut tx = |f: &dyn Fn(&mut TransactionMut)| {
             let mut t = doc.transact_mut();
             f(&mut t);
@@ -412,20 +408,19 @@ mod tests {
             (upd, "000101ffffff0f", "CountTooLarge"), // delete-set ranges
             (upd, "0101010008010174ffff0f00", "CountTooLarge"), // Any content length
             (upd, "0101010004010174ff0f00", "CountTooLarge"), // string length
-            (upd, "01010100020101748080808008", "CountTooLarge"), // JSON length >= 2^31
+            (upd, "01010100020101748080808008", "UnknownTag"), // JSON content
             (upd, "010101ffffffff0f000100", "CountTooLarge"), // clock + GC length > u32
             (upd, "00010101ffffffff0f01", "CountTooLarge"), // delete-set clock + len
             (upd, "8080808080808080808000", "BadVarInt"), // 11-byte var-int
             (upd, "01018080808080808010000000", "BadVarInt"), // client id >= 2^53
             (upd, "0101010008010174017dc0808080808080808002", "BadVarInt"), // -i64::MIN
             (upd, "ffff", "Truncated"),
-            (upd, "010101000201017401013100", "Truncated"), // JSON reads len + 1 strings
-            (upd, "01010100020101740101310000", "Ok"),      // ... so this one is complete
-            (upd, "010101000b01017400", "UnknownTag"),      // content ref 11
-            (upd, "01010100070101740700", "UnknownTag"),    // WeakLink without `weak`
-            (upd, "010101000401017401ff00", "UnknownTag"),  // invalid UTF-8
-            (upd, "01010100000000", "UnknownTag"),          // zero-length GC
-            (upd, "010101000701017403017000", "Ok"),        // XmlElement("p")
+            (upd, "01010100020101740101310000", "UnknownTag"), // JSON content, never accepted
+            (upd, "010101000b01017400", "UnknownTag"),         // content ref 11
+            (upd, "01010100070101740700", "UnknownTag"),       // WeakLink without `weak`
+            (upd, "010101000401017401ff00", "UnknownTag"),     // invalid UTF-8
+            (upd, "01010100000000", "UnknownTag"),             // zero-length GC
+            (upd, "010101000701017403017000", "Ok"),           // XmlElement("p")
         ];
         for (which, input, want) in cases {
             let got = format!("{:?}", check[which](&hex(input)));

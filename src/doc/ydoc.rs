@@ -124,11 +124,19 @@ impl GuardedDoc {
     pub fn apply_update(&mut self, bytes: &[u8]) -> Result<Option<Change>, DocError> {
         guard::check_update_v1(bytes)?;
         let update = Update::decode_v1(bytes).map_err(|e| DocError::Malformed(e.to_string()))?;
-        self.transact(move |txn, _| txn.apply_update(update))
-            .and_then(|(result, change)| match result {
-                Ok(()) => Ok(change),
-                Err(e) => Err(DocError::Malformed(e.to_string())),
-            })
+        let (result, change) = self.transact(move |txn, _| txn.apply_update(update))?;
+        match result {
+            Ok(()) => Ok(change),
+            Err(e) => {
+                // yrs may integrate part of an update before it finds the error: take the
+                // part back out, so a rejected update changes nothing.
+                if change.is_some() {
+                    self.log.pop().inspect(|u| self.log_bytes -= u.len());
+                    self.rebuild();
+                }
+                Err(DocError::Malformed(e.to_string()))
+            }
+        }
     }
 
     /// Runs `f` in one transaction. A panic inside yrs rebuilds the document and reports
@@ -137,6 +145,9 @@ impl GuardedDoc {
         &mut self,
         f: impl FnOnce(&mut TransactionMut, &MapRef) -> R,
     ) -> Result<(R, Option<Change>), DocError> {
+        // Folding happens before a transaction, not after: a caller may still take the last
+        // entry back out (see `apply_update`).
+        self.fold_log_if_large()?;
         let doc = &self.doc;
         let items = &self.items;
         let outcome = catch_unwind(AssertUnwindSafe(|| {
@@ -161,7 +172,6 @@ impl GuardedDoc {
                 }
                 self.log_bytes += update.len();
                 self.log.push(update.clone());
-                self.fold_log_if_large()?;
                 Ok((result, Some(Change { update, touched })))
             }
             Err(_) => {
