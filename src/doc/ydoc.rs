@@ -124,7 +124,22 @@ impl GuardedDoc {
     pub fn apply_update(&mut self, bytes: &[u8]) -> Result<Option<Change>, DocError> {
         guard::check_update_v1(bytes)?;
         let update = Update::decode_v1(bytes).map_err(|e| DocError::Malformed(e.to_string()))?;
-        let (result, change) = self.transact(move |txn, _| txn.apply_update(update))?;
+        let (result, change) = match self.transact(move |txn, _| txn.apply_update(update)) {
+            // yrs 0.28.1 panics integrating some valid updates (merged ones whose skip ranges
+            // overlap what the document already holds). The document was rebuilt; retry once
+            // with only what it lacks.
+            Err(DocError::Panicked) => {
+                let sv = self.state_vector_v1();
+                let missing = catch_unwind(|| yrs::diff_updates_v1(bytes, &sv))
+                    .map_err(|_| DocError::Panicked)?
+                    .map_err(|e| DocError::Malformed(e.to_string()))?;
+                guard::check_update_v1(&missing)?;
+                let update =
+                    Update::decode_v1(&missing).map_err(|e| DocError::Malformed(e.to_string()))?;
+                self.transact(move |txn, _| txn.apply_update(update))?
+            }
+            other => other?,
+        };
         match result {
             Ok(()) => Ok(change),
             Err(e) => {
