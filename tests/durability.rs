@@ -1394,6 +1394,24 @@ impl Store for SlowCompactionStore {
     }
 }
 
+/// Adds fixture item 0 as `user`, moves it `moves` times, and waits until all is applied;
+/// returns the item's uuid.
+async fn add_then_move(ws: &mut Ws, user: &str, moves: usize) -> String {
+    let (item_type, uuid, data) = fixture_item(0);
+    send_json(
+        ws,
+        &command("add_item", &item_type, &uuid, data.clone(), user),
+    )
+    .await;
+    for step in 0..moves {
+        let mut moved = data.clone();
+        moved["x_mm"] = json!(step as f64 + 0.5);
+        send_json(ws, &command("move_item", &item_type, &uuid, moved, user)).await;
+    }
+    ping_collect(ws).await;
+    uuid
+}
+
 /// `Server::shutdown` "waits for sessions and the store": a session's last write (its
 /// compaction as it leaves memory) is done when it returns, so the next server on the same
 /// data never races it (and the process does not exit in the middle of it).
@@ -1402,22 +1420,7 @@ async fn shutdown_waits_for_the_compaction_at_exit() {
     let store = Arc::new(SlowCompactionStore::default());
     let mut server = TestServer::start_with(test_config(), store.clone()).await;
     let (mut alice, _) = server.legacy("slow", "alice").await;
-    let (item_type, uuid, data) = fixture_item(0);
-    send_json(
-        &mut alice,
-        &command("add_item", &item_type, &uuid, data.clone(), "alice"),
-    )
-    .await;
-    for step in 0..5 {
-        let mut moved = data.clone();
-        moved["x_mm"] = json!(step as f64 + 0.5);
-        send_json(
-            &mut alice,
-            &command("move_item", &item_type, &uuid, moved, "alice"),
-        )
-        .await;
-    }
-    ping_collect(&mut alice).await;
+    add_then_move(&mut alice, "alice", 5).await;
     close_client(alice).await;
     server.shutdown().await;
     let started = store.started.load(Ordering::SeqCst);
@@ -1444,22 +1447,7 @@ async fn an_evicted_sessions_compaction_never_erases_what_its_successor_stored()
     config.evict_after = Duration::from_millis(50);
     let server = TestServer::start_with(config, store.clone()).await;
     let (mut alice, _) = server.legacy("succession", "alice").await;
-    let (item_type, uuid, data) = fixture_item(0);
-    send_json(
-        &mut alice,
-        &command("add_item", &item_type, &uuid, data.clone(), "alice"),
-    )
-    .await;
-    for step in 0..5 {
-        let mut moved = data.clone();
-        moved["x_mm"] = json!(step as f64 + 0.5);
-        send_json(
-            &mut alice,
-            &command("move_item", &item_type, &uuid, moved, "alice"),
-        )
-        .await;
-    }
-    ping_collect(&mut alice).await;
+    let uuid = add_then_move(&mut alice, "alice", 5).await;
     close_client(alice).await;
     // The session left memory; its compaction is under way.
     await_health(server.addr, "sessions", 0).await;
