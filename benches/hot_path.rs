@@ -202,7 +202,7 @@ fn fanout(c: &mut Criterion) {
             let mut elapsed = Duration::ZERO;
             for _ in 0..iters {
                 let start = Instant::now();
-                let frame = Frame::Binary(yjs::sync_update(update.clone()));
+                let frame = Frame::Binary(yjs::sync_update(&update));
                 for (out, _) in &queues {
                     out.send(frame.clone()).expect("the bound is far away");
                 }

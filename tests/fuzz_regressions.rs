@@ -27,7 +27,8 @@ fn assert_encoding_reloads(doc: &mut GuardedDoc) {
     let encoded = doc.encode_state_v1().expect("the document encodes");
     Update::decode_v1(&encoded).expect("the document's encoding decodes");
     let copy = GuardedDoc::from_updates([encoded.as_slice()]).expect("the encoding loads");
-    assert_eq!(copy.state_vector_v1(), doc.state_vector_v1());
+    let sv = |bytes: Vec<u8>| yrs::StateVector::decode_v1(&bytes).expect("a state vector");
+    assert_eq!(sv(copy.state_vector_v1()), sv(doc.state_vector_v1()));
 }
 
 /// untrusted_update: a 13-byte update with JSON content (content ref 2). yrs 0.28.1 reads
@@ -49,4 +50,210 @@ fn json_content_does_not_poison_the_stored_state() {
             GuardedDoc::from_updates([persisted.as_slice()]).expect("the persisted update loads");
         }
     }
+}
+
+/// merge_convergence: a skip block (what yrs, and Yjs since 13.5, write for the pending
+/// structs of a peer that received updates out of order) is stored by yrs 0.28.1 as a
+/// placeholder. When a block covering the skipped clocks and more arrives, yrs computes
+/// `skip.end - block.end`: in release builds that wraps and stores a skip of ~2^32 clocks, and
+/// the document's own encoding then fails the guard (its stored state no longer loads); in
+/// debug builds it panics. The two updates are what the session received in the minimised
+/// run (a yrs peer's state with a pending slice, then the peer's whole update).
+#[test]
+fn a_skip_then_a_block_over_it_keeps_the_document_loadable() {
+    let mut doc = GuardedDoc::new();
+    for name in ["merge_convergence-skip-1", "merge_convergence-skip-2"] {
+        let _ = doc.apply_update(&input(name));
+    }
+    assert_encoding_reloads(&mut doc);
+}
+
+/// merge_convergence: the session answers SyncStep1 with its pending structs behind a skip
+/// (yrs writes them so); a yrs peer that has only ever talked to the session stores that skip,
+/// and then panics on the session's next answer, whose block spans the skipped clocks. The
+/// server must not send a yrs peer what crashes it. Inputs: the updates the session received
+/// in the minimised run (an item map, a slice of a peer's later update, that peer's update).
+#[test]
+fn what_the_session_sends_does_not_crash_a_yrs_peer() {
+    use yrs::updates::encoder::Encode;
+    use yrs::{Doc, ReadTxn, Transact};
+
+    let mut session = GuardedDoc::new();
+    let peer = Doc::new();
+    let sync = |session: &mut GuardedDoc| {
+        let sv = peer.transact().state_vector().encode_v1();
+        let answer = session.encode_diff_v1(&sv).expect("SyncStep2");
+        let update = Update::decode_v1(&answer).expect("decodes");
+        let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            peer.transact_mut().apply_update(update)
+        }));
+        assert!(
+            matches!(applied, Ok(Ok(()))),
+            "the peer failed on {answer:02x?}"
+        );
+    };
+    for name in ["pending-1", "pending-2"] {
+        session
+            .apply_update(&input(&format!("merge_convergence-{name}")))
+            .unwrap();
+    }
+    sync(&mut session);
+    session
+        .apply_update(&input("merge_convergence-pending-3"))
+        .unwrap();
+    sync(&mut session);
+}
+
+/// merge_convergence: the fourth update makes yrs panic (an out-of-order block it stored
+/// behind a skip placeholder, then a block spanning it); `GuardedDoc` rebuilds the document
+/// and retries with what it lacks. The change it then reports does not cover everything the
+/// rebuild and retry changed (here the replaced item `item-1`), so the scene's mirror (what
+/// legacy clients are told, and `full_state`) kept an item the document no longer has.
+#[test]
+fn the_mirror_follows_the_document_through_a_rebuild() {
+    let mut scene = Scene::default();
+    let user: Arc<str> = Arc::from("yjs");
+    for i in 1..=4 {
+        let update = input(&format!("merge_convergence-rebuild-{i}"));
+        let _ = scene.apply_update(&user, &update);
+        let mirror: Vec<(String, serde_json::Value)> = scene
+            .full_state(None)
+            .items
+            .iter()
+            .map(|(uuid, fields)| {
+                (
+                    uuid.to_string(),
+                    serde_json::Value::Object((**fields).clone()),
+                )
+            })
+            .collect();
+        let doc: Vec<(String, serde_json::Value)> = scene
+            .doc_mut()
+            .read(|txn, items| {
+                use yrs::Map;
+                let mut all: Vec<(String, serde_json::Value)> = items
+                    .iter(txn)
+                    .filter_map(|(uuid, value)| match value {
+                        yrs::Out::YMap(item) => Some((
+                            uuid.to_owned(),
+                            serde_json::Value::Object(
+                                item.iter(txn)
+                                    .map(|(k, v)| {
+                                        (
+                                            k.to_owned(),
+                                            optiverse_collab::doc::value::out_to_json(txn, &v),
+                                        )
+                                    })
+                                    .collect(),
+                            ),
+                        )),
+                        _ => None,
+                    })
+                    .collect();
+                all.sort_by(|a, b| a.0.cmp(&b.0));
+                all
+            })
+            .unwrap();
+        assert_eq!(mirror, doc, "after update {i}");
+    }
+    assert_encoding_reloads(scene.doc_mut());
+}
+
+/// legacy_convergence (shrunk from a 4-client, 2-Yjs-client run): B holds item X; A removes
+/// it; a Yjs client whose copy still has X writes a new item map under X (which survives the
+/// concurrent removal); B, before it reads any of this, removes X itself. B then applies
+/// `remove_item X`, `add_item X` — and holds X, which the document no longer has. After a
+/// removal that crossed a message about the item, the server must tell the sender the removal
+/// once more (PROTOCOL §3.3, "Convergence").
+#[test]
+fn a_removal_crossing_a_re_creation_is_repeated_to_the_sender() {
+    use optiverse_collab::doc::{Action, Command, Effects};
+    use yrs::{Doc, Map, MapPrelim, Transact};
+
+    let (a, b, user): (u64, u64, Arc<str>) = (1, 2, Arc::from("u"));
+    let mut scene = Scene::default();
+    scene.add_peer(a, true);
+    scene.add_peer(b, false);
+    let mut b_inbox = Vec::new();
+    let deliver = |effects: Effects, inbox: &mut Vec<(Action, String)>| {
+        for out in effects.messages.iter().filter(|o| o.to == b) {
+            inbox.push((out.message.action, out.message.item_id.to_string()));
+        }
+    };
+    let command = |action, data: serde_json::Value| Command {
+        action,
+        item_type: Some("component".into()),
+        item_id: Arc::from("X"),
+        data: data.as_object().cloned().unwrap_or_default(),
+    };
+    let added = scene
+        .apply_command(
+            a,
+            &user,
+            command(Action::Add, serde_json::json!({"x_mm": 1.0})),
+        )
+        .unwrap();
+    deliver(added, &mut b_inbox);
+    // B reads the add: its canvas holds X.
+    let mut b_canvas: Vec<String> = Vec::new();
+    for (action, uuid) in b_inbox.drain(..) {
+        assert_eq!(action, Action::Add);
+        b_canvas.push(uuid);
+    }
+    // A Yjs client copies the document now.
+    let yjs = Doc::new();
+    let snapshot = scene.doc_mut().encode_state_v1().unwrap();
+    yjs.transact_mut()
+        .apply_update(Update::decode_v1(&snapshot).unwrap())
+        .unwrap();
+    let removed = scene.apply_command(a, &user, command(Action::Remove, serde_json::json!({})));
+    deliver(removed.unwrap(), &mut b_inbox);
+    let replaced = {
+        let items = yjs.get_or_insert_map("items");
+        let mut txn = yjs.transact_mut();
+        let item = items.insert(&mut txn, "X", MapPrelim::default());
+        item.insert(&mut txn, "x_mm", 2.0);
+        txn.commit();
+        txn.encode_update_v1()
+    };
+    deliver(
+        scene.apply_update(&Arc::from("yjs"), &replaced).unwrap(),
+        &mut b_inbox,
+    );
+    // B removes X, unaware of both messages.
+    b_canvas.retain(|u| u != "X");
+    let removed = scene.apply_command(b, &user, command(Action::Remove, serde_json::json!({})));
+    deliver(removed.unwrap(), &mut b_inbox);
+    // B applies everything, as the desktop client does.
+    for (action, uuid) in b_inbox {
+        match action {
+            Action::Add => b_canvas.push(uuid),
+            Action::Remove => b_canvas.retain(|u| *u != uuid),
+            Action::Move | Action::Update => {}
+        }
+    }
+    let document: Vec<String> = scene
+        .full_state(None)
+        .items
+        .iter()
+        .map(|(uuid, _)| uuid.to_string())
+        .collect();
+    assert_eq!(b_canvas, document, "B's canvas");
+}
+
+/// merge_convergence (30-minute run, `MergedOnce` finish): a replica that yrs corrupted wrote
+/// fields whose parent is, in every other document, a plain value (`item_type`); the harness
+/// merged its updates with everyone's into one. yrs refuses that (`InvalidParent`) after
+/// integrating part of it: the session must refuse it whole, stay unchanged and keep working.
+#[test]
+fn an_update_naming_a_plain_value_as_parent_is_refused_whole() {
+    let mut doc = GuardedDoc::new();
+    let update = input("merge_convergence-corrupt-parent");
+    assert!(matches!(
+        doc.apply_update(&update),
+        Err(optiverse_collab::doc::DocError::Malformed(_))
+    ));
+    assert_eq!(doc.read(|txn, items| yrs::Map::len(items, txn)).unwrap(), 0);
+    assert_eq!(doc.held_bytes(), 0);
+    assert_encoding_reloads(&mut doc);
 }

@@ -387,11 +387,14 @@ async fn sync_handshake_and_updates_both_ways() {
         &command("remove_item", "ruler", uuid2, json!({}), "alice"),
     )
     .await;
-    // (Alice may get her item's authoritative state back: she was told of bob's move.)
+    // (Alice may get her item's authoritative state back: she was told of bob's move; and
+    // she was told of bob's changes to the ruler, so her removal is confirmed to her.)
     let back = ping_collect(&mut alice).await;
     assert!(
-        back.iter()
-            .all(|m| m["type"] == "command" && m["command"]["item_id"] == json!(uuid1)),
+        back.iter().all(|m| m["type"] == "command"
+            && (m["command"]["item_id"] == json!(uuid1)
+                || (m["command"]["item_id"] == json!(uuid2)
+                    && m["command"]["action"] == "remove_item"))),
         "{back:#?}"
     );
     let updates = bob.sync().await;
@@ -850,4 +853,41 @@ async fn a_peer_that_stops_answering_pings_is_dropped() {
     };
     assert!(pings >= 1, "the server pinged before dropping the peer");
     assert_eq!(close_code, 1001);
+}
+
+/// Fresh clients are answered from a cached encoding of the whole document; a change in
+/// between must reach the next fresh client all the same.
+#[tokio::test]
+async fn fresh_clients_get_the_current_state_before_and_after_a_change() {
+    let session = "yjs-state-cache";
+    let path = format!("/yjs/{session}");
+    let server = TestServer::start().await;
+    let (mut a, _) = YClient::join(&server, &path).await;
+    let first = json!({"x_mm": 1.0, "y_mm": 2.0, "angle_deg": 0.0});
+    a.edit_and_send(|txn, items| {
+        items.insert(txn, "m1", item_prelim("component", &first));
+    })
+    .await;
+    a.sync().await;
+    for round in 0..2 {
+        let (b, _) = YClient::join(&server, &path).await;
+        let (c, _) = YClient::join(&server, &path).await;
+        for (name, joiner) in [("b", &b), ("c", &c)] {
+            assert_eq!(
+                joiner.doc.transact().state_vector(),
+                a.doc.transact().state_vector(),
+                "round {round}: {name}'s state"
+            );
+            assert_same(
+                &joiner.item("m1").unwrap(),
+                &a.item("m1").unwrap(),
+                &format!("round {round}: {name}'s m1"),
+            );
+        }
+        a.edit_and_send(|txn, items| {
+            set_fields(txn, items, "m1", &[("x_mm", json!(10.0 + round as f64))]);
+        })
+        .await;
+        a.sync().await;
+    }
 }

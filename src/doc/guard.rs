@@ -9,6 +9,7 @@
 //! are deliberately stricter where yrs silently wraps (e.g. var-ints too big for u32 fields).
 
 use std::fmt;
+use std::ops::Range;
 
 /// Maximum depth of nested `Any` containers (arrays/maps) accepted inside one value.
 pub const MAX_NESTING: usize = 64;
@@ -265,20 +266,65 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// One block of a v1 update: where its bytes are and which clocks it covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockSpan {
+    pub bytes: Range<usize>,
+    pub clock: u32,
+    pub len: u32,
+    /// A skip block (ref 10): a gap in the clocks the update carries, not content.
+    pub skip: bool,
+}
+
+impl BlockSpan {
+    pub fn end(&self) -> u32 {
+        self.clock + self.len
+    }
+}
+
+/// Where the parts of a checked v1 update are: each client's blocks, in clock order, and the
+/// delete set.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UpdateLayout {
+    pub clients: Vec<(u64, Vec<BlockSpan>)>,
+    pub delete_set: Range<usize>,
+}
+
 /// Validates a v1-encoded update (`Update::decode_v1`) before it is given to yrs.
 pub fn check_update_v1(bytes: &[u8]) -> Result<(), GuardError> {
+    layout_update_v1(bytes).map(drop)
+}
+
+/// Validates a v1-encoded update like [`check_update_v1`] and reports its layout. The layout
+/// grows with the blocks actually present (each at least one byte), never with a declared count.
+pub fn layout_update_v1(bytes: &[u8]) -> Result<UpdateLayout, GuardError> {
     let mut r = Reader { buf: bytes, pos: 0 };
+    let mut layout = UpdateLayout::default();
     for _ in 0..r.count("update clients", 3, 32)? {
         let blocks = r.count("update blocks", 2, 32)?;
-        r.var(7, CLIENT_BITS)?;
+        let client = r.var(7, CLIENT_BITS)?;
         let mut clock = r.var_u32()?;
+        let mut spans = Vec::new();
         for _ in 0..blocks {
+            let start = r.pos;
+            let skip = r.buf.get(start) == Some(&10);
             // yrs does `clock += block.len()` in u32 (an overflow panics in debug builds).
-            clock += clock_fits(clock, r.block()?)? as u32;
+            let len = clock_fits(clock, r.block()?)? as u32;
+            spans.push(BlockSpan {
+                bytes: start..r.pos,
+                clock,
+                len,
+                skip,
+            });
+            clock += len;
         }
+        layout.clients.push((client, spans));
     }
+    let start = r.pos;
     r.delete_set()?;
-    r.finish()
+    layout.delete_set = start..r.pos;
+    r.finish()?;
+    Ok(layout)
 }
 
 /// Validates a v1-encoded state vector (`StateVector::decode_v1`).

@@ -3,6 +3,7 @@
 
 pub mod guard;
 pub mod legacy;
+mod order;
 pub mod scene;
 pub mod value;
 pub mod ydoc;

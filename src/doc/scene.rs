@@ -9,7 +9,7 @@
 //! the item's authoritative state when something about the item crossed its command on the
 //! wire (PROTOCOL §3.3, "Convergence").
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use serde_json::Value;
@@ -69,6 +69,12 @@ enum Source {
 pub struct Scene {
     doc: GuardedDoc,
     mirror: HashMap<Arc<str>, Arc<ItemFields>>,
+    /// Items changed while no legacy connection was there to be told: their mirror entries
+    /// are read back from the document when the mirror is next needed, so a session of Yjs
+    /// clients only does not turn whole items into JSON on every update.
+    stale: HashSet<Arc<str>>,
+    /// The document's rebuild count the mirror follows: after a rebuild every item is read.
+    rebuilds: u64,
     peers: HashMap<PeerId, PeerView>,
     initialized: bool,
     version: u64,
@@ -102,8 +108,10 @@ impl Scene {
             .unwrap_or_default();
         Scene {
             initialized: initialized || !mirror.is_empty(),
+            rebuilds: doc.rebuilds(),
             doc,
             mirror,
+            stale: HashSet::new(),
             peers: HashMap::new(),
             version,
         }
@@ -127,16 +135,19 @@ impl Scene {
         self.version
     }
 
-    pub fn item_count(&self) -> usize {
+    pub fn item_count(&mut self) -> usize {
+        self.refresh_mirror();
         self.mirror.len()
     }
 
-    pub fn item(&self, uuid: &str) -> Option<&Arc<ItemFields>> {
+    pub fn item(&mut self, uuid: &str) -> Option<&Arc<ItemFields>> {
+        self.refresh_mirror();
         self.mirror.get(uuid)
     }
 
     /// Registers a legacy connection; a host ignores full states.
     pub fn add_peer(&mut self, peer: PeerId, is_host: bool) {
+        self.refresh_mirror();
         self.peers.insert(peer, PeerView::new(is_host));
     }
 
@@ -151,6 +162,7 @@ impl Scene {
     /// The whole scene, sorted by uuid. When `to` is a legacy connection that applies full
     /// states, its memory is replaced by it.
     pub fn full_state(&mut self, to: Option<PeerId>) -> FullState {
+        self.refresh_mirror();
         let mut items: Vec<_> = self
             .mirror
             .iter()
@@ -186,6 +198,7 @@ impl Scene {
         user: &Arc<str>,
         command: Command,
     ) -> Result<Effects, DocError> {
+        self.refresh_mirror();
         let mut effects = Effects::default();
         let uuid = command.item_id.clone();
         let exists = self.mirror.contains_key(&uuid);
@@ -222,7 +235,11 @@ impl Scene {
         let action = command.action;
         self.publish(change, Source::Command { from, action }, user, &mut effects);
         if action == Action::Remove {
-            if let Some(peer) = self.peers.get_mut(&from) {
+            if told {
+                // Something about the item (a re-creation, say) may have crossed the removal:
+                // the sender applies it after its own removal, so it is told the removal again.
+                self.send_removal(from, &uuid, user, &mut effects);
+            } else if let Some(peer) = self.peers.get_mut(&from) {
                 peer.tell_removed(&uuid);
             }
             return Ok(effects);
@@ -244,6 +261,7 @@ impl Scene {
         user: &Arc<str>,
         upload: Vec<UploadedItem>,
     ) -> Result<Effects, DocError> {
+        self.refresh_mirror();
         let mut effects = Effects::default();
         let mut plan = Vec::with_capacity(upload.len());
         for item in &upload {
@@ -313,6 +331,45 @@ impl Scene {
             self.send_current(from, &uuid, user, &mut effects);
         }
         Ok(effects)
+    }
+
+    /// Brings the mirror up to date with the document: the stale items, or every item after
+    /// the document was rebuilt.
+    fn refresh_mirror(&mut self) {
+        if self.stale.is_empty() && self.rebuilds == self.doc.rebuilds() {
+            return;
+        }
+        let stale: Vec<Arc<str>> = self.stale.drain().collect();
+        let current = if self.rebuilds == self.doc.rebuilds() {
+            self.read_items(&stale)
+        } else {
+            self.read_all_items()
+        };
+        self.rebuilds = self.doc.rebuilds();
+        for (uuid, fields) in current {
+            match fields {
+                Some(fields) => self.mirror.insert(uuid, Arc::new(fields)),
+                None => self.mirror.remove(&uuid),
+            };
+        }
+    }
+
+    /// The given items' fields in the document (`None`: not there).
+    fn read_items(&mut self, uuids: &[Arc<str>]) -> Vec<(Arc<str>, Option<ItemFields>)> {
+        let read = |txn: &yrs::Transaction, items: &MapRef| {
+            uuids
+                .iter()
+                .map(|uuid| {
+                    let fields = items.get(txn, uuid).and_then(|v| read_fields(txn, &v));
+                    (uuid.clone(), fields)
+                })
+                .collect()
+        };
+        match self.doc.read(read) {
+            Ok(current) => current,
+            // yrs could not read the document and rebuilt it: compare every item.
+            Err(_) => self.read_all_items(),
+        }
     }
 
     /// Every item of the mirror and of the document, with its fields in the document.
@@ -429,22 +486,23 @@ impl Scene {
             return;
         };
         self.version += 1;
+        if self.peers.is_empty() {
+            self.initialized |= !change.touched.is_empty();
+            self.stale.extend(change.touched);
+            effects.update = Some(change.update);
+            return;
+        }
+        // Compare what the change touched (and anything still stale) with the mirror; after a
+        // rebuild, every item.
         let mut touched = change.touched;
+        touched.extend(self.stale.drain());
         touched.sort_unstable();
-        let read_touched =
-            |txn: &yrs::Transaction, items: &MapRef| -> Vec<(Arc<str>, Option<ItemFields>)> {
-                touched
-                    .iter()
-                    .map(|uuid| {
-                        let fields = items.get(txn, uuid).and_then(|v| read_fields(txn, &v));
-                        (uuid.clone(), fields)
-                    })
-                    .collect()
-            };
-        let current = match self.doc.read(read_touched) {
-            Ok(current) => current,
-            // yrs could not read the document and rebuilt it: compare every item.
-            Err(_) => self.read_all_items(),
+        touched.dedup();
+        let current = if self.rebuilds == self.doc.rebuilds() {
+            self.read_items(&touched)
+        } else {
+            self.rebuilds = self.doc.rebuilds();
+            self.read_all_items()
         };
         for (uuid, fields) in current {
             let old = self.mirror.get(&uuid).cloned();
@@ -814,6 +872,48 @@ mod tests {
             assert_eq!(to(&effects, 1)[0].0, action);
             assert_eq!(to(&effects, 2)[0].0, action);
         }
+    }
+
+    #[test]
+    fn without_legacy_peers_the_mirror_catches_up_when_needed() {
+        let peer = Doc::new();
+        let items = peer.get_or_insert_map("items");
+        let edit = |f: &dyn Fn(&mut yrs::TransactionMut, &MapRef)| {
+            let mut txn = peer.transact_mut();
+            f(&mut txn, &items);
+            txn.encode_update_v1()
+        };
+        let mut scene = Scene::default();
+        let yjs = user("yjs");
+        let added = edit(&|txn, items| {
+            items.insert(txn, "a", MapPrelim::from([("x_mm", Any::from(1.0))]));
+            items.insert(txn, "b", MapPrelim::from([("x_mm", Any::from(2.0))]));
+        });
+        assert!(scene
+            .apply_update(&yjs, &added)
+            .unwrap()
+            .messages
+            .is_empty());
+        assert!(scene.initialized());
+        assert_eq!(scene.item_count(), 2);
+        let moved = edit(&|txn, items| {
+            if let Some(Out::YMap(item)) = items.get(txn, "a") {
+                item.insert(txn, "x_mm", 5.0);
+            }
+            items.remove(txn, "b");
+        });
+        scene.apply_update(&yjs, &moved).unwrap();
+        scene.add_peer(1, false);
+        let state = scene.full_state(Some(1));
+        assert_eq!(state.items.len(), 1);
+        assert_eq!(state.items[0].1["x_mm"], json!(5.0));
+        let renamed = edit(&|txn, items| {
+            if let Some(Out::YMap(item)) = items.get(txn, "a") {
+                item.insert(txn, "name", "L1");
+            }
+        });
+        let effects = scene.apply_update(&yjs, &renamed).unwrap();
+        assert_eq!(to(&effects, 1)[0].0, Action::Update);
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! accepted since). The log is folded into a new base once it outgrows the base, so keeping
 //! it costs at most about twice the document's encoded size.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex};
@@ -18,15 +19,22 @@ use std::sync::{Arc, Mutex};
 use yrs::types::{Event, PathSegment};
 use yrs::updates::decoder::Decode;
 use yrs::updates::encoder::Encode;
-use yrs::{DeepObservable, Doc, MapRef, ReadTxn, StateVector, Transact, TransactionMut, Update};
+use yrs::{
+    DeepObservable, Doc, MapRef, ReadTxn, StateVector, Transact, TransactionMut, Update, WriteTxn,
+};
 
 use super::guard::{self, GuardError};
+use super::order;
 
 /// Name of the root map holding the scene's items (PROTOCOL §2).
 pub const ITEMS: &str = "items";
 
 /// The log is folded into the base once it is larger than this and larger than the base.
 const MIN_LOG_BYTES_BEFORE_FOLD: usize = 256 * 1024;
+
+/// Bound on the blocks held back for a gap; beyond it they are let go, and peers resend them
+/// when they next sync (every y-websocket reconnect does).
+const MAX_HELD_BYTES: usize = 8 * 1024 * 1024;
 
 /// Why the document refused some bytes or an operation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,6 +81,10 @@ pub struct GuardedDoc {
     log: Vec<Vec<u8>>,
     log_bytes: usize,
     rebuilds: u64,
+    /// Blocks that wait for a gap in their client's clocks to be filled (see
+    /// [`order`](super::order)), as one v1 update.
+    held: Option<Vec<u8>>,
+    dropped_held: u64,
 }
 
 impl Default for GuardedDoc {
@@ -95,6 +107,8 @@ impl GuardedDoc {
             log: Vec::new(),
             log_bytes: 0,
             rebuilds: 0,
+            held: None,
+            dropped_held: 0,
         }
     }
 
@@ -120,29 +134,93 @@ impl GuardedDoc {
         self.rebuilds
     }
 
-    /// Applies an untrusted v1 update. `Ok(None)` when it changed nothing.
+    /// Bytes of blocks waiting for a gap to be filled.
+    pub fn held_bytes(&self) -> usize {
+        self.held.as_ref().map_or(0, Vec::len)
+    }
+
+    /// How many times the held blocks outgrew their bound and were let go.
+    pub fn dropped_held(&self) -> u64 {
+        self.dropped_held
+    }
+
+    /// Applies an untrusted v1 update. `Ok(None)` when it changed nothing (a duplicate, or
+    /// blocks held until what they follow arrives: see [`order`](super::order)).
     pub fn apply_update(&mut self, bytes: &[u8]) -> Result<Option<Change>, DocError> {
-        guard::check_update_v1(bytes)?;
-        let update = Update::decode_v1(bytes).map_err(|e| DocError::Malformed(e.to_string()))?;
-        let (result, change) = match self.transact(move |txn, _| txn.apply_update(update)) {
-            // yrs 0.28.1 panics integrating some valid updates (merged ones whose skip ranges
-            // overlap what the document already holds). The document was rebuilt; retry once
-            // with only what it lacks.
-            Err(DocError::Panicked) => {
-                let sv = self.state_vector_v1();
-                let missing = catch_unwind(|| yrs::diff_updates_v1(bytes, &sv))
-                    .map_err(|_| DocError::Panicked)?
-                    .map_err(|e| DocError::Malformed(e.to_string()))?;
-                guard::check_update_v1(&missing)?;
-                let update =
-                    Update::decode_v1(&missing).map_err(|e| DocError::Malformed(e.to_string()))?;
-                self.transact(move |txn, _| txn.apply_update(update))?
+        let held = self.held.take();
+        match self.apply_with_held(bytes, held.as_deref()) {
+            Ok((change, still_held)) => {
+                self.held = still_held.filter(|h| {
+                    // Peers resend what the document lacks whenever they sync.
+                    let keep = h.len() <= MAX_HELD_BYTES;
+                    self.dropped_held += u64::from(!keep);
+                    keep
+                });
+                Ok(change)
             }
-            other => other?,
-        };
-        match result {
-            Ok(()) => Ok(change),
             Err(e) => {
+                self.held = held;
+                Err(e)
+            }
+        }
+    }
+
+    /// [`apply_update`](Self::apply_update) with the blocks held so far; also returns what is
+    /// held afterwards.
+    #[allow(clippy::type_complexity)]
+    fn apply_with_held(
+        &mut self,
+        bytes: &[u8],
+        held: Option<&[u8]>,
+    ) -> Result<(Option<Change>, Option<Vec<u8>>), DocError> {
+        let decodes =
+            |bytes: &[u8]| Update::decode_v1(bytes).map_err(|e| DocError::Malformed(e.to_string()));
+        let layout = guard::layout_update_v1(bytes)?;
+        let (merged, layout) = match held {
+            None => (Cow::Borrowed(bytes), layout),
+            Some(held) => {
+                // Bad bytes are refused before they are merged with the held ones.
+                decodes(bytes)?;
+                let merged = merge_v1(held, bytes)?;
+                let layout = guard::layout_update_v1(&merged)?;
+                (Cow::Owned(merged), layout)
+            }
+        };
+        let sv = self.doc.transact().state_vector();
+        let split = order::split(&merged, &layout, &sv);
+        if held.is_none() && (split.held.is_some() || matches!(split.ready, Cow::Owned(_))) {
+            // Only part of the bytes is applied now: all of them must decode, so that nothing
+            // yrs refuses is held.
+            decodes(bytes)?;
+        }
+        let update = decodes(&split.ready)?;
+        let (result, change) = self.transact(move |txn, _| {
+            let result = txn.apply_update(update);
+            // What yrs could not integrate (blocks or deletions whose dependencies are
+            // missing) joins the held blocks rather than stay in yrs, whose encodings would
+            // carry it behind skips.
+            (
+                result,
+                txn.prune_pending().map(|pending| pending.encode_v1()),
+            )
+        })?;
+        match result {
+            (Ok(()), pending) => {
+                let still_held = match (split.held, pending) {
+                    (None, None) => None,
+                    (Some(held), None) | (None, Some(held)) => Some(held),
+                    // The change is applied: nothing may fail from here on.
+                    (Some(held), Some(pending)) => match merge_v1(&held, &pending) {
+                        Ok(merged) => Some(merged),
+                        Err(_) => {
+                            self.dropped_held += 1;
+                            Some(held)
+                        }
+                    },
+                };
+                Ok((change, still_held))
+            }
+            (Err(e), _) => {
                 // yrs may integrate part of an update before it finds the error: take the
                 // part back out, so a rejected update changes nothing.
                 if change.is_some() {
@@ -172,7 +250,10 @@ impl GuardedDoc {
             let update = if txn.before_state() == txn.after_state() && txn.delete_set().is_empty() {
                 Vec::new()
             } else {
-                txn.encode_update_v1()
+                // yrs's encoder starts at 1 KiB; the update is kept (log, store queue).
+                let mut update = txn.encode_update_v1();
+                update.shrink_to_fit();
+                update
             };
             (result, update)
         }));
@@ -248,6 +329,7 @@ impl GuardedDoc {
 
     fn fold_log(&mut self) -> Result<(), DocError> {
         self.base = self.encode_state_v1()?;
+        self.base.shrink_to_fit();
         self.log.clear();
         self.log_bytes = 0;
         Ok(())
@@ -315,6 +397,14 @@ fn apply_all<'a>(doc: &Doc, updates: impl Iterator<Item = &'a [u8]>) -> Result<(
             .map_err(|e| DocError::Malformed(e.to_string()))?;
     }
     Ok(())
+}
+
+/// Two v1 updates merged into one. yrs merges under `catch_unwind` like every other call on
+/// bytes a client wrote.
+fn merge_v1(a: &[u8], b: &[u8]) -> Result<Vec<u8>, DocError> {
+    catch_unwind(|| yrs::merge_updates_v1([a, b]))
+        .map_err(|_| DocError::Panicked)?
+        .map_err(|e| DocError::Malformed(e.to_string()))
 }
 
 /// A document from trusted parts, or `None` when yrs panics applying or encoding them.
@@ -399,6 +489,43 @@ mod tests {
             .encode_diff_v1(&[0xff, 0xff, 0xff, 0xff, 0x0f, 0, 0, 0])
             .is_err());
         assert_eq!(doc.encode_state_v1().unwrap(), before);
+    }
+
+    #[test]
+    fn out_of_order_updates_wait_for_what_they_follow() {
+        let peer = Doc::with_client_id(9);
+        let items = peer.get_or_insert_map(ITEMS);
+        let edits: Vec<Vec<u8>> = (0..3)
+            .map(|i| {
+                let mut txn = peer.transact_mut();
+                items.insert(&mut txn, format!("k{i}"), i as f64);
+                txn.encode_update_v1()
+            })
+            .collect();
+        let mut doc = GuardedDoc::new();
+        assert!(doc.apply_update(&edits[2]).unwrap().is_none());
+        assert!(doc.apply_update(&edits[1]).unwrap().is_none());
+        assert!(doc.held_bytes() > 0);
+        let before = doc.encode_state_v1().unwrap();
+        for bad in [&[0xff, 0xff, 0xff, 0x0f][..], &[1, 1, 9, 0, 4, 1]] {
+            assert!(doc.apply_update(bad).is_err());
+        }
+        assert_eq!(
+            doc.encode_state_v1().unwrap(),
+            before,
+            "refused bytes change nothing"
+        );
+        let change = doc.apply_update(&edits[0]).unwrap().expect("a change");
+        assert_eq!(
+            change.touched.len(),
+            3,
+            "the held edits are applied with the missing one"
+        );
+        assert_eq!(doc.held_bytes(), 0);
+        assert_eq!(
+            StateVector::decode_v1(&doc.state_vector_v1()).unwrap(),
+            peer.transact().state_vector()
+        );
     }
 
     #[test]

@@ -106,21 +106,29 @@ pub fn sync_step1(state_vector_v1: &[u8]) -> Bytes {
 }
 
 /// `Sync(SyncStep2(update))`.
-pub fn sync_step2(update: Vec<u8>) -> Bytes {
-    encode(&Message::Sync(SyncMessage::SyncStep2(update)))
+pub fn sync_step2(update: &[u8]) -> Bytes {
+    frame(&[MSG_SYNC, MSG_SYNC_STEP_2], update)
 }
 
 /// `Sync(Update(update))`.
-pub fn sync_update(update: Vec<u8>) -> Bytes {
-    encode(&Message::Sync(SyncMessage::Update(update)))
+pub fn sync_update(update: &[u8]) -> Bytes {
+    frame(&[MSG_SYNC, MSG_SYNC_UPDATE], update)
 }
 
 /// An awareness frame around already encoded awareness-update bytes.
 pub fn awareness(update_v1: &[u8]) -> Bytes {
-    let mut frame = Vec::with_capacity(update_v1.len() + 6);
-    write_var(&mut frame, u64::from(MSG_AWARENESS));
-    write_var(&mut frame, update_v1.len() as u64);
-    frame.extend_from_slice(update_v1);
+    frame(&[MSG_AWARENESS], update_v1)
+}
+
+/// A frame of message tags and one length-prefixed payload, allocated at its exact size
+/// (yrs's encoder starts every frame at 1 KiB, and broadcast frames wait in queues).
+fn frame(tags: &[u8], payload: &[u8]) -> Bytes {
+    let mut frame = Vec::with_capacity(tags.len() + 10 + payload.len());
+    for tag in tags {
+        write_var(&mut frame, u64::from(*tag));
+    }
+    write_var(&mut frame, payload.len() as u64);
+    frame.extend_from_slice(payload);
     Bytes::from(frame)
 }
 
@@ -147,11 +155,11 @@ mod tests {
             .encode_state_as_update_v1(&StateVector::default());
         let sv = doc.transact().state_vector().encode_v1();
         assert_eq!(
-            decode(&sync_update(update.clone())).unwrap(),
+            decode(&sync_update(&update)).unwrap(),
             YjsMessage::Update(update.clone())
         );
         assert_eq!(
-            decode(&sync_step2(update.clone())).unwrap(),
+            decode(&sync_step2(&update)).unwrap(),
             YjsMessage::SyncStep2(update.clone())
         );
         assert_eq!(decode(&sync_step1(&sv)).unwrap(), YjsMessage::SyncStep1(sv));

@@ -14,10 +14,11 @@ use futures_util::SinkExt;
 use tokio::time::{sleep_until, Instant};
 use tracing::{info, warn};
 
-use super::AppState;
+use super::{AppState, ConnectionGuard};
 use crate::doc::PeerId;
 use crate::protocol::json::{self, ErrorCode, ProtocolError};
 use crate::protocol::yjs;
+use crate::session::outbox::Next;
 use crate::session::outbox::{
     CloseReason, CLOSE_GOING_AWAY, CLOSE_IDLE, CLOSE_INTERNAL, CLOSE_TOO_BIG,
 };
@@ -54,9 +55,18 @@ pub async fn close(mut socket: WebSocket, reason: CloseReason) {
     .await;
 }
 
-/// Serves one connection until it closes.
-pub async fn serve(mut socket: WebSocket, state: AppState, target: ConnectionTarget) {
-    let _guard = state.connections.enter();
+/// Joins the connection's session. On failure the client is told and the socket closed, and
+/// `None` is returned.
+///
+/// Thousands of connections sit idle in their tasks, and a future is as large as its largest
+/// state: the caller awaits this one in its own allocation, freed once joined, so that the
+/// task keeps only what serving needs.
+pub async fn open(
+    mut socket: WebSocket,
+    state: AppState,
+    target: ConnectionTarget,
+) -> Option<(Connection, WebSocket, Inbox)> {
+    let guard = state.connections.enter();
     let peer = state.registry.next_peer_id();
     let (outbox, inbox) = outbox(state.config.max_queue_bytes);
     let request = JoinRequest {
@@ -76,33 +86,43 @@ pub async fn serve(mut socket: WebSocket, state: AppState, target: ConnectionTar
                 let text = Utf8Bytes::from(json::encode_error(&error));
                 let _ = socket.send(Message::Text(text)).await;
             }
-            close(socket, CLOSE_INTERNAL).await;
-            return;
+            Box::pin(close(socket, CLOSE_INTERNAL)).await;
+            return None;
         }
     };
-    let user = target.user.as_deref().unwrap_or("-").to_owned();
-    info!(session = %target.session, user, peer, kind = ?target.kind, "connection opened");
-    let mut connection = Connection {
+    let user: Arc<str> = target.user.unwrap_or_else(|| Arc::from("-"));
+    info!(session = %target.session, user = %user, peer, kind = ?target.kind, "connection opened");
+    let connection = Connection {
         state,
         session,
         peer,
+        user,
         kind: target.kind,
         outbox,
+        _guard: guard,
     };
-    let reason = connection.run(socket, inbox).await;
-    let _ = connection.session.send(SessionMsg::Leave(peer)).await;
-    info!(session = %target.session, user, peer, code = reason.code, "connection closed");
+    Some((connection, socket, inbox))
 }
 
-struct Connection {
+/// A joined connection.
+pub struct Connection {
     state: AppState,
     session: SessionHandle,
     peer: PeerId,
+    user: Arc<str>,
     kind: ConnKind,
     outbox: Outbox,
+    _guard: ConnectionGuard,
 }
 
 impl Connection {
+    /// Serves the connection until it closes, then leaves the session.
+    pub async fn serve(mut self, socket: WebSocket, inbox: Inbox) {
+        let reason = self.run(socket, inbox).await;
+        let _ = self.session.send(SessionMsg::Leave(self.peer)).await;
+        info!(session = %self.session.id, user = %self.user, peer = self.peer, code = reason.code, "connection closed");
+    }
+
     async fn run(&mut self, mut socket: WebSocket, mut inbox: Inbox) -> CloseReason {
         let mut shutdown = self.state.shutdown.clone();
         let idle_timeout = self.state.config.idle_timeout;
@@ -111,22 +131,19 @@ impl Connection {
         let mut idle_deadline = Instant::now() + idle_timeout;
         let mut ping = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
         let mut pong_due = false;
-        let mut close_signal = inbox.close.clone();
         let reason = loop {
             tokio::select! {
                 biased;
-                _ = close_signal.changed() => {
-                    if let Some(reason) = *close_signal.borrow() {
-                        break reason;
+                next = inbox.next() => match next {
+                    Next::Close(reason) => break reason,
+                    Next::Ended => break CLOSE_INTERNAL,
+                    Next::Write(frame) => {
+                        if write_queued(&mut socket, frame, &mut inbox).await.is_err() {
+                            return CLOSE_GOING_AWAY;
+                        }
                     }
-                }
+                },
                 _ = shutdown.changed() => break CLOSE_GOING_AWAY,
-                frame = inbox.recv() => {
-                    let Some(frame) = frame else { break CLOSE_INTERNAL };
-                    if write_queued(&mut socket, frame, &mut inbox).await.is_err() {
-                        return CLOSE_GOING_AWAY;
-                    }
-                }
                 incoming = socket.recv() => {
                     idle_deadline = Instant::now() + idle_timeout;
                     match incoming {
@@ -155,7 +172,7 @@ impl Connection {
                 }
             }
         };
-        close(socket, reason).await;
+        Box::pin(close(socket, reason)).await;
         reason
     }
 

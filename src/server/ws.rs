@@ -19,7 +19,7 @@ use crate::session::outbox::CLOSE_INVALID_PATH;
 use crate::session::ConnKind;
 
 /// Initial read buffer of a connection.
-const READ_BUFFER_BYTES: usize = 4 * 1024;
+const READ_BUFFER_BYTES: usize = 1024;
 /// Frames are written once this many bytes are buffered, or when the outbox is drained.
 const WRITE_BUFFER_BYTES: usize = 16 * 1024;
 
@@ -87,8 +87,13 @@ fn upgrade(ws: WebSocketUpgrade, state: AppState, target: Option<ConnectionTarge
         .write_buffer_size(WRITE_BUFFER_BYTES)
         .on_upgrade(move |socket| async move {
             match target {
-                Some(target) => connection::serve(socket, state, target).await,
-                None => connection::close(socket, CLOSE_INVALID_PATH).await,
+                Some(target) => {
+                    let opened = Box::pin(connection::open(socket, state, target)).await;
+                    if let Some((connection, socket, inbox)) = opened {
+                        connection.serve(socket, inbox).await;
+                    }
+                }
+                None => Box::pin(connection::close(socket, CLOSE_INVALID_PATH)).await,
             }
         })
 }

@@ -104,7 +104,14 @@ pub struct SessionHandle {
 impl SessionHandle {
     /// Sends a message; `Err` when the session task has stopped (look it up again).
     pub async fn send(&self, msg: SessionMsg) -> Result<(), SessionMsg> {
-        self.tx.send(msg).await.map_err(|e| e.0)
+        use tokio::sync::mpsc::error::TrySendError;
+        match self.tx.try_send(msg) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Closed(msg)) => Err(msg),
+            // The session is busy: wait for room. That future lives in its own allocation,
+            // so that it does not enlarge every connection's future (see `connection`).
+            Err(TrySendError::Full(msg)) => Box::pin(self.tx.send(msg)).await.map_err(|e| e.0),
+        }
     }
 
     fn same_task(&self, other: &SessionHandle) -> bool {

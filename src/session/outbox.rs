@@ -5,12 +5,13 @@
 //! closed with 1013 through a separate signal (its queue is, by definition, backed up) and
 //! resyncs when it reconnects. Nothing is ever dropped silently.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::Notify;
 
 /// A frame for one connection. Broadcast frames share their bytes.
 #[derive(Debug, Clone)]
@@ -80,95 +81,158 @@ pub const CLOSE_REPLACED: CloseReason = CloseReason {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Overflow;
 
-/// The session's end of a connection's queue.
-#[derive(Debug, Clone)]
-pub struct Outbox {
-    tx: mpsc::UnboundedSender<Frame>,
-    queued: Arc<AtomicUsize>,
+/// What both ends share. A plain deque behind a mutex (held for a push or a pop, never across
+/// an await) and one `Notify`: an idle connection costs a couple of hundred bytes here, where
+/// a tokio channel plus a watch channel cost about two kilobytes, and thousands of connections
+/// sit idle.
+#[derive(Debug)]
+struct Shared {
+    frames: Mutex<VecDeque<Frame>>,
+    queued: AtomicUsize,
+    /// Live `Outbox` handles; the queue ends when the last one is dropped.
+    senders: AtomicUsize,
+    close: Mutex<Option<CloseReason>>,
+    /// Woken on every push, on a close request and when the last sender goes.
+    wake: Notify,
     max_bytes: usize,
-    close: Arc<watch::Sender<Option<CloseReason>>>,
 }
 
-/// The connection's end: frames to write, and the close signal.
+impl Shared {
+    fn frames(&self) -> std::sync::MutexGuard<'_, VecDeque<Frame>> {
+        self.frames.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn close_reason(&self) -> Option<CloseReason> {
+        *self.close.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The session's end of a connection's queue.
+#[derive(Debug)]
+pub struct Outbox {
+    shared: Arc<Shared>,
+}
+
+/// The connection's end: frames to write, and the close request.
 #[derive(Debug)]
 pub struct Inbox {
-    rx: mpsc::UnboundedReceiver<Frame>,
-    queued: Arc<AtomicUsize>,
-    pub close: watch::Receiver<Option<CloseReason>>,
+    shared: Arc<Shared>,
+}
+
+/// What the connection should do next.
+#[derive(Debug)]
+pub enum Next {
+    Write(Frame),
+    /// The session asked for the connection to close.
+    Close(CloseReason),
+    /// The session dropped every handle of the queue.
+    Ended,
 }
 
 /// A new queue bounded to `max_bytes` queued bytes.
 pub fn outbox(max_bytes: usize) -> (Outbox, Inbox) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let (close_tx, close_rx) = watch::channel(None);
-    let queued = Arc::new(AtomicUsize::new(0));
+    let shared = Arc::new(Shared {
+        frames: Mutex::new(VecDeque::new()),
+        queued: AtomicUsize::new(0),
+        senders: AtomicUsize::new(1),
+        close: Mutex::new(None),
+        wake: Notify::new(),
+        max_bytes,
+    });
     (
         Outbox {
-            tx,
-            queued: queued.clone(),
-            max_bytes,
-            close: Arc::new(close_tx),
+            shared: shared.clone(),
         },
-        Inbox {
-            rx,
-            queued,
-            close: close_rx,
-        },
+        Inbox { shared },
     )
+}
+
+impl Clone for Outbox {
+    fn clone(&self) -> Self {
+        self.shared.senders.fetch_add(1, Ordering::AcqRel);
+        Outbox {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        if self.shared.senders.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.shared.wake.notify_one();
+        }
+    }
 }
 
 impl Outbox {
     /// Queues a frame, or closes the connection with 1013 when the queue would pass its bound.
     pub fn send(&self, frame: Frame) -> Result<(), Overflow> {
         let len = frame.len();
-        let queued = self.queued.fetch_add(len, Ordering::AcqRel) + len;
-        if queued > self.max_bytes {
-            self.queued.fetch_sub(len, Ordering::AcqRel);
+        let queued = self.shared.queued.fetch_add(len, Ordering::AcqRel) + len;
+        if queued > self.shared.max_bytes {
+            self.shared.queued.fetch_sub(len, Ordering::AcqRel);
             self.close(CLOSE_SLOW);
             return Err(Overflow);
         }
-        if self.tx.send(frame).is_err() {
-            self.queued.fetch_sub(len, Ordering::AcqRel);
-        }
+        self.shared.frames().push_back(frame);
+        self.shared.wake.notify_one();
         Ok(())
     }
 
     /// Asks the connection to close with `reason` (the first reason wins).
     pub fn close(&self, reason: CloseReason) {
-        self.close.send_if_modified(|current| {
-            if current.is_none() {
-                *current = Some(reason);
-                true
-            } else {
-                false
-            }
-        });
+        let mut close = self.shared.close.lock().unwrap_or_else(|p| p.into_inner());
+        if close.is_none() {
+            *close = Some(reason);
+            drop(close);
+            self.shared.wake.notify_one();
+        }
     }
 
     /// Bytes queued and not yet written.
     pub fn queued_bytes(&self) -> usize {
-        self.queued.load(Ordering::Acquire)
+        self.shared.queued.load(Ordering::Acquire)
     }
 }
 
+/// Capacity a drained queue keeps; a burst's larger buffer is given back.
+const IDLE_QUEUE_CAPACITY: usize = 16;
+
 impl Inbox {
-    /// The next frame to write; `None` once the session dropped the outbox.
-    pub async fn recv(&mut self) -> Option<Frame> {
-        let frame = self.rx.recv().await?;
-        self.queued.fetch_sub(frame.len(), Ordering::AcqRel);
-        Some(frame)
+    /// Waits for what to do next. A close request comes before frames still queued.
+    pub async fn next(&mut self) -> Next {
+        loop {
+            if let Some(reason) = self.shared.close_reason() {
+                return Next::Close(reason);
+            }
+            if let Some(frame) = self.try_recv() {
+                return Next::Write(frame);
+            }
+            if self.shared.senders.load(Ordering::Acquire) == 0 {
+                return Next::Ended;
+            }
+            // `notify_one` keeps a permit when nobody waits, so a push between the checks
+            // above and this await is not missed.
+            self.shared.wake.notified().await;
+        }
     }
 
     /// A frame that is already queued, without waiting.
     pub fn try_recv(&mut self) -> Option<Frame> {
-        let frame = self.rx.try_recv().ok()?;
-        self.queued.fetch_sub(frame.len(), Ordering::AcqRel);
+        let mut frames = self.shared.frames();
+        let frame = frames.pop_front();
+        if frames.is_empty() && frames.capacity() > IDLE_QUEUE_CAPACITY {
+            frames.shrink_to(IDLE_QUEUE_CAPACITY);
+        }
+        drop(frames);
+        let frame = frame?;
+        self.shared.queued.fetch_sub(frame.len(), Ordering::AcqRel);
         Some(frame)
     }
 
     /// The close reason, once one was given.
     pub fn close_reason(&self) -> Option<CloseReason> {
-        *self.close.borrow()
+        self.shared.close_reason()
     }
 }
 
@@ -176,18 +240,19 @@ impl Inbox {
 mod tests {
     use super::*;
 
+    fn frame(bytes: &'static [u8]) -> Frame {
+        Frame::Binary(Bytes::from_static(bytes))
+    }
+
     #[tokio::test]
-    async fn overflow_closes_with_1013_and_keeps_what_was_queued() {
+    async fn overflow_closes_with_1013_and_the_close_comes_first() {
         let (out, mut inbox) = outbox(10);
-        out.send(Frame::Binary(Bytes::from_static(b"123456")))
-            .unwrap();
+        out.send(frame(b"123456")).unwrap();
         assert_eq!(out.queued_bytes(), 6);
-        assert_eq!(
-            out.send(Frame::Binary(Bytes::from_static(b"123456"))),
-            Err(Overflow)
-        );
+        assert_eq!(out.send(frame(b"123456")), Err(Overflow));
         assert_eq!(inbox.close_reason(), Some(CLOSE_SLOW));
-        assert_eq!(inbox.recv().await.unwrap().len(), 6);
+        assert!(matches!(inbox.next().await, Next::Close(CLOSE_SLOW)));
+        assert_eq!(inbox.try_recv().unwrap().len(), 6);
         assert_eq!(out.queued_bytes(), 0);
     }
 
@@ -197,5 +262,27 @@ mod tests {
         out.close(CLOSE_REPLACED);
         out.close(CLOSE_SLOW);
         assert_eq!(inbox.close_reason(), Some(CLOSE_REPLACED));
+    }
+
+    #[tokio::test]
+    async fn frames_come_in_order_and_the_queue_ends_with_its_last_sender() {
+        let (out, mut inbox) = outbox(100);
+        let second = out.clone();
+        let waiter = tokio::spawn(async move {
+            let mut got = Vec::new();
+            loop {
+                match inbox.next().await {
+                    Next::Write(frame) => got.push(frame.len()),
+                    Next::Ended => return got,
+                    Next::Close(reason) => panic!("unexpected close {reason:?}"),
+                }
+            }
+        });
+        out.send(frame(b"1")).unwrap();
+        second.send(frame(b"22")).unwrap();
+        drop(out);
+        second.send(frame(b"333")).unwrap();
+        drop(second);
+        assert_eq!(waiter.await.unwrap(), vec![1, 2, 3]);
     }
 }

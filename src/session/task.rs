@@ -26,6 +26,8 @@ use crate::warn_limit::WarnLimiter;
 
 /// Most messages handled before their effects are written and sent.
 const BATCH: usize = 256;
+/// Room for messages kept between batches.
+const IDLE_BATCH_CAPACITY: usize = 8;
 /// How often awareness states are checked for expiry.
 const AWARENESS_TICK: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -65,6 +67,19 @@ struct Pending {
     replies: Vec<(ApplyReply, Result<(), String>)>,
 }
 
+/// What a fresh y-websocket client (SyncStep1 with an empty state vector) is answered: the
+/// whole document as one SyncStep2 frame, encoded once and kept until the document changes.
+/// Encoding a 10,000-item scene costs tens of milliseconds; a late joiner of an unchanged
+/// scene now costs the session a reference-count increment.
+struct StateCache {
+    whole: Frame,
+    /// The document's rebuild count when `whole` was encoded: a rebuild may change the state.
+    rebuilds: u64,
+}
+
+/// A v1 state vector with no entries: what a client with an empty document sends.
+const EMPTY_STATE_VECTOR: [u8; 1] = [0];
+
 struct SessionTask {
     id: Arc<str>,
     registry: Arc<Registry>,
@@ -78,6 +93,7 @@ struct SessionTask {
     stored: StoredLog,
     /// Join order of members (peer ids are handed out before joins are queued).
     joins: u64,
+    state_cache: Option<StateCache>,
     warnings: WarnLimiter,
     /// The store failed; the in-memory document holds changes that are not durable.
     failed: bool,
@@ -109,6 +125,7 @@ pub(super) fn spawn(
                     idle_since: Some(Instant::now()),
                     stored,
                     joins: 0,
+                    state_cache: None,
                     warnings: WarnLimiter::default(),
                     failed: false,
                 };
@@ -158,7 +175,9 @@ async fn refuse_queued(mut rx: mpsc::Receiver<SessionMsg>, reason: JoinError) {
 impl SessionTask {
     async fn run(mut self, mut rx: mpsc::Receiver<SessionMsg>) {
         let mut shutdown = self.registry.shutdown.clone();
-        let mut batch = Vec::with_capacity(BATCH);
+        // Grown by `recv_many` as needed and shrunk after a burst: an idle session (there may be
+        // thousands) keeps no room for 256 messages.
+        let mut batch = Vec::new();
         let mut awareness_tick = tokio::time::interval(AWARENESS_TICK);
         loop {
             let evict_at = self
@@ -174,6 +193,7 @@ impl SessionTask {
                             self.handle(msg);
                         }
                     }));
+                    batch.shrink_to(IDLE_BATCH_CAPACITY);
                     if handled.is_err() {
                         // A bug, not bad input (that is rejected before it gets here). The
                         // batch's changes are not durable: drop the session, keep the server.
@@ -439,8 +459,9 @@ impl SessionTask {
             return;
         }
         match msg {
+            YjsMessage::SyncStep1(sv) if sv == EMPTY_STATE_VECTOR => self.send_whole_state(peer),
             YjsMessage::SyncStep1(sv) => match self.scene.doc_mut().encode_diff_v1(&sv) {
-                Ok(diff) => self.send(peer, Frame::Binary(yjs::sync_step2(diff))),
+                Ok(diff) => self.send(peer, Frame::Binary(yjs::sync_step2(&diff))),
                 Err(e) => self.reject(
                     peer,
                     ProtocolError::new(ErrorCode::BadMessage, e.to_string()),
@@ -475,6 +496,30 @@ impl SessionTask {
         }
     }
 
+    /// Answers a SyncStep1 from an empty document from the [`StateCache`], filling it first.
+    fn send_whole_state(&mut self, peer: PeerId) {
+        let rebuilds = self.scene.doc().rebuilds();
+        if self
+            .state_cache
+            .as_ref()
+            .is_none_or(|c| c.rebuilds != rebuilds)
+        {
+            self.state_cache = match self.encode_state() {
+                Ok(whole) => Some(StateCache {
+                    whole: Frame::Binary(yjs::sync_step2(&whole)),
+                    rebuilds,
+                }),
+                Err(e) => {
+                    self.reject(peer, ProtocolError::new(ErrorCode::Unavailable, e));
+                    return;
+                }
+            };
+        }
+        if let Some(cache) = &self.state_cache {
+            self.pending.frames.push((peer, cache.whole.clone()));
+        }
+    }
+
     /// Reports rejected input: an `error` message to JSON-speaking connections, a
     /// (rate-limited) warning in the log.
     fn reject(&mut self, peer: PeerId, error: ProtocolError) {
@@ -496,8 +541,9 @@ impl SessionTask {
     fn emit(&mut self, effects: Effects, origin: Option<PeerId>) {
         if let Some(update) = effects.update {
             metrics::counter!("collab_updates_applied_total").increment(1);
-            let frame = Frame::Binary(yjs::sync_update(update.clone()));
+            let frame = Frame::Binary(yjs::sync_update(&update));
             self.pending.updates.push(update);
+            self.state_cache = None;
             let targets: Vec<PeerId> = self
                 .members
                 .iter()

@@ -1,0 +1,822 @@
+//! `legacy_convergence`: 2–4 Optiverse desktop clients (legacy connections registered with
+//! `Scene::add_peer`) and 0–2 Yjs clients edit one `Scene` in any interleaving. Each legacy
+//! client is modelled as PROTOCOL §3.3 describes the desktop client (the model of
+//! `tests/convergence.rs`): it edits its canvas first and then sends its whole dict as a JSON
+//! `command` (parsed by `parse_client_message`), and applies what the server sent it whenever
+//! the script says, possibly much later: `add_item` always creates a new object, `move_item`
+//! sets `x_mm`/`y_mm`/`angle_deg`, `update_item` replaces the whole dict, `remove_item`
+//! deletes, `sync:full_state` clears and rebuilds (except on the host). It applies its join
+//! full state before it edits. Once everything is delivered, every client's canvas equals the
+//! document (`Scene::full_state(None)`), and no `add_item` ever reached a client that held
+//! the item.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+
+use optiverse_collab::doc::scene::item_type_of;
+use optiverse_collab::doc::value::json_to_any;
+use optiverse_collab::doc::{Action, CommandMessage, Effects, ItemFields, PeerId, Scene};
+use optiverse_collab::protocol::json::{parse_client_message, ClientMessage};
+use serde_json::{json, Map, Value};
+use yrs::updates::decoder::Decode;
+use yrs::updates::encoder::Encode;
+use yrs::{
+    Any, Doc, Map as _, MapPrelim, MapRef, Out, ReadTxn, StateVector, Transact, TransactionMut,
+    Update,
+};
+
+use super::util::{doc_json, fixture_items, items_json, mirror_json};
+
+/// `LEGACY_TRACE=1` prints every step, frame and delivery (when replaying an input).
+fn tracing() -> bool {
+    std::env::var_os("LEGACY_TRACE").is_some()
+}
+
+/// One test script.
+#[derive(Debug, Clone)]
+pub struct LegacyScript {
+    /// 2 + `clients % 3` legacy clients.
+    pub clients: u8,
+    /// `yjs % 3` Yjs clients.
+    pub yjs: u8,
+    pub ops: Vec<LegacyOp>,
+}
+
+#[cfg(not(test))]
+impl<'a> arbitrary::Arbitrary<'a> for LegacyScript {
+    fn arbitrary(u: &mut arbitrary::Unstructured<'a>) -> arbitrary::Result<Self> {
+        Ok(LegacyScript {
+            clients: u.arbitrary()?,
+            yjs: u.arbitrary()?,
+            ops: super::util::steps(u)?,
+        })
+    }
+}
+
+/// One step. A legacy client connects at its first step.
+#[cfg_attr(not(test), derive(arbitrary::Arbitrary))]
+#[derive(Debug, Clone)]
+pub enum LegacyOp {
+    /// The client applies up to `n % 16 + 1` of the messages that reached it.
+    Apply {
+        client: u8,
+        n: u8,
+    },
+    Add {
+        client: u8,
+        template: u8,
+        x: i16,
+        y: i16,
+    },
+    Move {
+        client: u8,
+        pick: u8,
+        x: i16,
+        y: i16,
+        angle: Option<u16>,
+        /// A drag step: `move_item` then `update_item`.
+        drag: bool,
+    },
+    Update {
+        client: u8,
+        pick: u8,
+        change: Change,
+    },
+    Remove {
+        client: u8,
+        pick: u8,
+    },
+    /// The host uploads its canvas (`sync:full_state`).
+    Upload {
+        client: u8,
+    },
+    /// `sync:request`; the client waits for the answer.
+    SyncRequest {
+        client: u8,
+    },
+    /// The socket drops and the client reconnects (undelivered messages are lost).
+    Reconnect {
+        client: u8,
+    },
+    /// A Yjs client edits its copy and sends the update.
+    Yjs {
+        client: u8,
+        op: YjsOp,
+    },
+    /// A Yjs client catches up (SyncStep1 → SyncStep2).
+    YjsPull {
+        client: u8,
+    },
+}
+
+/// A local edit of one field by a legacy client.
+#[cfg_attr(not(test), derive(arbitrary::Arbitrary))]
+#[derive(Debug, Clone)]
+pub enum Change {
+    Name(u16),
+    ZValue(u8),
+    Locked(bool),
+    Notes(u16),
+    /// Changes the nested `interfaces` list.
+    Interface {
+        index: u8,
+        efl: i16,
+    },
+}
+
+/// An edit by a Yjs client on its copy of the document.
+#[cfg_attr(not(test), derive(arbitrary::Arbitrary))]
+#[derive(Debug, Clone)]
+pub enum YjsOp {
+    Set {
+        pick: u8,
+        field: u8,
+        value: i16,
+    },
+    Move {
+        pick: u8,
+        x: i16,
+        y: i16,
+    },
+    Remove {
+        pick: u8,
+    },
+    /// A new item; `typed` gives it `item_type` and `item_uuid` fields.
+    Add {
+        template: u8,
+        x: i16,
+        typed: bool,
+    },
+    /// A new item map under an existing uuid (the old map is deleted).
+    Replace {
+        pick: u8,
+        template: u8,
+    },
+    /// Writes inside a nested `Y.Map` field `meta`.
+    Nested {
+        pick: u8,
+        key: u8,
+        value: i16,
+    },
+    DeleteField {
+        pick: u8,
+        field: u8,
+    },
+}
+
+/// Fields a Yjs client sets (never `item_type`: a non-string type is not a real case).
+const YJS_FIELDS: [&str; 7] = [
+    "name",
+    "z_value",
+    "locked",
+    "notes",
+    "x_mm",
+    "y_mm",
+    "angle_deg",
+];
+
+fn coordinate(v: i16) -> Value {
+    json!(f64::from(v) / 4.0)
+}
+
+/// A message on its way to a legacy client.
+enum Msg {
+    Command(Arc<CommandMessage>),
+    FullState(Vec<(Arc<str>, Arc<ItemFields>)>),
+}
+
+/// An item of a full state as the client receives it (`protocol::json::SceneItem`), without
+/// the `uuid` key the client uses as the object's id.
+fn full_state_item(uuid: &str, fields: &ItemFields) -> Map<String, Value> {
+    let mut item: Map<String, Value> = fields
+        .iter()
+        .filter(|(k, _)| !["uuid", "item_uuid", "item_type"].contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    item.insert("item_uuid".into(), json!(uuid));
+    item.insert("item_type".into(), json!(item_type_of(fields)));
+    item
+}
+
+/// An item's fields as legacy clients compare them (like `tests/common::normalize`).
+fn normalize(fields: &Map<String, Value>) -> Value {
+    let mut fields = fields.clone();
+    fields.remove("uuid");
+    fields.remove("item_uuid");
+    Value::Object(fields)
+}
+
+/// An Optiverse desktop client.
+struct Client {
+    name: String,
+    peer: Option<PeerId>,
+    /// The current connection was told it is the host (it ignores full states).
+    is_host: bool,
+    /// The canvas: a list, so a wrong `add_item` shows up as a duplicate.
+    objects: Vec<(String, Map<String, Value>)>,
+    inbox: VecDeque<Msg>,
+    added: usize,
+}
+
+impl Client {
+    fn holds(&self, uuid: &str) -> bool {
+        self.objects.iter().any(|(u, _)| u == uuid)
+    }
+
+    fn uuids(&self) -> Vec<String> {
+        let mut uuids: Vec<String> = self.objects.iter().map(|(u, _)| u.clone()).collect();
+        uuids.sort();
+        uuids.dedup();
+        uuids
+    }
+
+    fn pick(&self, pick: u8) -> Option<(String, Map<String, Value>)> {
+        let uuids = self.uuids();
+        let uuid = uuids.get(usize::from(pick) % uuids.len().max(1))?.clone();
+        let fields = self.objects.iter().find(|(u, _)| *u == uuid)?.1.clone();
+        Some((uuid, fields))
+    }
+
+    fn set_local(&mut self, uuid: &str, fields: &Map<String, Value>) {
+        for (_, f) in self.objects.iter_mut().filter(|(u, _)| u == uuid) {
+            *f = fields.clone();
+        }
+    }
+
+    /// Applies one received message the way the desktop client does.
+    fn apply(&mut self, msg: Msg) {
+        if tracing() {
+            match &msg {
+                Msg::Command(m) => eprintln!(
+                    "  {} applies {} {} {}",
+                    self.name,
+                    m.action.as_str(),
+                    m.item_id,
+                    serde_json::Value::Object((*m.data).clone())
+                ),
+                Msg::FullState(items) => eprintln!(
+                    "  {} applies a full state of {:?}",
+                    self.name,
+                    items.iter().map(|(u, _)| u.to_string()).collect::<Vec<_>>()
+                ),
+            }
+        }
+        match msg {
+            Msg::Command(m) => {
+                let uuid = m.item_id.to_string();
+                let mut data = (*m.data).clone();
+                if !data.contains_key("item_type") {
+                    data.insert("item_type".into(), json!(m.item_type.as_ref()));
+                }
+                match m.action {
+                    Action::Add => {
+                        assert!(
+                            !self.holds(&uuid),
+                            "{} got add_item for {uuid}, which its canvas holds",
+                            self.name
+                        );
+                        self.objects.push((uuid, data));
+                    }
+                    Action::Move => {
+                        for (_, fields) in self.objects.iter_mut().filter(|(u, _)| *u == uuid) {
+                            for key in ["x_mm", "y_mm", "angle_deg"] {
+                                if let Some(v) = m.data.get(key) {
+                                    fields.insert(key.to_owned(), v.clone());
+                                }
+                            }
+                        }
+                    }
+                    Action::Update => self.set_local(&uuid, &data),
+                    Action::Remove => self.objects.retain(|(u, _)| *u != uuid),
+                }
+            }
+            Msg::FullState(items) => {
+                if !self.is_host {
+                    self.objects = items
+                        .iter()
+                        .map(|(uuid, fields)| (uuid.to_string(), full_state_item(uuid, fields)))
+                        .collect();
+                }
+            }
+        }
+    }
+
+    fn apply_all(&mut self) {
+        while let Some(msg) = self.inbox.pop_front() {
+            self.apply(msg);
+        }
+    }
+
+    /// The JSON text the client sends for a command on `uuid` with its dict `fields`.
+    fn command_text(&self, action: &str, uuid: &str, fields: &Map<String, Value>) -> String {
+        let mut data = fields.clone();
+        let item_type = data
+            .get("item_type")
+            .and_then(Value::as_str)
+            .unwrap_or("component")
+            .to_owned();
+        if action == "remove_item" {
+            data.clear();
+        } else {
+            data.insert("item_uuid".into(), json!(uuid));
+        }
+        json!({
+            "type": "command",
+            "command": {"action": action, "item_type": item_type, "item_id": uuid, "data": data},
+            "timestamp": "2026-11-25T19:22:01.123Z",
+            "user_id": self.name,
+        })
+        .to_string()
+    }
+
+    /// Its canvas, asserting that it holds no uuid twice.
+    fn scene(&self) -> BTreeMap<String, Value> {
+        let mut scene = BTreeMap::new();
+        for (uuid, fields) in &self.objects {
+            let previous = scene.insert(uuid.clone(), normalize(fields));
+            assert!(
+                previous.is_none(),
+                "{} holds two objects for {uuid}",
+                self.name
+            );
+        }
+        scene
+    }
+}
+
+/// A Yjs client: a yrs replica syncing with the session.
+struct YjsClient {
+    doc: Doc,
+    items: MapRef,
+    user: Arc<str>,
+    added: usize,
+}
+
+fn template(i: u8) -> Map<String, Value> {
+    let items = fixture_items();
+    items[usize::from(i) % items.len()].clone()
+}
+
+/// Writes a new item map under `uuid`, field by field in key order (so which clock each
+/// field gets does not depend on `HashMap` order).
+fn put_item(txn: &mut TransactionMut, items: &MapRef, uuid: &str, fields: &Map<String, Value>) {
+    let map = items.insert(txn, uuid, MapPrelim::default());
+    for (k, v) in fields {
+        map.insert(txn, k.as_str(), json_to_any(v));
+    }
+}
+
+struct World {
+    scene: Scene,
+    clients: Vec<Client>,
+    yjs: Vec<YjsClient>,
+    next_peer: PeerId,
+    /// The user the session remembers as host (its uploads are applied).
+    host: Option<usize>,
+}
+
+impl World {
+    fn new(script: &LegacyScript) -> World {
+        let clients = (0..2 + usize::from(script.clients % 3))
+            .map(|i| Client {
+                name: format!("c{i}"),
+                peer: None,
+                is_host: false,
+                objects: Vec::new(),
+                inbox: VecDeque::new(),
+                added: 0,
+            })
+            .collect();
+        let yjs = (0..usize::from(script.yjs % 3))
+            .map(|j| {
+                let doc = Doc::with_client_id(1000 + j as u64);
+                let items = doc.get_or_insert_map("items");
+                YjsClient {
+                    doc,
+                    items,
+                    user: Arc::from(format!("y{j}").as_str()),
+                    added: 0,
+                }
+            })
+            .collect();
+        World {
+            scene: Scene::default(),
+            clients,
+            yjs,
+            next_peer: 1,
+            host: None,
+        }
+    }
+
+    /// Delivers each message to its connection's inbox, in order.
+    fn route(&mut self, effects: Effects) {
+        for out in effects.messages {
+            let client = self
+                .clients
+                .iter_mut()
+                .find(|c| c.peer == Some(out.to))
+                .unwrap_or_else(|| panic!("a message for peer {} which is not connected", out.to));
+            if tracing() {
+                let m = &out.message;
+                eprintln!(
+                    "  -> {} queued {} {}",
+                    client.name,
+                    m.action.as_str(),
+                    m.item_id
+                );
+            }
+            client.inbox.push_back(Msg::Command(out.message));
+        }
+    }
+
+    /// Connects client `i` as `session/task.rs` does (ack, then the full state if any).
+    fn connect(&mut self, i: usize) {
+        let peer = self.next_peer;
+        self.next_peer += 1;
+        let others = self.clients.iter().any(|c| c.peer.is_some());
+        let is_host = !self.scene.initialized() && !others;
+        if is_host {
+            self.host = Some(i);
+        }
+        self.scene.add_peer(peer, is_host);
+        let client = &mut self.clients[i];
+        client.peer = Some(peer);
+        client.is_host = is_host;
+        if self.scene.initialized() {
+            let state = self.scene.full_state(Some(peer));
+            // Applied before the client's user can edit anything.
+            self.clients[i].apply(Msg::FullState(state.items));
+        }
+    }
+
+    fn client(&mut self, c: u8) -> usize {
+        let i = usize::from(c) % self.clients.len();
+        if self.clients[i].peer.is_none() {
+            self.connect(i);
+        }
+        i
+    }
+
+    /// Sends a JSON text frame from client `i` through the parser to the scene.
+    fn send(&mut self, i: usize, text: String) {
+        if tracing() {
+            eprintln!("  c{i} sends {text}");
+        }
+        let peer = self.clients[i].peer.expect("connected");
+        let user: Arc<str> = Arc::from(self.clients[i].name.as_str());
+        let message = parse_client_message(&text)
+            .unwrap_or_else(|e| panic!("a valid client frame was refused ({e}): {text}"));
+        let effects = match message {
+            ClientMessage::Command(command) => self.scene.apply_command(peer, &user, command),
+            ClientMessage::FullState(items) => self.scene.apply_upload(peer, &user, items),
+            other => panic!("unexpected parse of {text}: {other:?}"),
+        }
+        .unwrap_or_else(|e| panic!("the scene refused {text}: {e}"));
+        self.route(effects);
+    }
+
+    fn yjs_edit(&mut self, j: usize, op: &YjsOp) {
+        let y = &mut self.yjs[j];
+        let update = {
+            let mut txn = y.doc.transact_mut();
+            let item = |txn: &yrs::TransactionMut, uuid: &str| match y.items.get(txn, uuid) {
+                Some(Out::YMap(m)) => Some(m),
+                _ => None,
+            };
+            let uuids: Vec<String> = {
+                let mut u: Vec<String> = y.items.keys(&txn).map(str::to_owned).collect();
+                u.sort();
+                u
+            };
+            let pick = |p: u8| uuids.get(usize::from(p) % uuids.len().max(1)).cloned();
+            match op {
+                YjsOp::Set {
+                    pick: p,
+                    field,
+                    value,
+                } => {
+                    if let Some(m) = pick(*p).and_then(|u| item(&txn, &u)) {
+                        let field = YJS_FIELDS[usize::from(*field) % YJS_FIELDS.len()];
+                        let v = i64::from(*value);
+                        let any = match field {
+                            "name" | "notes" => Any::from(format!("{field} {v}")),
+                            "z_value" => Any::Number(yrs::Number::Int(v % 20)),
+                            "locked" => Any::Bool(v % 2 == 0),
+                            _ => Any::Number(yrs::Number::Float(v as f64 / 4.0)),
+                        };
+                        m.insert(&mut txn, field, any);
+                    }
+                }
+                YjsOp::Move { pick: p, x, y: yy } => {
+                    if let Some(m) = pick(*p).and_then(|u| item(&txn, &u)) {
+                        m.insert(&mut txn, "x_mm", f64::from(*x) / 4.0);
+                        m.insert(&mut txn, "y_mm", f64::from(*yy) / 4.0);
+                    }
+                }
+                YjsOp::Remove { pick: p } => {
+                    if let Some(u) = pick(*p) {
+                        y.items.remove(&mut txn, &u);
+                    }
+                }
+                YjsOp::Add {
+                    template: t,
+                    x,
+                    typed,
+                } => {
+                    y.added += 1;
+                    let uuid = format!("{}-{}", y.user, y.added);
+                    let mut fields = template(*t);
+                    fields.insert("x_mm".into(), coordinate(*x));
+                    if *typed {
+                        let kind = fields.get("_type").cloned().unwrap_or(json!("component"));
+                        fields.insert("item_type".into(), kind);
+                        fields.insert("item_uuid".into(), json!(uuid));
+                    } else {
+                        fields.remove("item_uuid");
+                    }
+                    put_item(&mut txn, &y.items, &uuid, &fields);
+                }
+                YjsOp::Replace {
+                    pick: p,
+                    template: t,
+                } => {
+                    if let Some(u) = pick(*p) {
+                        let mut fields = template(*t);
+                        fields.insert("item_uuid".into(), json!(u));
+                        put_item(&mut txn, &y.items, &u, &fields);
+                    }
+                }
+                YjsOp::Nested {
+                    pick: p,
+                    key,
+                    value,
+                } => {
+                    if let Some(m) = pick(*p).and_then(|u| item(&txn, &u)) {
+                        let k = format!("k{}", key % 4);
+                        match m.get(&txn, "meta") {
+                            Some(Out::YMap(meta)) => {
+                                meta.insert(&mut txn, k, i64::from(*value));
+                            }
+                            _ => {
+                                m.insert(
+                                    &mut txn,
+                                    "meta",
+                                    MapPrelim::from([(k, i64::from(*value))]),
+                                );
+                            }
+                        }
+                    }
+                }
+                YjsOp::DeleteField { pick: p, field } => {
+                    if let Some(m) = pick(*p).and_then(|u| item(&txn, &u)) {
+                        m.remove(&mut txn, YJS_FIELDS[usize::from(*field) % YJS_FIELDS.len()]);
+                    }
+                }
+            }
+            txn.commit();
+            txn.encode_update_v1()
+        };
+        if update == [0, 0] {
+            return;
+        }
+        let user = self.yjs[j].user.clone();
+        let effects = self
+            .scene
+            .apply_update(&user, &update)
+            .unwrap_or_else(|e| panic!("the scene refused a Yjs client's update: {e}"));
+        self.route(effects);
+    }
+
+    fn yjs_pull(&mut self, j: usize) {
+        let y = &self.yjs[j];
+        let sv = y.doc.transact().state_vector().encode_v1();
+        let diff = self
+            .scene
+            .doc_mut()
+            .encode_diff_v1(&sv)
+            .expect("the session answers SyncStep1");
+        let update = Update::decode_v1(&diff).expect("the session's diff decodes");
+        y.doc
+            .transact_mut()
+            .apply_update(update)
+            .expect("the session's diff applies");
+    }
+
+    fn step(&mut self, op: &LegacyOp) {
+        if tracing() {
+            eprintln!("{op:?}");
+        }
+        match op {
+            LegacyOp::Apply { client, n } => {
+                let i = self.client(*client);
+                for _ in 0..=n % 16 {
+                    match self.clients[i].inbox.pop_front() {
+                        Some(msg) => self.clients[i].apply(msg),
+                        None => break,
+                    }
+                }
+            }
+            LegacyOp::Add {
+                client,
+                template: t,
+                x,
+                y,
+            } => {
+                let i = self.client(*client);
+                let c = &mut self.clients[i];
+                c.added += 1;
+                let uuid = format!("{}-{}", c.name, c.added);
+                let mut data = template(*t);
+                data.insert("item_uuid".into(), json!(uuid));
+                data.insert("x_mm".into(), coordinate(*x));
+                data.insert("y_mm".into(), coordinate(*y));
+                let kind = data.get("_type").cloned().unwrap_or(json!("component"));
+                let mut local = data.clone();
+                local.insert("item_type".into(), kind);
+                c.objects.push((uuid.clone(), local.clone()));
+                let text = c.command_text("add_item", &uuid, &local);
+                self.send(i, text);
+            }
+            LegacyOp::Move {
+                client,
+                pick,
+                x,
+                y,
+                angle,
+                drag,
+            } => {
+                let i = self.client(*client);
+                let Some((uuid, mut fields)) = self.clients[i].pick(*pick) else {
+                    return;
+                };
+                fields.insert("x_mm".into(), coordinate(*x));
+                fields.insert("y_mm".into(), coordinate(*y));
+                if let Some(a) = angle {
+                    fields.insert("angle_deg".into(), json!(f64::from(a % 360)));
+                }
+                self.clients[i].set_local(&uuid, &fields);
+                let text = self.clients[i].command_text("move_item", &uuid, &fields);
+                self.send(i, text);
+                if *drag {
+                    let text = self.clients[i].command_text("update_item", &uuid, &fields);
+                    self.send(i, text);
+                }
+            }
+            LegacyOp::Update {
+                client,
+                pick,
+                change,
+            } => {
+                let i = self.client(*client);
+                let Some((uuid, mut fields)) = self.clients[i].pick(*pick) else {
+                    return;
+                };
+                let name = self.clients[i].name.clone();
+                match change {
+                    Change::Name(n) => {
+                        drop(fields.insert("name".into(), json!(format!("{name} {n}"))))
+                    }
+                    Change::ZValue(z) => drop(fields.insert("z_value".into(), json!(z % 20))),
+                    Change::Locked(l) => drop(fields.insert("locked".into(), json!(l))),
+                    Change::Notes(n) => {
+                        drop(fields.insert("notes".into(), json!(format!("note {n}"))))
+                    }
+                    Change::Interface { index, efl } => {
+                        let mut list = fields
+                            .get("interfaces")
+                            .and_then(Value::as_array)
+                            .cloned()
+                            .unwrap_or_default();
+                        let at = usize::from(*index) % list.len().max(1);
+                        match list.get_mut(at) {
+                            Some(Value::Object(interface)) if index % 2 == 0 => {
+                                interface.insert("efl_mm".into(), coordinate(*efl));
+                            }
+                            _ => list
+                                .push(json!({"element_type": "mirror", "x1_mm": coordinate(*efl)})),
+                        }
+                        fields.insert("interfaces".into(), Value::Array(list));
+                    }
+                }
+                self.clients[i].set_local(&uuid, &fields);
+                let text = self.clients[i].command_text("update_item", &uuid, &fields);
+                self.send(i, text);
+            }
+            LegacyOp::Remove { client, pick } => {
+                let i = self.client(*client);
+                let Some((uuid, fields)) = self.clients[i].pick(*pick) else {
+                    return;
+                };
+                self.clients[i].objects.retain(|(u, _)| *u != uuid);
+                let text = self.clients[i].command_text("remove_item", &uuid, &fields);
+                self.send(i, text);
+            }
+            LegacyOp::Upload { client } => {
+                let i = self.client(*client);
+                if !self.clients[i].is_host || self.host != Some(i) {
+                    return;
+                }
+                let items: Vec<Value> = self.clients[i]
+                    .objects
+                    .iter()
+                    .map(|(uuid, fields)| {
+                        let mut item = fields.clone();
+                        item.insert("item_uuid".into(), json!(uuid));
+                        Value::Object(item)
+                    })
+                    .collect();
+                let text =
+                    json!({"type": "sync:full_state", "state": {"items": items}}).to_string();
+                self.send(i, text);
+            }
+            LegacyOp::SyncRequest { client } => {
+                let i = self.client(*client);
+                let peer = self.clients[i].peer.expect("connected");
+                if self.scene.initialized() {
+                    let state = self.scene.full_state(Some(peer));
+                    self.clients[i].inbox.push_back(Msg::FullState(state.items));
+                }
+                self.clients[i].apply_all();
+            }
+            LegacyOp::Reconnect { client } => {
+                let i = self.client(*client);
+                if let Some(old) = self.clients[i].peer.take() {
+                    self.scene.remove_peer(old);
+                }
+                self.clients[i].inbox.clear();
+                self.connect(i);
+            }
+            LegacyOp::Yjs { client, op } => {
+                if !self.yjs.is_empty() {
+                    let j = usize::from(*client) % self.yjs.len();
+                    self.yjs_edit(j, op);
+                }
+            }
+            LegacyOp::YjsPull { client } => {
+                if !self.yjs.is_empty() {
+                    let j = usize::from(*client) % self.yjs.len();
+                    self.yjs_pull(j);
+                }
+            }
+        }
+    }
+
+    fn check(&mut self) {
+        for j in 0..self.yjs.len() {
+            self.yjs_pull(j);
+        }
+        for client in &mut self.clients {
+            client.apply_all();
+        }
+        let doc = doc_json(&mut self.scene);
+        assert_eq!(
+            mirror_json(&mut self.scene),
+            doc,
+            "the scene's mirror differs from its document"
+        );
+        let expected: BTreeMap<String, Value> = self
+            .scene
+            .full_state(None)
+            .items
+            .iter()
+            .map(|(uuid, fields)| (uuid.to_string(), normalize(&full_state_item(uuid, fields))))
+            .collect();
+        for client in self.clients.iter().filter(|c| c.peer.is_some()) {
+            let scene = client.scene();
+            if scene != expected {
+                let only_client: Vec<_> = scene
+                    .keys()
+                    .filter(|k| !expected.contains_key(*k))
+                    .collect();
+                let only_server: Vec<_> = expected
+                    .keys()
+                    .filter(|k| !scene.contains_key(*k))
+                    .collect();
+                let differing: Vec<_> = scene
+                    .iter()
+                    .filter(|(k, v)| expected.get(*k).is_some_and(|e| e != *v))
+                    .map(|(k, v)| format!("{k}: client {v} server {}", expected[k]))
+                    .collect();
+                panic!(
+                    "{} diverged; only on the client {only_client:?}, only on the server {only_server:?}, differing {differing:#?}",
+                    client.name
+                );
+            }
+        }
+        for (j, y) in self.yjs.iter().enumerate() {
+            let txn = y.doc.transact();
+            assert_eq!(items_json(&txn, &y.items), doc, "Yjs client {j} diverged");
+            let sv = StateVector::decode_v1(&self.scene.doc().state_vector_v1()).unwrap();
+            assert_eq!(txn.state_vector(), sv, "Yjs client {j}'s state vector");
+        }
+    }
+}
+
+/// Runs a script and asserts convergence.
+pub fn run(script: &LegacyScript) {
+    let mut world = World::new(script);
+    for op in &script.ops {
+        world.step(op);
+    }
+    world.check();
+}
