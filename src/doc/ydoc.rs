@@ -98,6 +98,12 @@ impl GuardedDoc {
         Self::from_parts(fresh_doc())
     }
 
+    /// A document whose own edits carry the client id `id` (a rebuild gives it a fresh one).
+    /// The fuzz targets use it to model peers with ids of every width.
+    pub fn with_client_id(id: u64) -> Self {
+        Self::from_parts(observed(Doc::with_client_id(id)))
+    }
+
     fn from_parts((doc, items, touched): DocParts) -> Self {
         GuardedDoc {
             doc,

@@ -2,8 +2,9 @@
 //!
 //! The session task never waits on a socket: it pushes frames into each member's outbox and
 //! moves on. A member whose queued bytes pass the bound is too slow for the session; it is
-//! closed with 1013 through a separate signal (its queue is, by definition, backed up) and
-//! resyncs when it reconnects. Nothing is ever dropped silently.
+//! closed with 1013 by a close request that the connection sees before any queued frame (its
+//! queue is, by definition, backed up) and resyncs when it reconnects. Nothing is ever dropped
+//! silently.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -154,6 +154,7 @@ fn err(e: rusqlite::Error) -> StoreError {
 
 /// The store thread: reads run at once; writes that arrive together share one transaction.
 fn writer(mut conn: Connection, rx: mpsc::Receiver<Request>) {
+    let mut written = WrittenMeta::new();
     while let Ok(first) = rx.recv() {
         let mut group = vec![first];
         while group.len() < GROUP_LIMIT {
@@ -181,23 +182,31 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Request>) {
             }
         }
         if !writes.is_empty() {
-            commit_group(&mut conn, writes);
+            commit_group(&mut conn, writes, &mut written);
         }
     }
 }
 
+/// The metadata this thread last wrote per session. Sessions append with every batch and
+/// their metadata rarely changes: rewriting its row each time would add a page to every
+/// commit. Cleared when a transaction fails (its writes were rolled back).
+type WrittenMeta = std::collections::HashMap<String, SessionMeta>;
+
 /// Runs a group of writes in one transaction. If the transaction fails as a whole, each
 /// write is retried alone, so one bad request cannot fail the others.
-fn commit_group(conn: &mut Connection, writes: Vec<Request>) {
+fn commit_group(conn: &mut Connection, writes: Vec<Request>, written: &mut WrittenMeta) {
     let result = (|| {
         let txn = conn.transaction()?;
         let positions = writes
             .iter()
-            .map(|write| apply_write(&txn, write))
+            .map(|write| apply_write(&txn, write, written))
             .collect::<rusqlite::Result<Vec<u64>>>()?;
         txn.commit()?;
         Ok(positions)
     })();
+    if result.is_err() {
+        written.clear();
+    }
     match result {
         Ok(positions) => {
             for (write, position) in writes.into_iter().zip(positions) {
@@ -206,7 +215,7 @@ fn commit_group(conn: &mut Connection, writes: Vec<Request>) {
         }
         Err(_) if writes.len() > 1 => {
             for write in writes {
-                commit_group(conn, vec![write]);
+                commit_group(conn, vec![write], written);
             }
         }
         Err(e) => {
@@ -232,31 +241,44 @@ fn reply_write(write: Request, position: Result<u64, StoreError>) {
 }
 
 fn upsert_meta(conn: &Connection, session: &str, meta: &SessionMeta) -> rusqlite::Result<()> {
-    conn.execute(
+    // Cached statements: compiling SQL costs more than running these small statements.
+    conn.prepare_cached(
         "INSERT INTO sessions (id, initialized, host) VALUES (?1, ?2, ?3)
          ON CONFLICT(id) DO UPDATE SET initialized = excluded.initialized, host = excluded.host,
              updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')",
-        params![session, meta.initialized, meta.host],
-    )?;
+    )?
+    .execute(params![session, meta.initialized, meta.host])?;
     Ok(())
 }
 
 /// Applies one write inside the group's transaction; returns the session's last update
 /// position afterwards (meaningful for appends).
-fn apply_write(conn: &Connection, write: &Request) -> rusqlite::Result<u64> {
+fn apply_write(
+    conn: &Connection,
+    write: &Request,
+    written: &mut WrittenMeta,
+) -> rusqlite::Result<u64> {
     match write {
         Request::Append(session, updates, meta, _) => {
-            upsert_meta(conn, session, meta)?;
+            if written.get(session) != Some(meta) {
+                upsert_meta(conn, session, meta)?;
+                written.insert(session.clone(), meta.clone());
+            }
             let mut insert = conn.prepare_cached(
                 "INSERT INTO updates (session, kind, data) VALUES (?1, 'update', ?2)",
             )?;
             for update in updates {
                 insert.execute(params![session, update])?;
             }
-            last_position(conn, session)
+            if updates.is_empty() {
+                last_position(conn, session)
+            } else {
+                Ok(conn.last_insert_rowid() as u64)
+            }
         }
         Request::Compact(session, snapshot, upto, meta, _) => {
             upsert_meta(conn, session, meta)?;
+            written.insert(session.clone(), meta.clone());
             conn.execute(
                 "DELETE FROM updates WHERE session = ?1 AND id <= ?2",
                 params![session, upto],
@@ -268,6 +290,7 @@ fn apply_write(conn: &Connection, write: &Request) -> rusqlite::Result<u64> {
             Ok(0)
         }
         Request::Delete(session, _) => {
+            written.remove(session);
             conn.execute("DELETE FROM updates WHERE session = ?1", params![session])?;
             conn.execute("DELETE FROM sessions WHERE id = ?1", params![session])?;
             Ok(0)
@@ -277,11 +300,8 @@ fn apply_write(conn: &Connection, write: &Request) -> rusqlite::Result<u64> {
 }
 
 fn last_position(conn: &Connection, session: &str) -> rusqlite::Result<u64> {
-    conn.query_row(
-        "SELECT COALESCE(MAX(id), 0) FROM updates WHERE session = ?1",
-        params![session],
-        |row| row.get(0),
-    )
+    conn.prepare_cached("SELECT COALESCE(MAX(id), 0) FROM updates WHERE session = ?1")?
+        .query_row(params![session], |row| row.get(0))
 }
 
 fn load(conn: &Connection, session: &str) -> rusqlite::Result<Option<StoredSession>> {

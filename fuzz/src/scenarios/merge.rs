@@ -5,12 +5,13 @@
 //! partition; endpoints also run state-vector syncs (`GuardedDoc::encode_diff_v1` on the
 //! session side). The session's own re-encoded updates (what the server broadcasts) travel
 //! too. After a final heal every replica and the session have equal state vectors and equal
-//! scene JSON, and the session's mirror equals its document. (A yrs panic in a replica on
-//! what other replicas sent is yrs's bug, not the server's: such a script is abandoned.)
+//! scene JSON, and the session's mirror equals its document. Replicas apply what they receive
+//! through `GuardedDoc`, as the session does (plain yrs mishandles out-of-order blocks); a plain
+//! yrs observer receives only what the session writes and must end equal too.
 
 use std::sync::Arc;
 
-use optiverse_collab::doc::Scene;
+use optiverse_collab::doc::{GuardedDoc, Scene};
 use yrs::any::Number;
 use yrs::updates::decoder::Decode;
 use yrs::updates::encoder::Encode;
@@ -328,36 +329,32 @@ fn nested_edit(
 
 /// The replicas, the session and the updates in flight.
 struct Net {
-    replicas: Vec<(Doc, MapRef)>,
+    replicas: Vec<GuardedDoc>,
     scene: Scene,
     user: Arc<str>,
+    /// A plain yrs document that receives only what the session writes, in order, as a
+    /// y-websocket client of this server does.
+    observer: (Doc, MapRef),
     /// Every update produced, with the endpoint that produced it.
     log: Vec<(usize, Vec<u8>)>,
     cut: Vec<bool>,
-    /// Replicas that received something the session did not write (see [`Net::deliver`]).
-    tainted: Vec<bool>,
-    /// A tainted replica hit yrs's own panic (see [`Net::deliver`]).
-    abandoned: bool,
 }
 
 impl Net {
     fn new(script: &MergeScript) -> Net {
         let n = 2 + usize::from(script.replicas % 4);
         let replicas = (0..n)
-            .map(|i| {
-                let doc = Doc::with_client_id(u64::from(script.client_base) + i as u64 + 1);
-                let items = doc.get_or_insert_map("items");
-                (doc, items)
-            })
+            .map(|i| GuardedDoc::with_client_id(u64::from(script.client_base) + i as u64 + 1))
             .collect();
+        let observer = Doc::with_client_id(u64::from(script.client_base) + n as u64 + 1);
+        let items = observer.get_or_insert_map("items");
         Net {
             replicas,
             scene: Scene::default(),
             user: Arc::from("yjs"),
+            observer: (observer, items),
             log: Vec::new(),
             cut: vec![false; n + 1],
-            tainted: vec![false; n],
-            abandoned: false,
         }
     }
 
@@ -372,33 +369,21 @@ impl Net {
     /// Runs one local transaction on replica `r` and records its update.
     fn edit(&mut self, r: u8, f: impl FnOnce(&mut TransactionMut, &MapRef)) {
         let r = usize::from(r) % self.replicas.len();
-        let update = {
-            let (doc, items) = &self.replicas[r];
-            let mut txn = doc.transact_mut();
-            f(&mut txn, items);
-            txn.commit();
-            txn.encode_update_v1()
-        };
-        if update != [0, 0] {
+        let doc = &mut self.replicas[r];
+        let (_, change) = contained("GuardedDoc::transact", || doc.transact(f))
+            .unwrap_or_else(|e| panic!("replica {r} could not edit: {e}"));
+        if let Some(change) = change {
             if std::env::var_os("MERGE_TRACE").is_some() {
-                eprintln!("edit by {r}: {}", hex(&update));
+                eprintln!("edit by {r}: {}", hex(&change.update));
             }
-            self.log.push((r, update));
+            self.log.push((r, change.update));
         }
     }
 
-    /// Delivers `bytes` to endpoint `to`; `from_session` tells whether the session wrote them.
-    /// The session must accept every update. A replica is plain yrs, which panics on some
-    /// valid sequences: it integrates a block that arrives out of order behind a skip
-    /// placeholder, and later mishandles a block spanning that skip. A replica that only ever
-    /// received what the session wrote (its own edits aside) must never panic: that would be
-    /// the server sending what crashes a yrs peer. A replica that also received pieces,
-    /// merges or updates from other replicas may hit that yrs bug on its own; the script is
-    /// then abandoned.
-    fn deliver(&mut self, to: usize, bytes: &[u8], from_session: bool) {
-        if self.abandoned {
-            return;
-        }
+    /// Delivers `bytes` to endpoint `to`. Replicas, like the session, apply what they receive
+    /// through `GuardedDoc` (plain yrs mishandles blocks that arrive out of order: it panics,
+    /// corrupts its state, or reads freed memory); every endpoint must accept every update.
+    fn deliver(&mut self, to: usize, bytes: &[u8]) {
         if std::env::var_os("MERGE_TRACE").is_some() {
             eprintln!(
                 "deliver to {to} (session = {}): {}",
@@ -407,63 +392,55 @@ impl Net {
             );
         }
         if to == self.session() {
-            // yrs may panic inside the session's guards (they recover); only the outcome counts.
             let (scene, user) = (&mut self.scene, &self.user);
-            match contained("Scene::apply_update", || scene.apply_update(user, bytes)) {
-                Ok(effects) => {
-                    if let Some(update) = effects.update {
-                        self.log.push((to, update));
-                    }
-                }
-                // A replica that yrs corrupted writes blocks whose ids point at the wrong
-                // items (a parent that is a plain value, say); the session must refuse those,
-                // and cannot tell them from the sound updates merged with them.
-                Err(_) if self.tainted.iter().any(|t| *t) => {}
-                Err(e) => panic!("the session refused a valid update ({e}): {}", hex(bytes)),
+            let effects = contained("Scene::apply_update", || scene.apply_update(user, bytes))
+                .unwrap_or_else(|e| {
+                    panic!("the session refused a valid update ({e}): {}", hex(bytes))
+                });
+            if let Some(update) = effects.update {
+                self.observe(&update);
+                self.log.push((to, update));
             }
             return;
         }
-        let update = Update::decode_v1(bytes).expect("a produced update decodes");
-        let doc = &self.replicas[to].0;
-        let outcome = match quiet(|| doc.transact_mut().apply_update(update)) {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(format!("refused it: {e}")),
-            Err(message) => Err(format!("panicked: {message}")),
-        };
-        match outcome {
-            Ok(()) => {}
-            Err(what) if !self.tainted[to] => panic!(
-                "yrs replica {to}, which only received what the session sent, {what}: {}",
-                hex(bytes)
-            ),
-            Err(_) => self.abandoned = true,
+        let doc = &mut self.replicas[to];
+        contained("GuardedDoc::apply_update", || doc.apply_update(bytes)).unwrap_or_else(|e| {
+            panic!("replica {to} refused a valid update ({e}): {}", hex(bytes))
+        });
+    }
+
+    /// What the session wrote reaches the plain yrs observer, which must never fail on it.
+    fn observe(&self, update: &[u8]) {
+        let update = Update::decode_v1(update).expect("the session's update decodes");
+        let doc = &self.observer.0;
+        match quiet(|| doc.transact_mut().apply_update(update)) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => panic!("a plain yrs peer refused what the session sent: {e}"),
+            Err(message) => panic!("what the session sent crashed a plain yrs peer: {message}"),
         }
-        self.tainted[to] |= !from_session;
     }
 
     fn state_vector(&self, e: usize) -> Vec<u8> {
         if e == self.session() {
             self.scene.doc().state_vector_v1()
         } else {
-            self.replicas[e].0.transact().state_vector().encode_v1()
+            self.replicas[e].state_vector_v1()
         }
     }
 
     /// What endpoint `from` sends in answer to a SyncStep1 carrying `sv`.
     fn diff(&mut self, from: usize, sv: &[u8]) -> Vec<u8> {
-        if from == self.session() {
-            let doc = self.scene.doc_mut();
-            let diff = contained("GuardedDoc::encode_diff_v1", || doc.encode_diff_v1(sv));
-            diff.unwrap_or_else(|e| {
-                panic!("the session could not answer SyncStep1 {}: {e}", hex(sv))
-            })
+        let doc = if from == self.session() {
+            self.scene.doc_mut()
         } else {
-            let sv = StateVector::decode_v1(sv).expect("state vector decodes");
-            self.replicas[from]
-                .0
-                .transact()
-                .encode_state_as_update_v1(&sv)
-        }
+            &mut self.replicas[from]
+        };
+        contained("GuardedDoc::encode_diff_v1", || doc.encode_diff_v1(sv)).unwrap_or_else(|e| {
+            panic!(
+                "endpoint {from} could not answer SyncStep1 {}: {e}",
+                hex(sv)
+            )
+        })
     }
 
     /// SyncStep1/SyncStep2 both ways between `a` and `b`.
@@ -471,8 +448,10 @@ impl Net {
         for (from, to) in [(a, b), (b, a)] {
             let sv = self.state_vector(to);
             let diff = self.diff(from, &sv);
-            let from_session = from == self.session();
-            self.deliver(to, &diff, from_session);
+            if from == self.session() {
+                self.observe(&diff);
+            }
+            self.deliver(to, &diff);
         }
     }
 
@@ -542,10 +521,9 @@ impl Net {
                 };
                 let to = usize::from(*to) % e;
                 if !self.cut[to] && !self.cut[from] {
-                    let from_session = from == self.session();
-                    self.deliver(to, &bytes, from_session);
+                    self.deliver(to, &bytes);
                     if *twice {
-                        self.deliver(to, &bytes, from_session);
+                        self.deliver(to, &bytes);
                     }
                 }
             }
@@ -562,7 +540,7 @@ impl Net {
                     .map(|(_, bytes)| bytes.as_slice())
                     .collect();
                 let merged = yrs::merge_updates_v1(&parts).expect("produced updates merge");
-                self.deliver(to, &merged, false);
+                self.deliver(to, &merged);
             }
             MergeOp::DeliverSplit { update, to, cut } => {
                 let Some((from, bytes)) = self.pick(*update) else {
@@ -579,7 +557,7 @@ impl Net {
                 }
                 let piece =
                     yrs::diff_updates_v1(&bytes, &sv.encode_v1()).expect("diff of an update");
-                self.deliver(to, &piece, false); // a piece the harness cut
+                self.deliver(to, &piece); // a piece the harness cut
             }
             MergeOp::Partition { endpoint } => {
                 let i = usize::from(*endpoint) % e;
@@ -615,8 +593,8 @@ impl Net {
             Finish::RedeliverAll => {
                 let all: Vec<(usize, Vec<u8>)> = self.log.clone();
                 for to in 0..self.endpoints() {
-                    for (from, bytes) in &all {
-                        self.deliver(to, bytes, *from == session);
+                    for (_, bytes) in &all {
+                        self.deliver(to, bytes);
                     }
                 }
             }
@@ -624,10 +602,14 @@ impl Net {
                 let all: Vec<&[u8]> = self.log.iter().map(|(_, b)| b.as_slice()).collect();
                 let merged = yrs::merge_updates_v1(&all).expect("produced updates merge");
                 for to in 0..self.endpoints() {
-                    self.deliver(to, &merged, false);
+                    self.deliver(to, &merged);
                 }
             }
         }
+        // The observer catches up the way a reconnecting y-websocket client does.
+        let sv = self.observer.0.transact().state_vector().encode_v1();
+        let diff = self.diff(session, &sv);
+        self.observe(&diff);
     }
 
     /// The reference: a fresh yrs document applying every update the replicas produced, in
@@ -657,22 +639,23 @@ impl Net {
         let doc = doc_json(&mut self.scene);
         let mirror = mirror_json(&mut self.scene);
         assert_eq!(mirror, doc, "the scene's mirror differs from its document");
-        // The reference holds only when every replica's own updates are sound: a replica that
-        // yrs corrupted (see `deliver`) may write updates that lack its own new blocks.
-        if !self.tainted.iter().any(|t| *t) {
-            let (truth_sv, truth) = self.truth();
-            assert_eq!(session_sv, truth_sv, "the session's state vector");
-            assert_eq!(doc, truth, "the session's scene");
+        let (truth_sv, truth) = self.truth();
+        assert_eq!(session_sv, truth_sv, "the session's state vector");
+        assert_eq!(doc, truth, "the session's scene");
+        for (i, replica) in self.replicas.iter_mut().enumerate() {
+            let sv = StateVector::decode_v1(&replica.state_vector_v1()).unwrap();
+            assert_eq!(sv, session_sv, "replica {i}'s state vector");
+            let scene = replica.read(|txn, items| items_json(txn, items)).unwrap();
+            assert_eq!(scene, doc, "replica {i}'s scene");
         }
-        for (i, (replica, items)) in self.replicas.iter().enumerate() {
-            let txn = replica.transact();
-            // A replica that received pieces from other replicas may be wrong by yrs's own
-            // out-of-order bug (see `deliver`); the others must match.
-            if !self.tainted[i] {
-                assert_eq!(txn.state_vector(), session_sv, "replica {i}'s state vector");
-                assert_eq!(items_json(&txn, items), doc, "replica {i}'s scene");
-            }
-        }
+        let (observer, items) = &self.observer;
+        let txn = observer.transact();
+        assert_eq!(
+            txn.state_vector(),
+            session_sv,
+            "the observer's state vector"
+        );
+        assert_eq!(items_json(&txn, items), doc, "the observer's scene");
     }
 }
 
@@ -683,7 +666,5 @@ pub fn run(script: &MergeScript) {
         net.step(op);
     }
     net.finish(script.finish);
-    if !net.abandoned {
-        net.check();
-    }
+    net.check();
 }
