@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::SinkExt;
-use tokio::time::{sleep_until, Instant};
+use tokio::time::Instant;
 use tracing::{info, warn};
 
 use super::{AppState, ConnectionGuard};
@@ -125,10 +125,15 @@ impl Connection {
 
     async fn run(&mut self, mut socket: WebSocket, mut inbox: Inbox) -> CloseReason {
         let mut shutdown = self.state.shutdown.clone();
+        // Created once, not per loop turn: every turn (one per frame written) would otherwise
+        // register a new waiter and a new timer.
+        let shutdown = shutdown.changed();
+        tokio::pin!(shutdown);
         let idle_timeout = self.state.config.idle_timeout;
+        let idle = tokio::time::sleep(idle_timeout);
+        tokio::pin!(idle);
         // Protocol pings on `/yjs`: a peer that has not answered one by the next is dropped.
         let ping_interval = self.state.config.yjs_ping_interval;
-        let mut idle_deadline = Instant::now() + idle_timeout;
         let mut ping = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
         let mut pong_due = false;
         let reason = loop {
@@ -143,9 +148,11 @@ impl Connection {
                         }
                     }
                 },
-                _ = shutdown.changed() => break CLOSE_GOING_AWAY,
+                _ = &mut shutdown => break CLOSE_GOING_AWAY,
                 incoming = socket.recv() => {
-                    idle_deadline = Instant::now() + idle_timeout;
+                    if self.kind != ConnKind::Yjs {
+                        idle.as_mut().reset(Instant::now() + idle_timeout);
+                    }
                     match incoming {
                         None | Some(Ok(Message::Close(_))) => return CloseReason { code: 1000, reason: "" },
                         Some(Err(e)) => {
@@ -160,7 +167,7 @@ impl Connection {
                         Some(Ok(Message::Ping(_))) => {}
                     }
                 }
-                _ = sleep_until(idle_deadline), if self.kind != ConnKind::Yjs => break CLOSE_IDLE,
+                _ = &mut idle, if self.kind != ConnKind::Yjs => break CLOSE_IDLE,
                 _ = ping.tick(), if self.kind == ConnKind::Yjs => {
                     if pong_due {
                         break CLOSE_IDLE;

@@ -12,7 +12,8 @@ use std::sync::{Arc, Mutex};
 
 use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
-use tokio::sync::Notify;
+use futures_util::task::AtomicWaker;
+use std::task::{Context, Poll};
 
 /// A frame for one connection. Broadcast frames share their bytes.
 #[derive(Debug, Clone)]
@@ -83,9 +84,9 @@ pub const CLOSE_REPLACED: CloseReason = CloseReason {
 pub struct Overflow;
 
 /// What both ends share. A plain deque behind a mutex (held for a push or a pop, never across
-/// an await) and one `Notify`: an idle connection costs a couple of hundred bytes here, where
-/// a tokio channel plus a watch channel cost about two kilobytes, and thousands of connections
-/// sit idle.
+/// an await) and the connection task's waker: an idle connection costs a couple of hundred
+/// bytes here, where a tokio channel plus a watch channel cost about two kilobytes, and
+/// thousands of connections sit idle.
 #[derive(Debug)]
 struct Shared {
     frames: Mutex<VecDeque<Frame>>,
@@ -94,7 +95,7 @@ struct Shared {
     senders: AtomicUsize,
     close: Mutex<Option<CloseReason>>,
     /// Woken on every push, on a close request and when the last sender goes.
-    wake: Notify,
+    waker: AtomicWaker,
     max_bytes: usize,
 }
 
@@ -137,7 +138,7 @@ pub fn outbox(max_bytes: usize) -> (Outbox, Inbox) {
         queued: AtomicUsize::new(0),
         senders: AtomicUsize::new(1),
         close: Mutex::new(None),
-        wake: Notify::new(),
+        waker: AtomicWaker::new(),
         max_bytes,
     });
     (
@@ -160,7 +161,7 @@ impl Clone for Outbox {
 impl Drop for Outbox {
     fn drop(&mut self) {
         if self.shared.senders.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.shared.wake.notify_one();
+            self.shared.waker.wake();
         }
     }
 }
@@ -176,7 +177,7 @@ impl Outbox {
             return Err(Overflow);
         }
         self.shared.frames().push_back(frame);
-        self.shared.wake.notify_one();
+        self.shared.waker.wake();
         Ok(())
     }
 
@@ -186,7 +187,7 @@ impl Outbox {
         if close.is_none() {
             *close = Some(reason);
             drop(close);
-            self.shared.wake.notify_one();
+            self.shared.waker.wake();
         }
     }
 
@@ -202,20 +203,26 @@ const IDLE_QUEUE_CAPACITY: usize = 16;
 impl Inbox {
     /// Waits for what to do next. A close request comes before frames still queued.
     pub async fn next(&mut self) -> Next {
-        loop {
-            if let Some(reason) = self.shared.close_reason() {
-                return Next::Close(reason);
-            }
-            if let Some(frame) = self.try_recv() {
-                return Next::Write(frame);
-            }
-            if self.shared.senders.load(Ordering::Acquire) == 0 {
-                return Next::Ended;
-            }
-            // `notify_one` keeps a permit when nobody waits, so a push between the checks
-            // above and this await is not missed.
-            self.shared.wake.notified().await;
+        std::future::poll_fn(|cx| self.poll_next(cx)).await
+    }
+
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Next> {
+        if let Some(next) = self.ready() {
+            return Poll::Ready(next);
         }
+        // Checked again after registering: a push in between is not missed.
+        self.shared.waker.register(cx.waker());
+        self.ready().map_or(Poll::Pending, Poll::Ready)
+    }
+
+    fn ready(&mut self) -> Option<Next> {
+        if let Some(reason) = self.shared.close_reason() {
+            return Some(Next::Close(reason));
+        }
+        if let Some(frame) = self.try_recv() {
+            return Some(Next::Write(frame));
+        }
+        (self.shared.senders.load(Ordering::Acquire) == 0).then_some(Next::Ended)
     }
 
     /// A frame that is already queued, without waiting.
