@@ -10,6 +10,9 @@
 #   join        a preloaded 10,000-item scene, 10 fresh clients one after another
 #   idle        5,000 synced idle connections in 1,000 rooms: server RSS per connection
 #
+# This server runs with one runtime thread (`--workers 1`, override with WORKERS=N): the
+# generator needs the other core, and the reference runs its JavaScript on one thread too.
+#
 # Usage: bash bench/compare.sh [OUT_DIR]   (prints a Markdown table; raw JSON in OUT_DIR)
 # Env: SERVERS="reference memory sqlite" (default), QUICK=1 (short windows, for a smoke run).
 set -euo pipefail
@@ -55,7 +58,7 @@ start() { # server
     memory|sqlite)
       rm -rf "$scratch/data"
       "$repo/target/release/optiverse-collab" --host 127.0.0.1 --port "$port" --store "$1" \
-        --data-dir "$scratch/data" --log-level warn >"$scratch/server.log" 2>&1 &
+        --data-dir "$scratch/data" --workers "${WORKERS:-1}" --log-level warn >"$scratch/server.log" 2>&1 &
       pid=$!; path='/yjs/{room}'; probe="http://127.0.0.1:$port/health" ;;
     *) echo "error: unknown server $1" >&2; exit 1 ;;
   esac

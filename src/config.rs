@@ -83,6 +83,11 @@ pub struct Config {
     /// Most awareness states one session holds.
     #[arg(long, env = "COLLAB_MAX_AWARENESS_STATES", default_value_t = 1024)]
     pub max_awareness_states: usize,
+
+    /// Threads running connections and sessions (0: one per CPU). One session is served by
+    /// one task at a time whatever this is; fewer threads wake each other less.
+    #[arg(long, env = "COLLAB_WORKERS", default_value_t = 0)]
+    pub workers: usize,
 }
 
 impl Config {

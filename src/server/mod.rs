@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use axum::Router;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::sync::{watch, Notify};
@@ -142,6 +143,13 @@ impl Server {
         let app = router(state);
         let mut stop = shutdown_rx;
         let task = tokio::spawn(async move {
+            // Small frames must leave at once: with Nagle's algorithm on, a frame written
+            // while the previous one is unacknowledged waits for the peer's delayed ACK (40 ms).
+            let listener = listener.tap_io(|stream| {
+                if let Err(e) = stream.set_nodelay(true) {
+                    tracing::debug!(error = %e, "could not set TCP_NODELAY");
+                }
+            });
             let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
                 let _ = stop.wait_for(|s| *s).await;
             });

@@ -18,8 +18,10 @@ use super::AppState;
 use crate::session::outbox::CLOSE_INVALID_PATH;
 use crate::session::ConnKind;
 
-/// Initial read buffer of a connection.
-const READ_BUFFER_BYTES: usize = 1024;
+/// A connection's read buffer, which is also the most read per call: every idle connection
+/// keeps it, and a y-websocket update or awareness frame is a few hundred bytes. Larger
+/// messages are read in several calls.
+const READ_BUFFER_BYTES: usize = 512;
 /// Frames are written once this many bytes are buffered, or when the outbox is drained.
 const WRITE_BUFFER_BYTES: usize = 16 * 1024;
 
