@@ -469,12 +469,18 @@ impl SessionTask {
             },
             YjsMessage::SyncStep2(update) | YjsMessage::Update(update) => {
                 let user = self.user_of(peer);
+                let dropped = self.scene.doc().dropped_held();
                 match self.scene.apply_update(&user, &update) {
                     Ok(effects) => self.emit(effects, Some(peer)),
                     Err(e) => self.reject(
                         peer,
                         ProtocolError::new(ErrorCode::BadMessage, e.to_string()),
                     ),
+                }
+                if self.scene.doc().dropped_held() != dropped {
+                    // Not lost for good: clients resend what the session lacks when they sync.
+                    metrics::counter!("collab_held_updates_dropped_total").increment(1);
+                    warn!(session = %self.id, user = %user, "blocks waiting for a gap outgrew their bound and were let go");
                 }
             }
             YjsMessage::Awareness(bytes) => {
