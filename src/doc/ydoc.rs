@@ -33,8 +33,10 @@ pub const ITEMS: &str = "items";
 const MIN_LOG_BYTES_BEFORE_FOLD: usize = 256 * 1024;
 
 /// Bound on the blocks held back for a gap; beyond it they are let go, and peers resend them
-/// when they next sync (every y-websocket reconnect does).
-const MAX_HELD_BYTES: usize = 8 * 1024 * 1024;
+/// when they next sync (every y-websocket reconnect does). Every update is merged with what is
+/// held, so the bound also caps what a client can make each later update cost; a sound peer's
+/// pending blocks are far smaller.
+const MAX_HELD_BYTES: usize = 1024 * 1024;
 
 /// Why the document refused some bytes or an operation.
 #[derive(Debug, Clone, PartialEq, Eq)]
