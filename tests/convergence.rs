@@ -5,6 +5,10 @@
 //! without duplicate objects, whatever the interleaving of their concurrent commands.
 
 mod common;
+/// The fuzz scenarios' helpers (only `scene_difference` is used here).
+#[allow(dead_code)]
+#[path = "../fuzz/src/scenarios/util.rs"]
+mod util;
 
 use std::collections::BTreeMap;
 
@@ -341,23 +345,10 @@ async fn converge(seed: u64, clients: usize, edits: usize, hold_back: f64) {
     for model in &models {
         let scene = model.scene();
         if scene != expected {
-            let only_client: Vec<_> = scene
-                .keys()
-                .filter(|k| !expected.contains_key(*k))
-                .collect();
-            let only_server: Vec<_> = expected
-                .keys()
-                .filter(|k| !scene.contains_key(*k))
-                .collect();
-            let differing: Vec<_> = scene
-                .iter()
-                .filter(|(k, v)| expected.get(*k).is_some_and(|e| e != *v))
-                .map(|(k, v)| format!("{k}: client {v} server {}", expected[k]))
-                .take(3)
-                .collect();
             panic!(
-                "seed {seed}: {} diverged; only on client {only_client:?}, only on server {only_server:?}, differing {differing:#?}",
-                model.name
+                "seed {seed}: {} diverged; {}",
+                model.name,
+                util::scene_difference(&scene, &expected)
             );
         }
     }

@@ -184,12 +184,9 @@ fn main() {
     let frames: Vec<(&str, Vec<u8>)> = vec![
         ("step1-seed", yjs::sync_step1(&seed_sv).to_vec()),
         ("step1-empty", yjs::sync_step1(&[0]).to_vec()),
-        ("step2-move", yjs::sync_step2(updates[0].1.clone()).to_vec()),
-        (
-            "update-nested",
-            yjs::sync_update(updates[3].1.clone()).to_vec(),
-        ),
-        ("update-merged", yjs::sync_update(merged.clone()).to_vec()),
+        ("step2-move", yjs::sync_step2(&updates[0].1).to_vec()),
+        ("update-nested", yjs::sync_update(&updates[3].1).to_vec()),
+        ("update-merged", yjs::sync_update(&merged).to_vec()),
         ("awareness", yjs::awareness(&aw_more).to_vec()),
         ("query-awareness", vec![3]),
         ("auth", vec![2, 0, 2, b'o', b'k']),

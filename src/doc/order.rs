@@ -111,6 +111,12 @@ mod tests {
             .collect()
     }
 
+    fn apply(doc: &Doc, update: &[u8]) {
+        doc.transact_mut()
+            .apply_update(Update::decode_v1(update).unwrap())
+            .unwrap();
+    }
+
     fn sv_of(doc: &Doc) -> StateVector {
         doc.transact().state_vector()
     }
@@ -153,9 +159,7 @@ mod tests {
         let all = yrs::merge_updates_v1([held.as_slice(), &edits[0]]).unwrap();
         let s = split_for(&all, &sv_of(&doc));
         assert_eq!(s.held, None);
-        doc.transact_mut()
-            .apply_update(Update::decode_v1(&s.ready).unwrap())
-            .unwrap();
+        apply(&doc, &s.ready);
         assert_eq!(sv_of(&doc).get(&ClientID::new(1)), 3);
     }
 
@@ -164,17 +168,13 @@ mod tests {
         let edits = three_edits();
         let doc = Doc::new();
         for edit in &edits[..2] {
-            doc.transact_mut()
-                .apply_update(Update::decode_v1(edit).unwrap())
-                .unwrap();
+            apply(&doc, edit);
         }
         // clock 0, a skip over clock 1 (held by the document), clock 2.
         let gappy = yrs::merge_updates_v1([&edits[0], &edits[2]]).unwrap();
         let s = split_for(&gappy, &sv_of(&doc));
         assert_eq!(s.held, None);
-        doc.transact_mut()
-            .apply_update(Update::decode_v1(&s.ready).unwrap())
-            .unwrap();
+        apply(&doc, &s.ready);
         assert_eq!(sv_of(&doc).get(&ClientID::new(1)), 3);
         assert_eq!(doc.get_or_insert_map("items").len(&doc.transact()), 3);
     }

@@ -175,7 +175,6 @@ impl GuardedDoc {
 
     /// [`apply_update`](Self::apply_update) with the blocks held so far; also returns what is
     /// held afterwards.
-    #[allow(clippy::type_complexity)]
     fn apply_with_held(
         &mut self,
         bytes: &[u8],

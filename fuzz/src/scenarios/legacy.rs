@@ -25,7 +25,7 @@ use yrs::{
     Update,
 };
 
-use super::util::{doc_json, fixture_items, items_json, mirror_json};
+use super::util::{doc_json, fixture_items, items_json, mirror_json, scene_difference};
 
 /// `LEGACY_TRACE=1` prints every step, frame and delivery (when replaying an input).
 fn tracing() -> bool {
@@ -784,22 +784,10 @@ impl World {
         for client in self.clients.iter().filter(|c| c.peer.is_some()) {
             let scene = client.scene();
             if scene != expected {
-                let only_client: Vec<_> = scene
-                    .keys()
-                    .filter(|k| !expected.contains_key(*k))
-                    .collect();
-                let only_server: Vec<_> = expected
-                    .keys()
-                    .filter(|k| !scene.contains_key(*k))
-                    .collect();
-                let differing: Vec<_> = scene
-                    .iter()
-                    .filter(|(k, v)| expected.get(*k).is_some_and(|e| e != *v))
-                    .map(|(k, v)| format!("{k}: client {v} server {}", expected[k]))
-                    .collect();
                 panic!(
-                    "{} diverged; only on the client {only_client:?}, only on the server {only_server:?}, differing {differing:#?}",
-                    client.name
+                    "{} diverged; {}",
+                    client.name,
+                    scene_difference(&scene, &expected)
                 );
             }
         }

@@ -138,6 +138,25 @@ pub fn caught_panics() -> u64 {
     CAUGHT.with(Cell::get)
 }
 
+/// Where a client's scene (by uuid) differs from the server's, for a failure message: the uuids
+/// only one side holds, and the first items that differ.
+pub fn scene_difference(
+    client: &BTreeMap<String, Value>,
+    server: &BTreeMap<String, Value>,
+) -> String {
+    let only_client: Vec<_> = client.keys().filter(|k| !server.contains_key(*k)).collect();
+    let only_server: Vec<_> = server.keys().filter(|k| !client.contains_key(*k)).collect();
+    let differing: Vec<_> = client
+        .iter()
+        .filter_map(|(k, v)| {
+            let s = server.get(k).filter(|s| *s != v)?;
+            Some(format!("{k}: client {v} server {s}"))
+        })
+        .take(3)
+        .collect();
+    format!("only on the client {only_client:?}, only on the server {only_server:?}, differing {differing:#?}")
+}
+
 /// Lowercase hex, for messages and regression files.
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
