@@ -16,7 +16,7 @@ use super::{
     ConnKind, Frame, JoinError, JoinRequest, Outbox, SessionHandle, SessionMsg, SessionSummary,
 };
 use crate::doc::scene::CommandMessage;
-use crate::doc::{Effects, GuardedDoc, PeerId, Scene};
+use crate::doc::{DocError, Effects, GuardedDoc, PeerId, Scene};
 use crate::protocol::json::{
     self, ClientMessage, ErrorCode, ProtocolError, UserEntry, YjsAckFields,
 };
@@ -240,7 +240,7 @@ impl SessionTask {
             SessionMsg::Yjs(peer, msg) => self.yjs(peer, msg),
             SessionMsg::ApplyUpdate(bytes, reply) => {
                 let user: Arc<str> = Arc::from(API_USER);
-                let result = match self.scene.apply_update(&user, &bytes) {
+                let result = match self.apply_update(&user, &bytes) {
                     Ok(effects) => {
                         self.emit(effects, None);
                         Ok(())
@@ -469,18 +469,12 @@ impl SessionTask {
             },
             YjsMessage::SyncStep2(update) | YjsMessage::Update(update) => {
                 let user = self.user_of(peer);
-                let dropped = self.scene.doc().dropped_held();
-                match self.scene.apply_update(&user, &update) {
+                match self.apply_update(&user, &update) {
                     Ok(effects) => self.emit(effects, Some(peer)),
                     Err(e) => self.reject(
                         peer,
                         ProtocolError::new(ErrorCode::BadMessage, e.to_string()),
                     ),
-                }
-                if self.scene.doc().dropped_held() != dropped {
-                    // Not lost for good: clients resend what the session lacks when they sync.
-                    metrics::counter!("collab_held_updates_dropped_total").increment(1);
-                    warn!(session = %self.id, user = %user, "blocks waiting for a gap outgrew their bound and were let go");
                 }
             }
             YjsMessage::Awareness(bytes) => {
@@ -500,6 +494,19 @@ impl SessionTask {
             }
             YjsMessage::Auth => {}
         }
+    }
+
+    /// Applies a Yjs update (from a client or the HTTP API) to the scene, and reports held
+    /// blocks that outgrew their bound.
+    fn apply_update(&mut self, user: &Arc<str>, bytes: &[u8]) -> Result<Effects, DocError> {
+        let dropped = self.scene.doc().dropped_held();
+        let result = self.scene.apply_update(user, bytes);
+        if self.scene.doc().dropped_held() != dropped {
+            // Not lost for good: clients resend what the session lacks when they sync.
+            metrics::counter!("collab_held_updates_dropped_total").increment(1);
+            warn!(session = %self.id, user = %user, "blocks waiting for a gap outgrew their bound and were let go");
+        }
+        result
     }
 
     /// Answers a SyncStep1 from an empty document from the [`StateCache`], filling it first.
