@@ -9,25 +9,38 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures_util::SinkExt;
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
 use tokio::time::Instant;
+use tokio_tungstenite::WebSocketStream;
 use tracing::{info, warn};
+use tungstenite::protocol::CloseFrame;
+use tungstenite::{Message, Utf8Bytes};
 
+use super::socket::SocketIo;
 use super::{AppState, ConnectionGuard};
 use crate::doc::PeerId;
 use crate::protocol::json::{self, ErrorCode, ProtocolError};
 use crate::protocol::yjs;
-use crate::session::outbox::Next;
-use crate::session::outbox::{
-    CloseReason, CLOSE_GOING_AWAY, CLOSE_IDLE, CLOSE_INTERNAL, CLOSE_TOO_BIG,
-};
-use crate::session::{
-    outbox, ConnKind, Frame, Inbox, JoinRequest, Outbox, SessionHandle, SessionMsg,
-};
+use crate::session::outbox::{CloseReason, Next, CLOSE_IDLE, CLOSE_INTERNAL, CLOSE_TOO_BIG};
+use crate::session::{ConnKind, Frame, Inbox, JoinRequest, Outbox, SessionHandle, SessionMsg};
+
+/// A connection's WebSocket, as tungstenite reads it.
+pub type Socket = WebSocketStream<SocketIo>;
 
 /// How long to wait for the peer's answer to our close frame.
 const CLOSE_HANDSHAKE: Duration = Duration::from_secs(2);
+
+/// How a connection ends.
+enum Ending {
+    /// The server closes it: a close frame with this reason is sent.
+    Close(CloseReason),
+    /// The peer closed it (1000) or the transport failed (1006): nothing more is sent.
+    Gone(u16),
+}
+
+const NORMAL: u16 = 1000;
+const ABNORMAL: u16 = 1006;
 
 /// Who is connecting, once the path was validated.
 pub struct ConnectionTarget {
@@ -36,39 +49,41 @@ pub struct ConnectionTarget {
     pub kind: ConnKind,
 }
 
-/// Sends a close frame and waits briefly for the peer's answer.
-pub async fn close(mut socket: WebSocket, reason: CloseReason) {
+/// Sends a close frame after what is queued, and waits briefly for the peer's answer. The
+/// inbox is held until then: without it nothing reaches the socket.
+pub async fn close(mut socket: Socket, inbox: Inbox, reason: CloseReason) {
     let frame = CloseFrame {
-        code: reason.code,
+        code: reason.code.into(),
         reason: Utf8Bytes::from_static(reason.reason),
     };
-    if socket.send(Message::Close(Some(frame))).await.is_err() {
-        return;
-    }
     let _ = tokio::time::timeout(CLOSE_HANDSHAKE, async {
-        while let Some(Ok(msg)) = socket.recv().await {
+        if socket.send(Message::Close(Some(frame))).await.is_err() {
+            return;
+        }
+        while let Some(Ok(msg)) = socket.next().await {
             if matches!(msg, Message::Close(_)) {
                 break;
             }
         }
     })
     .await;
+    drop(inbox);
 }
 
 /// Joins the connection's session. On failure the client is told and the socket closed, and
 /// `None` is returned.
 ///
-/// Thousands of connections sit idle in their tasks, and a future is as large as its largest
-/// state: the caller awaits this one in its own allocation, freed once joined, so that the
-/// task keeps only what serving needs.
+/// Runs in the connection's set-up task: thousands of connections sit idle, and a future is
+/// as large as its largest state, so the task that serves them holds none of this.
 pub async fn open(
-    mut socket: WebSocket,
+    socket: Socket,
+    outbox: Outbox,
+    inbox: Inbox,
     state: AppState,
     target: ConnectionTarget,
-) -> Option<(Connection, WebSocket, Inbox)> {
+) -> Option<(Connection, Socket, Inbox)> {
     let guard = state.connections.enter();
     let peer = state.registry.next_peer_id();
-    let (outbox, inbox) = outbox(state.config.max_queue_bytes);
     let request = JoinRequest {
         peer,
         kind: target.kind,
@@ -79,14 +94,12 @@ pub async fn open(
         Ok(handle) => handle,
         Err(e) => {
             warn!(session = %target.session, error = ?e, "join failed");
-            drop(inbox);
             if target.kind.speaks_json() {
                 let error =
                     ProtocolError::new(ErrorCode::Unavailable, "the session could not be loaded");
-                let text = Utf8Bytes::from(json::encode_error(&error));
-                let _ = socket.send(Message::Text(text)).await;
+                let _ = outbox.send(Frame::text(json::encode_error(&error)));
             }
-            Box::pin(close(socket, CLOSE_INTERNAL)).await;
+            close(socket, inbox, CLOSE_INTERNAL).await;
             return None;
         }
     };
@@ -117,101 +130,107 @@ pub struct Connection {
 
 impl Connection {
     /// Serves the connection until it closes, then leaves the session.
-    pub async fn serve(mut self, socket: WebSocket, inbox: Inbox) {
-        let reason = self.run(socket, inbox).await;
-        let _ = self.session.send(SessionMsg::Leave(self.peer)).await;
-        info!(session = %self.session.id, user = %self.user, peer = self.peer, code = reason.code, "connection closed");
-    }
-
-    async fn run(&mut self, mut socket: WebSocket, mut inbox: Inbox) -> CloseReason {
-        let mut shutdown = self.state.shutdown.clone();
-        // Created once, not per loop turn: every turn (one per frame written) would otherwise
-        // register a new waiter and a new timer.
-        let shutdown = shutdown.changed();
-        tokio::pin!(shutdown);
-        let idle_timeout = self.state.config.idle_timeout;
-        let idle = tokio::time::sleep(idle_timeout);
-        tokio::pin!(idle);
-        // Protocol pings on `/yjs`: a peer that has not answered one by the next is dropped.
-        let ping_interval = self.state.config.yjs_ping_interval;
-        let mut ping = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
+    ///
+    /// One flat loop: every idle connection's task holds this future, and each nested async
+    /// call would keep its own copy of the socket. Shutdown arrives through the inbox (the
+    /// session closes its members with 1001).
+    pub async fn serve(self, mut socket: Socket, mut inbox: Inbox) {
+        // One timer: the JSON idle timeout on `/ws` (reset by every frame received), the
+        // protocol ping on `/yjs` (a peer that has not answered one by the next is dropped).
+        let period = match self.kind {
+            ConnKind::Yjs => self.state.config.yjs_ping_interval,
+            ConnKind::Legacy | ConnKind::LegacyYjs => self.state.config.idle_timeout,
+        };
+        let timer = tokio::time::sleep(period);
+        tokio::pin!(timer);
         let mut pong_due = false;
-        let reason = loop {
+        let ending = loop {
             tokio::select! {
                 biased;
+                // Also writes what the socket could not take from the session at once.
                 next = inbox.next() => match next {
-                    Next::Close(reason) => break reason,
-                    Next::Ended => break CLOSE_INTERNAL,
-                    Next::Write(frame) => {
-                        if write_queued(&mut socket, frame, &mut inbox).await.is_err() {
-                            return CLOSE_GOING_AWAY;
-                        }
-                    }
+                    Next::Close(reason) => break Ending::Close(reason),
+                    Next::Failed => break Ending::Gone(ABNORMAL),
                 },
-                _ = &mut shutdown => break CLOSE_GOING_AWAY,
-                incoming = socket.recv() => {
+                incoming = socket.next() => {
                     if self.kind != ConnKind::Yjs {
-                        idle.as_mut().reset(Instant::now() + idle_timeout);
+                        timer.as_mut().reset(Instant::now() + period);
                     }
-                    match incoming {
-                        None | Some(Ok(Message::Close(_))) => return CloseReason { code: 1000, reason: "" },
-                        Some(Err(e)) => {
-                            if is_too_big(&e) {
-                                break CLOSE_TOO_BIG;
-                            }
-                            return CloseReason { code: 1006, reason: "" };
+                    let forward = match incoming {
+                        None | Some(Ok(Message::Close(_))) => break Ending::Gone(NORMAL),
+                        Some(Err(e)) if is_too_big(&e) => break Ending::Close(CLOSE_TOO_BIG),
+                        Some(Err(_)) => break Ending::Gone(ABNORMAL),
+                        Some(Ok(Message::Text(text))) => self.on_text(&text),
+                        Some(Ok(Message::Binary(bytes))) => self.on_binary(&bytes),
+                        Some(Ok(Message::Pong(_))) => {
+                            pong_due = false;
+                            None
                         }
-                        Some(Ok(Message::Text(text))) => self.on_text(&text).await,
-                        Some(Ok(Message::Binary(bytes))) => self.on_binary(&bytes).await,
-                        Some(Ok(Message::Pong(_))) => pong_due = false,
-                        Some(Ok(Message::Ping(_))) => {}
+                        Some(Ok(Message::Ping(_) | Message::Frame(_))) => None,
+                    };
+                    if let Some(wait) = forward.and_then(|msg| self.session.send_or_wait(msg)) {
+                        wait.await;
                     }
                 }
-                _ = &mut idle, if self.kind != ConnKind::Yjs => break CLOSE_IDLE,
-                _ = ping.tick(), if self.kind == ConnKind::Yjs => {
-                    if pong_due {
-                        break CLOSE_IDLE;
+                _ = &mut timer => {
+                    if self.kind != ConnKind::Yjs || pong_due {
+                        break Ending::Close(CLOSE_IDLE);
                     }
                     pong_due = true;
-                    if socket.send(Message::Ping(Default::default())).await.is_err() {
-                        return CLOSE_GOING_AWAY;
+                    timer.as_mut().reset(Instant::now() + period);
+                    // Fed, not flushed: the outbox writes it in order, without waiting here.
+                    if socket.feed(Message::Ping(Bytes::new())).await.is_err() {
+                        break Ending::Gone(ABNORMAL);
                     }
                 }
             }
         };
-        Box::pin(close(socket, reason)).await;
-        reason
+        let code = match ending {
+            Ending::Close(reason) => {
+                Box::pin(close(socket, inbox, reason)).await;
+                reason.code
+            }
+            Ending::Gone(code) => code,
+        };
+        if let Some(wait) = self.session.send_or_wait(SessionMsg::Leave(self.peer)) {
+            wait.await;
+        }
+        info!(session = %self.session.id, user = %self.user, peer = self.peer, code, "connection closed");
     }
 
-    async fn on_text(&mut self, text: &str) {
+    /// The session message a text frame asks for, if it is valid.
+    fn on_text(&self, text: &str) -> Option<SessionMsg> {
         if self.kind == ConnKind::Yjs {
             self.reject(ProtocolError::new(
                 ErrorCode::BadMessage,
                 "y-websocket frames are binary",
             ));
-            return;
+            return None;
         }
         match json::parse_client_message(text) {
-            Ok(msg) => {
-                let _ = self.session.send(SessionMsg::Legacy(self.peer, msg)).await;
+            Ok(msg) => Some(SessionMsg::Legacy(self.peer, Box::new(msg))),
+            Err(e) => {
+                self.reject(e);
+                None
             }
-            Err(e) => self.reject(e),
         }
     }
 
-    async fn on_binary(&mut self, bytes: &[u8]) {
+    /// The session message a binary frame asks for, if it is valid.
+    fn on_binary(&self, bytes: &[u8]) -> Option<SessionMsg> {
         if self.kind == ConnKind::Legacy {
             self.reject(ProtocolError::new(
                 ErrorCode::BadMessage,
                 "binary frames need a Yjs connection (?yjs=1)",
             ));
-            return;
+            return None;
         }
         match yjs::decode(bytes) {
-            Ok(msg) => {
-                let _ = self.session.send(SessionMsg::Yjs(self.peer, msg)).await;
+            Ok(msg) => Some(SessionMsg::Yjs(self.peer, msg)),
+            Err(e) => {
+                self.reject(ProtocolError::new(ErrorCode::BadMessage, e.to_string()));
+                None
             }
-            Err(e) => self.reject(ProtocolError::new(ErrorCode::BadMessage, e.to_string())),
         }
     }
 
@@ -226,39 +245,7 @@ impl Connection {
     }
 }
 
-/// Most frames written per flush.
-const FRAMES_PER_FLUSH: usize = 64;
-
-/// Writes `first` and whatever else is already queued, then flushes once: a burst of
-/// broadcasts costs one write system call, not one per frame.
-async fn write_queued(
-    socket: &mut WebSocket,
-    first: Frame,
-    inbox: &mut Inbox,
-) -> Result<(), axum::Error> {
-    socket.feed(into_message(first)).await?;
-    for _ in 1..FRAMES_PER_FLUSH {
-        let Some(frame) = inbox.try_recv() else { break };
-        socket.feed(into_message(frame)).await?;
-    }
-    socket.flush().await
-}
-
-fn into_message(frame: Frame) -> Message {
-    match frame {
-        Frame::Text(t) => Message::Text(t),
-        Frame::Binary(b) => Message::Binary(b),
-    }
-}
-
 /// Whether a receive error is tungstenite's "message/frame larger than the limit".
-fn is_too_big(error: &axum::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(e) = source {
-        if let Some(tungstenite::Error::Capacity(_)) = e.downcast_ref::<tungstenite::Error>() {
-            return true;
-        }
-        source = e.source();
-    }
-    false
+fn is_too_big(error: &tungstenite::Error) -> bool {
+    matches!(error, tungstenite::Error::Capacity(_))
 }

@@ -4,6 +4,7 @@
 mod api;
 pub mod connection;
 pub mod path;
+mod socket;
 mod ws;
 
 use std::net::SocketAddr;

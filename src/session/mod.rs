@@ -11,6 +11,8 @@ pub mod outbox;
 pub mod registry;
 mod task;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
@@ -70,8 +72,9 @@ pub enum SessionMsg {
     Join(JoinRequest, oneshot::Sender<Result<(), JoinError>>),
     Leave(PeerId),
     /// A valid JSON message from a legacy connection. `ping` goes through the session too,
-    /// so a `pong` tells the client that everything it sent before was applied.
-    Legacy(PeerId, ClientMessage),
+    /// so a `pong` tells the client that everything it sent before was applied. Boxed: it is
+    /// the largest message, and every session's queue reserves room for the largest.
+    Legacy(PeerId, Box<ClientMessage>),
     /// A valid y-websocket message.
     Yjs(PeerId, YjsMessage),
     /// `POST /api/sessions/{s}/update`.
@@ -104,13 +107,22 @@ pub struct SessionHandle {
 impl SessionHandle {
     /// Sends a message; `Err` when the session task has stopped (look it up again).
     pub async fn send(&self, msg: SessionMsg) -> Result<(), SessionMsg> {
+        self.tx.send(msg).await.map_err(|e| e.0)
+    }
+
+    /// Sends a message that needs no answer. Only when the session is busy is there
+    /// something to await: the wait for room, in its own allocation, so that it does not
+    /// enlarge every idle connection's task (see `server::connection`).
+    pub fn send_or_wait(
+        &self,
+        msg: SessionMsg,
+    ) -> Option<Pin<Box<dyn Future<Output = ()> + Send + '_>>> {
         use tokio::sync::mpsc::error::TrySendError;
         match self.tx.try_send(msg) {
-            Ok(()) => Ok(()),
-            Err(TrySendError::Closed(msg)) => Err(msg),
-            // The session is busy: wait for room. That future lives in its own allocation,
-            // so that it does not enlarge every connection's future (see `connection`).
-            Err(TrySendError::Full(msg)) => Box::pin(self.tx.send(msg)).await.map_err(|e| e.0),
+            Ok(()) | Err(TrySendError::Closed(_)) => None,
+            Err(TrySendError::Full(msg)) => Some(Box::pin(async move {
+                let _ = self.tx.send(msg).await;
+            })),
         }
     }
 
@@ -118,3 +130,6 @@ impl SessionHandle {
         self.tx.same_channel(&other.tx)
     }
 }
+
+// Every session's queue allocates its slots in blocks of 32 messages.
+const _: () = assert!(std::mem::size_of::<SessionMsg>() <= 48);

@@ -1,42 +1,83 @@
-//! A connection's outbound queue, bounded in bytes.
+//! A connection's outbound bytes: written straight to its socket when nothing is waiting,
+//! queued (bounded in bytes) when the socket is full.
 //!
-//! The session task never waits on a socket: it pushes frames into each member's outbox and
-//! moves on. A member whose queued bytes pass the bound is too slow for the session; it is
-//! closed with 1013 by a close request that the connection sees before any queued frame (its
-//! queue is, by definition, backed up) and resyncs when it reconnects. Nothing is ever dropped
-//! silently.
+//! The session task never waits on a socket. Sending a frame to a member first tries one
+//! non-blocking write: on a connection that keeps up (nearly always) the frame leaves in that
+//! system call and the connection's task is not woken at all. Handing every frame to the
+//! connection task instead cost more CPU than the write itself (BENCHMARKS.md). What the
+//! socket does not take is queued, and the connection task writes it, many frames per system
+//! call, when the socket is writable again.
+//!
+//! A member whose queued bytes would pass the bound is too slow for the session: its queue is
+//! dropped (it is, by definition, backed up), it is closed with 1013 and it resyncs when it
+//! reconnects. Nothing is dropped silently: frames are dropped only for a connection that
+//! is closing or gone. Any other close request is written after the frames already queued.
+//!
+//! Every frame is a complete WebSocket frame (server frames are unmasked), encoded once and
+//! shared by every member it goes to. One lock orders all writes of a connection, the
+//! session's and the WebSocket library's own (pongs, pings, close), so frames never
+//! interleave; a frame the socket took only part of stays at the front until it is done.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-
-use axum::extract::ws::Utf8Bytes;
-use bytes::Bytes;
-use futures_util::task::AtomicWaker;
+use std::io::{self, IoSlice};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 
-/// A frame for one connection. Broadcast frames share their bytes.
+use bytes::{Buf, Bytes};
+use futures_util::task::AtomicWaker;
+use tungstenite::protocol::frame::coding::{Data, OpCode};
+use tungstenite::protocol::frame::FrameHeader;
+
+/// A complete WebSocket frame from the server. Broadcast frames share their bytes.
 #[derive(Debug, Clone)]
-pub enum Frame {
-    Text(Utf8Bytes),
-    Binary(Bytes),
-}
+pub struct Frame(Bytes);
 
 impl Frame {
+    /// A binary frame (y-websocket messages).
+    pub fn binary(payload: &[u8]) -> Frame {
+        Frame::data(Data::Binary, payload)
+    }
+
+    /// A text frame (JSON messages).
+    pub fn text(text: String) -> Frame {
+        Frame::data(Data::Text, text.as_bytes())
+    }
+
+    fn data(kind: Data, payload: &[u8]) -> Frame {
+        let header = FrameHeader {
+            opcode: OpCode::Data(kind),
+            ..FrameHeader::default()
+        };
+        let len = payload.len() as u64;
+        let mut wire = Vec::with_capacity(header.len(len) + payload.len());
+        header
+            .format(len, &mut wire)
+            .expect("a Vec takes every write");
+        wire.extend_from_slice(payload);
+        Frame(Bytes::from(wire))
+    }
+
+    /// Bytes on the wire, header included.
     pub fn len(&self) -> usize {
-        match self {
-            Frame::Text(t) => t.len(),
-            Frame::Binary(b) => b.len(),
-        }
+        self.0.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.0.is_empty()
     }
 
-    pub fn text(s: String) -> Frame {
-        Frame::Text(Utf8Bytes::from(s))
+    /// The encoded frame.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
     }
+}
+
+/// Where a connection's bytes go: the socket, written without waiting.
+pub trait Wire: Send + Sync {
+    /// Writes what the socket takes now; `WouldBlock` when it takes nothing.
+    fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize>;
+    /// Ready once a write may make progress; registers `cx` to be woken otherwise.
+    fn poll_writable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
 }
 
 /// Why the server closes a connection (PROTOCOL §7).
@@ -46,10 +87,6 @@ pub struct CloseReason {
     pub reason: &'static str,
 }
 
-pub const CLOSE_NORMAL: CloseReason = CloseReason {
-    code: 1000,
-    reason: "",
-};
 pub const CLOSE_GOING_AWAY: CloseReason = CloseReason {
     code: 1001,
     reason: "Server shutting down",
@@ -83,61 +120,211 @@ pub const CLOSE_REPLACED: CloseReason = CloseReason {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Overflow;
 
-/// What both ends share. A plain deque behind a mutex (held for a push or a pop, never across
-/// an await) and the connection task's waker: an idle connection costs a couple of hundred
-/// bytes here, where a tokio channel plus a watch channel cost about two kilobytes, and
-/// thousands of connections sit idle.
-#[derive(Debug)]
+/// Most frames handed to one vectored write.
+const FRAMES_PER_WRITE: usize = 64;
+/// Capacity a drained queue keeps; a burst's larger buffer is given back.
+const IDLE_QUEUE_CAPACITY: usize = 4;
+
+/// What the lock guards: the socket and what is waiting for it.
+struct Queue {
+    /// `None` once the connection ended: nothing can be written any more.
+    wire: Option<Arc<dyn Wire>>,
+    /// Waiting bytes, in order; the front may be the unwritten rest of a started frame.
+    frames: VecDeque<Bytes>,
+    /// Whether the front frame was partly written (it must be finished before anything else).
+    front_started: bool,
+    bytes: usize,
+    close: Option<CloseReason>,
+    /// A write failed: the peer is gone.
+    failed: bool,
+}
+
+/// What both ends share. An idle connection costs a couple of hundred bytes here.
 struct Shared {
-    frames: Mutex<VecDeque<Frame>>,
-    queued: AtomicUsize,
-    /// Live `Outbox` handles; the queue ends when the last one is dropped.
-    senders: AtomicUsize,
-    close: Mutex<Option<CloseReason>>,
-    /// Woken on every push, on a close request and when the last sender goes.
+    queue: Mutex<Queue>,
+    /// The connection task: woken when it has bytes to write or a close request.
     waker: AtomicWaker,
     max_bytes: usize,
 }
 
-impl Shared {
-    fn frames(&self) -> std::sync::MutexGuard<'_, VecDeque<Frame>> {
-        self.frames.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn close_reason(&self) -> Option<CloseReason> {
-        *self.close.lock().unwrap_or_else(|p| p.into_inner())
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let queue = self.queue();
+        f.debug_struct("Outbox")
+            .field("queued_bytes", &queue.bytes)
+            .field("close", &queue.close)
+            .finish()
     }
 }
 
-/// The session's end of a connection's queue.
-#[derive(Debug)]
+impl Shared {
+    fn queue(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes `bytes` now if nothing is waiting, and queues what the socket does not take.
+    /// `control` bytes (the WebSocket library's pings, pongs and close) still go out once a
+    /// close was requested; frames from the session do not.
+    fn push(&self, bytes: Bytes, control: bool) -> Result<(), Overflow> {
+        let mut queue = self.queue();
+        if queue.failed || (queue.close.is_some() && !control) {
+            return Ok(());
+        }
+        let Some(wire) = queue.wire.clone() else {
+            return Ok(());
+        };
+        if queue.bytes + bytes.len() > self.max_bytes {
+            // The close frame follows at most the rest of a frame already started.
+            let keep = usize::from(queue.front_started);
+            queue.frames.truncate(keep);
+            queue.bytes = queue.frames.iter().map(Bytes::len).sum();
+            drop(queue);
+            self.close(CLOSE_SLOW);
+            return Err(Overflow);
+        }
+        let mut rest = bytes;
+        if queue.frames.is_empty() {
+            match wire.try_write_vectored(&[IoSlice::new(&rest)]) {
+                Ok(n) if n == rest.len() => return Ok(()),
+                Ok(n) => {
+                    rest.advance(n);
+                    queue.front_started = n > 0;
+                }
+                Err(e) if is_retry(&e) => {}
+                Err(_) => {
+                    queue.failed = true;
+                    drop(queue);
+                    self.waker.wake();
+                    return Ok(());
+                }
+            }
+        }
+        queue.bytes += rest.len();
+        queue.frames.push_back(rest);
+        drop(queue);
+        self.waker.wake();
+        Ok(())
+    }
+
+    fn close(&self, reason: CloseReason) {
+        let mut queue = self.queue();
+        if queue.close.is_none() {
+            queue.close = Some(reason);
+            drop(queue);
+            self.waker.wake();
+        }
+    }
+
+    /// Writes what is queued. `Pending` (woken when the socket is writable) while some is
+    /// left; an error once a write failed.
+    fn poll_flush(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            let mut queue = self.queue();
+            if queue.failed {
+                return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+            }
+            if queue.frames.is_empty() {
+                if queue.frames.capacity() > IDLE_QUEUE_CAPACITY {
+                    queue.frames.shrink_to(IDLE_QUEUE_CAPACITY);
+                }
+                return Poll::Ready(Ok(()));
+            }
+            let Some(wire) = queue.wire.clone() else {
+                return Poll::Ready(Err(io::ErrorKind::NotConnected.into()));
+            };
+            let slices: Vec<IoSlice<'_>> = queue
+                .frames
+                .iter()
+                .take(FRAMES_PER_WRITE)
+                .map(|b| IoSlice::new(b))
+                .collect();
+            match wire.try_write_vectored(&slices) {
+                Ok(0) => {
+                    queue.failed = true;
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                Ok(n) => queue.consume(n),
+                Err(e) if is_retry(&e) => {
+                    drop(queue);
+                    if let Err(e) = std::task::ready!(wire.poll_writable(cx)) {
+                        self.queue().failed = true;
+                        return Poll::Ready(Err(e));
+                    }
+                }
+                Err(e) => {
+                    queue.failed = true;
+                    return Poll::Ready(Err(e));
+                }
+            }
+        }
+    }
+}
+
+impl Queue {
+    /// Removes `n` written bytes from the front.
+    fn consume(&mut self, mut n: usize) {
+        self.bytes -= n;
+        while n > 0 {
+            let Some(front) = self.frames.front_mut() else {
+                return;
+            };
+            if n < front.len() {
+                front.advance(n);
+                self.front_started = true;
+                return;
+            }
+            n -= front.len();
+            self.frames.pop_front();
+            self.front_started = false;
+        }
+    }
+}
+
+fn is_retry(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+    )
+}
+
+/// The session's end of a connection: sends frames, asks for a close.
+#[derive(Debug, Clone)]
 pub struct Outbox {
     shared: Arc<Shared>,
 }
 
-/// The connection's end: frames to write, and the close request.
+/// The connection's end: drives the queue and learns of a close request.
 #[derive(Debug)]
 pub struct Inbox {
     shared: Arc<Shared>,
 }
 
-/// What the connection should do next.
-#[derive(Debug)]
-pub enum Next {
-    Write(Frame),
-    /// The session asked for the connection to close.
-    Close(CloseReason),
-    /// The session dropped every handle of the queue.
-    Ended,
+/// Writes bytes in the connection's order on behalf of the WebSocket library.
+#[derive(Debug, Clone)]
+pub struct Writer {
+    shared: Arc<Shared>,
 }
 
-/// A new queue bounded to `max_bytes` queued bytes.
-pub fn outbox(max_bytes: usize) -> (Outbox, Inbox) {
+/// What the connection should do next.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Next {
+    /// The session asked for the connection to close.
+    Close(CloseReason),
+    /// Writing to the socket failed: the peer is gone.
+    Failed,
+}
+
+/// A new connection to `wire`, bounded to `max_bytes` queued bytes.
+pub fn outbox(max_bytes: usize, wire: Arc<dyn Wire>) -> (Outbox, Inbox) {
     let shared = Arc::new(Shared {
-        frames: Mutex::new(VecDeque::new()),
-        queued: AtomicUsize::new(0),
-        senders: AtomicUsize::new(1),
-        close: Mutex::new(None),
+        queue: Mutex::new(Queue {
+            wire: Some(wire),
+            frames: VecDeque::new(),
+            front_started: false,
+            bytes: 0,
+            close: None,
+            failed: false,
+        }),
         waker: AtomicWaker::new(),
         max_bytes,
     });
@@ -149,148 +336,260 @@ pub fn outbox(max_bytes: usize) -> (Outbox, Inbox) {
     )
 }
 
-impl Clone for Outbox {
-    fn clone(&self) -> Self {
-        self.shared.senders.fetch_add(1, Ordering::AcqRel);
-        Outbox {
-            shared: self.shared.clone(),
-        }
-    }
-}
-
-impl Drop for Outbox {
-    fn drop(&mut self) {
-        if self.shared.senders.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.shared.waker.wake();
-        }
-    }
-}
-
 impl Outbox {
-    /// Queues a frame, or closes the connection with 1013 when the queue would pass its bound.
+    /// Sends a frame, or closes the connection with 1013 when the queue would pass its bound.
     pub fn send(&self, frame: Frame) -> Result<(), Overflow> {
-        let len = frame.len();
-        let queued = self.shared.queued.fetch_add(len, Ordering::AcqRel) + len;
-        if queued > self.shared.max_bytes {
-            self.shared.queued.fetch_sub(len, Ordering::AcqRel);
-            self.close(CLOSE_SLOW);
-            return Err(Overflow);
-        }
-        self.shared.frames().push_back(frame);
-        self.shared.waker.wake();
-        Ok(())
+        self.shared.push(frame.0, false)
     }
 
     /// Asks the connection to close with `reason` (the first reason wins).
     pub fn close(&self, reason: CloseReason) {
-        let mut close = self.shared.close.lock().unwrap_or_else(|p| p.into_inner());
-        if close.is_none() {
-            *close = Some(reason);
-            drop(close);
-            self.shared.waker.wake();
-        }
+        self.shared.close(reason);
     }
 
     /// Bytes queued and not yet written.
     pub fn queued_bytes(&self) -> usize {
-        self.shared.queued.load(Ordering::Acquire)
+        self.shared.queue().bytes
     }
 }
 
-/// Capacity a drained queue keeps; a burst's larger buffer is given back.
-const IDLE_QUEUE_CAPACITY: usize = 16;
-
 impl Inbox {
-    /// Waits for what to do next. A close request comes before frames still queued.
+    /// Writes what is queued, and waits for what the connection must do next.
     pub async fn next(&mut self) -> Next {
         std::future::poll_fn(|cx| self.poll_next(cx)).await
     }
 
     fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Next> {
-        if let Some(next) = self.ready() {
-            return Poll::Ready(next);
-        }
-        // Checked again after registering: a push in between is not missed.
+        // Registered before looking: a push or close after the look wakes this task.
         self.shared.waker.register(cx.waker());
-        self.ready().map_or(Poll::Pending, Poll::Ready)
-    }
-
-    fn ready(&mut self) -> Option<Next> {
-        if let Some(reason) = self.shared.close_reason() {
-            return Some(Next::Close(reason));
+        if let Some(reason) = self.close_reason() {
+            return Poll::Ready(Next::Close(reason));
         }
-        if let Some(frame) = self.try_recv() {
-            return Some(Next::Write(frame));
+        match self.shared.poll_flush(cx) {
+            Poll::Ready(Err(_)) => Poll::Ready(Next::Failed),
+            _ => Poll::Pending,
         }
-        (self.shared.senders.load(Ordering::Acquire) == 0).then_some(Next::Ended)
-    }
-
-    /// A frame that is already queued, without waiting.
-    pub fn try_recv(&mut self) -> Option<Frame> {
-        let mut frames = self.shared.frames();
-        let frame = frames.pop_front();
-        if frames.is_empty() && frames.capacity() > IDLE_QUEUE_CAPACITY {
-            frames.shrink_to(IDLE_QUEUE_CAPACITY);
-        }
-        drop(frames);
-        let frame = frame?;
-        self.shared.queued.fetch_sub(frame.len(), Ordering::AcqRel);
-        Some(frame)
     }
 
     /// The close reason, once one was given.
     pub fn close_reason(&self) -> Option<CloseReason> {
-        self.shared.close_reason()
+        self.shared.queue().close
+    }
+
+    /// The WebSocket library's way to the socket, in the same order as the session's frames.
+    pub fn writer(&self) -> Writer {
+        Writer {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl Drop for Inbox {
+    /// The connection ended: later frames have nowhere to go, and the socket closes once
+    /// the connection drops its own handle.
+    fn drop(&mut self) {
+        let mut queue = self.shared.queue();
+        queue.wire = None;
+        queue.frames.clear();
+        queue.bytes = 0;
+    }
+}
+
+impl Writer {
+    /// Writes (or queues) `bytes`, which hold whole frames.
+    pub fn write(&self, bytes: &[u8]) -> io::Result<usize> {
+        match self.shared.push(Bytes::copy_from_slice(bytes), true) {
+            Ok(()) => Ok(bytes.len()),
+            Err(Overflow) => Err(io::Error::other("the connection's queue is full")),
+        }
+    }
+
+    /// Writes everything queued; `Pending` until the socket took it.
+    pub fn poll_flush(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.shared.poll_flush(cx)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::future::poll_fn;
+    use std::task::Waker;
 
-    fn frame(bytes: &'static [u8]) -> Frame {
-        Frame::Binary(Bytes::from_static(bytes))
+    /// A socket that takes `room` bytes and then blocks until given more (or, broken, fails).
+    #[derive(Default)]
+    struct FakeWire {
+        state: Mutex<(usize, Vec<u8>, Option<Waker>, bool)>,
+    }
+
+    impl FakeWire {
+        fn with_room(room: usize) -> Arc<FakeWire> {
+            let wire = FakeWire::default();
+            wire.state.lock().unwrap().0 = room;
+            Arc::new(wire)
+        }
+
+        fn grant(&self, more: usize) {
+            let mut state = self.state.lock().unwrap();
+            state.0 += more;
+            if let Some(waker) = state.2.take() {
+                waker.wake();
+            }
+        }
+
+        fn written(&self) -> Vec<u8> {
+            self.state.lock().unwrap().1.clone()
+        }
+    }
+
+    impl Wire for FakeWire {
+        fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+            let mut state = self.state.lock().unwrap();
+            if state.3 {
+                return Err(io::ErrorKind::BrokenPipe.into());
+            }
+            if state.0 == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let mut n = 0;
+            for buf in bufs {
+                let take = buf.len().min(state.0);
+                state.1.extend_from_slice(&buf[..take]);
+                state.0 -= take;
+                n += take;
+                if state.0 == 0 {
+                    break;
+                }
+            }
+            Ok(n)
+        }
+
+        fn poll_writable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            let mut state = self.state.lock().unwrap();
+            if state.0 > 0 {
+                return Poll::Ready(Ok(()));
+            }
+            state.2 = Some(cx.waker().clone());
+            Poll::Pending
+        }
+    }
+
+    fn frame(payload: &[u8]) -> Frame {
+        Frame::binary(payload)
+    }
+
+    #[test]
+    fn frames_are_complete_server_frames() {
+        assert_eq!(frame(b"ab").as_bytes(), &[0x82, 2, b'a', b'b']);
+        assert_eq!(Frame::text("hi".into()).as_bytes(), &[0x81, 2, b'h', b'i']);
+        let long = Frame::binary(&[7; 300]);
+        assert_eq!(&long.as_bytes()[..4], &[0x82, 126, 1, 44]);
+        assert_eq!(long.len(), 304);
+    }
+
+    #[test]
+    fn a_socket_with_room_gets_the_frame_at_once() {
+        let wire = FakeWire::with_room(1000);
+        let (out, _inbox) = outbox(100, wire.clone());
+        out.send(frame(b"123")).unwrap();
+        assert_eq!(wire.written(), frame(b"123").as_bytes());
+        assert_eq!(out.queued_bytes(), 0);
     }
 
     #[tokio::test]
-    async fn overflow_closes_with_1013_and_the_close_comes_first() {
-        let (out, mut inbox) = outbox(10);
-        out.send(frame(b"123456")).unwrap();
-        assert_eq!(out.queued_bytes(), 6);
-        assert_eq!(out.send(frame(b"123456")), Err(Overflow));
-        assert_eq!(inbox.close_reason(), Some(CLOSE_SLOW));
-        assert!(matches!(inbox.next().await, Next::Close(CLOSE_SLOW)));
-        assert_eq!(inbox.try_recv().unwrap().len(), 6);
+    async fn a_full_socket_queues_in_order_and_the_connection_writes_the_rest() {
+        // The first frame is cut after 3 of its 5 bytes; the rest waits with the second.
+        let wire = FakeWire::with_room(3);
+        let (out, inbox) = outbox(100, wire.clone());
+        out.send(frame(b"123")).unwrap();
+        out.send(frame(b"45")).unwrap();
+        assert_eq!(out.queued_bytes(), 2 + 4);
+        let writer = inbox.writer();
+        let flushed = tokio::spawn(async move { poll_fn(|cx| writer.poll_flush(cx)).await });
+        wire.grant(100);
+        flushed.await.unwrap().unwrap();
+        let mut expected = frame(b"123").as_bytes().to_vec();
+        expected.extend_from_slice(frame(b"45").as_bytes());
+        assert_eq!(wire.written(), expected);
         assert_eq!(out.queued_bytes(), 0);
+    }
+
+    #[tokio::test]
+    async fn overflow_drops_the_queue_and_closes_with_1013() {
+        let wire = FakeWire::with_room(0);
+        let (out, mut inbox) = outbox(10, wire.clone());
+        out.send(frame(b"123456")).unwrap();
+        assert_eq!(out.queued_bytes(), 8);
+        assert_eq!(out.send(frame(b"123456")), Err(Overflow));
+        assert_eq!(out.queued_bytes(), 0);
+        assert_eq!(inbox.next().await, Next::Close(CLOSE_SLOW));
+        // Frames after the close request are not sent; the close frame (control bytes) is.
+        out.send(frame(b"1")).unwrap();
+        assert_eq!(out.queued_bytes(), 0);
+        wire.grant(100);
+        inbox.writer().write(&[0x88, 0]).unwrap();
+        assert_eq!(wire.written(), vec![0x88, 0]);
+    }
+
+    #[test]
+    fn a_started_frame_is_finished_before_the_close_frame() {
+        let wire = FakeWire::with_room(2);
+        let (out, inbox) = outbox(10, wire.clone());
+        out.send(frame(b"1234")).unwrap();
+        out.send(frame(b"5")).unwrap();
+        assert_eq!(out.queued_bytes(), 4 + 3);
+        assert_eq!(out.send(frame(b"678")), Err(Overflow));
+        assert_eq!(out.queued_bytes(), 4);
+        wire.grant(100);
+        inbox.writer().write(&[0x88, 0]).unwrap();
+        let flushed = inbox
+            .writer()
+            .poll_flush(&mut Context::from_waker(Waker::noop()));
+        assert!(matches!(flushed, Poll::Ready(Ok(()))));
+        let mut expected = frame(b"1234").as_bytes().to_vec();
+        expected.extend_from_slice(&[0x88, 0]);
+        assert_eq!(wire.written(), expected);
+    }
+
+    #[tokio::test]
+    async fn a_close_request_is_written_after_the_queued_frames() {
+        let wire = FakeWire::with_room(0);
+        let (out, mut inbox) = outbox(100, wire.clone());
+        out.send(frame(b"12")).unwrap();
+        out.close(CLOSE_GOING_AWAY);
+        assert_eq!(inbox.next().await, Next::Close(CLOSE_GOING_AWAY));
+        inbox.writer().write(&[0x88, 0]).unwrap();
+        wire.grant(100);
+        let writer = inbox.writer();
+        poll_fn(|cx| writer.poll_flush(cx)).await.unwrap();
+        let mut expected = frame(b"12").as_bytes().to_vec();
+        expected.extend_from_slice(&[0x88, 0]);
+        assert_eq!(wire.written(), expected);
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_ends_the_connection() {
+        let wire = FakeWire::with_room(0);
+        wire.state.lock().unwrap().3 = true;
+        let (out, mut inbox) = outbox(100, wire);
+        out.send(frame(b"1")).unwrap();
+        assert_eq!(inbox.next().await, Next::Failed);
     }
 
     #[test]
     fn first_close_reason_wins() {
-        let (out, inbox) = outbox(10);
+        let (out, inbox) = outbox(10, FakeWire::with_room(0));
         out.close(CLOSE_REPLACED);
         out.close(CLOSE_SLOW);
         assert_eq!(inbox.close_reason(), Some(CLOSE_REPLACED));
     }
 
-    #[tokio::test]
-    async fn frames_come_in_order_and_the_queue_ends_with_its_last_sender() {
-        let (out, mut inbox) = outbox(100);
-        let second = out.clone();
-        let waiter = tokio::spawn(async move {
-            let mut got = Vec::new();
-            loop {
-                match inbox.next().await {
-                    Next::Write(frame) => got.push(frame.len()),
-                    Next::Ended => return got,
-                    Next::Close(reason) => panic!("unexpected close {reason:?}"),
-                }
-            }
-        });
+    #[test]
+    fn nothing_is_written_after_the_connection_ended() {
+        let wire = FakeWire::with_room(100);
+        let (out, inbox) = outbox(10, wire.clone());
+        drop(inbox);
         out.send(frame(b"1")).unwrap();
-        second.send(frame(b"22")).unwrap();
-        drop(out);
-        second.send(frame(b"333")).unwrap();
-        drop(second);
-        assert_eq!(waiter.await.unwrap(), vec![1, 2, 3]);
+        assert!(wire.written().is_empty());
     }
 }

@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, warn};
 
 use super::awareness::AwarenessStates;
-use super::outbox::{CLOSE_INTERNAL, CLOSE_REPLACED};
+use super::outbox::{CLOSE_GOING_AWAY, CLOSE_INTERNAL, CLOSE_REPLACED};
 use super::registry::Registry;
 use super::{
     ConnKind, Frame, JoinError, JoinRequest, Outbox, SessionHandle, SessionMsg, SessionSummary,
@@ -224,6 +224,11 @@ impl SessionTask {
                 self.fail(&e);
             }
         }
+        // Members are left only at shutdown (an idle session has none; a failed one closed
+        // them): they get what was queued for them, then 1001.
+        for member in self.members.values() {
+            member.outbox.close(CLOSE_GOING_AWAY);
+        }
         self.compact_on_exit().await;
         refuse_queued(rx, JoinError::Retry).await;
         metrics::counter!("collab_sessions_evicted_total").increment(1);
@@ -236,7 +241,7 @@ impl SessionTask {
                 let _ = reply.send(result);
             }
             SessionMsg::Leave(peer) => self.leave(peer),
-            SessionMsg::Legacy(peer, msg) => self.legacy(peer, msg),
+            SessionMsg::Legacy(peer, msg) => self.legacy(peer, *msg),
             SessionMsg::Yjs(peer, msg) => self.yjs(peer, msg),
             SessionMsg::ApplyUpdate(bytes, reply) => {
                 let user: Arc<str> = Arc::from(API_USER);
@@ -366,10 +371,10 @@ impl SessionTask {
         if kind.speaks_yjs() {
             self.send(
                 peer,
-                Frame::Binary(yjs::sync_step1(&self.scene.doc().state_vector_v1())),
+                Frame::binary(&yjs::sync_step1(&self.scene.doc().state_vector_v1())),
             );
             if let Some(states) = self.awareness.encode_all() {
-                self.send(peer, Frame::Binary(yjs::awareness(&states)));
+                self.send(peer, Frame::binary(&yjs::awareness(&states)));
             }
         }
         if let (false, Some(name)) = (already_present, &user) {
@@ -461,7 +466,7 @@ impl SessionTask {
         match msg {
             YjsMessage::SyncStep1(sv) if sv == EMPTY_STATE_VECTOR => self.send_whole_state(peer),
             YjsMessage::SyncStep1(sv) => match self.scene.doc_mut().encode_diff_v1(&sv) {
-                Ok(diff) => self.send(peer, Frame::Binary(yjs::sync_step2(&diff))),
+                Ok(diff) => self.send(peer, Frame::binary(&yjs::sync_step2(&diff))),
                 Err(e) => self.reject(
                     peer,
                     ProtocolError::new(ErrorCode::BadMessage, e.to_string()),
@@ -489,7 +494,7 @@ impl SessionTask {
             }
             YjsMessage::QueryAwareness => {
                 if let Some(states) = self.awareness.encode_all() {
-                    self.send(peer, Frame::Binary(yjs::awareness(&states)));
+                    self.send(peer, Frame::binary(&yjs::awareness(&states)));
                 }
             }
             YjsMessage::Auth => {}
@@ -519,7 +524,7 @@ impl SessionTask {
         {
             self.state_cache = match self.encode_state() {
                 Ok(whole) => Some(StateCache {
-                    whole: Frame::Binary(yjs::sync_step2(&whole)),
+                    whole: Frame::binary(&yjs::sync_step2(&whole)),
                     rebuilds,
                 }),
                 Err(e) => {
@@ -554,7 +559,7 @@ impl SessionTask {
     fn emit(&mut self, effects: Effects, origin: Option<PeerId>) {
         if let Some(update) = effects.update {
             metrics::counter!("collab_updates_applied_total").increment(1);
-            let frame = Frame::Binary(yjs::sync_update(&update));
+            let frame = Frame::binary(&yjs::sync_update(&update));
             self.pending.updates.push(update);
             self.state_cache = None;
             let targets: Vec<PeerId> = self
@@ -578,7 +583,7 @@ impl SessionTask {
     }
 
     fn broadcast_awareness(&mut self, update: &[u8]) {
-        let frame = Frame::Binary(yjs::awareness(update));
+        let frame = Frame::binary(&yjs::awareness(update));
         let targets: Vec<PeerId> = self
             .members
             .iter()
