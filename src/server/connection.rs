@@ -6,6 +6,7 @@
 //! timers: the JSON idle timeout on `/ws` (Qt clients must never get protocol pings) and the
 //! protocol ping on `/yjs`.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,6 +38,14 @@ enum Ending {
     Close(CloseReason),
     /// The peer closed it (1000) or the transport failed (1006): nothing more is sent.
     Gone(u16),
+}
+
+/// What one turn of a connection's loop leads to.
+enum Step {
+    Continue,
+    Forward(SessionMsg),
+    Ping,
+    End(Ending),
 }
 
 const NORMAL: u16 = 1000;
@@ -132,70 +141,96 @@ impl Connection {
     /// Serves the connection until it closes, then leaves the session.
     ///
     /// One flat loop: every idle connection's task holds this future, and each nested async
-    /// call would keep its own copy of the socket. Shutdown arrives through the inbox (the
-    /// session closes its members with 1001).
-    pub async fn serve(self, mut socket: Socket, mut inbox: Inbox) {
-        // One timer: the JSON idle timeout on `/ws` (reset by every frame received), the
-        // protocol ping on `/yjs` (a peer that has not answered one by the next is dropped).
-        let period = match self.kind {
-            ConnKind::Yjs => self.state.config.yjs_ping_interval,
-            ConnKind::Legacy | ConnKind::LegacyYjs => self.state.config.idle_timeout,
-        };
-        let timer = tokio::time::sleep(period);
-        tokio::pin!(timer);
-        let mut pong_due = false;
-        let ending = loop {
-            tokio::select! {
-                biased;
-                // Also writes what the socket could not take from the session at once.
-                next = inbox.next() => match next {
-                    Next::Close(reason) => break Ending::Close(reason),
-                    Next::Failed => break Ending::Gone(ABNORMAL),
-                },
-                incoming = socket.next() => {
-                    if self.kind != ConnKind::Yjs {
-                        timer.as_mut().reset(Instant::now() + period);
-                    }
-                    let forward = match incoming {
-                        None | Some(Ok(Message::Close(_))) => break Ending::Gone(NORMAL),
-                        Some(Err(e)) if is_too_big(&e) => break Ending::Close(CLOSE_TOO_BIG),
-                        Some(Err(_)) => break Ending::Gone(ABNORMAL),
-                        Some(Ok(Message::Text(text))) => self.on_text(&text),
-                        Some(Ok(Message::Binary(bytes))) => self.on_binary(&bytes),
-                        Some(Ok(Message::Pong(_))) => {
-                            pong_due = false;
-                            None
+    /// call would keep its own copy of the socket. Not an `async fn`: its arguments would be
+    /// stored twice (rust-lang/rust#62958); the block uses what it captured in place.
+    /// Shutdown arrives through the inbox (the session closes its members with 1001).
+    #[allow(clippy::manual_async_fn)] // see above: an `async fn` would be larger
+    pub fn serve(self, mut socket: Socket, mut inbox: Inbox) -> impl Future<Output = ()> + Send {
+        async move {
+            // One timer: the JSON idle timeout on `/ws` (reset by every frame received), the
+            // protocol ping on `/yjs` (a peer that has not answered one by the next is dropped).
+            let period = match self.kind {
+                ConnKind::Yjs => self.state.config.yjs_ping_interval,
+                ConnKind::Legacy | ConnKind::LegacyYjs => self.state.config.idle_timeout,
+            };
+            let timer = tokio::time::sleep(period);
+            tokio::pin!(timer);
+            let mut pong_due = false;
+            let ending = loop {
+                // The select only decides; what must be awaited comes after it, so that the
+                // select's state and the awaited future do not both stay in the task.
+                let step = tokio::select! {
+                    biased;
+                    // Also writes what the socket could not take from the session at once.
+                    next = inbox.next() => match next {
+                        Next::Close(reason) => Step::End(Ending::Close(reason)),
+                        Next::Failed => Step::End(Ending::Gone(ABNORMAL)),
+                    },
+                    incoming = socket.next() => {
+                        if self.kind != ConnKind::Yjs {
+                            timer.as_mut().reset(Instant::now() + period);
                         }
-                        Some(Ok(Message::Ping(_) | Message::Frame(_))) => None,
-                    };
-                    if let Some(wait) = forward.and_then(|msg| self.session.send_or_wait(msg)) {
-                        wait.await;
+                        self.on_incoming(incoming, &mut pong_due)
                     }
-                }
-                _ = &mut timer => {
-                    if self.kind != ConnKind::Yjs || pong_due {
-                        break Ending::Close(CLOSE_IDLE);
+                    _ = &mut timer => {
+                        if self.kind != ConnKind::Yjs || pong_due {
+                            Step::End(Ending::Close(CLOSE_IDLE))
+                        } else {
+                            pong_due = true;
+                            timer.as_mut().reset(Instant::now() + period);
+                            Step::Ping
+                        }
                     }
-                    pong_due = true;
-                    timer.as_mut().reset(Instant::now() + period);
+                };
+                match step {
+                    Step::Continue => {}
+                    Step::Forward(msg) => {
+                        if let Some(wait) = self.session.send_or_wait(msg) {
+                            wait.await;
+                        }
+                    }
                     // Fed, not flushed: the outbox writes it in order, without waiting here.
-                    if socket.feed(Message::Ping(Bytes::new())).await.is_err() {
-                        break Ending::Gone(ABNORMAL);
+                    Step::Ping => {
+                        if socket.feed(Message::Ping(Bytes::new())).await.is_err() {
+                            break Ending::Gone(ABNORMAL);
+                        }
                     }
+                    Step::End(ending) => break ending,
                 }
+            };
+            let code = match ending {
+                Ending::Close(reason) => {
+                    Box::pin(close(socket, inbox, reason)).await;
+                    reason.code
+                }
+                Ending::Gone(code) => code,
+            };
+            if let Some(wait) = self.session.send_or_wait(SessionMsg::Leave(self.peer)) {
+                wait.await;
             }
-        };
-        let code = match ending {
-            Ending::Close(reason) => {
-                Box::pin(close(socket, inbox, reason)).await;
-                reason.code
-            }
-            Ending::Gone(code) => code,
-        };
-        if let Some(wait) = self.session.send_or_wait(SessionMsg::Leave(self.peer)) {
-            wait.await;
+            info!(session = %self.session.id, user = %self.user, peer = self.peer, code, "connection closed");
         }
-        info!(session = %self.session.id, user = %self.user, peer = self.peer, code, "connection closed");
+    }
+
+    /// What a frame from the peer (or its absence) leads to.
+    fn on_incoming(
+        &self,
+        incoming: Option<Result<Message, tungstenite::Error>>,
+        pong_due: &mut bool,
+    ) -> Step {
+        let forward = match incoming {
+            None | Some(Ok(Message::Close(_))) => return Step::End(Ending::Gone(NORMAL)),
+            Some(Err(e)) if is_too_big(&e) => return Step::End(Ending::Close(CLOSE_TOO_BIG)),
+            Some(Err(_)) => return Step::End(Ending::Gone(ABNORMAL)),
+            Some(Ok(Message::Text(text))) => self.on_text(&text),
+            Some(Ok(Message::Binary(bytes))) => self.on_binary(&bytes),
+            Some(Ok(Message::Pong(_))) => {
+                *pong_due = false;
+                None
+            }
+            Some(Ok(Message::Ping(_) | Message::Frame(_))) => None,
+        };
+        forward.map_or(Step::Continue, Step::Forward)
     }
 
     /// The session message a text frame asks for, if it is valid.

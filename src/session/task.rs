@@ -1,6 +1,7 @@
 //! The task that owns one session: its scene, members, awareness and store writes.
 
 use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::Instant;
@@ -129,16 +130,18 @@ pub(super) fn spawn(
                     warnings: WarnLimiter::default(),
                     failed: false,
                 };
-                task.run(rx).await;
+                // Served by a task of its own: what loading needed does not stay with every
+                // idle session.
+                tokio::spawn(task.run(rx));
             }
             Err(e) => {
                 error!(session = %id, error = %e, "session could not be loaded");
                 metrics::counter!("collab_session_load_failures_total").increment(1);
                 registry.remove(&handle);
                 refuse_queued(rx, JoinError::Unavailable(e)).await;
+                registry.task_stopped();
             }
         }
-        registry.task_stopped();
     });
 }
 
@@ -173,65 +176,71 @@ async fn refuse_queued(mut rx: mpsc::Receiver<SessionMsg>, reason: JoinError) {
 }
 
 impl SessionTask {
-    async fn run(mut self, mut rx: mpsc::Receiver<SessionMsg>) {
-        let mut shutdown = self.registry.shutdown.clone();
-        // Grown by `recv_many` as needed and shrunk after a burst: an idle session (there may be
-        // thousands) keeps no room for 256 messages.
-        let mut batch = Vec::new();
-        let mut awareness_tick = tokio::time::interval(AWARENESS_TICK);
-        loop {
-            let evict_at = self
-                .idle_since
-                .map(|t| tokio::time::Instant::from_std(t + self.registry.config.evict_after));
-            tokio::select! {
-                n = rx.recv_many(&mut batch, BATCH) => {
-                    if n == 0 {
-                        break;
-                    }
-                    let handled = catch_unwind(AssertUnwindSafe(|| {
-                        for msg in batch.drain(..) {
-                            self.handle(msg);
+    /// Not an `async fn`: its arguments would be stored twice in every session's task
+    /// (rust-lang/rust#62958); the block uses what it captured in place.
+    #[allow(clippy::manual_async_fn)] // see above: an `async fn` would be larger
+    fn run(mut self, mut rx: mpsc::Receiver<SessionMsg>) -> impl Future<Output = ()> + Send {
+        async move {
+            let mut shutdown = self.registry.shutdown.clone();
+            // Grown by `recv_many` as needed and shrunk after a burst: an idle session (there may be
+            // thousands) keeps no room for 256 messages.
+            let mut batch = Vec::new();
+            let mut awareness_tick = tokio::time::interval(AWARENESS_TICK);
+            loop {
+                let evict_at = self
+                    .idle_since
+                    .map(|t| tokio::time::Instant::from_std(t + self.registry.config.evict_after));
+                tokio::select! {
+                    n = rx.recv_many(&mut batch, BATCH) => {
+                        if n == 0 {
+                            break;
                         }
-                    }));
-                    batch.shrink_to(IDLE_BATCH_CAPACITY);
-                    if handled.is_err() {
-                        // A bug, not bad input (that is rejected before it gets here). The
-                        // batch's changes are not durable: drop the session, keep the server.
-                        batch.clear();
-                        self.fail("internal error while handling a message");
+                        let handled = catch_unwind(AssertUnwindSafe(|| {
+                            for msg in batch.drain(..) {
+                                self.handle(msg);
+                            }
+                        }));
+                        batch.shrink_to(IDLE_BATCH_CAPACITY);
+                        if handled.is_err() {
+                            // A bug, not bad input (that is rejected before it gets here). The
+                            // batch's changes are not durable: drop the session, keep the server.
+                            batch.clear();
+                            self.fail("internal error while handling a message");
+                            break;
+                        }
+                    }
+                    _ = sleep_until_opt(evict_at) => {
+                        debug!(session = %self.id, "evicting idle session");
                         break;
                     }
+                    _ = awareness_tick.tick(), if !self.awareness.is_empty() => {
+                        if let Some(removal) = self.awareness.expire(Instant::now()) {
+                            self.broadcast_awareness(&removal);
+                        }
+                    }
+                    _ = shutdown.changed() => break,
                 }
-                _ = sleep_until_opt(evict_at) => {
-                    debug!(session = %self.id, "evicting idle session");
+                if let Err(e) = self.commit().await {
+                    self.fail(&e);
                     break;
                 }
-                _ = awareness_tick.tick(), if !self.awareness.is_empty() => {
-                    if let Some(removal) = self.awareness.expire(Instant::now()) {
-                        self.broadcast_awareness(&removal);
-                    }
+            }
+            self.registry.remove(&self.handle);
+            if !self.failed {
+                if let Err(e) = self.commit().await {
+                    self.fail(&e);
                 }
-                _ = shutdown.changed() => break,
             }
-            if let Err(e) = self.commit().await {
-                self.fail(&e);
-                break;
+            // Members are left only at shutdown (an idle session has none; a failed one closed
+            // them): they get what was queued for them, then 1001.
+            for member in self.members.values() {
+                member.outbox.close(CLOSE_GOING_AWAY);
             }
+            self.compact_on_exit().await;
+            refuse_queued(rx, JoinError::Retry).await;
+            metrics::counter!("collab_sessions_evicted_total").increment(1);
+            self.registry.task_stopped();
         }
-        self.registry.remove(&self.handle);
-        if !self.failed {
-            if let Err(e) = self.commit().await {
-                self.fail(&e);
-            }
-        }
-        // Members are left only at shutdown (an idle session has none; a failed one closed
-        // them): they get what was queued for them, then 1001.
-        for member in self.members.values() {
-            member.outbox.close(CLOSE_GOING_AWAY);
-        }
-        self.compact_on_exit().await;
-        refuse_queued(rx, JoinError::Retry).await;
-        metrics::counter!("collab_sessions_evicted_total").increment(1);
     }
 
     fn handle(&mut self, msg: SessionMsg) {
