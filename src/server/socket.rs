@@ -17,6 +17,11 @@ use tokio::net::TcpStream;
 use crate::session::outbox::{Wire, Writer};
 
 impl Wire for TcpStream {
+    fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+        // `send`, not `writev`: a socket call skips the file-position lock.
+        TcpStream::try_write(self, buf)
+    }
+
     fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         TcpStream::try_write_vectored(self, bufs)
     }

@@ -75,6 +75,8 @@ impl Frame {
 /// Where a connection's bytes go: the socket, written without waiting.
 pub trait Wire: Send + Sync {
     /// Writes what the socket takes now; `WouldBlock` when it takes nothing.
+    fn try_write(&self, buf: &[u8]) -> io::Result<usize>;
+    /// The same for several buffers in one system call.
     fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize>;
     /// Ready once a write may make progress; registers `cx` to be woken otherwise.
     fn poll_writable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
@@ -170,9 +172,6 @@ impl Shared {
         if queue.failed || (queue.close.is_some() && !control) {
             return Ok(());
         }
-        let Some(wire) = queue.wire.clone() else {
-            return Ok(());
-        };
         if queue.bytes + bytes.len() > self.max_bytes {
             // The close frame follows at most the rest of a frame already started.
             let keep = usize::from(queue.front_started);
@@ -182,25 +181,25 @@ impl Shared {
             self.close(CLOSE_SLOW);
             return Err(Overflow);
         }
+        let written = match &queue.wire {
+            None => return Ok(()),
+            Some(wire) if queue.frames.is_empty() => wire.try_write(&bytes),
+            Some(_) => Ok(0),
+        };
         let mut rest = bytes;
-        if queue.frames.is_empty() {
-            match wire.try_write_vectored(&[IoSlice::new(&rest)]) {
-                Ok(n) if n == rest.len() => return Ok(()),
-                Ok(n) => {
-                    rest.advance(n);
-                    queue.front_started = n > 0;
-                }
-                Err(e) if is_retry(&e) => {}
-                Err(_) => {
-                    queue.failed = true;
-                    drop(queue);
-                    self.waker.wake();
-                    return Ok(());
-                }
+        match written {
+            Ok(n) if n == rest.len() => return Ok(()),
+            Ok(n) => {
+                rest.advance(n);
+                queue.front_started |= n > 0;
             }
+            Err(e) if is_retry(&e) => {}
+            Err(_) => queue.failed = true,
         }
-        queue.bytes += rest.len();
-        queue.frames.push_back(rest);
+        if !queue.failed {
+            queue.bytes += rest.len();
+            queue.frames.push_back(rest);
+        }
         drop(queue);
         self.waker.wake();
         Ok(())
@@ -229,25 +228,30 @@ impl Shared {
                 }
                 return Poll::Ready(Ok(()));
             }
-            let Some(wire) = queue.wire.clone() else {
+            let Some(wire) = &queue.wire else {
                 return Poll::Ready(Err(io::ErrorKind::NotConnected.into()));
             };
-            let slices: Vec<IoSlice<'_>> = queue
-                .frames
-                .iter()
-                .take(FRAMES_PER_WRITE)
-                .map(|b| IoSlice::new(b))
-                .collect();
-            match wire.try_write_vectored(&slices) {
+            let written = if queue.frames.len() == 1 {
+                wire.try_write(&queue.frames[0])
+            } else {
+                let slices: Vec<IoSlice<'_>> = queue
+                    .frames
+                    .iter()
+                    .take(FRAMES_PER_WRITE)
+                    .map(|b| IoSlice::new(b))
+                    .collect();
+                wire.try_write_vectored(&slices)
+            };
+            match written {
                 Ok(0) => {
                     queue.failed = true;
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
                 Ok(n) => queue.consume(n),
                 Err(e) if is_retry(&e) => {
-                    drop(queue);
+                    // Still under the lock: the session cannot write in between.
                     if let Err(e) = std::task::ready!(wire.poll_writable(cx)) {
-                        self.queue().failed = true;
+                        queue.failed = true;
                         return Poll::Ready(Err(e));
                     }
                 }
@@ -443,6 +447,10 @@ mod tests {
     }
 
     impl Wire for FakeWire {
+        fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+            self.try_write_vectored(&[IoSlice::new(buf)])
+        }
+
         fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
             let mut state = self.state.lock().unwrap();
             if state.3 {
