@@ -133,8 +133,9 @@ impl InlineWriter {
     }
 }
 
-/// Locks the write connection. A panic while it was held dropped its transaction, which rolls
-/// it back, so only the metadata cache can be wrong: it is cleared, and the lock usable again.
+/// Locks the write connection. A panic while it was held left its transaction open, which the
+/// next [`in_transaction`] rolls back, so only the metadata cache can be wrong: it is
+/// cleared, and the lock usable again.
 fn lock(inline: &Mutex<InlineWriter>) -> MutexGuard<'_, InlineWriter> {
     inline.lock().unwrap_or_else(|poisoned| {
         let mut writer = poisoned.into_inner();
@@ -335,19 +336,31 @@ fn checkpoint(conn: &Connection, limit: i64) -> rusqlite::Result<()> {
 /// every commit. Cleared when a transaction fails (its writes were rolled back).
 type WrittenMeta = std::collections::HashMap<String, SessionMeta>;
 
-/// Runs `body` in a transaction and commits it.
+/// Runs `body` in a transaction and commits it, or rolls it back.
+///
+/// `BEGIN` and `COMMIT` are cached statements: compiling them for every commit (what
+/// `Connection::transaction` does) was a large part of a small commit's cost.
 fn in_transaction<T>(
     conn: &mut Connection,
     written: &mut WrittenMeta,
     body: impl FnOnce(&Connection, &mut WrittenMeta) -> rusqlite::Result<T>,
 ) -> rusqlite::Result<T> {
-    let result = conn.transaction().and_then(|txn| {
-        let value = body(&txn, written)?;
-        txn.commit()?;
+    if !conn.is_autocommit() {
+        // A panic inside an earlier `body` left its transaction open.
+        conn.execute_batch("ROLLBACK")?;
+    }
+    conn.prepare_cached("BEGIN")?.execute([])?;
+    let result = body(conn, written).and_then(|value| {
+        conn.prepare_cached("COMMIT")?.execute([])?;
         Ok(value)
     });
     if result.is_err() {
         written.clear();
+        if !conn.is_autocommit() {
+            // What failed was rolled back by SQLite or is rolled back here; a failing
+            // ROLLBACK leaves the transaction to the check above.
+            let _ = conn.execute_batch("ROLLBACK");
+        }
     }
     result
 }
@@ -498,6 +511,36 @@ mod tests {
             initialized: true,
             host: Some(host.into()),
         }
+    }
+
+    #[test]
+    fn a_transaction_left_open_by_a_panic_is_rolled_back_by_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = connect(&dir.path().join("collab.db"), "NORMAL").unwrap();
+        conn.execute_batch(SCHEMA).unwrap();
+        let mut written = WrittenMeta::new();
+        let append = |session: &str| Write::Append(session.into(), vec![vec![1]], meta("a"));
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            in_transaction(
+                &mut conn,
+                &mut written,
+                |txn, written| -> rusqlite::Result<()> {
+                    apply_write(txn, &append("lost"), written)?;
+                    panic!("inside the transaction");
+                },
+            )
+        }));
+        assert!(panicked.is_err());
+        assert!(!conn.is_autocommit(), "the panic left the transaction open");
+        commit_one(&mut conn, &append("kept"), &mut written).unwrap();
+        let sessions: Vec<String> = conn
+            .prepare("SELECT DISTINCT session FROM updates")
+            .unwrap()
+            .query_map([], |row| row.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(sessions, vec!["kept".to_owned()]);
     }
 
     /// Appends, compacts and reloads with `fsync`, then reopens the database with `reopen`.
