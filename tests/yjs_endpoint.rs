@@ -940,3 +940,55 @@ async fn the_upgrade_handshake_is_checked() {
     let (status, _) = server.get("/yjs/handshake").await;
     assert_eq!(status, 400, "a plain GET is not upgraded");
 }
+
+/// A client that stops reading for a while gets everything, whole and in order, once it reads
+/// again. The session writes straight into sockets; what a full socket does not take waits in
+/// the outbox (a frame cut short is finished before the next one), below the 1013 bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_reader_gets_every_frame_whole_and_in_order() {
+    let server = TestServer::start().await;
+    let (mut writer, _) = YClient::join(&server, "/yjs/paused").await;
+    let (mut paused, _) = YClient::join(&server, "/yjs/paused").await;
+    writer
+        .edit_and_send(|txn, items| {
+            items.insert(txn, "note-1", item_prelim("ruler", &json!({"name": ""})));
+        })
+        .await;
+    let Message::Sync(SyncMessage::Update(first)) = paused.recv().await else {
+        panic!("expected the new item");
+    };
+    paused.apply(&first);
+    // 24 MiB while `paused` reads nothing: more than loopback socket buffers hold.
+    const ROUNDS: usize = 24;
+    let filler = "x".repeat(1 << 20);
+    for round in 0..ROUNDS {
+        writer
+            .edit_and_send(|txn, items| {
+                set_fields(
+                    txn,
+                    items,
+                    "note-1",
+                    &[("name", json!(format!("{round}:{filler}")))],
+                );
+            })
+            .await;
+    }
+    // A cheap way to know the session handled them all: its answer to writer's SyncStep1.
+    writer.sync().await;
+    for round in 0..ROUNDS {
+        let Message::Sync(SyncMessage::Update(update)) = paused.recv().await else {
+            panic!("expected update {round}");
+        };
+        paused.apply(&update);
+        let name = paused.item("note-1").unwrap()["name"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(
+            name.starts_with(&format!("{round}:"))
+                && name.len() == filler.len() + format!("{round}:").len(),
+            "update {round} arrived out of order or cut: {}",
+            &name[..name.len().min(20)]
+        );
+    }
+}
