@@ -10,7 +10,7 @@ use serde_json::json;
 
 use super::path::decode_name;
 use super::AppState;
-use crate::session::{SessionMsg, SessionSummary};
+use crate::session::{ApiUpdate, SessionMsg, SessionSummary};
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({"error": message.into()}))).into_response()
@@ -97,7 +97,12 @@ pub async fn post_update(
     let update = body.to_vec();
     match state
         .registry
-        .request(&id, |tx| SessionMsg::ApplyUpdate(update.clone(), tx))
+        .request(&id, |reply| {
+            SessionMsg::ApplyUpdate(Box::new(ApiUpdate {
+                bytes: update.clone(),
+                reply,
+            }))
+        })
         .await
     {
         Some(Ok(())) => Json(json!({"status": "applied"})).into_response(),

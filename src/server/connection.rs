@@ -261,7 +261,7 @@ impl Connection {
             return None;
         }
         match yjs::decode(bytes) {
-            Ok(msg) => Some(SessionMsg::Yjs(self.peer, msg)),
+            Ok(msg) => Some(SessionMsg::Yjs(self.peer, Box::new(msg))),
             Err(e) => {
                 self.reject(ProtocolError::new(ErrorCode::BadMessage, e.to_string()));
                 None

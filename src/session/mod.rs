@@ -67,24 +67,33 @@ pub enum JoinError {
 }
 
 /// What a session's task can be asked.
+///
+/// Payloads are boxed down to 16 bytes: every session's queue allocates room for 32 of its
+/// largest message, and thousands of sessions sit idle.
 #[derive(Debug)]
 pub enum SessionMsg {
-    Join(JoinRequest, oneshot::Sender<Result<(), JoinError>>),
+    Join(Box<JoinRequest>, oneshot::Sender<Result<(), JoinError>>),
     Leave(PeerId),
     /// A valid JSON message from a legacy connection. `ping` goes through the session too,
-    /// so a `pong` tells the client that everything it sent before was applied. Boxed: it is
-    /// the largest message, and every session's queue reserves room for the largest.
+    /// so a `pong` tells the client that everything it sent before was applied.
     Legacy(PeerId, Box<ClientMessage>),
     /// A valid y-websocket message.
-    Yjs(PeerId, YjsMessage),
+    Yjs(PeerId, Box<YjsMessage>),
     /// `POST /api/sessions/{s}/update`.
-    ApplyUpdate(Vec<u8>, oneshot::Sender<Result<(), String>>),
+    ApplyUpdate(Box<ApiUpdate>),
     /// `GET /api/sessions/{s}/scene`: the scene's `state` JSON.
     Scene(oneshot::Sender<String>),
     /// `GET /api/sessions/{s}/update`: the whole document as one v1 update.
     EncodeState(oneshot::Sender<Result<Vec<u8>, String>>),
     /// `GET /api/sessions`.
     Summary(oneshot::Sender<SessionSummary>),
+}
+
+/// An update posted to the HTTP API, and where its outcome goes.
+#[derive(Debug)]
+pub struct ApiUpdate {
+    pub bytes: Vec<u8>,
+    pub reply: oneshot::Sender<Result<(), String>>,
 }
 
 /// One line of `GET /api/sessions`.
@@ -131,5 +140,4 @@ impl SessionHandle {
     }
 }
 
-// Every session's queue allocates its slots in blocks of 32 messages.
-const _: () = assert!(std::mem::size_of::<SessionMsg>() <= 48);
+const _: () = assert!(std::mem::size_of::<SessionMsg>() <= 24);

@@ -162,12 +162,12 @@ impl Registry {
             let handle = self.get_or_start(id);
             let (tx, rx) = oneshot::channel();
             let msg = SessionMsg::Join(
-                JoinRequest {
+                Box::new(JoinRequest {
                     peer: request.peer,
                     kind: request.kind,
                     user: request.user.clone(),
                     outbox: request.outbox.clone(),
-                },
+                }),
                 tx,
             );
             if handle.send(msg).await.is_err() {

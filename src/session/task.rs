@@ -14,7 +14,8 @@ use super::awareness::AwarenessStates;
 use super::outbox::{CLOSE_GOING_AWAY, CLOSE_INTERNAL, CLOSE_REPLACED};
 use super::registry::Registry;
 use super::{
-    ConnKind, Frame, JoinError, JoinRequest, Outbox, SessionHandle, SessionMsg, SessionSummary,
+    ApiUpdate, ConnKind, Frame, JoinError, JoinRequest, Outbox, SessionHandle, SessionMsg,
+    SessionSummary,
 };
 use crate::doc::scene::CommandMessage;
 use crate::doc::{DocError, Effects, GuardedDoc, PeerId, Scene};
@@ -246,13 +247,14 @@ impl SessionTask {
     fn handle(&mut self, msg: SessionMsg) {
         match msg {
             SessionMsg::Join(request, reply) => {
-                let result = self.join(request);
+                let result = self.join(*request);
                 let _ = reply.send(result);
             }
             SessionMsg::Leave(peer) => self.leave(peer),
             SessionMsg::Legacy(peer, msg) => self.legacy(peer, *msg),
-            SessionMsg::Yjs(peer, msg) => self.yjs(peer, msg),
-            SessionMsg::ApplyUpdate(bytes, reply) => {
+            SessionMsg::Yjs(peer, msg) => self.yjs(peer, *msg),
+            SessionMsg::ApplyUpdate(request) => {
+                let ApiUpdate { bytes, reply } = *request;
                 let user: Arc<str> = Arc::from(API_USER);
                 let result = match self.apply_update(&user, &bytes) {
                     Ok(effects) => {
