@@ -9,8 +9,8 @@
 //!   after another; time to fully synced, bytes, and server CPU per join.
 //! * `idle`: R×C synced idle connections; the server's RSS per connection.
 //!
-//! With `--server-pid` the server's CPU seconds (from `/proc/PID/stat`) over the measured
-//! window are reported per delivered update.
+//! With `--server-pid` the server's CPU seconds over the measured window (its threads' run
+//! time from `/proc/PID/task/*/schedstat`, in nanoseconds) are reported per delivered update.
 
 mod proc_stats;
 mod stats;
