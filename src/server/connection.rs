@@ -106,7 +106,7 @@ pub async fn open(
             if target.kind.speaks_json() {
                 let error =
                     ProtocolError::new(ErrorCode::Unavailable, "the session could not be loaded");
-                let _ = outbox.send(Frame::text(json::encode_error(&error)));
+                let _ = outbox.send(&Frame::text(json::encode_error(&error)));
             }
             close(socket, inbox, CLOSE_INTERNAL).await;
             return None;
@@ -275,7 +275,7 @@ impl Connection {
             warn!(session = %self.session.id, peer = self.peer, error = %error, "rejected input");
         }
         if self.kind.speaks_json() {
-            let _ = self.outbox.send(Frame::text(json::encode_error(&error)));
+            let _ = self.outbox.send(&Frame::text(json::encode_error(&error)));
         }
     }
 }

@@ -164,15 +164,16 @@ impl Shared {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Writes `bytes` now if nothing is waiting, and queues what the socket does not take.
-    /// `control` bytes (the WebSocket library's pings, pongs and close) still go out once a
-    /// close was requested; frames from the session do not.
-    fn push(&self, bytes: Bytes, control: bool) -> Result<(), Overflow> {
+    /// Writes `frames` now (one system call) if nothing is waiting, and queues what the socket
+    /// does not take. `control` bytes (the WebSocket library's pings, pongs and close) still go
+    /// out once a close was requested; frames from the session do not.
+    fn push(&self, frames: &[&Frame], control: bool) -> Result<(), Overflow> {
         let mut queue = self.queue();
         if queue.failed || (queue.close.is_some() && !control) {
             return Ok(());
         }
-        if queue.bytes + bytes.len() > self.max_bytes {
+        let len: usize = frames.iter().map(|f| f.len()).sum();
+        if queue.bytes + len > self.max_bytes {
             // The close frame follows at most the rest of a frame already started.
             let keep = usize::from(queue.front_started);
             queue.frames.truncate(keep);
@@ -183,20 +184,39 @@ impl Shared {
         }
         let written = match &queue.wire {
             None => return Ok(()),
-            Some(wire) if queue.frames.is_empty() => wire.try_write(&bytes),
+            Some(wire) if queue.frames.is_empty() => match frames {
+                [frame] => wire.try_write(frame.as_bytes()),
+                _ => {
+                    let slices: Vec<IoSlice<'_>> =
+                        frames.iter().map(|f| IoSlice::new(f.as_bytes())).collect();
+                    wire.try_write_vectored(&slices)
+                }
+            },
             Some(_) => Ok(0),
         };
-        let mut rest = bytes;
-        match written {
-            Ok(n) if n == rest.len() => return Ok(()),
-            Ok(n) => {
-                rest.advance(n);
-                queue.front_started |= n > 0;
+        let mut skip = match written {
+            Ok(n) if n == len => return Ok(()),
+            Ok(n) => n,
+            Err(e) if is_retry(&e) => 0,
+            Err(_) => {
+                queue.failed = true;
+                drop(queue);
+                self.waker.wake();
+                return Ok(());
             }
-            Err(e) if is_retry(&e) => {}
-            Err(_) => queue.failed = true,
-        }
-        if !queue.failed {
+        };
+        for frame in frames {
+            if skip >= frame.len() {
+                skip -= frame.len();
+                continue;
+            }
+            let mut rest = frame.0.clone();
+            if skip > 0 {
+                // Only the first frame queued can have been started: the queue was empty.
+                rest.advance(skip);
+                queue.front_started = true;
+                skip = 0;
+            }
             queue.bytes += rest.len();
             queue.frames.push_back(rest);
         }
@@ -342,8 +362,13 @@ pub fn outbox(max_bytes: usize, wire: Arc<dyn Wire>) -> (Outbox, Inbox) {
 
 impl Outbox {
     /// Sends a frame, or closes the connection with 1013 when the queue would pass its bound.
-    pub fn send(&self, frame: Frame) -> Result<(), Overflow> {
-        self.shared.push(frame.0, false)
+    pub fn send(&self, frame: &Frame) -> Result<(), Overflow> {
+        self.shared.push(&[frame], false)
+    }
+
+    /// Sends frames in order, in one system call when the socket takes them all.
+    pub fn send_all(&self, frames: &[&Frame]) -> Result<(), Overflow> {
+        self.shared.push(frames, false)
     }
 
     /// Asks the connection to close with `reason` (the first reason wins).
@@ -402,7 +427,8 @@ impl Drop for Inbox {
 impl Writer {
     /// Writes (or queues) `bytes`, which hold whole frames.
     pub fn write(&self, bytes: &[u8]) -> io::Result<usize> {
-        match self.shared.push(Bytes::copy_from_slice(bytes), true) {
+        let frame = Frame(Bytes::copy_from_slice(bytes));
+        match self.shared.push(&[&frame], true) {
             Ok(()) => Ok(bytes.len()),
             Err(Overflow) => Err(io::Error::other("the connection's queue is full")),
         }
@@ -499,7 +525,7 @@ mod tests {
     fn a_socket_with_room_gets_the_frame_at_once() {
         let wire = FakeWire::with_room(1000);
         let (out, _inbox) = outbox(100, wire.clone());
-        out.send(frame(b"123")).unwrap();
+        out.send(&frame(b"123")).unwrap();
         assert_eq!(wire.written(), frame(b"123").as_bytes());
         assert_eq!(out.queued_bytes(), 0);
     }
@@ -509,8 +535,8 @@ mod tests {
         // The first frame is cut after 3 of its 5 bytes; the rest waits with the second.
         let wire = FakeWire::with_room(3);
         let (out, inbox) = outbox(100, wire.clone());
-        out.send(frame(b"123")).unwrap();
-        out.send(frame(b"45")).unwrap();
+        out.send(&frame(b"123")).unwrap();
+        out.send(&frame(b"45")).unwrap();
         assert_eq!(out.queued_bytes(), 2 + 4);
         let writer = inbox.writer();
         let flushed = tokio::spawn(async move { poll_fn(|cx| writer.poll_flush(cx)).await });
@@ -523,16 +549,35 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_burst_goes_out_in_one_write_and_its_rest_waits_in_order() {
+        let wire = FakeWire::with_room(7);
+        let (out, inbox) = outbox(100, wire.clone());
+        let (a, b, c) = (frame(b"123"), frame(b"45"), frame(b"6"));
+        out.send_all(&[&a, &b, &c]).unwrap();
+        // `a` (5 bytes) went out whole, `b` (4) cut after 2; `b`'s rest and `c` wait.
+        assert_eq!(out.queued_bytes(), 2 + 3);
+        let writer = inbox.writer();
+        let flushed = tokio::spawn(async move { poll_fn(|cx| writer.poll_flush(cx)).await });
+        wire.grant(100);
+        flushed.await.unwrap().unwrap();
+        let expected: Vec<u8> = [a, b, c]
+            .iter()
+            .flat_map(|f| f.as_bytes().to_vec())
+            .collect();
+        assert_eq!(wire.written(), expected);
+    }
+
+    #[tokio::test]
     async fn overflow_drops_the_queue_and_closes_with_1013() {
         let wire = FakeWire::with_room(0);
         let (out, mut inbox) = outbox(10, wire.clone());
-        out.send(frame(b"123456")).unwrap();
+        out.send(&frame(b"123456")).unwrap();
         assert_eq!(out.queued_bytes(), 8);
-        assert_eq!(out.send(frame(b"123456")), Err(Overflow));
+        assert_eq!(out.send(&frame(b"123456")), Err(Overflow));
         assert_eq!(out.queued_bytes(), 0);
         assert_eq!(inbox.next().await, Next::Close(CLOSE_SLOW));
         // Frames after the close request are not sent; the close frame (control bytes) is.
-        out.send(frame(b"1")).unwrap();
+        out.send(&frame(b"1")).unwrap();
         assert_eq!(out.queued_bytes(), 0);
         wire.grant(100);
         inbox.writer().write(&[0x88, 0]).unwrap();
@@ -543,10 +588,10 @@ mod tests {
     fn a_started_frame_is_finished_before_the_close_frame() {
         let wire = FakeWire::with_room(2);
         let (out, inbox) = outbox(10, wire.clone());
-        out.send(frame(b"1234")).unwrap();
-        out.send(frame(b"5")).unwrap();
+        out.send(&frame(b"1234")).unwrap();
+        out.send(&frame(b"5")).unwrap();
         assert_eq!(out.queued_bytes(), 4 + 3);
-        assert_eq!(out.send(frame(b"678")), Err(Overflow));
+        assert_eq!(out.send(&frame(b"678")), Err(Overflow));
         assert_eq!(out.queued_bytes(), 4);
         wire.grant(100);
         inbox.writer().write(&[0x88, 0]).unwrap();
@@ -563,7 +608,7 @@ mod tests {
     async fn a_close_request_is_written_after_the_queued_frames() {
         let wire = FakeWire::with_room(0);
         let (out, mut inbox) = outbox(100, wire.clone());
-        out.send(frame(b"12")).unwrap();
+        out.send(&frame(b"12")).unwrap();
         out.close(CLOSE_GOING_AWAY);
         assert_eq!(inbox.next().await, Next::Close(CLOSE_GOING_AWAY));
         inbox.writer().write(&[0x88, 0]).unwrap();
@@ -580,7 +625,7 @@ mod tests {
         let wire = FakeWire::with_room(0);
         wire.state.lock().unwrap().3 = true;
         let (out, mut inbox) = outbox(100, wire);
-        out.send(frame(b"1")).unwrap();
+        out.send(&frame(b"1")).unwrap();
         assert_eq!(inbox.next().await, Next::Failed);
     }
 
@@ -597,7 +642,7 @@ mod tests {
         let wire = FakeWire::with_room(100);
         let (out, inbox) = outbox(10, wire.clone());
         drop(inbox);
-        out.send(frame(b"1")).unwrap();
+        out.send(&frame(b"1")).unwrap();
         assert!(wire.written().is_empty());
     }
 }
