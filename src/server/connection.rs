@@ -1,5 +1,5 @@
-//! One WebSocket connection: a single task that reads frames, hands them to the session, and
-//! writes what the session queued for it.
+//! One WebSocket connection: a task that reads frames and hands them to the session, and
+//! writes what the socket did not take when the session wrote to it (see `session::outbox`).
 //!
 //! Decoding happens here, in the connection's task, so a session task only ever sees valid
 //! messages and bad input costs the session nothing. The loop also owns the connection's

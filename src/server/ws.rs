@@ -3,6 +3,9 @@
 //!
 //! An invalid path still completes the upgrade and is then closed with 1008 "Invalid path":
 //! that is what Optiverse clients already handle.
+//!
+//! The handshake is answered here rather than by axum's `WebSocketUpgrade`, because the server
+//! keeps the upgraded TCP socket itself: session tasks write to it directly.
 
 use std::collections::HashMap;
 use std::sync::Arc;
