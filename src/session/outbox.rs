@@ -122,7 +122,7 @@ pub const CLOSE_REPLACED: CloseReason = CloseReason {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Overflow;
 
-/// Most frames handed to one vectored write.
+/// Most frames handed to one vectored write (the kernel refuses more than `IOV_MAX`, 1024).
 const FRAMES_PER_WRITE: usize = 64;
 /// Capacity a drained queue keeps; a burst's larger buffer is given back.
 const IDLE_QUEUE_CAPACITY: usize = 4;
@@ -187,8 +187,12 @@ impl Shared {
             Some(wire) if queue.frames.is_empty() => match frames {
                 [frame] => wire.try_write(frame.as_bytes()),
                 _ => {
-                    let slices: Vec<IoSlice<'_>> =
-                        frames.iter().map(|f| IoSlice::new(f.as_bytes())).collect();
+                    // What is left after the first writes waits for the connection task.
+                    let slices: Vec<IoSlice<'_>> = frames
+                        .iter()
+                        .take(FRAMES_PER_WRITE)
+                        .map(|f| IoSlice::new(f.as_bytes()))
+                        .collect();
                     wire.try_write_vectored(&slices)
                 }
             },
@@ -565,6 +569,16 @@ mod tests {
             .flat_map(|f| f.as_bytes().to_vec())
             .collect();
         assert_eq!(wire.written(), expected);
+    }
+
+    #[test]
+    fn a_burst_longer_than_one_vectored_write_is_queued_past_it() {
+        let wire = FakeWire::with_room(usize::MAX);
+        let (out, _inbox) = outbox(usize::MAX, wire.clone());
+        let burst: Vec<Frame> = (0..FRAMES_PER_WRITE + 3).map(|_| frame(b"1")).collect();
+        out.send_all(&burst.iter().collect::<Vec<_>>()).unwrap();
+        assert_eq!(wire.written().len(), FRAMES_PER_WRITE * 3);
+        assert_eq!(out.queued_bytes(), 3 * 3);
     }
 
     #[tokio::test]
