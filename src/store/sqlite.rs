@@ -338,8 +338,8 @@ type WrittenMeta = std::collections::HashMap<String, SessionMeta>;
 
 /// Runs `body` in a transaction and commits it, or rolls it back.
 ///
-/// `BEGIN` and `COMMIT` are cached statements: compiling them for every commit (what
-/// `Connection::transaction` does) was a large part of a small commit's cost.
+/// `BEGIN` and `COMMIT` are cached statements: `Connection::transaction` compiles them for
+/// every commit (about 5 % of the CPU per delivery with sqlite at 1 room x 50 clients x 2/s).
 fn in_transaction<T>(
     conn: &mut Connection,
     written: &mut WrittenMeta,
