@@ -781,11 +781,40 @@ async fn user_param_is_percent_decoded_exactly_once() {
     }
 }
 
+/// Sends a raw HTTP request; returns the socket, what was read, and where the response head
+/// ends in it (what follows are the first WebSocket frames, if upgraded).
+async fn raw_request(
+    addr: std::net::SocketAddr,
+    request: &str,
+) -> (tokio::net::TcpStream, Vec<u8>, usize) {
+    use tokio::io::AsyncWriteExt;
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            return (tcp, buf, i + 4);
+        }
+        read_more(&mut tcp, &mut buf, "the response head").await;
+    }
+}
+
+/// Appends what `tcp` reads next to `buf`; panics if it ends first (waiting for `what`).
+async fn read_more(tcp: &mut tokio::net::TcpStream, buf: &mut Vec<u8>, what: &str) {
+    use tokio::io::AsyncReadExt;
+    let mut chunk = [0u8; 4096];
+    let n = tokio::time::timeout(PATIENCE, tcp.read(&mut chunk))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(n > 0, "the connection ended before {what}");
+    buf.extend_from_slice(&chunk[..n]);
+}
+
 /// A raw WebSocket client that completes the handshake and then never writes (so it never
 /// answers a ping): the server must ping it on `/yjs` and drop it.
 #[tokio::test]
 async fn a_peer_that_stops_answering_pings_is_dropped() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut config = test_config();
     config.yjs_ping_interval = std::time::Duration::from_millis(200);
     let server = TestServer::start_with(
@@ -793,26 +822,12 @@ async fn a_peer_that_stops_answering_pings_is_dropped() {
         std::sync::Arc::new(optiverse_collab::store::memory::MemoryStore::new()),
     )
     .await;
-    let mut tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
     let request = format!(
         "GET /yjs/silent HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
         server.addr
     );
-    tcp.write_all(request.as_bytes()).await.unwrap();
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let head_end = loop {
-        let n = tokio::time::timeout(PATIENCE, tcp.read(&mut chunk))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(n > 0, "connection closed during the handshake");
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-    };
+    let (mut tcp, buf, head_end) = raw_request(server.addr, &request).await;
     assert!(String::from_utf8_lossy(&buf[..head_end]).starts_with("HTTP/1.1 101"));
     let mut frames = buf[head_end..].to_vec();
     // Read server frames (unmasked) until the close frame; never answer anything.
@@ -841,14 +856,7 @@ async fn a_peer_that_stops_answering_pings_is_dropped() {
             Some((0x9, _)) => pings += 1,
             Some((0x8, payload)) => break u16::from_be_bytes([payload[0], payload[1]]),
             Some(_) => {}
-            None => {
-                let n = tokio::time::timeout(PATIENCE, tcp.read(&mut chunk))
-                    .await
-                    .unwrap()
-                    .unwrap();
-                assert!(n > 0, "connection ended without a close frame");
-                frames.extend_from_slice(&chunk[..n]);
-            }
+            None => read_more(&mut tcp, &mut frames, "a close frame").await,
         }
     };
     assert!(pings >= 1, "the server pinged before dropping the peer");
@@ -896,25 +904,10 @@ async fn fresh_clients_get_the_current_state_before_and_after_a_change() {
 /// request gets RFC 6455's accept key, an invalid one a 400 and no upgrade.
 #[tokio::test]
 async fn the_upgrade_handshake_is_checked() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let server = TestServer::start().await;
-    let head = |request: String| {
-        let addr = server.addr;
-        async move {
-            let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-            tcp.write_all(request.as_bytes()).await.unwrap();
-            let mut buf = Vec::new();
-            let mut chunk = [0u8; 1024];
-            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                let n = tokio::time::timeout(PATIENCE, tcp.read(&mut chunk))
-                    .await
-                    .unwrap()
-                    .unwrap();
-                assert!(n > 0, "no response head");
-                buf.extend_from_slice(&chunk[..n]);
-            }
-            String::from_utf8_lossy(&buf).to_ascii_lowercase()
-        }
+    let head = |request: String| async move {
+        let (_, buf, head_end) = raw_request(server.addr, &request).await;
+        String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase()
     };
     let request = |upgrade: &str, version: &str, key: &str| {
         format!(

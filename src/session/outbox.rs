@@ -381,7 +381,8 @@ impl Outbox {
     }
 
     /// Bytes queued and not yet written.
-    pub fn queued_bytes(&self) -> usize {
+    #[cfg(test)]
+    fn queued_bytes(&self) -> usize {
         self.shared.queue().bytes
     }
 }
