@@ -172,8 +172,8 @@ fn legacy(c: &mut Criterion) {
         true,
     );
     for peer in 1..=3 {
-        scene.add_peer(peer, false);
-        scene.full_state(Some(peer));
+        scene.add_peer(peer);
+        scene.request_sync(peer, &Arc::from("p"));
     }
     let user: Arc<str> = Arc::from("p1");
     let template = scene
@@ -192,7 +192,11 @@ fn legacy(c: &mut Criterion) {
                 item_id: Arc::from("item-7"),
                 data,
             };
-            black_box(scene.apply_command(1, &user, command).expect("applies"))
+            black_box(
+                scene
+                    .apply_command(1, &user, command, Instant::now())
+                    .expect("applies"),
+            )
         })
     });
 }

@@ -76,6 +76,11 @@ pub struct Config {
     #[arg(long, env = "COLLAB_EVICT_AFTER", default_value = "60", value_parser = parse_seconds)]
     pub evict_after: Duration,
 
+    /// Seconds a desktop client's commands on an item must pause before it is sent a
+    /// correction it is owed (README, "Choices").
+    #[arg(long, env = "COLLAB_CORRECTION_DELAY", default_value = "0.25", value_parser = parse_seconds)]
+    pub correction_delay: Duration,
+
     /// Largest awareness state of one Yjs client.
     #[arg(long, env = "COLLAB_MAX_AWARENESS_BYTES", default_value_t = 64 * 1024)]
     pub max_awareness_bytes: usize,
@@ -128,6 +133,7 @@ mod tests {
         assert_eq!(c.store, StoreKind::Sqlite);
         assert_eq!(c.evict_after, Duration::from_secs(60));
         assert_eq!(c.yjs_ping_interval, Duration::from_secs(30));
+        assert_eq!(c.correction_delay, Duration::from_millis(250));
     }
 
     #[test]

@@ -1,8 +1,11 @@
 //! Convergence of legacy Optiverse clients (PROTOCOL §3.3): clients modelled exactly as the
-//! desktop client applies messages (`add_item` always creates a new object, `update_item`
-//! replaces all fields, `move_item` sets the position, `sync:full_state` clears and rebuilds
-//! except on the host) must end, once quiet, with scenes equal to the server's document and
-//! without duplicate objects, whatever the interleaving of their concurrent commands.
+//! desktop client behaves (`add_item` always creates a new object, `update_item` replaces
+//! all fields, `move_item` sets the position, `sync:full_state` clears and rebuilds except on
+//! a fork host; the role comes from the client's dialog: a host uploads its canvas on every
+//! `user:joined`, a client asks for the scene and adds nothing before it got it; the
+//! `update_item`s of the placeholder compensation are applied with what they follow) must
+//! end, once quiet, with scenes equal to the server's document and without duplicate
+//! objects, whatever the interleaving of their concurrent commands.
 
 mod common;
 /// The fuzz scenarios' helpers (only `scene_difference` is used here).
@@ -40,20 +43,38 @@ impl Rng {
     }
 }
 
-/// An Optiverse client as PROTOCOL §3.3 describes it, with its incoming messages held in a
-/// queue it applies whenever the test decides (imitating network delay).
+/// How a desktop client acts: its role comes from its connect dialog, not from the server
+/// (`../shared/optiverse-client/README.md`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// "Host server": keeps its canvas and uploads it on every `user:joined` (its own, which
+    /// comes before the ack, included); on the ack the upstream variant sends `sync:request`,
+    /// the fork uploads again. The fork ignores full states.
+    Host { fork: bool },
+    /// "Connect to server": starts empty, sends `sync:request` on the ack, and sends no
+    /// `add_item` before it got a full state.
+    Client,
+}
+
+/// An Optiverse desktop client as it really behaves (PROTOCOL §3.3 and the summary in
+/// `../shared/optiverse-client/README.md`), with its incoming messages held in a queue it
+/// applies whenever the test decides (imitating network delay). The `update_item`s that
+/// follow an `add_item` or a full state in the same write (the placeholder compensation)
+/// are applied with it, as the client applies the frames of one read back to back.
 struct ModelClient {
     name: String,
     sink: SplitSink<Ws, Message>,
     inbox: mpsc::UnboundedReceiver<Value>,
-    is_host: bool,
+    role: Role,
+    /// `initial_sync_complete`: set by a full state (a host starts with it).
+    synced: bool,
     /// The canvas: a list, so a wrongly sent `add_item` shows up as a duplicate.
     objects: Vec<(String, Map<String, Value>)>,
     added: usize,
 }
 
 impl ModelClient {
-    async fn join(server: &TestServer, session: &str, name: &str) -> ModelClient {
+    async fn join(server: &TestServer, session: &str, name: &str, role: Role) -> ModelClient {
         let ws = server.connect(&format!("/ws/{session}/{name}")).await;
         let (sink, mut stream) = ws.split();
         let (tx, inbox) = mpsc::unbounded_channel();
@@ -73,13 +94,24 @@ impl ModelClient {
             name: name.to_owned(),
             sink,
             inbox,
-            is_host: false,
+            role,
+            synced: role != Role::Client,
             objects: Vec::new(),
             added: 0,
         };
+        // `user:joined` naming itself comes first: a host uploads its canvas on it.
+        let joined = client.next().await;
+        assert_eq!(joined["type"], "user:joined", "{joined}");
+        assert_eq!(joined["user_id"], name, "{joined}");
+        if matches!(role, Role::Host { .. }) {
+            client.upload().await;
+        }
         let ack = client.next().await;
-        assert_eq!(ack["type"], "connection:ack");
-        client.is_host = ack["is_host"].as_bool().unwrap();
+        assert_eq!(ack["type"], "connection:ack", "{ack}");
+        match role {
+            Role::Host { fork: true } => client.upload().await,
+            _ => client.send(json!({"type": "sync:request"})).await,
+        }
         client
     }
 
@@ -90,44 +122,106 @@ impl ModelClient {
             .expect("connection open")
     }
 
-    /// Applies one received message the way the desktop client does.
-    fn apply(&mut self, msg: &Value) {
-        match msg["type"].as_str() {
-            Some("command") => {
-                let command = &msg["command"];
-                let uuid = command["item_id"].as_str().unwrap().to_owned();
-                let data = command["data"].as_object().cloned().unwrap_or_default();
-                match command["action"].as_str().unwrap() {
-                    "add_item" => self.objects.push((uuid, data)),
-                    "move_item" => {
-                        for (_, fields) in self.objects.iter_mut().filter(|(u, _)| *u == uuid) {
-                            for key in ["x_mm", "y_mm", "angle_deg"] {
-                                if let Some(v) = data.get(key) {
-                                    fields.insert(key.to_owned(), v.clone());
-                                }
-                            }
+    /// The host's `sync:full_state` upload of its whole canvas.
+    async fn upload(&mut self) {
+        let items: Vec<Value> = self
+            .objects
+            .iter()
+            .map(|(uuid, fields)| {
+                let mut item = fields.clone();
+                item.insert("item_uuid".into(), json!(uuid));
+                item.insert("uuid".into(), json!(uuid));
+                Value::Object(item)
+            })
+            .collect();
+        let name = self.name.clone();
+        self.send(json!({"type": "sync:full_state", "state": {"items": items},
+                         "target_user": "someone", "user_id": name}))
+            .await;
+    }
+
+    /// Applies one `command` the way the desktop client does.
+    fn apply_command(&mut self, msg: &Value) {
+        let command = &msg["command"];
+        let uuid = command["item_id"].as_str().unwrap().to_owned();
+        let data = command["data"].as_object().cloned().unwrap_or_default();
+        match command["action"].as_str().unwrap() {
+            "add_item" => self.objects.push((uuid, data)),
+            "move_item" => {
+                for (_, fields) in self.objects.iter_mut().filter(|(u, _)| *u == uuid) {
+                    for key in ["x_mm", "y_mm", "angle_deg"] {
+                        if let Some(v) = data.get(key) {
+                            fields.insert(key.to_owned(), v.clone());
                         }
                     }
-                    "update_item" => {
-                        for (_, fields) in self.objects.iter_mut().filter(|(u, _)| *u == uuid) {
-                            *fields = data.clone();
-                        }
-                    }
-                    "remove_item" => self.objects.retain(|(u, _)| *u != uuid),
-                    other => panic!("unknown action {other}"),
                 }
             }
-            Some("sync:full_state") if !self.is_host => {
-                self.objects = msg["state"]["items"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|item| {
-                        let mut fields = item.as_object().unwrap().clone();
-                        let uuid = fields.remove("uuid").unwrap().as_str().unwrap().to_owned();
-                        (uuid, fields)
-                    })
-                    .collect();
+            "update_item" => {
+                for (_, fields) in self.objects.iter_mut().filter(|(u, _)| *u == uuid) {
+                    *fields = data.clone();
+                }
+            }
+            "remove_item" => self.objects.retain(|(u, _)| *u != uuid),
+            other => panic!("unknown action {other}"),
+        }
+    }
+
+    /// Reads the `update_item`s that must follow `msg` in the same write (the placeholder
+    /// compensation), checking them; returns them.
+    async fn fixes_after(&mut self, msg: &Value) -> Vec<Value> {
+        let due = match msg["type"].as_str() {
+            Some("command") => usize::from(
+                msg["command"]["action"] == "add_item"
+                    && is_placeholder(&msg["command"]["item_type"]),
+            ),
+            Some("sync:full_state") => msg["state"]["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|item| is_placeholder(&item["item_type"]))
+                .count(),
+            _ => 0,
+        };
+        let mut batch = vec![msg.clone()];
+        for _ in 0..due {
+            batch.push(self.next().await);
+        }
+        assert_eq!(fold_fixes(&batch).len(), 1, "{}: {batch:#?}", self.name);
+        batch.split_off(1)
+    }
+
+    /// Applies one received message (and what comes with it) the way the desktop client
+    /// does.
+    async fn apply(&mut self, msg: Value) {
+        match msg["type"].as_str() {
+            Some("command") => {
+                let fixes = self.fixes_after(&msg).await;
+                self.apply_command(&msg);
+                for fix in &fixes {
+                    self.apply_command(fix);
+                }
+            }
+            Some("sync:full_state") => {
+                let fixes = self.fixes_after(&msg).await;
+                if self.role != (Role::Host { fork: true }) {
+                    self.objects = msg["state"]["items"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|item| {
+                            let mut fields = item.as_object().unwrap().clone();
+                            let uuid = fields.remove("uuid").unwrap().as_str().unwrap().to_owned();
+                            (uuid, fields)
+                        })
+                        .collect();
+                    self.synced = true;
+                }
+                for fix in &fixes {
+                    self.apply_command(fix);
+                }
+            }
+            Some("user:joined") if matches!(self.role, Role::Host { .. }) => {
+                self.upload().await;
             }
             Some("error") => panic!("{} got an error: {msg}", self.name),
             _ => {}
@@ -135,17 +229,17 @@ impl ModelClient {
     }
 
     /// Applies up to `n` of the messages that already arrived.
-    fn apply_arrived(&mut self, n: usize) {
+    async fn apply_arrived(&mut self, n: usize) {
         for _ in 0..n {
             match self.inbox.try_recv() {
-                Ok(msg) => self.apply(&msg),
+                Ok(msg) => self.apply(msg).await,
                 Err(_) => return,
             }
         }
     }
 
     /// Sends `ping` and applies everything up to its `pong`: once it returns, the server has
-    /// applied everything this client sent.
+    /// applied everything this client sent before the ping.
     async fn barrier(&mut self) {
         self.send(json!({"type": "ping"})).await;
         loop {
@@ -153,7 +247,20 @@ impl ModelClient {
             if msg["type"] == "pong" {
                 return;
             }
-            self.apply(&msg);
+            self.apply(msg).await;
+        }
+    }
+
+    /// Sends `ping` and returns, unapplied, what arrived before the `pong`.
+    async fn collect(&mut self) -> Vec<Value> {
+        self.send(json!({"type": "ping"})).await;
+        let mut got = Vec::new();
+        loop {
+            let msg = self.next().await;
+            if msg["type"] == "pong" {
+                return got;
+            }
+            got.push(msg);
         }
     }
 
@@ -194,6 +301,10 @@ impl ModelClient {
         let uuids = self.uuids();
         let roll = rng.below(100);
         if uuids.is_empty() || roll < 20 {
+            if !self.synced {
+                // The desktop client would keep it local and never send it.
+                return;
+            }
             let (item_type, _, mut data) = fixture_item(rng.below(64));
             self.added += 1;
             let uuid = format!("{}-{}", self.name, self.added);
@@ -286,22 +397,29 @@ impl ModelClient {
 }
 
 /// Runs `clients` model clients making `edits` random edits each; `hold_back` is the chance
-/// that a client defers applying what arrived before its next edit. A late joiner comes in
-/// halfway.
+/// that a client defers applying what arrived before its next edit. The first client hosts
+/// (the fork variant for odd seeds), the others connect as clients; a late joiner comes in
+/// halfway (and the host uploads its canvas, as it is, when it hears of it).
 async fn converge(seed: u64, clients: usize, edits: usize, hold_back: f64) {
     let server = TestServer::start().await;
     let session = format!("converge-{seed}");
     let mut models = Vec::new();
     for i in 0..clients {
-        models.push(ModelClient::join(&server, &session, &format!("c{i}")).await);
+        let role = if i == 0 {
+            Role::Host {
+                fork: seed % 2 == 1,
+            }
+        } else {
+            Role::Client
+        };
+        models.push(ModelClient::join(&server, &session, &format!("c{i}"), role).await);
     }
-    assert!(models[0].is_host);
     let run = |mut model: ModelClient, seed: u64, edits: usize| async move {
         let mut rng = Rng(seed | 1);
         for _ in 0..edits {
             if !rng.chance(hold_back) {
                 let n = rng.below(8);
-                model.apply_arrived(n);
+                model.apply_arrived(n).await;
             }
             model.random_edit(&mut rng).await;
             if rng.chance(0.3) {
@@ -315,11 +433,12 @@ async fn converge(seed: u64, clients: usize, edits: usize, hold_back: f64) {
         .enumerate()
         .map(|(i, m)| tokio::spawn(run(m, seed * 31 + i as u64, edits / 2)))
         .collect();
-    // The desktop client rebuilds its canvas from the full state that follows the ack before
-    // its user can edit anything; a full state applied after local adds would wipe them, on
-    // the real client too.
-    let mut late = ModelClient::join(&server, &session, "late").await;
+    // The desktop client rebuilds its canvas from the full state it asked for before its user
+    // can edit anything; a full state applied after local adds would wipe them, on the real
+    // client too.
+    let mut late = ModelClient::join(&server, &session, "late", Role::Client).await;
     late.barrier().await;
+    assert!(late.synced, "the late joiner got the scene");
     tasks.push(tokio::spawn(run(late, seed * 131, edits / 2)));
     let mut second_half = Vec::new();
     for (i, task) in tasks.into_iter().enumerate() {
@@ -334,7 +453,8 @@ async fn converge(seed: u64, clients: usize, edits: usize, hold_back: f64) {
         models.push(task.await.unwrap());
     }
     // Two barrier rounds: after the first, the server applied every command; after the
-    // second, every client received everything those commands caused.
+    // second, every client received everything those commands caused (an upload a host sends
+    // on applying a `user:joined` in the first round is applied before its second ping).
     for _ in 0..2 {
         for model in &mut models {
             model.barrier().await;
@@ -392,7 +512,7 @@ async fn two_clients_with_one_item(
     server: &TestServer,
     session: &str,
 ) -> (ModelClient, ModelClient, Value) {
-    let mut a = ModelClient::join(server, session, "A").await;
+    let mut a = ModelClient::join(server, session, "A", Role::Host { fork: false }).await;
     let data = json!({"_type": "component", "item_uuid": "u1", "name": "L1", "z_value": 0, "x_mm": 0.0, "y_mm": 0.0, "angle_deg": 0.0});
     let mut local = data.as_object().unwrap().clone();
     local.insert("item_type".into(), json!("component"));
@@ -400,10 +520,14 @@ async fn two_clients_with_one_item(
     a.send(command("add_item", "component", "u1", data.clone(), "A"))
         .await;
     a.barrier().await;
-    let mut b = ModelClient::join(server, session, "B").await;
+    let mut b = ModelClient::join(server, session, "B", Role::Client).await;
     b.barrier().await;
+    assert!(b.synced);
     assert_eq!(b.uuids(), vec!["u1".to_owned()], "B got the full state");
+    // A hears that B joined and uploads its canvas; the second barrier settles that.
     a.barrier().await;
+    a.barrier().await;
+    assert!(b.collect().await.is_empty(), "A's canvas is the document");
     (a, b, data)
 }
 
@@ -500,8 +624,10 @@ async fn two_edits_back_to_back_while_a_correction_is_in_flight() {
     assert_eq!(scene["u1"]["locked"], true);
 }
 
+/// A command that crossed the removal of its item is ignored without an answer: the removal
+/// on its way to the sender deletes the sender's copy (README, "Choices").
 #[tokio::test]
-async fn an_edit_crossing_a_removal_is_answered_with_remove_item() {
+async fn an_edit_crossing_a_removal_is_ignored_and_the_item_stays_removed() {
     let server = TestServer::start().await;
     let (mut a, mut b, _) = two_clients_with_one_item(&server, "crossing-remove").await;
     a.objects.clear();
@@ -511,9 +637,45 @@ async fn an_edit_crossing_a_removal_is_answered_with_remove_item() {
     dict.insert("x_mm".into(), json!(10.0));
     b.set_local("u1", &dict);
     b.send_command("move_item", "u1", Value::Object(dict)).await;
+    // B gets A's removal, and nothing about its move.
+    let got = b.collect().await;
+    let got: Vec<(&Value, &Value)> = got
+        .iter()
+        .map(|m| (&m["command"]["action"], &m["command"]["item_id"]))
+        .collect();
+    assert_eq!(got, [(&json!("remove_item"), &json!("u1"))]);
+    b.objects.retain(|(u, _)| u != "u1");
+    assert!(a.collect().await.is_empty(), "A hears nothing of B's move");
     let scene = assert_all_converged(&server, "crossing-remove", &mut [&mut a, &mut b]).await;
     assert!(
         scene.is_empty(),
         "the removed item stays removed: {scene:?}"
     );
+}
+
+/// A host drags an item of its canvas that the server never had (its canvas changed after
+/// its upload, and nobody joined since to make it upload again): the command creates the
+/// item from the whole dict it carries, instead of deleting it on the host's canvas.
+#[tokio::test]
+async fn a_host_edit_before_its_upload_creates_the_item() {
+    let server = TestServer::start().await;
+    let session = "host-first";
+    let mut a = ModelClient::join(&server, session, "A", Role::Host { fork: false }).await;
+    a.barrier().await;
+    // A's canvas holds an item the server never had (loaded from a file after connecting).
+    let (item_type, uuid, mut data) = fixture_item(2);
+    data["item_type"] = json!(item_type);
+    a.objects
+        .push((uuid.clone(), data.as_object().unwrap().clone()));
+    let mut moved = data.as_object().unwrap().clone();
+    moved.insert("x_mm".into(), json!(-3.75));
+    a.set_local(&uuid, &moved);
+    a.send_command("move_item", &uuid, Value::Object(moved.clone()))
+        .await;
+    assert!(a.collect().await.is_empty(), "nothing deletes A's item");
+    let mut b = ModelClient::join(&server, session, "B", Role::Client).await;
+    b.barrier().await;
+    assert_eq!(b.uuids(), vec![uuid.clone()], "B got A's item");
+    let scene = assert_all_converged(&server, session, &mut [&mut a, &mut b]).await;
+    assert_eq!(scene[&uuid], normalize(&Value::Object(moved)));
 }

@@ -204,9 +204,9 @@ async fn a_restart_serves_the_same_document_and_keeps_the_initialized_flag() {
         .await;
     }
     ping_collect(&mut alice).await;
-    let (mut bob, ack) = server.legacy(session, "bob").await;
+    let (mut bob, ack, got) = server.joiner(session, "bob").await;
     assert_eq!(ack["is_host"], false, "{ack}");
-    assert_eq!(recv_json(&mut bob).await["type"], "sync:full_state");
+    assert_eq!(fold_fixes(&got)[0]["type"], "sync:full_state", "{got:#?}");
 
     let (t0, u0, d0) = &fixtures[0];
     let mut moved = d0.clone();
@@ -316,19 +316,22 @@ async fn a_restart_serves_the_same_document_and_keeps_the_initialized_flag() {
     assert_eq!(v1_after.1, v1_before.1, "items as JSON");
 
     // The initialized flag persisted: a new joiner is not the host and gets the scene.
-    let (mut carol, ack) = server.legacy(session, "carol").await;
+    let (carol, ack, got) = server.joiner(session, "carol").await;
     assert_eq!(ack["is_host"], false, "{ack}");
-    let full = recv_json(&mut carol).await;
+    let got = fold_fixes(&got);
+    let full = &got[0];
     assert_eq!(full["type"], "sync:full_state", "{full}");
+    assert_eq!(got.len(), 1, "{got:#?}");
     assert_eq!(items_by_uuid(&full["state"]), items_before);
 
-    let (mut dave, ack) = server.legacy("emptied", "dave").await;
+    let (dave, ack, got) = server.joiner("emptied", "dave").await;
     assert_eq!(
         ack["is_host"], false,
         "an initialized (emptied) scene stays initialized across a restart: {ack}"
     );
-    let full = recv_json(&mut dave).await;
+    let full = &got[0];
     assert_eq!(full["type"], "sync:full_state", "{full}");
+    assert_eq!(got.len(), 1, "{got:#?}");
     assert_eq!(full["state"]["items"], json!([]));
     drop((carol, dave));
     stop(server).await;
@@ -348,20 +351,25 @@ async fn an_initialization_by_an_empty_host_upload_survives_a_restart() {
     )
     .await;
     ping_collect(&mut alice).await;
-    let (mut bob, ack) = server.legacy("blank", "bob").await;
+    let (bob, ack, got) = server.joiner("blank", "bob").await;
     assert_eq!(ack["is_host"], false, "{ack}");
-    assert_eq!(recv_json(&mut bob).await["type"], "sync:full_state");
+    let full = &got[0];
+    assert_eq!(full["type"], "sync:full_state", "{got:#?}");
+    assert_eq!(full["state"]["items"], json!([]));
     drop((alice, bob));
     stop(server).await;
 
     let server = start_sqlite(sqlite_config(dir.path())).await;
-    let (mut carol, ack) = server.legacy("blank", "carol").await;
+    let (carol, ack, got) = server.joiner("blank", "carol").await;
     assert_eq!(
         ack["is_host"], false,
         "the initialized flag set by an empty host upload was not persisted: {ack}"
     );
-    let full = recv_json(&mut carol).await;
-    assert_eq!(full["type"], "sync:full_state", "{full}");
+    assert_eq!(
+        got.first().map(|m| &m["type"]),
+        Some(&json!("sync:full_state")),
+        "{got:#?}"
+    );
     drop(carol);
     stop(server).await;
 }
@@ -567,9 +575,10 @@ async fn join_crash_session(
         .await
         .expect("connects in time")
         .expect("connects");
-    let ack = recv_json(&mut ws).await;
-    assert_eq!(ack["type"], "connection:ack", "{ack}");
+    let ack = recv_ack(&mut ws, name).await;
     let mut received = vec![ack];
+    // As the desktop client does right after the ack.
+    send_json(&mut ws, &json!({"type": "sync:request"})).await;
     received.extend(ping_collect(&mut ws).await);
     let mut own = OwnState::default();
     if let Some(full) = received.iter().find(|m| m["type"] == "sync:full_state") {
@@ -874,7 +883,7 @@ async fn kill_9_loses_no_change_that_any_client_received() {
     // The restarted server still works: a new client joins and edits.
     let url = format!("ws://{addr}/ws/{CRASH_SESSION}/late");
     let (mut late, _) = tokio_tungstenite::connect_async(url).await.unwrap();
-    let ack = recv_json(&mut late).await;
+    let ack = recv_ack(&mut late, "late").await;
     assert_eq!(ack["is_host"], false, "{ack}");
     let (item_type, uuid, data) = fixture_item(0);
     send_json(
@@ -1025,12 +1034,13 @@ async fn twenty_clients_arriving_together_load_the_session_once() {
     await_health(server.addr, "connections", 20).await;
     store.gate.send_replace(true);
 
-    // Every client is acked, then adds its own item.
+    // Every client is acked, asks for the scene (as the desktop client does), then adds its
+    // own item.
     let mut received: Vec<Vec<Value>> = Vec::new();
     for (ws, name) in clients.iter_mut().zip(&names) {
-        let ack = recv_json(ws).await;
-        assert_eq!(ack["type"], "connection:ack", "{ack}");
+        let ack = recv_ack(ws, name).await;
         assert_eq!(ack["is_host"], false, "{ack}");
+        send_json(ws, &json!({"type": "sync:request"})).await;
         // (Their order is `acks_list_users_in_join_order_when_joins_race`'s business.)
         let users = ack["users"].as_array().unwrap();
         assert!(users.iter().any(|u| u["user_id"] == name.as_str()), "{ack}");
@@ -1065,8 +1075,13 @@ async fn twenty_clients_arriving_together_load_the_session_once() {
             .iter()
             .map(|u| u["user_id"].as_str().unwrap())
             .collect();
+        assert!(
+            seen.iter().any(|m| m["type"] == "sync:full_state"),
+            "{name} got the scene"
+        );
         let mut model = BTreeMap::new();
-        for msg in seen {
+        let folded = fold_fixes(&seen[1..]);
+        for msg in &folded {
             if msg["type"] == "user:joined" {
                 users.insert(msg["user_id"].as_str().unwrap());
             }
@@ -1111,9 +1126,8 @@ async fn acks_list_users_in_join_order_when_joins_race() {
         await_health(server.addr, "connections", 30).await;
         store.gate.send_replace(true);
         let mut acks = Vec::new();
-        for ws in clients.iter_mut() {
-            let ack = recv_json(ws).await;
-            assert_eq!(ack["type"], "connection:ack", "{ack}");
+        for (ws, name) in clients.iter_mut().zip(&names) {
+            let ack = recv_ack(ws, name).await;
             let users: Vec<String> = ack["users"]
                 .as_array()
                 .unwrap()
@@ -1167,12 +1181,14 @@ fn known_users(ack: &Value, later: &[Value]) -> BTreeSet<String> {
         .collect()
 }
 
-/// The `x_mm` of the last command about `uuid` among `msgs`.
+/// The `x_mm` of `uuid` as the last message about it among `msgs` (a command, or a full
+/// state holding it) set it.
 fn last_x(msgs: &[Value], uuid: &str) -> Option<f64> {
-    msgs.iter()
-        .rev()
-        .find(|m| m["type"] == "command" && m["command"]["item_id"] == uuid)
-        .map(|m| x_of(&m["command"]["data"]))
+    msgs.iter().rev().find_map(|m| match m["type"].as_str() {
+        Some("command") if m["command"]["item_id"] == uuid => Some(x_of(&m["command"]["data"])),
+        Some("sync:full_state") => items_by_uuid(&m["state"]).get(uuid).map(x_of),
+        _ => None,
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1190,6 +1206,10 @@ async fn reconnects_racing_eviction_lose_nothing_and_never_split_the_session() {
     for i in 0..40usize {
         let ((mut a, ack_a), (mut b, ack_b)) =
             tokio::join!(server.legacy(session, "a"), server.legacy(session, "b"));
+        // Both ask for the scene, as the desktop client does after the ack (into the
+        // uninitialized scene of the first iteration: answered once it is initialized).
+        send_json(&mut a, &json!({"type": "sync:request"})).await;
+        send_json(&mut b, &json!({"type": "sync:request"})).await;
         let mut seen_a = ping_collect(&mut a).await;
         let mut seen_b = ping_collect(&mut b).await;
         // Nothing was lost: each joiner's full state has every edit made so far.
@@ -1548,10 +1568,11 @@ async fn a_corrupt_stored_session_fails_alone() {
     // The rest of the server is unaffected.
     let health = health(server.addr).await;
     assert_eq!(health["status"], "ok", "{health}");
-    let (mut bob, ack) = server.legacy("good", "bob").await;
+    let (mut bob, ack, got) = server.joiner("good", "bob").await;
     assert_eq!(ack["is_host"], false);
-    let full = recv_json(&mut bob).await;
-    assert_eq!(full["type"], "sync:full_state");
+    let got = fold_fixes(&got);
+    let full = &got[0];
+    assert_eq!(full["type"], "sync:full_state", "{got:#?}");
     assert_eq!(items_by_uuid(&full["state"]), good_before);
     let (item_type, uuid, data) = fixture_item(20);
     send_json(

@@ -3,6 +3,7 @@
 //! property the target asserts.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use optiverse_collab::doc::{DocError, GuardedDoc, Scene};
 use yrs::updates::decoder::Decode;
@@ -117,7 +118,7 @@ fn the_mirror_follows_the_document_through_a_rebuild() {
         let update = input(&format!("merge_convergence-rebuild-{i}"));
         let _ = scene.apply_update(&user, &update);
         let mirror: Vec<(String, serde_json::Value)> = scene
-            .full_state(None)
+            .full_state()
             .items
             .iter()
             .map(|(uuid, fields)| {
@@ -163,21 +164,24 @@ fn the_mirror_follows_the_document_through_a_rebuild() {
 /// it; a Yjs client whose copy still has X writes a new item map under X (which survives the
 /// concurrent removal); B, before it reads any of this, removes X itself. B then applies
 /// `remove_item X`, `add_item X` — and holds X, which the document no longer has. After a
-/// removal that crossed a message about the item, the server must tell the sender the removal
-/// once more (PROTOCOL §3.3, "Convergence").
+/// removal that crossed a re-creation of the item, the server must tell the sender the
+/// removal once more (PROTOCOL §3.3, "Convergence"; otherwise the remover gets no echo).
 #[test]
 fn a_removal_crossing_a_re_creation_is_repeated_to_the_sender() {
+    use optiverse_collab::doc::scene::PeerMessage;
     use optiverse_collab::doc::{Action, Command, Effects};
     use yrs::{Doc, Map, MapPrelim, Transact};
 
     let (a, b, user): (u64, u64, Arc<str>) = (1, 2, Arc::from("u"));
     let mut scene = Scene::default();
-    scene.add_peer(a, true);
-    scene.add_peer(b, false);
+    scene.add_peer(a);
+    scene.add_peer(b);
     let mut b_inbox = Vec::new();
     let deliver = |effects: Effects, inbox: &mut Vec<(Action, String)>| {
         for out in effects.messages.iter().filter(|o| o.to == b) {
-            inbox.push((out.message.action, out.message.item_id.to_string()));
+            if let PeerMessage::Command(m) = &*out.message {
+                inbox.push((m.action, m.item_id.to_string()));
+            }
         }
     };
     let command = |action, data: serde_json::Value| Command {
@@ -191,22 +195,34 @@ fn a_removal_crossing_a_re_creation_is_repeated_to_the_sender() {
             a,
             &user,
             command(Action::Add, serde_json::json!({"x_mm": 1.0})),
+            Instant::now(),
         )
         .unwrap();
     deliver(added, &mut b_inbox);
-    // B reads the add: its canvas holds X.
+    // B reads the add (and the `update_item` that follows an add of a placeholder type such
+    // as "component"): its canvas holds X.
     let mut b_canvas: Vec<String> = Vec::new();
-    for (action, uuid) in b_inbox.drain(..) {
-        assert_eq!(action, Action::Add);
-        b_canvas.push(uuid);
-    }
+    let read = std::mem::take(&mut b_inbox);
+    assert_eq!(
+        read,
+        [
+            (Action::Add, "X".to_owned()),
+            (Action::Update, "X".to_owned())
+        ]
+    );
+    b_canvas.push("X".to_owned());
     // A Yjs client copies the document now.
     let yjs = Doc::new();
     let snapshot = scene.doc_mut().encode_state_v1().unwrap();
     yjs.transact_mut()
         .apply_update(Update::decode_v1(&snapshot).unwrap())
         .unwrap();
-    let removed = scene.apply_command(a, &user, command(Action::Remove, serde_json::json!({})));
+    let removed = scene.apply_command(
+        a,
+        &user,
+        command(Action::Remove, serde_json::json!({})),
+        Instant::now(),
+    );
     deliver(removed.unwrap(), &mut b_inbox);
     let replaced = {
         let items = yjs.get_or_insert_map("items");
@@ -222,8 +238,18 @@ fn a_removal_crossing_a_re_creation_is_repeated_to_the_sender() {
     );
     // B removes X, unaware of both messages.
     b_canvas.retain(|u| u != "X");
-    let removed = scene.apply_command(b, &user, command(Action::Remove, serde_json::json!({})));
+    let removed = scene.apply_command(
+        b,
+        &user,
+        command(Action::Remove, serde_json::json!({})),
+        Instant::now(),
+    );
     deliver(removed.unwrap(), &mut b_inbox);
+    assert_eq!(
+        b_inbox.last(),
+        Some(&(Action::Remove, "X".to_owned())),
+        "B's removal crossed a re-creation: it is repeated to B"
+    );
     // B applies everything, as the desktop client does.
     for (action, uuid) in b_inbox {
         match action {
@@ -233,7 +259,7 @@ fn a_removal_crossing_a_re_creation_is_repeated_to_the_sender() {
         }
     }
     let document: Vec<String> = scene
-        .full_state(None)
+        .full_state()
         .items
         .iter()
         .map(|(uuid, _)| uuid.to_string())

@@ -13,6 +13,8 @@ use common::*;
 use futures_util::{SinkExt, StreamExt};
 use optiverse_collab::store::memory::MemoryStore;
 use serde_json::{json, Map, Value};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 use yrs::sync::{Message as YMessage, SyncMessage};
 use yrs::updates::decoder::Decode;
@@ -295,18 +297,38 @@ async fn ack_shape_host_flag_and_join_order() {
     assert_eq!(joined["user_id"], "bob");
     assert_timestamp(&joined["timestamp"]);
 
-    // A sync:request into the uninitialized scene is answered with nothing either.
+    // A sync:request into the uninitialized scene is answered with nothing yet (an empty
+    // full state would wipe a host's canvas)...
     send_json(&mut bob, &json!({"type": "sync:request", "user_id": "bob"})).await;
     assert!(ping_collect(&mut bob).await.is_empty());
 
-    // Initialize the scene; a later joiner gets the ack, then the full state.
+    // ...but with the full state as soon as the scene is initialized (by alice's first add);
+    // alice's second add then reaches bob as a command.
     let (t1, u1, d1) = add_fixture(&mut alice, "alice", 1).await;
     let (t0, u0, d0) = add_fixture(&mut alice, "alice", 0).await;
-    ping_collect(&mut alice).await;
+    assert!(ping_collect(&mut alice).await.is_empty(), "no echo");
+    let to_bob = ping_collect_folded(&mut bob).await;
+    assert_eq!(to_bob.len(), 2, "{to_bob:#?}");
+    assert_eq!(to_bob[0]["type"], "sync:full_state", "{to_bob:#?}");
+    let first_scene = scene_by_uuid(&to_bob[0]["state"]);
+    assert_eq!(
+        first_scene.keys().collect::<Vec<_>>(),
+        [&u1],
+        "the scene as it was initialized"
+    );
+    assert_eq!(first_scene[&u1], expected_item(&d1, &t1));
+    assert_eq!(to_bob[1]["command"]["action"], "add_item", "{to_bob:#?}");
+    assert_eq!(to_bob[1]["command"]["item_id"], json!(u0));
 
+    // A later joiner gets `user:joined` naming itself, then the ack, and nothing more until
+    // it asks (as both desktop clients do right after the ack).
     let mut carol = server.connect("/ws/bench/carol").await;
+    let self_joined = recv_json(&mut carol).await;
+    assert_eq!(self_joined["type"], "user:joined", "{self_joined}");
+    assert_eq!(self_joined["user_id"], "carol");
+    assert_timestamp(&self_joined["timestamp"]);
     let ack_c = recv_json(&mut carol).await;
-    assert_eq!(ack_c["type"], "connection:ack", "the ack comes first");
+    assert_eq!(ack_c["type"], "connection:ack", "the ack comes next");
     assert_eq!(ack_c["is_host"], false);
     let names: Vec<&Value> = ack_c["users"]
         .as_array()
@@ -319,7 +341,23 @@ async fn ack_shape_host_flag_and_join_order() {
         [&json!("alice"), &json!("bob"), &json!("carol")],
         "join order, joiner included"
     );
-    let full = recv_json(&mut carol).await;
+    assert!(
+        ping_collect(&mut carol).await.is_empty(),
+        "no full state is pushed at join"
+    );
+    send_json(
+        &mut carol,
+        &json!({"type": "sync:request", "user_id": "carol"}),
+    )
+    .await;
+    let got = ping_collect(&mut carol).await;
+    assert_eq!(
+        got.len(),
+        3,
+        "the full state, then one update_item per placeholder item: {got:#?}"
+    );
+    let folded = fold_fixes(&got);
+    let full = only(&folded).clone();
     assert_eq!(full["type"], "sync:full_state", "{full}");
     assert_eq!(full["from_server"], true);
     assert!(full["state"]["version"].is_u64(), "{full}");
@@ -334,6 +372,12 @@ async fn ack_shape_host_flag_and_join_order() {
     assert_eq!(by_uuid[&u1], expected_item(&d1, &t1));
     assert_eq!(by_uuid[&u1]["item_type"], "component");
     assert_eq!(by_uuid[&u0]["item_type"], "source");
+    // A second request on the same connection is not answered again.
+    send_json(
+        &mut carol,
+        &json!({"type": "sync:request", "user_id": "carol"}),
+    )
+    .await;
     assert!(ping_collect(&mut carol).await.is_empty());
 
     for (ws, name) in [(&mut alice, "alice"), (&mut bob, "bob")] {
@@ -355,13 +399,17 @@ async fn ack_shape_host_flag_and_join_order() {
         &command("remove_item", &t0, &u0, json!({}), "alice"),
     )
     .await;
-    ping_collect(&mut alice).await;
+    assert!(
+        ping_collect(&mut alice).await.is_empty(),
+        "no echo of a removal"
+    );
     let removed = ping_collect(&mut carol).await;
     assert_eq!(only(&removed)["command"]["action"], "remove_item");
-    send_json(&mut carol, &json!({"type": "sync:request"})).await;
-    let again = ping_collect(&mut carol).await;
-    let again = only(&again);
+    let (_dave, _, got) = server.joiner("bench", "dave").await;
+    let got = fold_fixes(&got);
+    let again = only(&got);
     assert_eq!(again["type"], "sync:full_state");
+    assert_eq!(scene_by_uuid(&again["state"]).len(), 1);
     assert!(
         again["state"]["version"].as_u64() > full["state"]["version"].as_u64(),
         "version grows: {} then {}",
@@ -389,20 +437,48 @@ async fn heartbeat_pong_and_user_left() {
         "b gets no pong of a's"
     );
 
-    b.close(None).await.expect("b closes");
+    b.close(Some(CloseFrame {
+        code: CloseCode::Normal,
+        reason: "bye".into(),
+    }))
+    .await
+    .expect("b closes");
+    // The server answers the Close frame (RFC 6455 §5.5.1): the handshake completes.
+    let answer = tokio::time::timeout(PATIENCE, async {
+        loop {
+            match b.next().await {
+                Some(Ok(Message::Close(frame))) => return frame,
+                Some(Ok(_)) => continue,
+                other => panic!("the connection ended without a Close answer: {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("the Close frame is answered");
+    assert_eq!(
+        answer.map(|f| u16::from(f.code)),
+        Some(1000),
+        "normal close"
+    );
     let left = recv_json(&mut a).await;
     assert_eq!(left["type"], "user:left", "{left}");
     assert_eq!(left["user_id"], "b");
     assert_timestamp(&left["timestamp"]);
 }
 
+/// `sync:request` (PROTOCOL §3.4, README "Choices"): answered with the full state once per
+/// connection; into an uninitialized scene, as soon as the scene is initialized, and until
+/// then the connection gets no commands (its full state will carry them).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sync_request_answers_full_state_only_when_initialized() {
+async fn sync_request_is_answered_once_as_soon_as_the_scene_is_initialized() {
     let server = TestServer::start().await;
     let (mut host, ack) = server.legacy("req", "host").await;
     assert_eq!(ack["is_host"], true);
     let (mut guest, _) = server.legacy("req", "guest").await;
+    // A connection that never asks gets commands as they come.
+    let (mut silent, _) = server.legacy("req", "silent").await;
     ping_collect(&mut host).await;
+    ping_collect(&mut guest).await;
 
     send_json(
         &mut guest,
@@ -415,27 +491,45 @@ async fn sync_request_answers_full_state_only_when_initialized() {
     );
 
     let (t, u, d) = add_fixture(&mut host, "host", 4).await;
-    ping_collect(&mut host).await;
-    let relayed = ping_collect(&mut guest).await;
-    assert_eq!(only(&relayed)["command"]["action"], "add_item");
-
-    send_json(
-        &mut guest,
-        &json!({"type": "sync:request", "user_id": "guest"}),
-    )
-    .await;
-    let msgs = ping_collect(&mut guest).await;
-    let full = only(&msgs);
-    assert_eq!(full["type"], "sync:full_state");
+    assert!(ping_collect(&mut host).await.is_empty(), "no echo");
+    let got = ping_collect(&mut guest).await;
+    assert_eq!(
+        got.len(),
+        2,
+        "full state, then its placeholder fix: {got:#?}"
+    );
+    let folded = fold_fixes(&got);
+    let full = only(&folded);
+    assert_eq!(full["type"], "sync:full_state", "not a command: {full}");
     assert_eq!(full["from_server"], true);
     assert!(full["state"]["version"].is_u64());
     let items = scene_by_uuid(&full["state"]);
     assert_eq!(items.len(), 1);
     assert_eq!(items[&u], expected_item(&d, &t));
+    let relayed = ping_collect_folded(&mut silent).await;
+    assert_eq!(only(&relayed)["command"]["action"], "add_item");
+
+    // Answered once: a second request costs nothing.
+    send_json(
+        &mut guest,
+        &json!({"type": "sync:request", "user_id": "guest"}),
+    )
+    .await;
+    assert!(ping_collect(&mut guest).await.is_empty());
     assert!(
         ping_collect(&mut host).await.is_empty(),
         "only the requester gets it"
     );
+
+    // From then on the guest gets commands.
+    let mut moved = d.clone();
+    moved["x_mm"] = json!(3.5);
+    send_json(&mut host, &command("move_item", &t, &u, moved, "host")).await;
+    assert!(ping_collect(&mut host).await.is_empty());
+    let to_guest = ping_collect(&mut guest).await;
+    let msg = only(&to_guest);
+    assert_eq!(msg["command"]["action"], "move_item");
+    assert_eq!(msg["command"]["data"]["x_mm"], json!(3.5));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -454,9 +548,7 @@ async fn late_joiner_after_host_left_gets_full_state() {
     host.close(None).await.expect("host closes");
     wait_for_connections(&server, 0).await;
 
-    let mut late = server.connect("/ws/late/latecomer").await;
-    let ack = recv_json(&mut late).await;
-    assert_eq!(ack["type"], "connection:ack");
+    let (_late, ack, got) = server.joiner("late", "latecomer").await;
     assert_eq!(
         ack["is_host"], false,
         "the scene is initialized: nobody hosts"
@@ -468,7 +560,8 @@ async fn late_joiner_after_host_left_gets_full_state() {
         .map(|u| &u["user_id"])
         .collect();
     assert_eq!(names, [&json!("latecomer")], "the host has left");
-    let full = recv_json(&mut late).await;
+    let got = fold_fixes(&got);
+    let full = only(&got);
     assert_eq!(full["type"], "sync:full_state");
     assert_eq!(full["from_server"], true);
     let items = scene_by_uuid(&full["state"]);
@@ -493,7 +586,7 @@ async fn sessions_are_isolated() {
 
     let (_, uuid, _) = add_fixture(&mut a, "ann", 7).await;
     ping_collect(&mut a).await;
-    let in_a = ping_collect(&mut a2).await;
+    let in_a = ping_collect_folded(&mut a2).await;
     assert_eq!(only(&in_a)["command"]["item_id"], json!(uuid), "control");
 
     assert!(
@@ -522,6 +615,12 @@ async fn add_item_relays_whole_data_without_echo() {
     let after_add = ping_collect(&mut a).await;
 
     let to_b = ping_collect(&mut b).await;
+    assert_eq!(
+        to_b.len(),
+        2,
+        "add_item, then the placeholder update_item: {to_b:#?}"
+    );
+    let to_b = fold_fixes(&to_b);
     let msg = only(&to_b);
     assert_eq!(msg["type"], "command");
     assert_eq!(msg["user_id"], "a");
@@ -575,7 +674,7 @@ async fn move_update_remove_and_unknown_items() {
     ping_collect(&mut a).await;
     let (item_type, uuid, data) = add_fixture(&mut b, "b", 11).await;
     ping_collect(&mut b).await;
-    let added = ping_collect(&mut a).await;
+    let added = ping_collect_folded(&mut a).await;
     assert_eq!(only(&added)["command"]["action"], "add_item");
 
     // move_item writes only x_mm, y_mm and angle_deg, whatever else its data says.
@@ -594,11 +693,11 @@ async fn move_update_remove_and_unknown_items() {
     assert_eq!(items[&uuid], expected, "a move writes the position only");
     assert_eq!(items[&uuid]["name"], data["name"]);
     assert_eq!(items[&uuid]["object_height_mm"], data["object_height_mm"]);
-    // A was told of B's add since it last commanded the item, so the move is followed by
-    // the item's authoritative state (PROTOCOL §3.3, "Convergence").
+    // A's position is the document's, and all A was told of the item is the add that put it
+    // on its canvas (which its command proves applied): no correction (PROTOCOL §3.3,
+    // README "Choices").
     let to_a = ping_collect(&mut a).await;
-    assert_corrections_only(&to_a, &uuid, &expected);
-    assert_eq!(to_a.len(), 1, "one correction: {to_a:?}");
+    assert!(to_a.is_empty(), "no correction needed: {to_a:#?}");
     let to_b = ping_collect(&mut b).await;
     let msg = only(&to_b);
     assert_eq!(msg["user_id"], "a");
@@ -612,6 +711,7 @@ async fn move_update_remove_and_unknown_items() {
     );
 
     // update_item: B edits the name from what it was told; A hears it with the whole data.
+    // B's dict is the document's, and the move it was told leaves the same position.
     let mut edited = msg["command"]["data"].clone();
     edited["name"] = json!("Lens L1 (f = 100 mm)");
     send_json(
@@ -621,7 +721,7 @@ async fn move_update_remove_and_unknown_items() {
     .await;
     expected["name"] = json!("Lens L1 (f = 100 mm)");
     let to_b = ping_collect(&mut b).await;
-    assert_corrections_only(&to_b, &uuid, &expected);
+    assert!(to_b.is_empty(), "no correction needed: {to_b:#?}");
     let to_a = ping_collect(&mut a).await;
     let msg = only(&to_a);
     assert_eq!(msg["user_id"], "b");
@@ -631,17 +731,14 @@ async fn move_update_remove_and_unknown_items() {
     let (items, _) = scene_snapshot(&server, "edit").await;
     assert_eq!(items[&uuid], expected);
 
-    // remove_item reaches the other client.
+    // remove_item reaches the other client; the remover gets no echo.
     send_json(
         &mut a,
         &command("remove_item", &item_type, &uuid, json!({}), "a"),
     )
     .await;
     let to_a = ping_collect(&mut a).await;
-    assert!(
-        to_a.iter().all(|m| m["command"]["action"] == "remove_item"),
-        "nothing but (at most) a removal goes back to the remover: {to_a:?}"
-    );
+    assert!(to_a.is_empty(), "no echo of a removal: {to_a:#?}");
     let to_b = ping_collect(&mut b).await;
     let msg = only(&to_b);
     assert_eq!(msg["command"]["action"], "remove_item");
@@ -650,7 +747,8 @@ async fn move_update_remove_and_unknown_items() {
     let (items, version) = scene_snapshot(&server, "edit").await;
     assert!(items.is_empty(), "{items:?}");
 
-    // A command on the removed item is answered to its sender with remove_item.
+    // A command that crossed the removal (its sender removed the item, or was told so) is
+    // ignored without an answer: the removal deletes the sender's copy.
     let mut stale = data.clone();
     stale["x_mm"] = json!(1.0);
     send_json(
@@ -658,34 +756,114 @@ async fn move_update_remove_and_unknown_items() {
         &command("move_item", &item_type, &uuid, stale.clone(), "a"),
     )
     .await;
-    let to_a = ping_collect(&mut a).await;
-    let msg = only(&to_a);
-    assert_eq!(msg["command"]["action"], "remove_item");
-    assert_eq!(msg["command"]["item_id"], json!(uuid));
+    assert!(ping_collect(&mut a).await.is_empty());
     send_json(
         &mut b,
         &command("update_item", &item_type, &uuid, stale, "b"),
     )
     .await;
-    let to_b = ping_collect(&mut b).await;
-    assert_eq!(only(&to_b)["command"]["action"], "remove_item");
-    assert_eq!(only(&to_b)["command"]["item_id"], json!(uuid));
+    assert!(ping_collect(&mut b).await.is_empty());
     assert!(ping_collect(&mut a).await.is_empty());
-
-    // So is one on a uuid the scene never had.
-    let ghost = "00000000-0000-4000-8000-00000000dead";
-    send_json(&mut b, &command("move_item", "component", ghost, data, "b")).await;
-    let to_b = ping_collect(&mut b).await;
-    let msg = only(&to_b);
-    assert_eq!(msg["command"]["action"], "remove_item");
-    assert_eq!(msg["command"]["item_id"], ghost);
+    // So is a removal of an item the document lacks.
+    send_json(
+        &mut b,
+        &command("remove_item", &item_type, &uuid, json!({}), "b"),
+    )
+    .await;
+    assert!(ping_collect(&mut b).await.is_empty());
     assert!(ping_collect(&mut a).await.is_empty());
-
     assert_eq!(
         scene_snapshot(&server, "edit").await,
-        (BTreeMap::new(), version),
-        "commands on unknown items change nothing"
+        (BTreeMap::new(), version.clone()),
+        "commands on a removed item change nothing"
     );
+
+    // A move of an item the document never had creates it from the whole dict it carries
+    // (a host's canvas before its upload); the others get it as add_item.
+    let ghost = "00000000-0000-4000-8000-00000000dead";
+    let mut ghost_data = data.clone();
+    ghost_data["item_uuid"] = json!(ghost);
+    ghost_data["x_mm"] = json!(7.25);
+    send_json(
+        &mut b,
+        &command("move_item", &item_type, ghost, ghost_data.clone(), "b"),
+    )
+    .await;
+    assert!(
+        ping_collect(&mut b).await.is_empty(),
+        "the sender holds what it sent"
+    );
+    let to_a = ping_collect_folded(&mut a).await;
+    let msg = only(&to_a);
+    assert_eq!(msg["command"]["action"], "add_item");
+    assert_eq!(msg["command"]["item_id"], ghost);
+    assert_eq!(msg["user_id"], "b");
+    let ghost_item = expected_item(&ghost_data, &item_type);
+    assert_eq!(normalize(&msg["command"]["data"]), ghost_item);
+    let (items, after) = scene_snapshot(&server, "edit").await;
+    assert_eq!(
+        items,
+        BTreeMap::from([(ghost.to_owned(), ghost_item)]),
+        "every field of the dict, not only the position"
+    );
+    assert!(after.as_u64() > version.as_u64());
+}
+
+/// Corrections (PROTOCOL §3.3 "Convergence", README "Choices"): after a command, the sender
+/// gets the item's authoritative state only when its canvas may differ from the document:
+/// its dict differs on the fields the command writes, or a message about the item that it
+/// may not have applied yet would leave something else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_is_corrected_only_when_the_senders_canvas_may_differ() {
+    let server = TestServer::start().await;
+    let (mut a, _) = server.legacy("fix", "a").await;
+    let (mut b, _) = server.legacy("fix", "b").await;
+    ping_collect(&mut a).await;
+    let (t, u, data) = add_fixture(&mut a, "a", 13).await;
+    assert!(ping_collect(&mut a).await.is_empty());
+    let told = ping_collect_folded(&mut b).await;
+    assert_eq!(only(&told)["command"]["action"], "add_item");
+
+    // B renames; A has not applied that yet and sends a whole dict with the old name and a
+    // new z_value. The old name is one A knew, so it does not revert B's rename; A's dict
+    // now differs from the document on `name`: it gets the authoritative state.
+    let mut renamed = data.clone();
+    renamed["name"] = json!("renamed by b");
+    send_json(&mut b, &command("update_item", &t, &u, renamed, "b")).await;
+    assert!(
+        ping_collect(&mut b).await.is_empty(),
+        "b's dict is the document"
+    );
+    let mut stale = data.clone();
+    stale["z_value"] = json!(7);
+    send_json(&mut a, &command("update_item", &t, &u, stale, "a")).await;
+    let mut expected = expected_item(&data, &t);
+    expected["name"] = json!("renamed by b");
+    expected["z_value"] = json!(7);
+    let to_a = ping_collect(&mut a).await;
+    assert_eq!(to_a.len(), 2, "b's rename, then one correction: {to_a:#?}");
+    assert_eq!(to_a[0]["user_id"], "b", "{to_a:#?}");
+    assert_eq!(to_a[0]["command"]["action"], "update_item");
+    assert_corrections_only(&to_a[1..], &u, &expected);
+    assert_eq!(scene_snapshot(&server, "fix").await.0[&u], expected);
+    let to_b = ping_collect(&mut b).await;
+    assert_eq!(only(&to_b)["command"]["data"]["z_value"], json!(7));
+
+    // A move is compared on the position only: a dict whose other fields differ from the
+    // document's (they are not what a move writes) earns no correction when nothing about
+    // the item is in flight to its sender.
+    let (t2, u2, d2) = add_fixture(&mut b, "b", 14).await;
+    assert!(ping_collect(&mut b).await.is_empty());
+    assert_eq!(ping_collect_folded(&mut a).await.len(), 1);
+    let mut moved2 = d2.clone();
+    moved2["x_mm"] = json!(99.0);
+    moved2["name"] = json!("only on a's canvas");
+    send_json(&mut a, &command("move_item", &t2, &u2, moved2, "a")).await;
+    let to_a = ping_collect(&mut a).await;
+    assert!(to_a.is_empty(), "no correction: {to_a:#?}");
+    let item2 = &scene_snapshot(&server, "fix").await.0[&u2];
+    assert_eq!(item2["x_mm"], json!(99.0));
+    assert_eq!(item2["name"], d2["name"]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -726,6 +904,12 @@ async fn host_upload_becomes_the_scene_and_reaches_others_as_commands() {
         to_guest.iter().all(|m| m["type"] == "command"),
         "the upload is not relayed verbatim: {to_guest:?}"
     );
+    assert_eq!(
+        to_guest.len(),
+        6,
+        "add_item and its placeholder update_item per item: {to_guest:#?}"
+    );
+    let to_guest = fold_fixes(&to_guest);
     let added: BTreeMap<String, Value> = to_guest
         .iter()
         .map(|m| {
@@ -745,9 +929,10 @@ async fn host_upload_becomes_the_scene_and_reaches_others_as_commands() {
     assert_eq!(added, expected);
 
     // A joiner now gets the uploaded scene as its full state.
-    let (mut late, ack) = server.legacy("upload", "late").await;
+    let (_late, ack, got) = server.joiner("upload", "late").await;
     assert_eq!(ack["is_host"], false);
-    let full = recv_json(&mut late).await;
+    let got = fold_fixes(&got);
+    let full = only(&got);
     assert_eq!(full["type"], "sync:full_state");
     assert_eq!(scene_by_uuid(&full["state"]), expected);
 }
@@ -769,43 +954,144 @@ async fn host_upload_sends_the_host_no_echo() {
     assert_eq!(scene_snapshot(&server, "upload-echo").await.0.len(), 2);
 }
 
+/// Uploads count from whichever connection sends them (the desktop client takes its role
+/// from its own dialog, README "Choices"): merged as PROTOCOL §3.4 says, and the uploader
+/// gets back only what its canvas lacks or shows differently. `target_user` is ignored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn upload_from_non_host_is_ignored() {
+async fn an_upload_from_any_connection_is_merged() {
     let server = TestServer::start().await;
-    let (mut host, _) = server.legacy("usurp", "host").await;
-    let (mut guest, ack) = server.legacy("usurp", "guest").await;
-    assert_eq!(ack["is_host"], false);
-    ping_collect(&mut host).await;
+    let (mut first, _) = server.legacy("merge", "first").await;
+    let (mut host, ack) = server.legacy("merge", "host").await;
+    assert_eq!(ack["is_host"], false, "advisory only: the scene has a user");
+    ping_collect(&mut first).await;
 
-    let (_, _, d) = fixture_item(6);
-    send_json(&mut guest, &upload(&[&d], "guest")).await;
+    // The second connection uploads into the uninitialized scene: it becomes the scene. The
+    // desktop client adds `uuid` beside `item_uuid`: it names the key, it is not a field.
+    let (t6, u6, d6) = fixture_item(6);
+    let mut uploaded6 = d6.clone();
+    uploaded6["uuid"] = json!(u6);
+    let mut frame = upload(&[&uploaded6], "host");
+    frame["target_user"] = json!("first");
+    send_json(&mut host, &frame).await;
     assert!(
-        ping_collect(&mut guest).await.is_empty(),
-        "ignored silently"
+        ping_collect(&mut host).await.is_empty(),
+        "the uploader holds what it uploaded"
     );
-    assert!(ping_collect(&mut host).await.is_empty());
-    let state = server.scene("usurp").await;
-    assert_eq!(state["items"], json!([]));
-    send_json(&mut guest, &json!({"type": "sync:request"})).await;
-    assert!(
-        ping_collect(&mut guest).await.is_empty(),
-        "the ignored upload did not initialize the scene"
-    );
-
-    // Also once the scene is initialized: the non-host's upload adds and changes nothing.
-    let (t, u, data) = add_fixture(&mut host, "host", 7).await;
-    ping_collect(&mut host).await;
-    ping_collect(&mut guest).await;
-    let (before, version) = scene_snapshot(&server, "usurp").await;
-    let mut changed = data.clone();
-    changed["name"] = json!("hijacked");
-    send_json(&mut guest, &upload(&[&changed, &d], "guest")).await;
-    assert!(ping_collect(&mut guest).await.is_empty());
-    assert!(ping_collect(&mut host).await.is_empty());
-    assert_eq!(scene_snapshot(&server, "usurp").await, (before, version));
+    let to_first = ping_collect_folded(&mut first).await;
+    let msg = only(&to_first);
     assert_eq!(
-        scene_snapshot(&server, "usurp").await.0[&u],
-        expected_item(&data, &t)
+        msg["type"], "command",
+        "target_user gets commands, not the upload: {msg}"
+    );
+    assert_eq!(msg["command"]["action"], "add_item");
+    assert_eq!(msg["command"]["item_id"], json!(u6));
+    assert_eq!(msg["user_id"], "host");
+    assert!(
+        msg["command"]["data"].get("uuid").is_none(),
+        "the uploaded `uuid` key is not stored as a field: {msg}"
+    );
+    let (scene, _) = scene_snapshot(&server, "merge").await;
+    assert_eq!(
+        scene,
+        BTreeMap::from([(u6.clone(), expected_item(&d6, &t6))])
+    );
+    // An uploader never gets a full state (it would replace a canvas the server holds only
+    // in part); its canvas lacks nothing, so its request costs nothing.
+    send_json(&mut host, &json!({"type": "sync:request"})).await;
+    assert!(ping_collect(&mut host).await.is_empty());
+
+    // Once the scene is initialized: `first` adds an item, the uploader renames it in its
+    // next upload; the rename is merged and reaches `first`.
+    let (t7, u7, d7) = add_fixture(&mut first, "first", 7).await;
+    assert!(ping_collect(&mut first).await.is_empty());
+    let to_host = ping_collect_folded(&mut host).await;
+    assert_eq!(only(&to_host)["command"]["action"], "add_item");
+    let mut renamed = d7.clone();
+    renamed["name"] = json!("renamed in an upload");
+    send_json(&mut host, &upload(&[&renamed, &d6], "host")).await;
+    assert!(ping_collect(&mut host).await.is_empty());
+    let to_first = ping_collect(&mut first).await;
+    let msg = only(&to_first);
+    assert_eq!(msg["command"]["action"], "update_item");
+    assert_eq!(msg["command"]["item_id"], json!(u7));
+    assert_eq!(
+        normalize(&msg["command"]["data"]),
+        expected_item(&renamed, &t7)
+    );
+
+    // A third connection, told the item's name twice, uploads a canvas holding the older
+    // name and lacking the other item: the stale name is not written (it is a value this
+    // connection was told), so it gets the document's state of that item, and the item it
+    // lacks as add_item.
+    let (mut third, _) = server.legacy("merge", "third").await;
+    ping_collect(&mut first).await;
+    ping_collect(&mut host).await;
+    let mut named = d6.clone();
+    for name in ["N2", "N3"] {
+        named["name"] = json!(name);
+        send_json(
+            &mut first,
+            &command("update_item", &t6, &u6, named.clone(), "first"),
+        )
+        .await;
+    }
+    ping_collect(&mut first).await;
+    let told = ping_collect_folded(&mut third).await;
+    let told: Vec<(&Value, &Value)> = told
+        .iter()
+        .map(|m| (&m["command"]["action"], &m["command"]["data"]["name"]))
+        .collect();
+    assert_eq!(
+        told,
+        [
+            (&json!("add_item"), &json!("N2")),
+            (&json!("update_item"), &json!("N3"))
+        ]
+    );
+    ping_collect(&mut host).await;
+    let (before, version) = scene_snapshot(&server, "merge").await;
+    let mut stale = d6.clone();
+    stale["name"] = json!("N2");
+    send_json(&mut third, &upload(&[&stale], "third")).await;
+    let back = ping_collect(&mut third).await;
+    assert_eq!(back.len(), 3, "{back:#?}");
+    let back = fold_fixes(&back);
+    let actions: Vec<(&Value, &Value)> = back
+        .iter()
+        .map(|m| (&m["command"]["action"], &m["command"]["item_id"]))
+        .collect();
+    // What its canvas lacks goes out at once; the correction once its commands pause (here:
+    // with the pong).
+    assert_eq!(
+        actions,
+        [
+            (&json!("add_item"), &json!(u7)),
+            (&json!("update_item"), &json!(u6))
+        ]
+    );
+    assert_eq!(normalize(&back[1]["command"]["data"]), before[&u6]);
+    assert_eq!(back[1]["command"]["data"]["name"], "N3");
+    assert_eq!(normalize(&back[0]["command"]["data"]), before[&u7]);
+    assert!(ping_collect(&mut first).await.is_empty());
+    assert!(ping_collect(&mut host).await.is_empty());
+    assert_eq!(
+        scene_snapshot(&server, "merge").await,
+        (before.clone(), version.clone()),
+        "the stale upload changed nothing"
+    );
+
+    // Its canvas now equals the document: the same upload again costs no message.
+    let mut current6 = before[&u6].clone();
+    current6["item_uuid"] = json!(u6);
+    let mut current7 = before[&u7].clone();
+    current7["item_uuid"] = json!(u7);
+    send_json(&mut third, &upload(&[&current6, &current7], "third")).await;
+    assert!(ping_collect(&mut third).await.is_empty());
+    assert!(ping_collect(&mut first).await.is_empty());
+    assert_eq!(
+        scene_snapshot(&server, "merge").await,
+        (before, version),
+        "an upload equal to the document changes nothing"
     );
 }
 
@@ -821,7 +1107,7 @@ async fn stale_upload_neither_resurrects_nor_deletes() {
     let all: Vec<&Value> = items.iter().map(|(_, _, d)| d).collect();
     send_json(&mut host, &upload(&all, "host")).await;
     ping_collect(&mut host).await;
-    assert_eq!(ping_collect(&mut guest).await.len(), 3);
+    assert_eq!(ping_collect_folded(&mut guest).await.len(), 3);
 
     // The guest removes the first item; the host is told.
     let (t0, u0, _) = &items[0];
@@ -842,7 +1128,11 @@ async fn stale_upload_neither_resurrects_nor_deletes() {
     renamed["name"] = json!("Beam splitter BS2 (renamed by the host)");
     let stale: Vec<&Value> = vec![&items[0].2, &renamed];
     send_json(&mut host, &upload(&stale, "host")).await;
-    ping_collect(&mut host).await;
+    let to_host = ping_collect(&mut host).await;
+    assert!(
+        to_host.is_empty(),
+        "the host's canvas lacks nothing the document holds: {to_host:#?}"
+    );
 
     let (scene, _) = scene_snapshot(&server, "stale").await;
     let mut expected: BTreeMap<String, Value> = items[1..]
@@ -920,7 +1210,7 @@ async fn duplicate_user_name_replaces_old_connection() {
     // The new connection works.
     let (t, _, d) = add_fixture(&mut new, "dana", 2).await;
     ping_collect(&mut new).await;
-    let to_watcher = ping_collect(&mut watcher).await;
+    let to_watcher = ping_collect_folded(&mut watcher).await;
     let msg = only(&to_watcher);
     assert_eq!(msg["command"]["action"], "add_item");
     assert_eq!(msg["user_id"], "dana");
@@ -1123,8 +1413,7 @@ async fn invalid_paths_upgrade_then_close_1008() {
 async fn path_segments_are_percent_decoded() {
     let server = TestServer::start().await;
     let mut ws = server.connect("/ws/lab%201/J%C3%BCrgen").await;
-    let ack = recv_json(&mut ws).await;
-    assert_eq!(ack["type"], "connection:ack");
+    let ack = recv_ack(&mut ws, "Jürgen").await;
     assert_eq!(ack["session_id"], "lab 1");
     assert_eq!(ack["user_id"], "Jürgen");
     assert_eq!(ack["users"][0]["user_id"], "Jürgen");
@@ -1137,8 +1426,9 @@ async fn path_segments_are_percent_decoded() {
     assert_eq!(joined["type"], "user:joined");
     assert_eq!(joined["user_id"], "Zoë");
     let (t, u, d) = add_fixture(&mut other, "Zoë", 5).await;
-    let relayed = recv_json(&mut ws).await;
-    assert_eq!(relayed["command"]["item_id"], json!(u));
+    assert!(ping_collect(&mut other).await.is_empty());
+    let relayed = ping_collect_folded(&mut ws).await;
+    assert_eq!(only(&relayed)["command"]["item_id"], json!(u));
     let (scene, _) = scene_snapshot(&server, "lab%201").await;
     assert_eq!(scene[&u], expected_item(&d, &t));
 
@@ -1232,8 +1522,9 @@ async fn slow_consumer_closes_1013_and_session_lives_on() {
         msgs.iter().all(|m| m["type"] == "command"),
         "the flooder is still served: {msgs:?}"
     );
-    let (mut fresh, _) = server.legacy("flood", "slow").await;
-    let full = recv_json(&mut fresh).await;
+    let (_fresh, _, got) = server.joiner("flood", "slow").await;
+    let got = fold_fixes(&got);
+    let full = only(&got);
     assert_eq!(full["type"], "sync:full_state");
     assert_eq!(
         scene_by_uuid(&full["state"])[&uuid],
@@ -1248,8 +1539,7 @@ async fn idle_connection_closes_1001_without_protocol_pings() {
     config.idle_timeout = Duration::from_millis(300);
     let server = TestServer::start_with(config, Arc::new(MemoryStore::new())).await;
     let mut ws = server.connect("/ws/idle/sleepy").await;
-    let ack = recv_json(&mut ws).await;
-    assert_eq!(ack["type"], "connection:ack");
+    recv_ack(&mut ws, "sleepy").await;
     let (code, pings) = close_code_counting_pings(&mut ws).await;
     assert_eq!(code, 1001, "idle timeout");
     assert_eq!(pings, 0, "no WebSocket protocol pings on /ws");
@@ -1470,8 +1760,9 @@ async fn http_api_shows_what_clients_built() {
     assert_eq!(scene_by_uuid(&state), expected);
 
     // The same as a joiner's full state.
-    let (mut c, _) = server.legacy("api-room", "c").await;
-    let full = recv_json(&mut c).await;
+    let (_c, _, got) = server.joiner("api-room", "c").await;
+    let got = fold_fixes(&got);
+    let full = only(&got);
     assert_eq!(full["type"], "sync:full_state");
     assert_eq!(scene_by_uuid(&full["state"]), expected);
     assert_eq!(full["state"]["items"], state["items"]);

@@ -151,12 +151,23 @@ fn legacy_op() -> impl Strategy<Value = LegacyOp> {
         1 => c().prop_map(|client| LegacyOp::Reconnect { client }),
         3 => (c(), yjs_op()).prop_map(|(client, op)| LegacyOp::Yjs { client, op }),
         1 => c().prop_map(|client| LegacyOp::YjsPull { client }),
+        2 => Just(LegacyOp::Pause),
     ]
 }
 
 fn legacy_script() -> impl Strategy<Value = LegacyScript> {
-    (any::<u8>(), any::<u8>(), vec(legacy_op(), 0..60))
-        .prop_map(|(clients, yjs, ops)| LegacyScript { clients, yjs, ops })
+    (
+        any::<u8>(),
+        any::<u8>(),
+        any::<u8>(),
+        vec(legacy_op(), 0..60),
+    )
+        .prop_map(|(clients, yjs, roles, ops)| LegacyScript {
+            clients,
+            yjs,
+            roles,
+            ops,
+        })
 }
 
 /// Real inputs of every kind `untrusted::check` takes (mode byte first), to be mutated.

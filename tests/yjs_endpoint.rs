@@ -273,15 +273,20 @@ async fn sync_handshake_and_updates_both_ways() {
         "alice's item in the yrs document",
     );
 
-    // Alice hears bob join, then gets bob's offline item as add_item.
+    // Alice hears bob join, then gets bob's offline item as add_item (followed, as a
+    // "source", by the placeholder update_item with the same data).
     let received = ping_collect(&mut alice).await;
     assert_eq!(received[0]["type"], "user:joined", "{received:#?}");
     assert_eq!(received[0]["user_id"], "bob");
     assert_eq!(
         commands(&received),
-        [("add_item".to_owned(), uuid0.clone(), "bob".to_owned())],
+        [
+            ("add_item".to_owned(), uuid0.clone(), "bob".to_owned()),
+            ("update_item".to_owned(), uuid0.clone(), "bob".to_owned())
+        ],
         "{received:#?}"
     );
+    assert_eq!(fold_fixes(&received).len(), 2, "{received:#?}");
     let add = &received[1]["command"];
     assert_eq!(add["item_type"], json!(type0));
     assert_same(
@@ -387,15 +392,21 @@ async fn sync_handshake_and_updates_both_ways() {
         &command("remove_item", "ruler", uuid2, json!({}), "alice"),
     )
     .await;
-    // (Alice may get her item's authoritative state back: she was told of bob's move; and
-    // she was told of bob's changes to the ruler, so her removal is confirmed to her.)
+    // Alice gets her item's authoritative state back after each command on it (bob's move
+    // of it, then the first correction, may still be on their way to her), and no echo of
+    // her removal.
     let back = ping_collect(&mut alice).await;
+    assert_eq!(back.len(), 2, "{back:#?}");
     assert!(
         back.iter().all(|m| m["type"] == "command"
-            && (m["command"]["item_id"] == json!(uuid1)
-                || (m["command"]["item_id"] == json!(uuid2)
-                    && m["command"]["action"] == "remove_item"))),
+            && m["command"]["action"] == "update_item"
+            && m["command"]["item_id"] == json!(uuid1)),
         "{back:#?}"
+    );
+    assert_same(
+        &back[1]["command"]["data"],
+        &with_type(&renamed1, &type1),
+        "the last correction is alice's item as the session holds it",
     );
     let updates = bob.sync().await;
     assert_eq!(updates.len(), 3, "one Update per command, got {updates:?}");

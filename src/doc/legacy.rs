@@ -5,6 +5,11 @@
 //! write only what the client really changed, the server remembers, per connection and item,
 //! every version of the item the connection sent or was told since its previous command on
 //! it. A field whose value appears in one of those versions is not a change (PROTOCOL §3.3).
+//!
+//! The client never acknowledges what it applied, so any message the server sent about an
+//! item may still be on its way when the client commands it, and be applied after. The
+//! server remembers the last such message per item: only a command on an item proves that
+//! the message that first put it on the canvas was applied.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -67,31 +72,54 @@ pub struct UploadedItem {
     pub fields: ItemFields,
 }
 
+/// What the messages the server sent a connection about an item, and that it may not have
+/// applied yet, would leave on its canvas if applied after its command.
+#[derive(Debug, Clone, Default)]
+pub struct InFlight {
+    /// The data of the last message that rebuilds the item from its whole dict (`add_item`,
+    /// `update_item`, a full state).
+    pub whole: Option<Arc<ItemFields>>,
+    /// The data of the last `move_item` after it: the client takes only its position.
+    pub position: Option<Arc<ItemFields>>,
+}
+
 #[derive(Debug, Default)]
 struct ItemMemory {
     versions: VecDeque<Arc<ItemFields>>,
-    told_since_command: bool,
+    /// The messages sent about the item that the connection may not have applied yet.
+    in_flight: Option<InFlight>,
+    /// A message that re-creates the item on a canvas that held an earlier one was sent: it
+    /// may be applied after a removal of the earlier one.
+    recreation_in_flight: bool,
+}
+
+/// Where a legacy connection stands with `sync:full_state` (PROTOCOL §3.4, README "Choices").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SyncState {
+    /// It has neither asked for the scene nor uploaded one.
+    #[default]
+    Idle,
+    /// It asked while the scene was not initialized: it gets the scene as soon as it is.
+    Awaiting,
+    /// It was sent the scene as a full state.
+    Synced,
+    /// It uploaded its canvas: it acts as a host, and a full state would replace a canvas the
+    /// server has only in part. It gets what it lacks as commands instead.
+    Uploader,
 }
 
 /// The server's memory of one legacy connection: which items its scene holds and which
 /// versions of them it has seen.
 #[derive(Debug, Default)]
 pub struct PeerView {
-    /// The connection was told it is the host, and a host ignores `sync:full_state`.
-    pub ignores_full_state: bool,
+    pub sync: SyncState,
     items: HashMap<Arc<str>, ItemMemory>,
     told_removed: HashSet<Arc<str>>,
 }
 
 impl PeerView {
-    pub fn new(ignores_full_state: bool) -> Self {
-        PeerView {
-            ignores_full_state,
-            ..PeerView::default()
-        }
-    }
-
-    /// Whether the connection's scene holds the item.
+    /// Whether the connection's scene holds the item (as far as the server knows: it sent or
+    /// was told about it).
     pub fn has(&self, uuid: &str) -> bool {
         self.items.contains_key(uuid)
     }
@@ -112,22 +140,40 @@ impl PeerView {
         })
     }
 
-    /// Whether the server sent the connection anything about the item since the connection's
-    /// previous command on it. An item the server never described to it counts as told: the
-    /// connection may hold a version the server knows nothing about.
-    pub fn told_since_command(&self, uuid: &str) -> bool {
-        self.items.get(uuid).is_none_or(|m| m.told_since_command)
+    /// What messages sent about the item that the connection may not have applied yet (they
+    /// may be applied after the command the server is handling) would leave.
+    pub fn in_flight(&self, uuid: &str) -> Option<&InFlight> {
+        self.items.get(uuid)?.in_flight.as_ref()
     }
 
-    /// Records that the connection was sent `fields` as the item's state.
-    pub fn tell(&mut self, uuid: &Arc<str>, fields: &Arc<ItemFields>) {
-        self.told_removed.remove(uuid);
+    /// Whether a message that re-creates the item on the connection's canvas may arrive
+    /// after the connection removed its earlier copy.
+    pub fn recreation_in_flight(&self, uuid: &str) -> bool {
+        self.items.get(uuid).is_some_and(|m| m.recreation_in_flight)
+    }
+
+    /// Records that the connection was sent `fields` as the item's state by a message with
+    /// `action`. A message that first puts an item on the canvas is applied before any
+    /// command about the item (which proves it), unless the canvas held an earlier item of
+    /// that uuid, which a command may still be about.
+    pub fn tell(&mut self, uuid: &Arc<str>, fields: &Arc<ItemFields>, action: Action) {
+        let held_before = self.told_removed.remove(uuid);
+        let fresh = !self.items.contains_key(uuid) && !held_before;
         let memory = self.items.entry(uuid.clone()).or_default();
+        if !fresh {
+            let in_flight = memory.in_flight.get_or_insert_with(InFlight::default);
+            if action == Action::Move {
+                in_flight.position = Some(fields.clone());
+            } else {
+                in_flight.whole = Some(fields.clone());
+                in_flight.position = None;
+            }
+            memory.recreation_in_flight |= action == Action::Add;
+        }
         if memory.versions.len() == VERSIONS_KEPT {
             memory.versions.pop_front();
         }
         memory.versions.push_back(fields.clone());
-        memory.told_since_command = true;
     }
 
     /// Records that the connection's scene no longer holds the item.
@@ -137,18 +183,21 @@ impl PeerView {
     }
 
     /// Starts a new window after a command of the connection on the item: it now holds
-    /// `sent`, and nothing has been told since.
+    /// `sent`. What is in flight stays so.
     pub fn commanded(&mut self, uuid: &Arc<str>, sent: Arc<ItemFields>) {
         self.told_removed.remove(uuid);
         let memory = self.items.entry(uuid.clone()).or_default();
         memory.versions.clear();
         memory.versions.push_back(sent);
-        memory.told_since_command = false;
     }
 
-    /// Replaces the connection's whole scene, as a `sync:full_state` does.
-    pub fn reset(&mut self) {
-        self.items.clear();
+    /// Records that the connection's canvas was replaced by a full state of `items`.
+    pub fn replace_all(&mut self, items: &[(Arc<str>, Arc<ItemFields>)]) {
+        let kept: HashSet<&str> = items.iter().map(|(uuid, _)| uuid.as_ref()).collect();
+        self.items.retain(|uuid, _| kept.contains(uuid.as_ref()));
+        for (uuid, fields) in items {
+            self.tell(uuid, fields, Action::Add);
+        }
     }
 }
 
@@ -167,18 +216,37 @@ mod tests {
     #[test]
     fn knows_values_told_and_sent_until_the_next_command() {
         let uuid: Arc<str> = "a".into();
-        let mut peer = PeerView::new(false);
+        let mut peer = PeerView::default();
         assert!(!peer.has("a"));
-        assert!(peer.told_since_command("a"));
-        peer.tell(&uuid, &fields(json!({"name": "L1", "x_mm": 0.0})));
-        peer.tell(&uuid, &fields(json!({"name": "L2", "x_mm": 0.0})));
+        assert!(peer.in_flight("a").is_none());
+        peer.tell(
+            &uuid,
+            &fields(json!({"name": "L1", "x_mm": 0.0})),
+            Action::Add,
+        );
+        assert!(
+            peer.in_flight("a").is_none(),
+            "a command on `a` proves the add was applied"
+        );
+        peer.tell(
+            &uuid,
+            &fields(json!({"name": "L2", "x_mm": 0.0})),
+            Action::Update,
+        );
+        assert_eq!(
+            peer.in_flight("a").unwrap().whole.as_ref().unwrap()["name"],
+            json!("L2")
+        );
         assert!(peer.has("a"));
         assert!(peer.knows("a", "name", &json!("L1")));
         assert!(peer.knows("a", "name", &json!("L2")));
         assert!(peer.knows("a", "x_mm", &json!(0)));
         assert!(!peer.knows("a", "name", &json!("L3")));
         peer.commanded(&uuid, fields(json!({"name": "L3"})));
-        assert!(!peer.told_since_command("a"));
+        assert!(
+            peer.in_flight("a").is_some(),
+            "a command proves nothing about later messages"
+        );
         assert!(!peer.knows("a", "name", &json!("L1")));
         assert!(peer.knows("a", "name", &json!("L3")));
     }
@@ -186,9 +254,9 @@ mod tests {
     #[test]
     fn memory_per_item_is_bounded() {
         let uuid: Arc<str> = "a".into();
-        let mut peer = PeerView::new(false);
+        let mut peer = PeerView::default();
         for i in 0..(VERSIONS_KEPT + 10) {
-            peer.tell(&uuid, &fields(json!({ "x_mm": i })));
+            peer.tell(&uuid, &fields(json!({ "x_mm": i })), Action::Update);
         }
         assert!(!peer.knows("a", "x_mm", &json!(0)));
         assert!(peer.knows("a", "x_mm", &json!(VERSIONS_KEPT + 9)));
@@ -197,13 +265,17 @@ mod tests {
     #[test]
     fn removal_forgets_the_item() {
         let uuid: Arc<str> = "a".into();
-        let mut peer = PeerView::new(false);
-        peer.tell(&uuid, &fields(json!({"x_mm": 1})));
+        let mut peer = PeerView::default();
+        peer.tell(&uuid, &fields(json!({"x_mm": 1})), Action::Add);
         peer.tell_removed(&uuid);
         assert!(!peer.has("a"));
         assert!(peer.was_told_removed("a"));
-        peer.tell(&uuid, &fields(json!({"x_mm": 1})));
+        peer.tell(&uuid, &fields(json!({"x_mm": 1})), Action::Add);
         assert!(!peer.was_told_removed("a"));
+        assert!(
+            peer.in_flight("a").is_some(),
+            "a command may be about the earlier item"
+        );
     }
 
     #[test]

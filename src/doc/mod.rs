@@ -9,6 +9,6 @@ pub mod value;
 pub mod ydoc;
 
 pub use legacy::{Action, Command, UploadedItem};
-pub use scene::{CommandMessage, Effects, FullState, Outgoing, PeerId, Scene};
+pub use scene::{CommandMessage, Effects, FullState, Outgoing, PeerId, PeerMessage, Scene};
 pub use value::ItemFields;
 pub use ydoc::{DocError, GuardedDoc};

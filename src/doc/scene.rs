@@ -5,17 +5,25 @@
 //! reports the items it touched. [`Scene::publish`] compares those items with the mirror and
 //! turns each real change into the `command` every *other* legacy connection needs: `add_item`
 //! only for a connection whose scene lacks the item (the client would duplicate it
-//! otherwise), `remove_item` only for one that has it. After a legacy command the sender gets
-//! the item's authoritative state when something about the item crossed its command on the
-//! wire (PROTOCOL §3.3, "Convergence").
+//! otherwise), `remove_item` only for one that has it. After a legacy command or upload the
+//! sender gets the item's authoritative state when what its canvas will show differs from
+//! the document (PROTOCOL §3.3, "Convergence").
+//!
+//! The rule above all (PROTOCOL §3.3): no message makes a client delete or reset what the
+//! server does not hold. So a command about an item the document lacks creates it (unless the
+//! connection was told of its removal), and a connection that uploaded its canvas is never
+//! sent a full state (README, "Choices").
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use yrs::{Any, Map, MapPrelim, MapRef, Out, ReadTxn, TransactionMut};
 
-use super::legacy::{Action, Command, PeerView, UploadedItem, POSITION_FIELDS};
+use super::legacy::{
+    Action, Command, InFlight, PeerView, SyncState, UploadedItem, POSITION_FIELDS,
+};
 use super::value::{json_equal, json_to_any, out_to_json, ItemFields};
 use super::ydoc::{Change, DocError, GuardedDoc};
 
@@ -24,6 +32,24 @@ pub type PeerId = u64;
 
 /// Item type given to an item whose document entry carries none (e.g. written by a Yjs client).
 pub const DEFAULT_ITEM_TYPE: &str = "component";
+
+/// How long a connection's commands on an item pause, by default, before it is sent a
+/// correction it is owed (see [`Scene::with_correction_delay`]).
+pub const CORRECTION_DELAY: Duration = Duration::from_millis(250);
+
+/// Item types the upstream desktop client builds on a placeholder when it receives them in an
+/// `add_item` or a full state (it drops the parsed data); its `update_item` handler reads the
+/// data. So every such item sent that way is followed by an `update_item` with the same data.
+const PLACEHOLDER_TYPES: [&str; 8] = [
+    "component",
+    "lens",
+    "mirror",
+    "beamsplitter",
+    "dichroic",
+    "waveplate",
+    "slm",
+    "source",
+];
 
 /// A `command` for a legacy client: the item's whole current fields.
 #[derive(Debug, Clone, PartialEq)]
@@ -35,15 +61,22 @@ pub struct CommandMessage {
     pub user_id: Arc<str>,
 }
 
+/// What a legacy connection is sent about the scene.
+#[derive(Debug)]
+pub enum PeerMessage {
+    Command(CommandMessage),
+    FullState(FullState),
+}
+
 /// One message for one legacy connection.
 #[derive(Debug, Clone)]
 pub struct Outgoing {
     pub to: PeerId,
-    pub message: Arc<CommandMessage>,
+    pub message: Arc<PeerMessage>,
 }
 
 /// What an operation produced: the document update to persist and send to Yjs connections,
-/// and the commands for legacy connections, in order.
+/// and the messages for legacy connections, in order.
 #[derive(Debug, Default)]
 pub struct Effects {
     pub update: Option<Vec<u8>>,
@@ -76,6 +109,10 @@ pub struct Scene {
     /// The document's rebuild count the mirror follows: after a rebuild every item is read.
     rebuilds: u64,
     peers: HashMap<PeerId, PeerView>,
+    /// Corrections owed, by connection and item: when they are due, and whose command they
+    /// answer.
+    corrections: BTreeMap<(PeerId, Arc<str>), (Instant, Arc<str>)>,
+    correction_delay: Duration,
     initialized: bool,
     version: u64,
 }
@@ -113,8 +150,20 @@ impl Scene {
             mirror,
             stale: HashSet::new(),
             peers: HashMap::new(),
+            corrections: BTreeMap::new(),
+            correction_delay: CORRECTION_DELAY,
             version,
         }
+    }
+
+    /// How long a connection's commands on an item must pause before it is sent a
+    /// correction it is owed. Any message sent to a client may be applied after its next
+    /// command (nothing is acknowledged), a correction included: sent at every step of a
+    /// drag, each would be owed another. Deferred, a drag (two commands per mouse move) costs
+    /// one at its end. Zero sends each with the next batch's end or `pong`.
+    pub fn with_correction_delay(mut self, delay: Duration) -> Self {
+        self.correction_delay = delay;
+        self
     }
 
     pub fn doc(&self) -> &GuardedDoc {
@@ -125,7 +174,7 @@ impl Scene {
         &mut self.doc
     }
 
-    /// Whether any item or host upload has reached the scene.
+    /// Whether any item or upload has reached the scene.
     pub fn initialized(&self) -> bool {
         self.initialized
     }
@@ -145,23 +194,49 @@ impl Scene {
         self.mirror.get(uuid)
     }
 
-    /// Registers a legacy connection; a host ignores full states.
-    pub fn add_peer(&mut self, peer: PeerId, is_host: bool) {
+    /// Registers a legacy connection.
+    pub fn add_peer(&mut self, peer: PeerId) {
         self.refresh_mirror();
-        self.peers.insert(peer, PeerView::new(is_host));
+        self.peers.insert(peer, PeerView::default());
     }
 
     pub fn remove_peer(&mut self, peer: PeerId) {
         self.peers.remove(&peer);
+        self.corrections.retain(|(to, _), _| *to != peer);
+    }
+
+    /// When the next owed correction is due.
+    pub fn next_correction_due(&self) -> Option<Instant> {
+        self.corrections.values().map(|(due, _)| *due).min()
+    }
+
+    /// Sends the corrections due at `now`: each item's authoritative state (PROTOCOL §3.3,
+    /// "Convergence"; README, "Choices").
+    pub fn send_due_corrections(&mut self, now: Instant) -> Effects {
+        self.refresh_mirror();
+        let mut effects = Effects::default();
+        let due: Vec<(PeerId, Arc<str>, Arc<str>)> = self
+            .corrections
+            .iter()
+            .filter(|(_, (at, _))| *at <= now)
+            .map(|((to, uuid), (_, user))| (*to, uuid.clone(), user.clone()))
+            .collect();
+        for (to, uuid, user) in due {
+            self.corrections.remove(&(to, uuid.clone()));
+            // An item removed meanwhile reached the connection as a removal already.
+            if self.mirror.contains_key(&uuid) {
+                self.send_current(to, &uuid, &user, &mut effects);
+            }
+        }
+        effects
     }
 
     pub fn peer(&self, peer: PeerId) -> Option<&PeerView> {
         self.peers.get(&peer)
     }
 
-    /// The whole scene, sorted by uuid. When `to` is a legacy connection that applies full
-    /// states, its memory is replaced by it.
-    pub fn full_state(&mut self, to: Option<PeerId>) -> FullState {
+    /// The whole scene, sorted by uuid.
+    pub fn full_state(&mut self) -> FullState {
         self.refresh_mirror();
         let mut items: Vec<_> = self
             .mirror
@@ -169,18 +244,32 @@ impl Scene {
             .map(|(uuid, fields)| (uuid.clone(), fields.clone()))
             .collect();
         items.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        if let Some(peer) = to.and_then(|p| self.peers.get_mut(&p)) {
-            if !peer.ignores_full_state {
-                peer.reset();
-                for (uuid, fields) in &items {
-                    peer.tell(uuid, fields);
-                }
-            }
-        }
         FullState {
             items,
             version: self.version,
         }
+    }
+
+    /// Answers a legacy connection's `sync:request` (PROTOCOL §3.4, README "Choices"): the
+    /// scene as a full state, once per connection, to a connection that has not uploaded its
+    /// own; if the scene is not initialized yet, as soon as it is. A connection that uploaded
+    /// gets the items it lacks as commands.
+    pub fn request_sync(&mut self, from: PeerId, user: &Arc<str>) -> Effects {
+        self.refresh_mirror();
+        let mut effects = Effects::default();
+        let Some(peer) = self.peers.get_mut(&from) else {
+            return effects;
+        };
+        match peer.sync {
+            SyncState::Synced | SyncState::Awaiting => {}
+            SyncState::Uploader => self.send_missing(from, user, &mut effects),
+            SyncState::Idle if self.initialized => {
+                let state = Arc::new(PeerMessage::FullState(self.full_state()));
+                self.send_full_state(from, &state, user, &mut effects);
+            }
+            SyncState::Idle => peer.sync = SyncState::Awaiting,
+        }
+        effects
     }
 
     /// Applies an untrusted Yjs v1 update from a Yjs connection or the HTTP API.
@@ -188,6 +277,7 @@ impl Scene {
         let change = self.doc.apply_update(bytes)?;
         let mut effects = Effects::default();
         self.publish(change, Source::Derived { except: None }, user, &mut effects);
+        self.answer_awaiting(user, &mut effects);
         Ok(effects)
     }
 
@@ -197,72 +287,92 @@ impl Scene {
         from: PeerId,
         user: &Arc<str>,
         command: Command,
+        now: Instant,
     ) -> Result<Effects, DocError> {
         self.refresh_mirror();
         let mut effects = Effects::default();
         let uuid = command.item_id.clone();
         let exists = self.mirror.contains_key(&uuid);
-        if !exists && command.action != Action::Add {
-            self.send_removal(from, &uuid, user, &mut effects);
-            return Ok(effects);
+        let action = command.action;
+        if !exists {
+            let told_removed = self
+                .peers
+                .get(&from)
+                .is_some_and(|p| p.was_told_removed(&uuid));
+            match action {
+                // Nothing to remove, and nothing to tell: the sender's canvas lacks it now.
+                Action::Remove => {
+                    if let Some(peer) = self.peers.get_mut(&from) {
+                        peer.tell_removed(&uuid);
+                    }
+                    return Ok(effects);
+                }
+                // The removal this command crossed reaches the sender and deletes its copy.
+                Action::Move | Action::Update if told_removed => return Ok(effects),
+                // An item the server never had (a host's canvas before its upload): the
+                // command carries the whole dict, so it creates the item.
+                _ => {}
+            }
         }
-        let told = self.crossed(from, &uuid);
-        let writes = match command.action {
-            Action::Remove => None,
-            Action::Add if !exists => Some(all_fields(&command)),
-            Action::Move => {
+        let peer = self.peers.get(&from);
+        let in_flight = peer.and_then(|p| p.in_flight(&uuid)).cloned();
+        let recreation_in_flight = peer.is_some_and(|p| p.recreation_in_flight(&uuid));
+        let writes = match (action, exists) {
+            (Action::Remove, _) => None,
+            (_, false) => Some(all_fields(&command)),
+            (Action::Move, true) => {
                 Some(self.changed_fields(from, &uuid, &command.data, Some(&POSITION_FIELDS)))
             }
-            Action::Add | Action::Update => {
+            (Action::Add | Action::Update, true) => {
                 Some(self.changed_fields(from, &uuid, &command.data, None))
             }
         };
         let change = {
             let uuid = uuid.clone();
-            let create = command.action == Action::Add && !exists;
             self.doc
                 .transact(move |txn, items| match writes {
                     None => {
                         items.remove(txn, &uuid);
                     }
-                    Some(writes) if create => {
+                    Some(writes) if !exists => {
                         items.insert(txn, uuid.as_ref(), MapPrelim::from_iter(writes));
                     }
                     Some(writes) => write_fields(txn, items, &uuid, writes),
                 })?
                 .1
         };
-        let action = command.action;
         self.publish(change, Source::Command { from, action }, user, &mut effects);
         if action == Action::Remove {
-            if told {
-                // Something about the item (a re-creation, say) may have crossed the removal:
-                // the sender applies it after its own removal, so it is told the removal again.
+            if recreation_in_flight {
+                // A re-creation may cross the removal: the sender would hold the item again.
                 self.send_removal(from, &uuid, user, &mut effects);
             } else if let Some(peer) = self.peers.get_mut(&from) {
                 peer.tell_removed(&uuid);
             }
-            return Ok(effects);
+        } else {
+            let only = (action == Action::Move).then_some(&POSITION_FIELDS[..]);
+            self.settle(from, &uuid, command.data, only, in_flight, user, now);
         }
-        if let Some(peer) = self.peers.get_mut(&from) {
-            peer.commanded(&uuid, Arc::new(command.data));
-        }
-        if told {
-            self.send_current(from, &uuid, user, &mut effects);
-        }
+        self.answer_awaiting(user, &mut effects);
         Ok(effects)
     }
 
-    /// Applies a host's `sync:full_state` upload (PROTOCOL §3.4): each item is updated as by
-    /// `update_item` or added, unless the host was told of its removal; nothing is deleted.
+    /// Applies a `sync:full_state` upload (PROTOCOL §3.4), from whichever connection sends
+    /// it: each item is updated as by `update_item` or added, unless the uploader was told of
+    /// its removal; nothing is deleted. The uploader then gets what its canvas lacks or shows
+    /// differently; an upload equal to the document costs no message.
     pub fn apply_upload(
         &mut self,
         from: PeerId,
         user: &Arc<str>,
         upload: Vec<UploadedItem>,
+        now: Instant,
     ) -> Result<Effects, DocError> {
         self.refresh_mirror();
         let mut effects = Effects::default();
+        if let Some(peer) = self.peers.get_mut(&from) {
+            peer.sync = SyncState::Uploader;
+        }
         let mut plan = Vec::with_capacity(upload.len());
         for item in &upload {
             let exists = self.mirror.contains_key(&item.uuid);
@@ -283,9 +393,14 @@ impl Scene {
                 plan.push((item.uuid.clone(), true, all_fields(&command)));
             }
         }
-        let told: Vec<bool> = upload
+        let in_flight: Vec<Option<InFlight>> = upload
             .iter()
-            .map(|item| self.crossed(from, &item.uuid))
+            .map(|item| {
+                self.peers
+                    .get(&from)
+                    .and_then(|p| p.in_flight(&item.uuid))
+                    .cloned()
+            })
             .collect();
         let (_, change) = self.doc.transact(move |txn, items| {
             for (uuid, create, writes) in plan {
@@ -303,34 +418,110 @@ impl Scene {
             user,
             &mut effects,
         );
-        for (item, told) in upload.into_iter().zip(told) {
-            if !self.mirror.contains_key(&item.uuid) {
-                continue;
-            }
-            if let Some(peer) = self.peers.get_mut(&from) {
-                peer.commanded(&item.uuid, Arc::new(item.fields));
-            }
-            if told {
-                self.send_current(from, &item.uuid, user, &mut effects);
+        for (item, in_flight) in upload.into_iter().zip(in_flight) {
+            if self.mirror.contains_key(&item.uuid) {
+                self.settle(from, &item.uuid, item.fields, None, in_flight, user, now);
             }
         }
-        let missing: Vec<Arc<str>> = match self.peers.get(&from) {
-            Some(peer) => {
-                let mut missing: Vec<_> = self
-                    .mirror
-                    .keys()
-                    .filter(|u| !peer.has(u))
-                    .cloned()
-                    .collect();
-                missing.sort_unstable();
-                missing
-            }
-            None => Vec::new(),
-        };
-        for uuid in missing {
-            self.send_current(from, &uuid, user, &mut effects);
-        }
+        self.send_missing(from, user, &mut effects);
+        self.answer_awaiting(user, &mut effects);
         Ok(effects)
+    }
+
+    /// After connection `from` sent `sent` for an existing item (its whole dict; compared on
+    /// `only` when given), starts its new window on the item, and owes it the item's
+    /// authoritative state when its canvas may end up showing something else: what it sent
+    /// differs from the document (on the fields it sent: a field its dict lacks is one it
+    /// does not model), or a message still in flight to it would, applied after its command,
+    /// leave something else. The correction is due once its commands on the item pause
+    /// ([`Scene::with_correction_delay`]); a later command postpones it.
+    #[allow(clippy::too_many_arguments)]
+    fn settle(
+        &mut self,
+        from: PeerId,
+        uuid: &Arc<str>,
+        sent: ItemFields,
+        only: Option<&[&str]>,
+        in_flight: Option<InFlight>,
+        user: &Arc<str>,
+        now: Instant,
+    ) {
+        let Some(current) = self.mirror.get(uuid) else {
+            return;
+        };
+        let differs = !agrees(&sent, current, only)
+            || in_flight.is_some_and(|in_flight| !leaves(&in_flight, current));
+        if let Some(peer) = self.peers.get_mut(&from) {
+            peer.commanded(uuid, Arc::new(sent));
+        }
+        let key = (from, uuid.clone());
+        if differs || self.corrections.contains_key(&key) {
+            self.corrections
+                .insert(key, (now + self.correction_delay, user.clone()));
+        }
+    }
+
+    /// Sends connection `to` every item of the scene its canvas lacks.
+    fn send_missing(&mut self, to: PeerId, user: &Arc<str>, effects: &mut Effects) {
+        let Some(peer) = self.peers.get(&to) else {
+            return;
+        };
+        let mut missing: Vec<Arc<str>> = self
+            .mirror
+            .keys()
+            .filter(|u| !peer.has(u))
+            .cloned()
+            .collect();
+        missing.sort_unstable();
+        for uuid in missing {
+            self.send_current(to, &uuid, user, effects);
+        }
+    }
+
+    /// Sends the scene to every connection waiting for it, once it is initialized.
+    fn answer_awaiting(&mut self, user: &Arc<str>, effects: &mut Effects) {
+        if !self.initialized {
+            return;
+        }
+        let mut waiting: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.sync == SyncState::Awaiting)
+            .map(|(id, _)| *id)
+            .collect();
+        if waiting.is_empty() {
+            return;
+        }
+        waiting.sort_unstable();
+        let state = Arc::new(PeerMessage::FullState(self.full_state()));
+        for peer in waiting {
+            self.send_full_state(peer, &state, user, effects);
+        }
+    }
+
+    /// Sends `state` (a [`PeerMessage::FullState`]) to connection `to`, whose canvas it
+    /// replaces, followed by the placeholder compensation.
+    fn send_full_state(
+        &mut self,
+        to: PeerId,
+        state: &Arc<PeerMessage>,
+        user: &Arc<str>,
+        effects: &mut Effects,
+    ) {
+        let (Some(peer), PeerMessage::FullState(full)) = (self.peers.get_mut(&to), &**state) else {
+            return;
+        };
+        peer.replace_all(&full.items);
+        peer.sync = SyncState::Synced;
+        effects.messages.push(Outgoing {
+            to,
+            message: state.clone(),
+        });
+        for (uuid, fields) in &full.items {
+            if needs_placeholder_fix(fields) {
+                tell_placeholder_fix(effects, to, uuid, fields, user);
+            }
+        }
     }
 
     /// Brings the mirror up to date with the document: the stale items, or every item after
@@ -394,17 +585,6 @@ impl Scene {
             .collect()
     }
 
-    /// Whether something the server sent `from` about an existing item may have crossed the
-    /// command `from` is sending about it, so that it needs the item's state afterwards. An
-    /// item that does not exist yet has nothing to cross.
-    fn crossed(&self, from: PeerId, uuid: &str) -> bool {
-        self.mirror.contains_key(uuid)
-            && self
-                .peers
-                .get(&from)
-                .is_some_and(|p| p.told_since_command(uuid))
-    }
-
     /// The fields of `data` (limited to `only`) that connection `from` really changed: not a
     /// value it sent or was told since its last command, and not already the document's.
     fn changed_fields(
@@ -430,6 +610,7 @@ impl Scene {
     }
 
     /// Sends connection `to` the item's current state as a correction (`update_item`, or
+    /// Sends connection `to` the item's current state as a correction (`update_item`, or
     /// `add_item` if its scene lacks the item, or `remove_item` if the item is gone).
     fn send_current(
         &mut self,
@@ -450,11 +631,10 @@ impl Scene {
         } else {
             Action::Add
         };
-        peer.tell(uuid, &fields);
-        effects.messages.push(Outgoing {
-            to,
-            message: Arc::new(command_message(action, uuid, &fields, user)),
-        });
+        let message = Arc::new(PeerMessage::Command(command_message(
+            action, uuid, &fields, user,
+        )));
+        tell_command(effects, to, peer, &message, user);
     }
 
     fn send_removal(
@@ -466,9 +646,10 @@ impl Scene {
     ) {
         if let Some(peer) = self.peers.get_mut(&to) {
             peer.tell_removed(uuid);
+            let removal = command_message(Action::Remove, uuid, &Arc::default(), user);
             effects.messages.push(Outgoing {
                 to,
-                message: Arc::new(command_message(Action::Remove, uuid, &Arc::default(), user)),
+                message: Arc::new(PeerMessage::Command(removal)),
             });
         }
     }
@@ -532,34 +713,31 @@ impl Scene {
                 Source::Command { from, .. } => Some(from),
                 Source::Derived { except } => except,
             };
-            let mut shared: HashMap<Action, Arc<CommandMessage>> = HashMap::new();
+            let mut shared: HashMap<Action, Arc<PeerMessage>> = HashMap::new();
+            // A connection waiting for the scene gets it whole, once it is initialized.
             let mut recipients: Vec<_> = self
                 .peers
                 .iter_mut()
-                .filter(|(id, _)| Some(**id) != except)
+                .filter(|(id, p)| Some(**id) != except && p.sync != SyncState::Awaiting)
                 .collect();
             recipients.sort_unstable_by_key(|(id, _)| **id);
             for (id, peer) in recipients {
-                let action = if action == Action::Remove {
-                    if !peer.has(&uuid) {
-                        continue;
-                    }
-                    peer.tell_removed(&uuid);
-                    Action::Remove
-                } else {
-                    let to_send = match (peer.has(&uuid), action) {
-                        (false, _) => Action::Add,
-                        (true, Action::Add) => Action::Update,
-                        (true, a) => a,
-                    };
-                    peer.tell(&uuid, &data);
-                    to_send
+                let action = match (action, peer.has(&uuid)) {
+                    (Action::Remove, false) => continue,
+                    (Action::Remove, true) => Action::Remove,
+                    (_, false) => Action::Add,
+                    (Action::Add, true) => Action::Update,
+                    (a, true) => a,
                 };
                 let message = shared
                     .entry(action)
-                    .or_insert_with(|| Arc::new(command_message(action, &uuid, &data, user)))
+                    .or_insert_with(|| {
+                        Arc::new(PeerMessage::Command(command_message(
+                            action, &uuid, &data, user,
+                        )))
+                    })
                     .clone();
-                effects.messages.push(Outgoing { to: *id, message });
+                tell_command(effects, *id, peer, &message, user);
             }
         }
         effects.update = Some(change.update);
@@ -579,6 +757,80 @@ fn command_message(
         data: data.clone(),
         user_id: user.clone(),
     }
+}
+
+/// Queues the command `message` for connection `to` and records in its view what that
+/// tells it. An `add_item` of a type the upstream client builds on a placeholder is followed by
+/// an `update_item` with the same data (a message of its own, which may cross a command).
+fn tell_command(
+    effects: &mut Effects,
+    to: PeerId,
+    peer: &mut PeerView,
+    message: &Arc<PeerMessage>,
+    user: &Arc<str>,
+) {
+    let PeerMessage::Command(command) = &**message else {
+        return;
+    };
+    let uuid = &command.item_id;
+    if command.action == Action::Remove {
+        peer.tell_removed(uuid);
+    } else {
+        peer.tell(uuid, &command.data, command.action);
+    }
+    effects.messages.push(Outgoing {
+        to,
+        message: message.clone(),
+    });
+    if command.action == Action::Add && needs_placeholder_fix(&command.data) {
+        tell_placeholder_fix(effects, to, uuid, &command.data, user);
+    }
+}
+
+/// The `update_item` that follows an item the upstream client built on a placeholder. It goes
+/// out in the same write as the message that created the item, and the client applies the
+/// frames of one read back to back, so it is not a message of its own in the peer's memory.
+fn tell_placeholder_fix(
+    effects: &mut Effects,
+    to: PeerId,
+    uuid: &Arc<str>,
+    data: &Arc<ItemFields>,
+    user: &Arc<str>,
+) {
+    let update = command_message(Action::Update, uuid, data, user);
+    effects.messages.push(Outgoing {
+        to,
+        message: Arc::new(PeerMessage::Command(update)),
+    });
+}
+
+/// Whether the upstream client builds an item of this kind on a placeholder.
+fn needs_placeholder_fix(fields: &ItemFields) -> bool {
+    PLACEHOLDER_TYPES.contains(&item_type_of(fields))
+}
+
+/// Whether messages in flight, applied after a command, leave `current` on the canvas: the
+/// client rebuilds the item from a whole dict, and takes only the position from a move.
+fn leaves(in_flight: &InFlight, current: &ItemFields) -> bool {
+    let position_agrees = in_flight
+        .position
+        .as_ref()
+        .is_none_or(|moved| agrees(moved, current, Some(&POSITION_FIELDS)));
+    let whole_agrees = in_flight.whole.as_ref().is_none_or(|whole| {
+        let differs = |(k, v): (&String, &Value)| {
+            let position = POSITION_FIELDS.contains(&k.as_str()) && in_flight.position.is_some();
+            !position && current.get(k).is_none_or(|c| !json_equal(c, v))
+        };
+        whole.len() == current.len() && !whole.iter().any(differs)
+    });
+    position_agrees && whole_agrees
+}
+
+/// Whether every field of `sent` (limited to `only`) has the same value in `current`.
+fn agrees(sent: &ItemFields, current: &ItemFields, only: Option<&[&str]>) -> bool {
+    sent.iter()
+        .filter(|(field, _)| only.is_none_or(|o| o.contains(&field.as_str())))
+        .all(|(field, value)| current.get(field).is_some_and(|cur| json_equal(cur, value)))
 }
 
 /// The item's type as the legacy protocol names it.
@@ -665,44 +917,104 @@ mod tests {
         }
     }
 
+    /// A command on an item of a type every client builds from its data (no placeholder fix).
     fn cmd(action: Action, uuid: &str, data: Value) -> Command {
+        typed_cmd(action, "ruler", uuid, data)
+    }
+
+    fn typed_cmd(action: Action, item_type: &str, uuid: &str, data: Value) -> Command {
         Command {
             action,
-            item_type: Some("component".into()),
+            item_type: Some(item_type.into()),
             item_id: uuid.into(),
             data: fields(data),
         }
+    }
+
+    fn upload(items: &[(&str, Value)]) -> Vec<UploadedItem> {
+        items
+            .iter()
+            .map(|(uuid, data)| UploadedItem {
+                uuid: (*uuid).into(),
+                item_type: data["item_type"].as_str().map(str::to_owned),
+                fields: fields(data.clone()),
+            })
+            .collect()
     }
 
     fn user(name: &str) -> Arc<str> {
         Arc::from(name)
     }
 
-    /// Messages for `to`, as (action, uuid, data).
-    fn to(effects: &Effects, to: PeerId) -> Vec<(Action, String, Value)> {
+    /// The tests' clock: commands happen at `t0()`; corrections are due a delay later.
+    fn t0() -> Instant {
+        static T0: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        *T0.get_or_init(Instant::now)
+    }
+
+    /// The corrections owed once commands paused.
+    fn corrections(scene: &mut Scene) -> Effects {
+        scene.send_due_corrections(t0() + CORRECTION_DELAY)
+    }
+
+    /// A message as a test compares it: a command as (action, uuid, data); a full state as
+    /// `("full_state", its uuids)`.
+    #[derive(Debug, PartialEq)]
+    enum Seen {
+        Command(Action, String, Value),
+        FullState(Vec<String>),
+    }
+
+    fn seen(effects: &Effects, to: PeerId) -> Vec<Seen> {
         effects
             .messages
             .iter()
             .filter(|o| o.to == to)
-            .map(|o| {
-                let m = &o.message;
-                (
+            .map(|o| match &*o.message {
+                PeerMessage::Command(m) => Seen::Command(
                     m.action,
                     m.item_id.to_string(),
                     Value::Object((*m.data).clone()),
-                )
+                ),
+                PeerMessage::FullState(state) => {
+                    Seen::FullState(state.items.iter().map(|(u, _)| u.to_string()).collect())
+                }
             })
             .collect()
+    }
+
+    /// Commands for `to`, as (action, uuid, data).
+    fn to(effects: &Effects, to: PeerId) -> Vec<(Action, String, Value)> {
+        seen(effects, to)
+            .into_iter()
+            .map(|s| match s {
+                Seen::Command(a, u, d) => (a, u, d),
+                Seen::FullState(items) => panic!("a full state of {items:?}, not a command"),
+            })
+            .collect()
+    }
+
+    fn actions(effects: &Effects, peer: PeerId) -> Vec<(Action, String)> {
+        to(effects, peer)
+            .into_iter()
+            .map(|(a, u, _)| (a, u))
+            .collect()
+    }
+
+    const LENS: &str =
+        r#"{"name": "L1", "x_mm": 0.0, "y_mm": 0.0, "angle_deg": 0.0, "z_value": 0}"#;
+
+    fn lens() -> Value {
+        serde_json::from_str(LENS).unwrap()
     }
 
     /// A scene with legacy peers 1 and 2 that both hold item `a`.
     fn scene_with_item() -> Scene {
         let mut scene = Scene::default();
-        scene.add_peer(1, true);
-        scene.add_peer(2, false);
-        let lens = json!({"name": "L1", "x_mm": 0.0, "y_mm": 0.0, "angle_deg": 0.0, "z_value": 0});
+        scene.add_peer(1);
+        scene.add_peer(2);
         let effects = scene
-            .apply_command(1, &user("p1"), cmd(Action::Add, "a", lens))
+            .apply_command(1, &user("p1"), cmd(Action::Add, "a", lens()), t0())
             .unwrap();
         assert_eq!(to(&effects, 2)[0].0, Action::Add);
         scene
@@ -711,14 +1023,15 @@ mod tests {
     #[test]
     fn add_reaches_others_with_item_type_and_sends_no_echo() {
         let mut scene = Scene::default();
-        scene.add_peer(1, true);
-        scene.add_peer(2, false);
+        scene.add_peer(1);
+        scene.add_peer(2);
         assert!(!scene.initialized());
         let effects = scene
             .apply_command(
                 1,
                 &user("p1"),
                 cmd(Action::Add, "a", json!({"x_mm": 1.5, "n_rays": 7})),
+                t0(),
             )
             .unwrap();
         assert!(effects.update.is_some());
@@ -727,10 +1040,37 @@ mod tests {
         assert_eq!(sent.len(), 1);
         assert_eq!(
             sent[0].2,
-            json!({"x_mm": 1.5, "n_rays": 7, "item_type": "component"})
+            json!({"x_mm": 1.5, "n_rays": 7, "item_type": "ruler"})
         );
         assert!(scene.initialized());
         assert_eq!(scene.item_count(), 1);
+    }
+
+    #[test]
+    fn a_component_or_source_added_is_followed_by_update_item() {
+        let mut scene = Scene::default();
+        scene.add_peer(1);
+        scene.add_peer(2);
+        for (uuid, kind) in [("c", "component"), ("s", "source"), ("t", "text")] {
+            let effects = scene
+                .apply_command(
+                    1,
+                    &user("p1"),
+                    typed_cmd(Action::Add, kind, uuid, lens()),
+                    t0(),
+                )
+                .unwrap();
+            let sent = to(&effects, 2);
+            if kind == "text" {
+                assert_eq!(actions(&effects, 2), vec![(Action::Add, uuid.into())]);
+            } else {
+                assert_eq!(
+                    actions(&effects, 2),
+                    vec![(Action::Add, uuid.into()), (Action::Update, uuid.into())]
+                );
+                assert_eq!(sent[0].2, sent[1].2, "the update carries the same data");
+            }
+        }
     }
 
     #[test]
@@ -738,13 +1078,14 @@ mod tests {
         let mut scene = scene_with_item();
         let data = json!({"name": "renamed by a move", "x_mm": 5.0, "y_mm": 6.0, "angle_deg": 90.0, "z_value": 0});
         let effects = scene
-            .apply_command(2, &user("p2"), cmd(Action::Move, "a", data))
+            .apply_command(2, &user("p2"), cmd(Action::Move, "a", data), t0())
             .unwrap();
         let item = scene.item("a").unwrap();
         assert_eq!(item["x_mm"], json!(5.0));
         assert_eq!(item["angle_deg"], json!(90.0));
         assert_eq!(item["name"], json!("L1"));
         assert_eq!(to(&effects, 1)[0].0, Action::Move);
+        assert!(to(&effects, 2).is_empty(), "{:?}", to(&effects, 2));
     }
 
     #[test]
@@ -753,76 +1094,282 @@ mod tests {
         let renamed =
             json!({"name": "L2", "x_mm": 0.0, "y_mm": 0.0, "angle_deg": 0.0, "z_value": 0});
         let effects = scene
-            .apply_command(1, &user("p1"), cmd(Action::Update, "a", renamed))
+            .apply_command(1, &user("p1"), cmd(Action::Update, "a", renamed), t0())
             .unwrap();
         assert_eq!(to(&effects, 2)[0].0, Action::Update);
         // Peer 2 had not seen the rename: its whole dict still says L1.
         let stale = json!({"name": "L1", "x_mm": 0.0, "y_mm": 0.0, "angle_deg": 0.0, "z_value": 5});
         let effects = scene
-            .apply_command(2, &user("p2"), cmd(Action::Update, "a", stale))
+            .apply_command(2, &user("p2"), cmd(Action::Update, "a", stale), t0())
             .unwrap();
         let item = scene.item("a").unwrap();
         assert_eq!(item["name"], json!("L2"));
         assert_eq!(item["z_value"], json!(5));
+        assert_eq!(to(&effects, 1)[0].2["z_value"], json!(5));
+        assert!(
+            to(&effects, 2).is_empty(),
+            "the correction waits for a pause"
+        );
+        assert_eq!(scene.next_correction_due(), Some(t0() + CORRECTION_DELAY));
+        assert!(scene.send_due_corrections(t0()).messages.is_empty());
         // The rename crossed peer 2's command: it gets the authoritative state.
+        let effects = corrections(&mut scene);
         let correction = to(&effects, 2);
         assert_eq!(correction.len(), 1);
         assert_eq!(correction[0].0, Action::Update);
         assert_eq!(correction[0].2["name"], json!("L2"));
         assert_eq!(correction[0].2["z_value"], json!(5));
-        assert_eq!(to(&effects, 1)[0].2["z_value"], json!(5));
+        assert!(to(&effects, 1).is_empty());
+        assert_eq!(scene.next_correction_due(), None);
     }
 
     #[test]
-    fn a_command_on_a_removed_item_is_answered_with_remove_item() {
+    fn a_drag_after_a_crossing_owes_one_correction_at_its_end() {
+        let mut scene = scene_with_item();
+        let mut renamed = lens();
+        renamed["name"] = json!("L2");
+        scene
+            .apply_command(
+                1,
+                &user("p1"),
+                cmd(Action::Update, "a", renamed.clone()),
+                t0(),
+            )
+            .unwrap();
+        // Peer 2 drags `a` ten steps (move_item and update_item each) while the rename may
+        // still be on its way: no echo during the drag, one correction once it paused.
+        let mut step = t0();
+        for i in 0..10 {
+            step += std::time::Duration::from_millis(16);
+            let mut data = renamed.clone();
+            data["x_mm"] = json!(f64::from(i));
+            for action in [Action::Move, Action::Update] {
+                let effects = scene
+                    .apply_command(2, &user("p2"), cmd(action, "a", data.clone()), step)
+                    .unwrap();
+                assert!(
+                    to(&effects, 2).is_empty(),
+                    "step {i}: {:?}",
+                    to(&effects, 2)
+                );
+                assert!(scene.send_due_corrections(step).messages.is_empty());
+            }
+        }
+        assert_eq!(scene.next_correction_due(), Some(step + CORRECTION_DELAY));
+        let effects = scene.send_due_corrections(step + CORRECTION_DELAY);
+        let correction = to(&effects, 2);
+        assert_eq!(correction.len(), 1, "{correction:?}");
+        assert_eq!(correction[0].2["x_mm"], json!(9.0));
+        assert_eq!(correction[0].2["name"], json!("L2"));
+    }
+
+    #[test]
+    fn a_correction_owed_to_a_connection_that_left_is_forgotten() {
+        let mut scene = scene_with_item();
+        let mut renamed = lens();
+        renamed["name"] = json!("L2");
+        scene
+            .apply_command(1, &user("p1"), cmd(Action::Update, "a", renamed), t0())
+            .unwrap();
+        let mut moved = lens();
+        moved["x_mm"] = json!(3.0);
+        scene
+            .apply_command(2, &user("p2"), cmd(Action::Move, "a", moved), t0())
+            .unwrap();
+        assert!(scene.next_correction_due().is_some());
+        scene.remove_peer(2);
+        assert_eq!(scene.next_correction_due(), None);
+        assert!(corrections(&mut scene).messages.is_empty());
+    }
+
+    #[test]
+    fn a_command_for_an_item_the_server_never_had_creates_it() {
+        // The upstream host drags an item of its canvas before anyone joined (so before it
+        // uploaded): the drag's dict creates the item instead of being answered remove_item.
+        let mut scene = Scene::default();
+        scene.add_peer(1);
+        scene.add_peer(2);
+        let mut data = lens();
+        data["x_mm"] = json!(12.5);
+        let effects = scene
+            .apply_command(
+                1,
+                &user("host"),
+                typed_cmd(Action::Move, "source", "a", data),
+                t0(),
+            )
+            .unwrap();
+        assert!(effects.update.is_some());
+        assert!(to(&effects, 1).is_empty(), "{:?}", to(&effects, 1));
+        assert_eq!(
+            actions(&effects, 2),
+            vec![(Action::Add, "a".into()), (Action::Update, "a".into())]
+        );
+        let item = scene.item("a").unwrap();
+        assert_eq!(item["x_mm"], json!(12.5));
+        assert_eq!(item["name"], json!("L1"));
+        assert_eq!(item["item_type"], json!("source"));
+        // A remove of an item the server never had changes nothing and answers nothing.
+        let effects = scene
+            .apply_command(
+                1,
+                &user("host"),
+                cmd(Action::Remove, "zzz", json!({})),
+                t0(),
+            )
+            .unwrap();
+        assert!(effects.update.is_none() && effects.messages.is_empty());
+    }
+
+    #[test]
+    fn a_command_that_crossed_a_removal_is_ignored_without_an_answer() {
         let mut scene = scene_with_item();
         let effects = scene
-            .apply_command(1, &user("p1"), cmd(Action::Remove, "a", json!({})))
+            .apply_command(1, &user("p1"), cmd(Action::Remove, "a", json!({})), t0())
             .unwrap();
         assert_eq!(
             to(&effects, 2),
             vec![(Action::Remove, "a".to_owned(), json!({}))]
         );
+        assert!(to(&effects, 1).is_empty(), "the remover gets no echo");
         let version = scene.version();
+        // Peer 2 dragged the item before it applied the removal it was sent.
         let effects = scene
-            .apply_command(2, &user("p2"), cmd(Action::Move, "a", json!({"x_mm": 1.0})))
+            .apply_command(
+                2,
+                &user("p2"),
+                cmd(Action::Move, "a", json!({"x_mm": 1.0})),
+                t0(),
+            )
             .unwrap();
         assert!(effects.update.is_none());
-        assert_eq!(
-            to(&effects, 2),
-            vec![(Action::Remove, "a".to_owned(), json!({}))]
-        );
-        assert!(to(&effects, 1).is_empty());
+        assert!(effects.messages.is_empty(), "{:?}", seen(&effects, 2));
         assert_eq!(scene.version(), version);
         assert!(scene.item("a").is_none());
     }
 
     #[test]
-    fn upload_adds_and_updates_but_never_resurrects_or_deletes() {
+    fn removing_an_item_someone_else_moved_sends_the_remover_nothing() {
+        let mut scene = scene_with_item();
+        let moved = json!({"name": "L1", "x_mm": 3.0, "y_mm": 0.0, "angle_deg": 0.0, "z_value": 0});
+        scene
+            .apply_command(2, &user("p2"), cmd(Action::Move, "a", moved), t0())
+            .unwrap();
+        let effects = scene
+            .apply_command(1, &user("p1"), cmd(Action::Remove, "a", json!({})), t0())
+            .unwrap();
+        assert!(to(&effects, 1).is_empty(), "{:?}", to(&effects, 1));
+        assert_eq!(actions(&effects, 2), vec![(Action::Remove, "a".into())]);
+    }
+
+    #[test]
+    fn a_removal_crossed_by_a_re_creation_is_repeated_to_the_remover() {
+        let mut scene = scene_with_item();
+        // Peer 2 removes and re-adds `a` (an undo); peer 1 gets remove_item then add_item.
+        scene
+            .apply_command(2, &user("p2"), cmd(Action::Remove, "a", json!({})), t0())
+            .unwrap();
+        scene
+            .apply_command(2, &user("p2"), cmd(Action::Add, "a", lens()), t0())
+            .unwrap();
+        // Peer 1 had removed `a` before it applied either: its removal deletes the re-created
+        // item, and the add_item it is about to apply would bring it back on its canvas.
+        let effects = scene
+            .apply_command(1, &user("p1"), cmd(Action::Remove, "a", json!({})), t0())
+            .unwrap();
+        assert!(scene.item("a").is_none());
+        assert_eq!(actions(&effects, 1), vec![(Action::Remove, "a".into())]);
+    }
+
+    #[test]
+    fn an_upload_equal_to_the_document_costs_no_message() {
+        let mut scene = Scene::default();
+        scene.add_peer(1);
+        let items: Vec<(String, Value)> = (0..300)
+            .map(|i| {
+                let mut item = lens();
+                item["x_mm"] = json!(f64::from(i) + 0.25);
+                item["item_type"] = json!("component");
+                (format!("item-{i:03}"), item)
+            })
+            .collect();
+        let as_refs: Vec<(&str, Value)> =
+            items.iter().map(|(u, v)| (u.as_str(), v.clone())).collect();
+        scene
+            .apply_upload(1, &user("host"), upload(&as_refs), t0())
+            .unwrap();
+        scene.add_peer(2);
+        // The host reconnects (a new connection) and uploads the same canvas.
+        scene.remove_peer(1);
+        scene.add_peer(3);
+        let effects = scene
+            .apply_upload(3, &user("host"), upload(&as_refs), t0())
+            .unwrap();
+        assert!(effects.update.is_none());
+        assert!(effects.messages.is_empty(), "{:?}", seen(&effects, 3));
+        // Its sync:request then costs nothing either.
+        assert!(scene.request_sync(3, &user("host")).messages.is_empty());
+    }
+
+    #[test]
+    fn an_uploader_gets_what_its_canvas_lacks_or_shows_differently() {
+        let mut scene = scene_with_item();
+        scene.add_peer(3);
+        let mut stale = lens();
+        stale["name"] = json!("L0");
+        stale["item_type"] = json!("ruler");
+        let b = json!({"x_mm": 1.0, "item_type": "ruler"});
+        let effects = scene
+            .apply_upload(
+                3,
+                &user("h"),
+                upload(&[("a", stale), ("b", b.clone())]),
+                t0(),
+            )
+            .unwrap();
+        // `a`'s name is a change this connection made (it was never told L1): it wins.
+        assert_eq!(scene.item("a").unwrap()["name"], json!("L0"));
+        assert!(to(&effects, 3).is_empty(), "{:?}", to(&effects, 3));
+        assert_eq!(
+            actions(&effects, 1),
+            vec![(Action::Update, "a".into()), (Action::Add, "b".into())]
+        );
+        // Another connection adds `c`; the uploader's next upload lacks it: it gets add_item.
+        scene
+            .apply_command(1, &user("p1"), cmd(Action::Add, "c", lens()), t0())
+            .unwrap();
+        let effects = scene
+            .apply_upload(3, &user("h"), upload(&[("b", b)]), t0())
+            .unwrap();
+        assert!(effects.update.is_none());
+        assert!(to(&effects, 3).is_empty(), "c was sent already");
+        assert!(scene.item("a").is_some(), "an upload deletes nothing");
+    }
+
+    #[test]
+    fn upload_never_resurrects_what_the_uploader_was_told_removed() {
         let mut scene = scene_with_item();
         scene
-            .apply_command(2, &user("p2"), cmd(Action::Add, "b", json!({"x_mm": 1.0})))
+            .apply_command(
+                2,
+                &user("p2"),
+                cmd(Action::Add, "b", json!({"x_mm": 1.0})),
+                t0(),
+            )
             .unwrap();
         scene
-            .apply_command(2, &user("p2"), cmd(Action::Remove, "b", json!({})))
+            .apply_command(2, &user("p2"), cmd(Action::Remove, "b", json!({})), t0())
             .unwrap();
-        let upload = vec![
-            UploadedItem {
-                uuid: "b".into(),
-                item_type: None,
-                fields: fields(json!({"x_mm": 1.0})),
-            },
-            UploadedItem {
-                uuid: "c".into(),
-                item_type: Some("ruler".into()),
-                fields: fields(json!({"x_mm": 2.0})),
-            },
-        ];
-        let effects = scene.apply_upload(1, &user("p1"), upload).unwrap();
-        assert!(
-            scene.item("b").is_none(),
-            "the host was told of b's removal"
-        );
+        let c = json!({"x_mm": 2.0, "item_type": "ruler"});
+        let effects = scene
+            .apply_upload(
+                1,
+                &user("p1"),
+                upload(&[("b", json!({"x_mm": 1.0})), ("c", c)]),
+                t0(),
+            )
+            .unwrap();
+        assert!(scene.item("b").is_none(), "p1 was told of b's removal");
         assert_eq!(scene.item("c").unwrap()["item_type"], json!("ruler"));
         assert!(scene.item("a").is_some(), "an upload deletes nothing");
         assert_eq!(
@@ -833,6 +1380,112 @@ mod tests {
                 json!({"x_mm": 2.0, "item_type": "ruler"})
             )]
         );
+    }
+
+    #[test]
+    fn a_sync_request_is_answered_with_the_scene_once() {
+        let mut scene = scene_with_item();
+        scene.add_peer(3);
+        let effects = scene.request_sync(3, &user("late"));
+        assert_eq!(seen(&effects, 3), vec![Seen::FullState(vec!["a".into()])]);
+        assert!(scene.peer(3).unwrap().has("a"));
+        // A reconnecting client sends two requests: the second costs nothing.
+        assert!(scene.request_sync(3, &user("late")).messages.is_empty());
+    }
+
+    #[test]
+    fn a_command_crossing_a_full_state_is_corrected() {
+        let mut scene = scene_with_item();
+        scene.add_peer(3);
+        // Peer 3 got `a` by add_item before its sync:request was answered; it drags `a`
+        // while the full state is on its way, and applies the full state after its drag.
+        scene
+            .apply_command(1, &user("p1"), cmd(Action::Add, "b", lens()), t0())
+            .unwrap();
+        assert!(scene.peer(3).unwrap().has("b"));
+        scene.request_sync(3, &user("p3"));
+        let mut moved = lens();
+        moved["x_mm"] = json!(4.0);
+        scene
+            .apply_command(3, &user("p3"), cmd(Action::Move, "b", moved), t0())
+            .unwrap();
+        let effects = corrections(&mut scene);
+        assert_eq!(actions(&effects, 3), vec![(Action::Update, "b".into())]);
+        assert_eq!(to(&effects, 3)[0].2["x_mm"], json!(4.0));
+    }
+
+    #[test]
+    fn a_full_state_is_followed_by_an_update_per_placeholder_item() {
+        let mut scene = Scene::default();
+        scene.add_peer(1);
+        for (uuid, kind) in [("c", "component"), ("r", "ruler"), ("s", "source")] {
+            scene
+                .apply_command(
+                    1,
+                    &user("p1"),
+                    typed_cmd(Action::Add, kind, uuid, lens()),
+                    t0(),
+                )
+                .unwrap();
+        }
+        scene.add_peer(2);
+        let effects = scene.request_sync(2, &user("p2"));
+        let sent = seen(&effects, 2);
+        assert_eq!(
+            sent[0],
+            Seen::FullState(vec!["c".into(), "r".into(), "s".into()])
+        );
+        let fixes: Vec<(Action, String)> = sent[1..]
+            .iter()
+            .map(|s| match s {
+                Seen::Command(a, u, _) => (*a, u.clone()),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            fixes,
+            vec![(Action::Update, "c".into()), (Action::Update, "s".into())]
+        );
+    }
+
+    #[test]
+    fn a_request_before_the_scene_exists_is_answered_when_it_does() {
+        // A colleague connects first; the host's upload then initializes the scene.
+        let mut scene = Scene::default();
+        scene.add_peer(1);
+        assert!(scene
+            .request_sync(1, &user("colleague"))
+            .messages
+            .is_empty());
+        scene.add_peer(2);
+        let mut a = lens();
+        a["item_type"] = json!("ruler");
+        let effects = scene
+            .apply_upload(2, &user("host"), upload(&[("a", a)]), t0())
+            .unwrap();
+        assert_eq!(seen(&effects, 1), vec![Seen::FullState(vec!["a".into()])]);
+        assert!(to(&effects, 2).is_empty());
+        // The host's own request (the upstream client sends one) gets no full state: it would
+        // replace a canvas the server holds only in part.
+        assert!(scene.request_sync(2, &user("host")).messages.is_empty());
+        // From then on the colleague gets commands.
+        let effects = scene
+            .apply_command(2, &user("host"), cmd(Action::Add, "b", lens()), t0())
+            .unwrap();
+        assert_eq!(actions(&effects, 1), vec![(Action::Add, "b".into())]);
+    }
+
+    #[test]
+    fn an_empty_upload_initializes_the_scene_for_waiting_clients() {
+        let mut scene = Scene::default();
+        scene.add_peer(1);
+        scene.request_sync(1, &user("colleague"));
+        scene.add_peer(2);
+        let effects = scene
+            .apply_upload(2, &user("host"), Vec::new(), t0())
+            .unwrap();
+        assert!(scene.initialized());
+        assert_eq!(seen(&effects, 1), vec![Seen::FullState(vec![])]);
     }
 
     #[test]
@@ -903,10 +1556,11 @@ mod tests {
             items.remove(txn, "b");
         });
         scene.apply_update(&yjs, &moved).unwrap();
-        scene.add_peer(1, false);
-        let state = scene.full_state(Some(1));
+        scene.add_peer(1);
+        let state = scene.full_state();
         assert_eq!(state.items.len(), 1);
         assert_eq!(state.items[0].1["x_mm"], json!(5.0));
+        scene.request_sync(1, &yjs);
         let renamed = edit(&|txn, items| {
             if let Some(Out::YMap(item)) = items.get(txn, "a") {
                 item.insert(txn, "name", "L1");
@@ -921,12 +1575,16 @@ mod tests {
         let mut scene = scene_with_item();
         let v1 = scene.version();
         scene
-            .apply_command(1, &user("p1"), cmd(Action::Add, "0", json!({"x_mm": 1.0})))
+            .apply_command(
+                1,
+                &user("p1"),
+                cmd(Action::Add, "0", json!({"x_mm": 1.0})),
+                t0(),
+            )
             .unwrap();
-        let state = scene.full_state(Some(2));
+        let state = scene.full_state();
         assert!(state.version > v1);
         let uuids: Vec<&str> = state.items.iter().map(|(u, _)| u.as_ref()).collect();
         assert_eq!(uuids, vec!["0", "a"]);
-        assert!(scene.peer(2).unwrap().has("0"));
     }
 }

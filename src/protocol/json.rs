@@ -180,7 +180,7 @@ fn parse_upload(state: Option<Value>) -> Result<Vec<UploadedItem>, ProtocolError
     items
         .into_iter()
         .map(|item| {
-            let Value::Object(fields) = item else {
+            let Value::Object(mut fields) = item else {
                 return Err(ProtocolError::bad("each item must be an object"));
             };
             let uuid = ["item_uuid", "uuid"]
@@ -189,6 +189,9 @@ fn parse_upload(state: Option<Value>) -> Result<Vec<UploadedItem>, ProtocolError
                 .filter(|id| valid_name(id))
                 .map(Arc::<str>::from)
                 .ok_or_else(|| ProtocolError::bad("each item needs a valid \"item_uuid\""))?;
+            // The desktop client adds `uuid` beside `item_uuid` in its uploads; it names the
+            // item's key, not a field (a command's dict lacks it, and a full state adds it).
+            fields.remove("uuid");
             let item_type = ["item_type", "_type"]
                 .iter()
                 .find_map(|k| fields.get(*k).and_then(Value::as_str))

@@ -23,7 +23,10 @@ use super::{AppState, ConnectionGuard};
 use crate::doc::PeerId;
 use crate::protocol::json::{self, ErrorCode, ProtocolError};
 use crate::protocol::yjs;
-use crate::session::outbox::{CloseReason, Next, CLOSE_IDLE, CLOSE_INTERNAL, CLOSE_TOO_BIG};
+use crate::session::outbox::{
+    CloseReason, Next, CLOSE_IDLE, CLOSE_INTERNAL, CLOSE_INVALID_UTF8, CLOSE_PROTOCOL_ERROR,
+    CLOSE_TOO_BIG,
+};
 use crate::session::{ConnKind, Frame, Inbox, JoinRequest, Outbox, SessionHandle, SessionMsg};
 
 /// A connection's WebSocket, as tungstenite reads it.
@@ -36,7 +39,10 @@ const CLOSE_HANDSHAKE: Duration = Duration::from_secs(2);
 enum Ending {
     /// The server closes it: a close frame with this reason is sent.
     Close(CloseReason),
-    /// The peer closed it (1000) or the transport failed (1006): nothing more is sent.
+    /// The peer sent a close frame: tungstenite queued the answer (RFC 6455 §5.5.1), which
+    /// is flushed before the socket is dropped.
+    PeerClosed,
+    /// The peer went away without a close frame (1006): nothing more is sent.
     Gone(u16),
 }
 
@@ -203,6 +209,11 @@ impl Connection {
                     Box::pin(close(socket, inbox, reason)).await;
                     reason.code
                 }
+                Ending::PeerClosed => {
+                    let _ = tokio::time::timeout(CLOSE_HANDSHAKE, socket.flush()).await;
+                    drop(inbox);
+                    NORMAL
+                }
                 Ending::Gone(code) => code,
             };
             if let Some(wait) = self.session.send_or_wait(SessionMsg::Leave(self.peer)) {
@@ -219,9 +230,9 @@ impl Connection {
         pong_due: &mut bool,
     ) -> Step {
         let forward = match incoming {
-            None | Some(Ok(Message::Close(_))) => return Step::End(Ending::Gone(NORMAL)),
-            Some(Err(e)) if is_too_big(&e) => return Step::End(Ending::Close(CLOSE_TOO_BIG)),
-            Some(Err(_)) => return Step::End(Ending::Gone(ABNORMAL)),
+            Some(Ok(Message::Close(_))) => return Step::End(Ending::PeerClosed),
+            None => return Step::End(Ending::Gone(ABNORMAL)),
+            Some(Err(e)) => return Step::End(ending_for(&e)),
             Some(Ok(Message::Text(text))) => self.on_text(&text),
             Some(Ok(Message::Binary(bytes))) => self.on_binary(&bytes),
             Some(Ok(Message::Pong(_))) => {
@@ -280,7 +291,14 @@ impl Connection {
     }
 }
 
-/// Whether a receive error is tungstenite's "message/frame larger than the limit".
-fn is_too_big(error: &tungstenite::Error) -> bool {
-    matches!(error, tungstenite::Error::Capacity(_))
+/// How a read error ends the connection: a frame over the size limit (1009), a protocol
+/// violation (1002) or invalid UTF-8 in a text frame (1007) is answered with a close frame;
+/// a transport failure leaves nothing to answer.
+fn ending_for(error: &tungstenite::Error) -> Ending {
+    match error {
+        tungstenite::Error::Capacity(_) => Ending::Close(CLOSE_TOO_BIG),
+        tungstenite::Error::Protocol(_) => Ending::Close(CLOSE_PROTOCOL_ERROR),
+        tungstenite::Error::Utf8(_) => Ending::Close(CLOSE_INVALID_UTF8),
+        _ => Ending::Gone(ABNORMAL),
+    }
 }

@@ -126,6 +126,7 @@ impl Server {
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let session_config = SessionConfig {
             evict_after: config.evict_after,
+            correction_delay: config.correction_delay,
             max_awareness_bytes: config.max_awareness_bytes,
             max_awareness_states: config.max_awareness_states,
             ..SessionConfig::default()

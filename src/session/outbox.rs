@@ -97,6 +97,14 @@ pub const CLOSE_IDLE: CloseReason = CloseReason {
     code: 1001,
     reason: "Idle timeout",
 };
+pub const CLOSE_PROTOCOL_ERROR: CloseReason = CloseReason {
+    code: 1002,
+    reason: "Protocol error",
+};
+pub const CLOSE_INVALID_UTF8: CloseReason = CloseReason {
+    code: 1007,
+    reason: "Invalid UTF-8 in a text frame",
+};
 pub const CLOSE_INVALID_PATH: CloseReason = CloseReason {
     code: 1008,
     reason: "Invalid path",

@@ -28,6 +28,8 @@ const RETRIES: usize = 16;
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
     pub evict_after: Duration,
+    /// See [`crate::doc::Scene::with_correction_delay`].
+    pub correction_delay: Duration,
     pub max_awareness_bytes: usize,
     pub max_awareness_states: usize,
     /// Compact the stored log after this many appended updates...
@@ -40,6 +42,7 @@ impl Default for SessionConfig {
     fn default() -> Self {
         SessionConfig {
             evict_after: Duration::from_secs(60),
+            correction_delay: Duration::from_millis(250),
             max_awareness_bytes: 64 * 1024,
             max_awareness_states: 1024,
             compact_after_updates: 1000,

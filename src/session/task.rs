@@ -17,7 +17,7 @@ use super::{
     ApiUpdate, ConnKind, Frame, JoinError, JoinRequest, Outbox, SessionHandle, SessionMsg,
     SessionSummary,
 };
-use crate::doc::scene::CommandMessage;
+use crate::doc::scene::PeerMessage;
 use crate::doc::{DocError, Effects, GuardedDoc, PeerId, Scene};
 use crate::protocol::json::{
     self, ClientMessage, ErrorCode, ProtocolError, UserEntry, YjsAckFields,
@@ -87,7 +87,6 @@ struct SessionTask {
     registry: Arc<Registry>,
     handle: SessionHandle,
     scene: Scene,
-    host: Option<Arc<str>>,
     members: BTreeMap<PeerId, Member>,
     awareness: AwarenessStates,
     pending: Pending,
@@ -121,7 +120,6 @@ pub(super) fn spawn(
                     registry: registry.clone(),
                     handle,
                     scene,
-                    host: stored.meta.host.as_deref().map(Arc::from),
                     members: BTreeMap::new(),
                     pending: Pending::default(),
                     idle_since: Some(Instant::now()),
@@ -162,7 +160,9 @@ async fn load(registry: &Registry, id: &str) -> Result<(Scene, StoredLog), Strin
         last_seq: stored.last_seq,
         meta: stored.meta.clone(),
     };
-    Ok((Scene::new(doc, stored.meta.initialized), log))
+    let scene = Scene::new(doc, stored.meta.initialized)
+        .with_correction_delay(registry.config.correction_delay);
+    Ok((scene, log))
 }
 
 /// Closes the queue and answers what is still in it: joins get `reason`, other requests see
@@ -191,6 +191,10 @@ impl SessionTask {
                 let evict_at = self
                     .idle_since
                     .map(|t| tokio::time::Instant::from_std(t + self.registry.config.evict_after));
+                let correction_at = self
+                    .scene
+                    .next_correction_due()
+                    .map(tokio::time::Instant::from_std);
                 tokio::select! {
                     n = rx.recv_many(&mut batch, BATCH) => {
                         if n == 0 {
@@ -216,6 +220,16 @@ impl SessionTask {
                             // batch's changes are not durable: drop the session, keep the server.
                             batch.clear();
                             self.fail("internal error while handling a message");
+                            break;
+                        }
+                    }
+                    _ = sleep_until_opt(correction_at) => {
+                        let sent = catch_unwind(AssertUnwindSafe(|| {
+                            let effects = self.scene.send_due_corrections(Instant::now());
+                            self.emit(effects, None);
+                        }));
+                        if sent.is_err() {
+                            self.fail("internal error while sending corrections");
                             break;
                         }
                     }
@@ -275,7 +289,7 @@ impl SessionTask {
                 self.pending.replies.push((reply, result));
             }
             SessionMsg::Scene(reply) => {
-                let _ = reply.send(json::encode_scene(&self.scene.full_state(None)));
+                let _ = reply.send(json::encode_scene(&self.scene.full_state()));
             }
             SessionMsg::EncodeState(reply) => {
                 let _ = reply.send(self.encode_state());
@@ -352,9 +366,6 @@ impl SessionTask {
             && user.is_some()
             && !self.scene.initialized()
             && !self.members.values().any(|m| m.user.is_some());
-        if is_host {
-            self.host = user.clone();
-        }
         let yjs_ack = if kind == ConnKind::LegacyYjs {
             let snapshot = self.encode_state().map_err(JoinError::Unavailable)?;
             let b64 = base64::engine::general_purpose::STANDARD;
@@ -377,16 +388,18 @@ impl SessionTask {
         );
         self.joins += 1;
         self.idle_since = None;
-        if kind == ConnKind::Legacy {
-            self.scene.add_peer(peer, is_host);
+        if let (ConnKind::Legacy, Some(name)) = (kind, &user) {
+            self.scene.add_peer(peer);
+            // Before the ack: a desktop client acting as host answers `user:joined` by
+            // uploading its canvas, so its upload reaches the session before the
+            // `sync:request` it sends on the ack, and the session knows not to answer that
+            // with a full state that would replace its canvas. A client acting as client only
+            // logs it. No full state here: both clients ask for it (README, "Choices").
+            self.send(peer, Frame::text(json::encode_user_event(true, name)));
         }
         if let (true, Some(name)) = (kind.speaks_json(), &user) {
             let ack = json::encode_ack(&self.id, name, is_host, &self.users(), yjs_ack.as_ref());
             self.send(peer, Frame::text(ack));
-        }
-        if kind == ConnKind::Legacy && self.scene.initialized() {
-            let state = self.scene.full_state(Some(peer));
-            self.send(peer, Frame::text(json::encode_full_state(&state)));
         }
         if kind.speaks_yjs() {
             self.send(
@@ -447,28 +460,31 @@ impl SessionTask {
         }
         let user = self.user_of(peer);
         match msg {
-            ClientMessage::Ping => self.send(peer, Frame::text(json::encode_pong())),
+            // The pong is a barrier: corrections due by now go out before it.
+            ClientMessage::Ping => {
+                let effects = self.scene.send_due_corrections(Instant::now());
+                self.emit(effects, None);
+                self.send(peer, Frame::text(json::encode_pong()));
+            }
+            // Only plain legacy connections take full states (PROTOCOL §4).
             ClientMessage::SyncRequest => {
-                // Only plain legacy connections take full states (PROTOCOL §4).
-                if self.scene.initialized() && self.scene.peer(peer).is_some() {
-                    let state = self.scene.full_state(Some(peer));
-                    self.send(peer, Frame::text(json::encode_full_state(&state)));
+                let effects = self.scene.request_sync(peer, &user);
+                self.emit(effects, Some(peer));
+            }
+            ClientMessage::Command(command) => {
+                match self
+                    .scene
+                    .apply_command(peer, &user, command, Instant::now())
+                {
+                    Ok(effects) => self.emit(effects, Some(peer)),
+                    Err(e) => self.reject(
+                        peer,
+                        ProtocolError::new(ErrorCode::BadMessage, e.to_string()),
+                    ),
                 }
             }
-            ClientMessage::Command(command) => match self.scene.apply_command(peer, &user, command)
-            {
-                Ok(effects) => self.emit(effects, Some(peer)),
-                Err(e) => self.reject(
-                    peer,
-                    ProtocolError::new(ErrorCode::BadMessage, e.to_string()),
-                ),
-            },
             ClientMessage::FullState(items) => {
-                if self.host.as_ref() != Some(&user) {
-                    debug!(session = %self.id, user = %user, "ignoring a full-state upload from a non-host");
-                    return;
-                }
-                match self.scene.apply_upload(peer, &user, items) {
+                match self.scene.apply_upload(peer, &user, items, Instant::now()) {
                     Ok(effects) => self.emit(effects, Some(peer)),
                     Err(e) => self.reject(
                         peer,
@@ -592,11 +608,16 @@ impl SessionTask {
                 self.pending.frames.push((id, frame.clone()));
             }
         }
-        let mut encoded: HashMap<*const CommandMessage, Frame> = HashMap::new();
+        let mut encoded: HashMap<*const PeerMessage, Frame> = HashMap::new();
         for out in effects.messages {
             let frame = encoded
                 .entry(Arc::as_ptr(&out.message))
-                .or_insert_with(|| Frame::text(json::encode_command(&out.message)))
+                .or_insert_with(|| {
+                    Frame::text(match &*out.message {
+                        PeerMessage::Command(command) => json::encode_command(command),
+                        PeerMessage::FullState(state) => json::encode_full_state(state),
+                    })
+                })
                 .clone();
             self.pending.frames.push((out.to, frame));
         }
@@ -634,7 +655,6 @@ impl SessionTask {
     fn meta(&self) -> SessionMeta {
         SessionMeta {
             initialized: self.scene.initialized(),
-            host: self.host.as_deref().map(str::to_owned),
         }
     }
 

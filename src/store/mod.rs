@@ -13,10 +13,8 @@ use std::pin::Pin;
 /// Per-session facts persisted beside the document.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SessionMeta {
-    /// Whether an item or a host upload has reached the scene.
+    /// Whether an item or an upload has reached the scene.
     pub initialized: bool,
-    /// The user who got `is_host`.
-    pub host: Option<String>,
 }
 
 /// A stored session: a snapshot and/or log of v1 updates, in order.

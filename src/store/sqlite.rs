@@ -21,7 +21,8 @@
 //! never blocks the runtime.
 //!
 //! Schema (readable with `sqlite3 data/collab.db .schema`):
-//! * `sessions(id, initialized, host, updated_at)`: one row per stored session;
+//! * `sessions(id, initialized, updated_at)`: one row per stored session (databases written
+//!   before the host rule went keep an unused `host` column);
 //! * `updates(id, session, kind, data, created_at)`: the session's document as a `snapshot`
 //!   followed by the `update`s accepted since, in `id` order.
 
@@ -40,7 +41,6 @@ const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS sessions (
     id          TEXT PRIMARY KEY,
     initialized INTEGER NOT NULL DEFAULT 0,
-    host        TEXT,
     updated_at  TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
 );
 CREATE TABLE IF NOT EXISTS updates (
@@ -403,11 +403,11 @@ fn commit_group(
 fn upsert_meta(conn: &Connection, session: &str, meta: &SessionMeta) -> rusqlite::Result<()> {
     // Cached statements: compiling SQL costs more than running these small statements.
     conn.prepare_cached(
-        "INSERT INTO sessions (id, initialized, host) VALUES (?1, ?2, ?3)
-         ON CONFLICT(id) DO UPDATE SET initialized = excluded.initialized, host = excluded.host,
+        "INSERT INTO sessions (id, initialized) VALUES (?1, ?2)
+         ON CONFLICT(id) DO UPDATE SET initialized = excluded.initialized,
              updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')",
     )?
-    .execute(params![session, meta.initialized, meta.host])?;
+    .execute(params![session, meta.initialized])?;
     Ok(())
 }
 
@@ -466,12 +466,11 @@ fn last_position(conn: &Connection, session: &str) -> rusqlite::Result<u64> {
 fn load(conn: &Connection, session: &str) -> rusqlite::Result<Option<StoredSession>> {
     let meta = conn
         .query_row(
-            "SELECT initialized, host FROM sessions WHERE id = ?1",
+            "SELECT initialized FROM sessions WHERE id = ?1",
             params![session],
             |row| {
                 Ok(SessionMeta {
                     initialized: row.get(0)?,
-                    host: row.get(1)?,
                 })
             },
         )
@@ -506,11 +505,8 @@ mod tests {
 
     use super::*;
 
-    fn meta(host: &str) -> SessionMeta {
-        SessionMeta {
-            initialized: true,
-            host: Some(host.into()),
-        }
+    fn meta() -> SessionMeta {
+        SessionMeta { initialized: true }
     }
 
     #[test]
@@ -519,7 +515,7 @@ mod tests {
         let mut conn = connect(&dir.path().join("collab.db"), "NORMAL").unwrap();
         conn.execute_batch(SCHEMA).unwrap();
         let mut written = WrittenMeta::new();
-        let append = |session: &str| Write::Append(session.into(), vec![vec![1]], meta("a"));
+        let append = |session: &str| Write::Append(session.into(), vec![vec![1]], meta());
         let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             in_transaction(
                 &mut conn,
@@ -548,7 +544,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(dir.path(), fsync).unwrap();
         assert!(store.load("s").await.unwrap().is_none());
-        let meta = meta("alice");
+        let meta = meta();
         let first = store
             .append("s", vec![vec![1], vec![2]], meta.clone())
             .await
@@ -609,12 +605,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(dir.path(), FsyncMode::Normal).unwrap();
         let position = store
-            .append("s", vec![vec![1]], meta("a"))
+            .append("s", vec![vec![1]], meta())
             .now_or_never()
             .expect("an inline append is complete")
             .unwrap();
         store
-            .compact("s", vec![9], position, meta("a"))
+            .compact("s", vec![9], position, meta())
             .now_or_never()
             .expect("an inline compaction is complete")
             .unwrap();
@@ -646,13 +642,13 @@ mod tests {
         for fsync in [FsyncMode::Normal, FsyncMode::Always] {
             let dir = tempfile::tempdir().unwrap();
             let store = SqliteStore::open(dir.path(), fsync).unwrap();
-            store.append("s", vec![vec![1]], meta("a")).await.unwrap();
+            store.append("s", vec![vec![1]], meta()).await.unwrap();
             reject_ff(dir.path());
             // Queued together, so the store thread may fold them into one transaction.
             let (good, bad, other) = tokio::join!(
-                store.append("s", vec![vec![2]], meta("a")),
-                store.append("s", vec![vec![0xff]], meta("b")),
-                store.append("t", vec![vec![3]], meta("a")),
+                store.append("s", vec![vec![2]], meta()),
+                store.append("s", vec![vec![0xff]], meta()),
+                store.append("t", vec![vec![3]], meta()),
             );
             assert!(
                 good.is_ok() && other.is_ok(),
@@ -662,10 +658,10 @@ mod tests {
             assert!(error.0.contains("rejected"), "{fsync:?}: {error}");
             // The failed append's metadata was rolled back with it: the next append with the
             // same metadata must write it, not skip it as already written.
-            store.append("s", vec![vec![4]], meta("b")).await.unwrap();
+            store.append("s", vec![vec![4]], meta()).await.unwrap();
             let stored = store.load("s").await.unwrap().unwrap();
             assert_eq!(stored.updates, vec![vec![1], vec![2], vec![4]], "{fsync:?}");
-            assert_eq!(stored.meta, meta("b"), "{fsync:?}");
+            assert_eq!(stored.meta, meta(), "{fsync:?}");
             let other = store.load("t").await.unwrap().unwrap();
             assert_eq!(other.updates, vec![vec![3]], "{fsync:?}");
         }
@@ -685,10 +681,10 @@ mod tests {
         // checkpoint (after 1000 pages) would run before the last commit below.
         let updates = vec![vec![7; 3000], vec![8; 3000]];
         for _ in 1..CHECKPOINT_AFTER_COMMITS {
-            store.append("s", updates.clone(), meta("a")).await.unwrap();
+            store.append("s", updates.clone(), meta()).await.unwrap();
         }
         assert_eq!(db_file_len(dir.path()), before, "no commit checkpoints");
-        store.append("s", updates.clone(), meta("a")).await.unwrap();
+        store.append("s", updates.clone(), meta()).await.unwrap();
         let written = u64::from(CHECKPOINT_AFTER_COMMITS) * 6000;
         let deadline = Instant::now() + Duration::from_secs(10);
         while db_file_len(dir.path()) < before + written {
@@ -708,7 +704,7 @@ mod tests {
         let store = SqliteStore::open(dir.path(), FsyncMode::Normal).unwrap();
         let before = db_file_len(dir.path());
         store
-            .append("s", vec![vec![5; 64 * 1024]], meta("a"))
+            .append("s", vec![vec![5; 64 * 1024]], meta())
             .await
             .unwrap();
         assert_eq!(db_file_len(dir.path()), before);
@@ -727,7 +723,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(dir.path(), FsyncMode::Normal).unwrap();
         let path = dir.path().join("collab.db");
-        store.append("s", vec![vec![1]], meta("a")).await.unwrap();
+        store.append("s", vec![vec![1]], meta()).await.unwrap();
         // A reader on this snapshot keeps a PASSIVE checkpoint from copying what follows, as
         // writes during every checkpoint would.
         let reader = connect(&path, "NORMAL").unwrap();
@@ -735,10 +731,7 @@ mod tests {
             .execute_batch("BEGIN; SELECT count(*) FROM updates;")
             .unwrap();
         for _ in 0..20 {
-            store
-                .append("s", vec![vec![2; 100]], meta("a"))
-                .await
-                .unwrap();
+            store.append("s", vec![vec![2; 100]], meta()).await.unwrap();
         }
         let checkpointer = connect(&path, "NORMAL").unwrap();
         let grown = wal_pages(&checkpointer);
@@ -749,7 +742,7 @@ mod tests {
         });
         checkpoint(&checkpointer, 10).unwrap();
         done_reading.join().unwrap();
-        store.append("s", vec![vec![3]], meta("a")).await.unwrap();
+        store.append("s", vec![vec![3]], meta()).await.unwrap();
         let pages = wal_pages(&checkpointer);
         assert!(pages < 10, "the WAL did not start over: {pages} pages");
         assert_eq!(store.load("s").await.unwrap().unwrap().updates.len(), 22);

@@ -36,6 +36,9 @@ pub fn test_config() -> Config {
     config.host = "127.0.0.1".parse().unwrap();
     config.port = 0;
     config.store = StoreKind::Memory;
+    // Corrections go out with the next `pong`, so a ping barrier covers them (the delay
+    // itself is tested in `doc::scene`).
+    config.correction_delay = Duration::ZERO;
     config
 }
 
@@ -88,13 +91,58 @@ impl TestServer {
         ws
     }
 
-    /// Connects a legacy client and returns it with its ack.
+    /// Connects a legacy client and returns it with its ack (after the `user:joined` naming
+    /// itself that comes first; README, "Choices").
     pub async fn legacy(&self, session: &str, user: &str) -> (Ws, Value) {
         let mut ws = self.connect(&format!("/ws/{session}/{user}")).await;
-        let ack = recv_json(&mut ws).await;
-        assert_eq!(ack["type"], "connection:ack", "{ack}");
+        let ack = recv_ack(&mut ws, &percent_decode(user)).await;
         (ws, ack)
     }
+
+    /// Connects a legacy client as the desktop client's "Connect to server" does: after the
+    /// ack it sends `sync:request`. Returns it with its ack and, when the scene is
+    /// initialized, the full state it got (with the `update_item`s that follow it).
+    pub async fn joiner(&self, session: &str, user: &str) -> (Ws, Value, Vec<Value>) {
+        let (mut ws, ack) = self.legacy(session, user).await;
+        send_json(&mut ws, &json!({"type": "sync:request"})).await;
+        let got = ping_collect(&mut ws).await;
+        (ws, ack, got)
+    }
+}
+
+/// A path segment as the server decodes it (`%XX` escapes, as UTF-8).
+pub fn percent_decode(segment: &str) -> String {
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).expect("a UTF-8 path segment")
+}
+
+/// Reads what a `/ws` connection of `user` gets first: `user:joined` naming itself, then the
+/// ack, which is returned.
+pub async fn recv_ack(ws: &mut Ws, user: &str) -> Value {
+    let joined = recv_json(ws).await;
+    assert_eq!(joined["type"], "user:joined", "{joined}");
+    assert_eq!(joined["user_id"], user, "{joined}");
+    let ack = recv_json(ws).await;
+    assert_eq!(ack["type"], "connection:ack", "{ack}");
+    ack
 }
 
 /// A tiny HTTP/1.1 client (the project has no HTTP client dependency).
@@ -213,6 +261,86 @@ pub async fn close_code(ws: &mut Ws) -> u16 {
             None => panic!("connection ended without a close frame"),
         }
     }
+}
+
+/// Item types the upstream desktop client builds on a placeholder when they reach it by
+/// `add_item` or in a full state: the server follows each such item, to the same recipient,
+/// with an `update_item` carrying the same data (README, "Choices").
+pub const PLACEHOLDER_TYPES: [&str; 8] = [
+    "component",
+    "lens",
+    "mirror",
+    "beamsplitter",
+    "dichroic",
+    "waveplate",
+    "slm",
+    "source",
+];
+
+/// Whether an item of this type (a JSON string) gets the placeholder compensation.
+pub fn is_placeholder(item_type: &Value) -> bool {
+    item_type
+        .as_str()
+        .is_some_and(|t| PLACEHOLDER_TYPES.contains(&t))
+}
+
+/// The `update_item`s (uuid, normalised data) that must follow `msg` to the same client.
+fn placeholder_fixes_due(msg: &Value) -> Vec<(String, Value)> {
+    match msg["type"].as_str() {
+        Some("command")
+            if msg["command"]["action"] == "add_item"
+                && is_placeholder(&msg["command"]["item_type"]) =>
+        {
+            let uuid = msg["command"]["item_id"].as_str().unwrap().to_owned();
+            vec![(uuid, normalize(&msg["command"]["data"]))]
+        }
+        Some("sync:full_state") => msg["state"]["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|item| is_placeholder(&item["item_type"]))
+            .map(|item| (item["uuid"].as_str().unwrap().to_owned(), normalize(item)))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Asserts that every `add_item` of a placeholder type and every `sync:full_state` among
+/// `msgs` is followed at once by its compensating `update_item`s (one per such item, same
+/// data, in order), and returns `msgs` without them.
+pub fn fold_fixes(msgs: &[Value]) -> Vec<Value> {
+    let mut folded = Vec::new();
+    let mut rest = msgs.iter();
+    while let Some(msg) = rest.next() {
+        folded.push(msg.clone());
+        for (uuid, data) in placeholder_fixes_due(msg) {
+            let fix = rest.next().unwrap_or_else(|| {
+                panic!("no update_item for placeholder item {uuid} after {msg}; got {msgs:#?}")
+            });
+            assert_eq!(fix["type"], "command", "placeholder fix for {uuid}: {fix}");
+            let command = &fix["command"];
+            assert_eq!(command["action"], "update_item", "placeholder fix: {fix}");
+            assert_eq!(command["item_id"], uuid.as_str(), "placeholder fix: {fix}");
+            let mut fixed = normalize(&command["data"]);
+            if fixed.get("item_type").is_none() {
+                fixed["item_type"] = command["item_type"].clone();
+            }
+            let mut expected = data;
+            if expected.get("item_type").is_none() {
+                expected["item_type"] = command["item_type"].clone();
+            }
+            assert_eq!(
+                fixed, expected,
+                "placeholder fix carries the same data: {fix}"
+            );
+        }
+    }
+    folded
+}
+
+/// [`ping_collect`], then [`fold_fixes`].
+pub async fn ping_collect_folded(ws: &mut Ws) -> Vec<Value> {
+    fold_fixes(&ping_collect(ws).await)
 }
 
 /// A `command` message as the Optiverse client sends it.

@@ -6,8 +6,9 @@
 //! decoder agree, except that the guard does not parse embed/format JSON). The first byte's low bit selects text (0) or binary (1).
 
 use std::sync::Arc;
+use std::time::Instant;
 
-use optiverse_collab::doc::Scene;
+use optiverse_collab::doc::{PeerMessage, Scene};
 use optiverse_collab::protocol::json::{
     encode_command, encode_error, encode_full_state, parse_client_message, ClientMessage, ErrorCode,
 };
@@ -56,23 +57,31 @@ pub fn text(frame: &str) {
     };
     let mut scene = Scene::default();
     let user: Arc<str> = Arc::from("fuzz");
-    scene.add_peer(1, true);
-    scene.add_peer(2, false);
+    scene.add_peer(1);
+    scene.add_peer(2);
+    scene.request_sync(2, &user);
     let effects = match message {
-        ClientMessage::Command(command) => scene.apply_command(1, &user, command),
-        ClientMessage::FullState(items) => scene.apply_upload(1, &user, items),
-        ClientMessage::Ping | ClientMessage::SyncRequest => return,
+        ClientMessage::Command(command) => scene.apply_command(1, &user, command, Instant::now()),
+        ClientMessage::FullState(items) => scene.apply_upload(1, &user, items, Instant::now()),
+        ClientMessage::SyncRequest => Ok(scene.request_sync(1, &user)),
+        ClientMessage::Ping => return,
     }
     .unwrap_or_else(|e| panic!("the scene failed on a parsed frame ({e}): {frame:?}"));
     for out in &effects.messages {
         assert!(out.to == 1 || out.to == 2, "a message for an unknown peer");
-        let command = json(&encode_command(&out.message));
-        assert_eq!(command["type"], "command");
+        match &*out.message {
+            PeerMessage::Command(command) => {
+                assert_eq!(json(&encode_command(command))["type"], "command");
+            }
+            PeerMessage::FullState(state) => {
+                assert_eq!(json(&encode_full_state(state))["type"], "sync:full_state");
+            }
+        }
     }
     if let Some(update) = &effects.update {
         Update::decode_v1(update).expect("the scene's update decodes");
     }
-    let full = json(&encode_full_state(&scene.full_state(Some(2))));
+    let full = json(&encode_full_state(&scene.full_state()));
     assert_eq!(full["type"], "sync:full_state");
     assert_eq!(
         mirror_json(&mut scene),

@@ -422,8 +422,8 @@ fn awareness(bytes: &[u8]) {
 /// and the messages describe it; on rejection nothing changed and nothing was sent.
 fn scene_update(bytes: &[u8]) {
     let mut scene = Scene::new(seeded_doc(), true);
-    scene.add_peer(1, false);
-    scene.full_state(Some(1));
+    scene.add_peer(1);
+    scene.request_sync(1, &Arc::from("legacy"));
     let before_doc = doc_json(&mut scene);
     let user: Arc<str> = Arc::from("yjs");
     let result = contained("Scene::apply_update", || scene.apply_update(&user, bytes));

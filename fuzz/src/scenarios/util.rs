@@ -66,7 +66,7 @@ pub fn items_json<T: ReadTxn>(txn: &T, items: &MapRef) -> BTreeMap<String, Value
 /// The scene's mirror (`Scene::full_state(None)`), keyed by uuid.
 pub fn mirror_json(scene: &mut Scene) -> BTreeMap<String, Value> {
     scene
-        .full_state(None)
+        .full_state()
         .items
         .into_iter()
         .map(|(uuid, fields)| (uuid.to_string(), Value::Object((*fields).clone())))
