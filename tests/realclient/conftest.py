@@ -103,17 +103,18 @@ class World:
     def window(self, client: Client) -> dict[str, dict]:
         return window_items(client.state(), f"{client.name} ({client.variant})")
 
-    def assert_windows_equal_document(self, clients: list[Client]) -> dict[str, dict]:
+    def assert_windows_equal_document(self, clients: list[Client],
+                                      when: str = "final") -> dict[str, dict]:
         """Every window shows exactly the server's document (compared fields, exact floats).
         Windows are read first: reading a relay's state is seen by the clients."""
         windows = {f"{c.name} ({c.variant})": self.window(c) for c in clients}
         doc = document_as_items(self.backend.document(self.session))
-        self.dump("final", {"document": doc, "windows": windows})
+        self.dump(when, {"document": doc, "windows": windows})
         problems = []
         for who, items in windows.items():
             problems += [f"{who}: {p}" for p in diff_items(
                 doc, items, expected_name="the server", actual_name="window")]
-        assert not problems, "windows differ from the server's document:\n  " + \
+        assert not problems, f"windows differ from the server's document ({when}):\n  " + \
             "\n  ".join(problems)
         return doc
 

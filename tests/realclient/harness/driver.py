@@ -418,6 +418,9 @@ class Driver(QtCore.QObject):
             "connected": self.service.connected_state,
             "conn": self.conn,
             "dialogs": self.dialogs,
+            # The menu's Disconnect item (the app enables it only if already connected when
+            # its dialog returns, which a connection just opened never is).
+            "disconnect_action_enabled": self.w.act_disconnect.isEnabled(),
         }
 
     def cmd_frames(self, req_id, since: int = 0):
