@@ -24,8 +24,9 @@ python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null \
 venv=target/realclient-venv
 req=tests/realclient/requirements.txt
 stamp="$venv/.requirements.sha256"
-if [ ! -x "$venv/bin/python" ]; then
+if ! "$venv/bin/python" -c '' 2>/dev/null; then
   echo "== creating $venv"
+  rm -rf "$venv"
   python3 -m venv "$venv"
 fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$(sha256sum "$req")" ]; then

@@ -22,19 +22,24 @@ def variants(pair: str) -> tuple[str, str]:
     return host, joiner
 
 
-def drag(client, uuid: str, start: tuple[float, float], step: tuple[float, float], steps: int,
-         turn: float | None = None):
+def step(client, uuid: str, **where) -> None:
+    """One drag step of `client` on its item `uuid` (x, y and/or angle)."""
+    try:
+        client.move(uuid, **where)
+    except DriverError as e:
+        if "is not in the window" not in str(e):
+            raise
+        raise AssertionError(f"{client.name} ({client.variant}): item {uuid[:8]} is gone from "
+                             f"its window (removed, or never received) as it drags it") from e
+
+
+def drag(client, uuid: str, start: tuple[float, float], step_by: tuple[float, float],
+         steps: int, turn: float | None = None):
     """A mouse drag: `steps` positions, each one setPos (and, with `turn`, one setRotation to
     `turn` degrees more than the step before)."""
     for i in range(1, steps + 1):
-        angle = None if turn is None else turn * i
-        try:
-            client.move(uuid, x=start[0] + step[0] * i, y=start[1] + step[1] * i, angle=angle)
-        except DriverError as e:
-            if "is not in the window" not in str(e):
-                raise
-            raise AssertionError(f"{client.name} ({client.variant}): item {uuid[:8]} vanished "
-                                 f"from its window during its own drag (step {i})") from e
+        step(client, uuid, x=start[0] + step_by[0] * i, y=start[1] + step_by[1] * i,
+             angle=None if turn is None else turn * i)
 
 
 def assert_window_holds(world, client, expected: set[str], what: str) -> None:
@@ -72,7 +77,7 @@ def test_a_host_edits_alone_then_colleague_joins(world, pair):
     host.barrier()
     # Alone in the session, so the rotation reaches others only through the full state (a
     # rotation received live is mirrored by upstream's move_item handler: see README).
-    drag(host, canvas[0], start=(12.3, 45.6), step=(7.7, -3.3), steps=6, turn=10.1)
+    drag(host, canvas[0], start=(12.3, 45.6), step_by=(7.7, -3.3), steps=6, turn=10.1)
     added = host.add("beamsplitter", 90.3, 60.7)
     host.barrier()
     host_work = world.window(host)
@@ -101,7 +106,7 @@ def test_b_colleague_connects_first(world, pair):
               host.add("source", -55.5, 7.25)]
     world.host(host)
     world.quiesce([colleague, host])
-    drag(host, canvas[1], start=(101.9, 0.3), step=(-4.1, 9.9), steps=6)
+    drag(host, canvas[1], start=(101.9, 0.3), step_by=(-4.1, 9.9), steps=6)
     world.quiesce([colleague, host])
     host_work = world.window(host)
     assert set(host_work) == set(canvas)
@@ -133,9 +138,9 @@ def test_c_concurrent_edits_then_late_joiner(world, pair):
     # Both drag `a` at once, steps interleaved with no barrier in between; the host also drags
     # `b`, which the colleague then removes, while the host removes the colleague's `j1`.
     for i in range(1, 7):
-        host.move(a, x=0.5 + 3.3 * i, y=0.25 + 1.1 * i)
-        colleague.move(a, x=0.5 - 2.2 * i, y=0.25 - 4.4 * i)
-    drag(host, b, start=(80.8, 40.4), step=(1.5, 2.5), steps=3)
+        step(host, a, x=0.5 + 3.3 * i, y=0.25 + 1.1 * i)
+        step(colleague, a, x=0.5 - 2.2 * i, y=0.25 - 4.4 * i)
+    drag(host, b, start=(80.8, 40.4), step_by=(1.5, 2.5), steps=3)
     world.quiesce([host, colleague])
     colleague.delete(b)
     host.delete(j1)
@@ -199,7 +204,7 @@ def test_e_server_restart_then_both_reconnect(world, pair):
     world.host(host)
     world.join(colleague)
     world.quiesce([host, colleague])
-    drag(host, canvas[2], start=(99.9, -1.01), step=(2.02, 3.03), steps=5)
+    drag(host, canvas[2], start=(99.9, -1.01), step_by=(2.02, 3.03), steps=5)
     theirs = colleague.add("beamsplitter", 44.4, -44.4)
     world.quiesce([host, colleague])
     if world.backend.has_document_api:  # a relay's state can only be read at the very end

@@ -137,7 +137,7 @@ def bench_file(path: Path, count: int) -> Path:
     items = []
     for i in range(count):
         item = copy.deepcopy(templates[i % len(templates)])
-        item["item_uuid"] = str(uuidlib.UUID(int=(0xBE7C << 112) | i))
+        item["item_uuid"] = str(uuidlib.UUID(f"{i:08x}-be7c-4000-8000-000000000300"))
         row, col = divmod(i, 20)
         item["x_mm"] = float(item.get("x_mm", 0.0)) + col * 37.5
         item["y_mm"] = float(item.get("y_mm", 0.0)) + row * 41.25
