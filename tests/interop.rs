@@ -396,7 +396,7 @@ async fn mixed_session_json_client_and_yjs_providers() {
         kinds,
         [
             "user:joined yjs-editor",
-            "move_item",
+            "update_item",
             "update_item",
             "remove_item"
         ],
@@ -494,7 +494,7 @@ async fn http_update_with_yjs_client() {
             // A "source" is built on a placeholder by the upstream client: its add_item is
             // followed by an update_item with the same data.
             ("update_item", posted, "api"),
-            ("move_item", posted, "api")
+            ("update_item", posted, "api")
         ],
         "{received:#?}"
     );

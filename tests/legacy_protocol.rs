@@ -183,12 +183,6 @@ fn assert_error(msg: &Value, code: &str) {
     );
 }
 
-/// The only message of `msgs`, asserting there is exactly one.
-fn only(msgs: &[Value]) -> &Value {
-    assert_eq!(msgs.len(), 1, "expected exactly one message, got {msgs:?}");
-    &msgs[0]
-}
-
 /// A Yjs `Any` as JSON (integers stay integers, floats stay floats).
 fn any_json(any: &Any) -> Value {
     match any {
@@ -528,7 +522,8 @@ async fn sync_request_is_answered_once_as_soon_as_the_scene_is_initialized() {
     assert!(ping_collect(&mut host).await.is_empty());
     let to_guest = ping_collect(&mut guest).await;
     let msg = only(&to_guest);
-    assert_eq!(msg["command"]["action"], "move_item");
+    // Relayed as update_item (README "Choices": the upstream client mirrors a move_item).
+    assert_eq!(msg["command"]["action"], "update_item");
     assert_eq!(msg["command"]["data"]["x_mm"], json!(3.5));
 }
 
@@ -658,7 +653,7 @@ async fn add_item_relays_whole_data_without_echo() {
     let after_update = ping_collect(&mut a).await;
     let to_b = ping_collect(&mut b).await;
     let actions: Vec<&Value> = to_b.iter().map(|m| &m["command"]["action"]).collect();
-    assert_eq!(actions, [&json!("move_item"), &json!("update_item")]);
+    assert_eq!(actions, [&json!("update_item"), &json!("update_item")]);
     assert!(
         after_add.is_empty() && after_move.is_empty() && after_update.is_empty(),
         "the sender gets no echo (PROTOCOL §3.3):\n after add_item: {after_add:?}\n \
@@ -701,7 +696,7 @@ async fn move_update_remove_and_unknown_items() {
     let to_b = ping_collect(&mut b).await;
     let msg = only(&to_b);
     assert_eq!(msg["user_id"], "a");
-    assert_eq!(msg["command"]["action"], "move_item");
+    assert_eq!(msg["command"]["action"], "update_item");
     assert_eq!(msg["command"]["item_id"], json!(uuid));
     assert_eq!(msg["command"]["item_type"], json!(item_type));
     assert_eq!(
@@ -711,7 +706,8 @@ async fn move_update_remove_and_unknown_items() {
     );
 
     // update_item: B edits the name from what it was told; A hears it with the whole data.
-    // B's dict is the document's, and the move it was told leaves the same position.
+    // A's move reached B as an update_item with the old name, which B may apply after its
+    // edit: B is owed the authoritative state once its commands pause (here: the pong).
     let mut edited = msg["command"]["data"].clone();
     edited["name"] = json!("Lens L1 (f = 100 mm)");
     send_json(
@@ -721,7 +717,9 @@ async fn move_update_remove_and_unknown_items() {
     .await;
     expected["name"] = json!("Lens L1 (f = 100 mm)");
     let to_b = ping_collect(&mut b).await;
-    assert!(to_b.is_empty(), "no correction needed: {to_b:#?}");
+    let correction = only(&to_b);
+    assert_eq!(correction["command"]["action"], "update_item");
+    assert_eq!(normalize(&correction["command"]["data"]), expected);
     let to_a = ping_collect(&mut a).await;
     let msg = only(&to_a);
     assert_eq!(msg["user_id"], "b");
@@ -1651,7 +1649,7 @@ async fn yjs_opt_in_on_ws() {
     assert!(texts.is_empty(), "no echo, no error: {texts:?}");
     let to_json = ping_collect(&mut json_client).await;
     let msg = only(&to_json);
-    assert_eq!(msg["command"]["action"], "move_item");
+    assert_eq!(msg["command"]["action"], "update_item");
     assert_eq!(msg["command"]["item_id"], json!(u1));
     assert_eq!(msg["user_id"], "yuki");
     let mut expected = expected_item(&d1, &t1);
@@ -1795,7 +1793,7 @@ async fn http_update_reaches_legacy_clients_as_commands() {
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     let to_a = ping_collect(&mut a).await;
     let msg = only(&to_a);
-    assert_eq!(msg["command"]["action"], "move_item");
+    assert_eq!(msg["command"]["action"], "update_item");
     let mut expected = expected_item(&d, &t);
     expected["y_mm"] = json!(3.25);
     assert_eq!(normalize(&msg["command"]["data"]), expected);

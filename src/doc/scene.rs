@@ -160,7 +160,7 @@ impl Scene {
     /// correction it is owed. Any message sent to a client may be applied after its next
     /// command (nothing is acknowledged), a correction included: sent at every step of a
     /// drag, each would be owed another. Deferred, a drag (two commands per mouse move) costs
-    /// one at its end. Zero sends each with the next batch's end or `pong`.
+    /// one at its end. A `ping` gets those owed to its connection at once (a barrier).
     pub fn with_correction_delay(mut self, delay: Duration) -> Self {
         self.correction_delay = delay;
         self
@@ -213,12 +213,21 @@ impl Scene {
     /// Sends the corrections due at `now`: each item's authoritative state (PROTOCOL §3.3,
     /// "Convergence"; README, "Choices").
     pub fn send_due_corrections(&mut self, now: Instant) -> Effects {
+        self.send_corrections(|_, due| due <= now)
+    }
+
+    /// Sends every correction owed to `peer`, due or not: its `ping` asks for a barrier.
+    pub fn send_corrections_owed_to(&mut self, peer: PeerId) -> Effects {
+        self.send_corrections(|to, _| to == peer)
+    }
+
+    fn send_corrections(&mut self, which: impl Fn(PeerId, Instant) -> bool) -> Effects {
         self.refresh_mirror();
         let mut effects = Effects::default();
         let due: Vec<(PeerId, Arc<str>, Arc<str>)> = self
             .corrections
             .iter()
-            .filter(|(_, (at, _))| *at <= now)
+            .filter(|((to, _), (at, _))| which(*to, *at))
             .map(|((to, uuid), (_, user))| (*to, uuid.clone(), user.clone()))
             .collect();
         for (to, uuid, user) in due {
@@ -697,10 +706,11 @@ impl Scene {
                     if old.as_deref().is_some_and(|o| fields_equal(o, &new)) {
                         continue;
                     }
+                    // Never `move_item`: the upstream client applies its `angle_deg` in the
+                    // wrong sense (mirroring the item); its `update_item` handler is right.
                     let action = match (&source, &old) {
-                        (Source::Command { action, .. }, _) => *action,
+                        (Source::Command { action, .. }, _) if *action != Action::Move => *action,
                         (_, None) => Action::Add,
-                        (_, Some(old)) if only_position_changed(old, &new) => Action::Move,
                         _ => Action::Update,
                     };
                     let new = Arc::new(new);
@@ -894,15 +904,6 @@ fn fields_equal(a: &ItemFields, b: &ItemFields) -> bool {
             .all(|(k, v)| b.get(k).is_some_and(|w| json_equal(v, w)))
 }
 
-fn only_position_changed(old: &ItemFields, new: &ItemFields) -> bool {
-    let differs = |k: &String, v: &Value| old.get(k).is_none_or(|o| !json_equal(o, v));
-    old.keys().all(|k| new.contains_key(k))
-        && new
-            .iter()
-            .filter(|(k, v)| differs(k, v))
-            .all(|(k, _)| POSITION_FIELDS.contains(&k.as_str()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1084,7 +1085,8 @@ mod tests {
         assert_eq!(item["x_mm"], json!(5.0));
         assert_eq!(item["angle_deg"], json!(90.0));
         assert_eq!(item["name"], json!("L1"));
-        assert_eq!(to(&effects, 1)[0].0, Action::Move);
+        // Relayed as update_item: the upstream client mirrors a move_item's angle.
+        assert_eq!(to(&effects, 1)[0].0, Action::Update);
         assert!(to(&effects, 2).is_empty(), "{:?}", to(&effects, 2));
     }
 
@@ -1120,6 +1122,23 @@ mod tests {
         assert_eq!(correction[0].2["name"], json!("L2"));
         assert_eq!(correction[0].2["z_value"], json!(5));
         assert!(to(&effects, 1).is_empty());
+        assert_eq!(scene.next_correction_due(), None);
+    }
+
+    #[test]
+    fn a_ping_gets_the_corrections_owed_before_they_are_due() {
+        let mut scene = scene_with_item();
+        let mut renamed = lens();
+        renamed["name"] = json!("L2");
+        scene
+            .apply_command(1, &user("p1"), cmd(Action::Update, "a", renamed), t0())
+            .unwrap();
+        scene
+            .apply_command(2, &user("p2"), cmd(Action::Update, "a", lens()), t0())
+            .unwrap();
+        assert!(scene.send_corrections_owed_to(1).messages.is_empty());
+        let effects = scene.send_corrections_owed_to(2);
+        assert_eq!(actions(&effects, 2), vec![(Action::Update, "a".into())]);
         assert_eq!(scene.next_correction_due(), None);
     }
 
@@ -1517,7 +1536,7 @@ mod tests {
         });
         let yjs = user("yjs");
         for (update, action) in [
-            (moved, Action::Move),
+            (moved, Action::Update),
             (renamed, Action::Update),
             (removed, Action::Remove),
         ] {

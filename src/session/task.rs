@@ -460,9 +460,9 @@ impl SessionTask {
         }
         let user = self.user_of(peer);
         match msg {
-            // The pong is a barrier: corrections due by now go out before it.
+            // The pong is a barrier: the corrections owed to the connection go out before it.
             ClientMessage::Ping => {
-                let effects = self.scene.send_due_corrections(Instant::now());
+                let effects = self.scene.send_corrections_owed_to(peer);
                 self.emit(effects, None);
                 self.send(peer, Frame::text(json::encode_pong()));
             }

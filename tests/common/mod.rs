@@ -36,9 +36,6 @@ pub fn test_config() -> Config {
     config.host = "127.0.0.1".parse().unwrap();
     config.port = 0;
     config.store = StoreKind::Memory;
-    // Corrections go out with the next `pong`, so a ping barrier covers them (the delay
-    // itself is tested in `doc::scene`).
-    config.correction_delay = Duration::ZERO;
     config
 }
 
@@ -245,6 +242,12 @@ pub async fn ping_collect(ws: &mut Ws) -> Vec<Value> {
         }
         before.push(msg);
     }
+}
+
+/// The only message of `msgs`, asserting there is exactly one.
+pub fn only(msgs: &[Value]) -> &Value {
+    assert_eq!(msgs.len(), 1, "expected exactly one message, got {msgs:?}");
+    &msgs[0]
 }
 
 /// Waits for the close frame and returns its code (skipping whatever came before it).

@@ -75,8 +75,6 @@ def test_a_host_edits_alone_then_colleague_joins(world, pair):
               host.add("source", -80.75, 10.125)]
     world.host(host)
     host.barrier()
-    # Alone in the session, so the rotation reaches others only through the full state (a
-    # rotation received live is mirrored by upstream's move_item handler: see README).
     drag(host, canvas[0], start=(12.3, 45.6), step_by=(7.7, -3.3), steps=6, turn=10.1)
     added = host.add("beamsplitter", 90.3, 60.7)
     host.barrier()
@@ -135,11 +133,12 @@ def test_c_concurrent_edits_then_late_joiner(world, pair):
     j1 = colleague.add("mirror", -140.14, 90.09)
     world.quiesce([host, colleague])
 
-    # Both drag `a` at once, steps interleaved with no barrier in between; the host also drags
-    # `b`, which the colleague then removes, while the host removes the colleague's `j1`.
+    # Both drag and turn `a` at once, steps interleaved with no barrier in between (turns
+    # received live must not come out mirrored on upstream); the host also drags `b`, which
+    # the colleague then removes, while the host removes the colleague's `j1`.
     for i in range(1, 7):
-        step(host, a, x=0.5 + 3.3 * i, y=0.25 + 1.1 * i)
-        step(colleague, a, x=0.5 - 2.2 * i, y=0.25 - 4.4 * i)
+        step(host, a, x=0.5 + 3.3 * i, y=0.25 + 1.1 * i, angle=7.5 * i)
+        step(colleague, a, x=0.5 - 2.2 * i, y=0.25 - 4.4 * i, angle=-11.25 * i)
     drag(host, b, start=(80.8, 40.4), step_by=(1.5, 2.5), steps=3)
     world.quiesce([host, colleague])
     colleague.delete(b)
