@@ -254,3 +254,29 @@ def test_f_disconnect_is_clean(world, pair):
     for client in (host, colleague):
         errors = [s for s in client.call("status") if "Error" in s]
         assert not errors, f"{client.name} ({client.variant}) status bar showed: {errors}"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("pair", PAIRS)
+def test_g_a_yjs_client_moves_and_turns_an_item(world, pair):
+    if not world.backend.has_document_api:
+        pytest.skip("a relay has no Yjs endpoint")
+    hv, jv = variants(pair)
+    host, colleague = world.start_clients(("host", hv), ("colleague", jv))
+    lens, source = host.add("lens", 10.5, 20.25), host.add("source", -30.5, 40.75)
+    world.host(host)
+    world.join(colleague)
+    world.quiesce([host, colleague])
+
+    def turn(items):
+        items[lens]["x_mm"] = 61.125
+        items[lens]["angle_deg"] = 33.75
+        items[source]["y_mm"] = -12.5
+
+    # A position and angle change from Yjs reaches desktop clients as update_item (upstream
+    # mirrors the angle of a move_item).
+    world.backend.yjs_edit(world.session, turn)
+    world.quiesce([host, colleague])
+    doc = world.assert_windows_equal_document([host, colleague])
+    assert (doc[lens]["data"]["x_mm"], doc[lens]["data"]["angle_deg"]) == (61.125, 33.75)
+    assert doc[source]["data"]["y_mm"] == -12.5

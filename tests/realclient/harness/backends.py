@@ -143,6 +143,28 @@ class CollabServer(Backend):
         return by_uuid
 
 
+    def yjs_edit(self, session: str, edit) -> None:
+        """Edits the session as a Yjs client would (pycrdt): reads the whole document
+        (`GET .../update`), lets `edit(items)` change the `items` map in one transaction, and
+        posts the resulting update (`POST .../update`)."""
+        from pycrdt import Doc, Map
+
+        url = (f"http://127.0.0.1:{self.port}/api/sessions/"
+               f"{urllib.parse.quote(session, safe='')}/update")
+        with urllib.request.urlopen(url, timeout=20) as resp:
+            doc = Doc()
+            doc.apply_update(resp.read())
+        before = doc.get_state()
+        items = doc.get("items", type=Map)
+        with doc.transaction():
+            edit(items)
+        request = urllib.request.Request(url, data=doc.get_update(before), method="POST",
+                                         headers={"Content-Type": "application/octet-stream"})
+        with urllib.request.urlopen(request, timeout=20) as resp:
+            if resp.status != 200:
+                raise BackendError(f"POST {url}: {resp.status} {resp.read()!r}")
+
+
 class Relay(Backend):
     """reference_collaboration_server.py of one client variant (keeps nothing on disk)."""
 
