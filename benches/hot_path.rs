@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use optiverse_collab::doc::{Action, Command, GuardedDoc, ItemFields, Scene};
+use optiverse_collab::protocol::json::parse_client_message;
 use optiverse_collab::protocol::yjs;
 use optiverse_collab::session::outbox::Wire;
 use optiverse_collab::session::{outbox, Frame};
@@ -201,6 +202,26 @@ fn legacy(c: &mut Criterion) {
     });
 }
 
+/// Parsing a desktop client's drag step (`update_item` with a fixture lens's whole dict):
+/// the JSON the session's legacy path reads most, floats correctly rounded.
+fn parse(c: &mut Criterion) {
+    let lens = fixture_items()
+        .into_iter()
+        .find(|f| f.get("_type").and_then(Value::as_str) == Some("component"))
+        .expect("a fixture component");
+    let frame = json!({
+        "type": "command",
+        "command": {"action": "update_item", "item_type": "component", "item_id": "item-7",
+                    "data": lens},
+        "timestamp": "2026-11-25T19:22:01.123456",
+        "user_id": "alice",
+    })
+    .to_string();
+    c.bench_function("parse_desktop_update_item", |b| {
+        b.iter(|| black_box(parse_client_message(black_box(&frame)).expect("parses")))
+    });
+}
+
 /// A socket that takes everything at once: the fan-out cost without the kernel's.
 struct NullWire;
 
@@ -239,5 +260,5 @@ fn config() -> Criterion {
         .measurement_time(Duration::from_secs(3))
 }
 
-criterion_group! { name = benches; config = config(); targets = load, apply, legacy, fanout }
+criterion_group! { name = benches; config = config(); targets = load, apply, legacy, parse, fanout }
 criterion_main!(benches);

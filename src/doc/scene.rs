@@ -37,6 +37,12 @@ pub const DEFAULT_ITEM_TYPE: &str = "component";
 /// correction it is owed (see [`Scene::with_correction_delay`]).
 pub const CORRECTION_DELAY: Duration = Duration::from_millis(250);
 
+/// Most placeholder fixes sent after one full state; a larger scene gets none. The fork
+/// client re-traces every ray after each command it receives, so fixing N items costs it N
+/// traces of an N-item bench (BENCHMARKS.md: seconds at 100 items, minutes at 300, long
+/// enough for its heartbeat to miss the idle timeout).
+const MAX_FULL_STATE_FIXES: usize = 100;
+
 /// Item types the upstream desktop client builds on a placeholder when it receives them in an
 /// `add_item` or a full state (it drops the parsed data); its `update_item` handler reads the
 /// data. So every such item sent that way is followed by an `update_item` with the same data.
@@ -526,8 +532,13 @@ impl Scene {
             to,
             message: state.clone(),
         });
-        for (uuid, fields) in &full.items {
-            if needs_placeholder_fix(fields) {
+        let fixes: Vec<_> = full
+            .items
+            .iter()
+            .filter(|(_, fields)| needs_placeholder_fix(fields))
+            .collect();
+        if fixes.len() <= MAX_FULL_STATE_FIXES {
+            for (uuid, fields) in fixes {
                 tell_placeholder_fix(effects, to, uuid, fields, user);
             }
         }
@@ -1465,6 +1476,38 @@ mod tests {
             fixes,
             vec![(Action::Update, "c".into()), (Action::Update, "s".into())]
         );
+    }
+
+    #[test]
+    fn a_full_state_of_a_large_scene_gets_no_placeholder_fix() {
+        let mut scene = Scene::default();
+        scene.add_peer(1);
+        let items: Vec<(String, Value)> = (0..=MAX_FULL_STATE_FIXES)
+            .map(|i| {
+                let mut item = lens();
+                item["item_type"] = json!("component");
+                (format!("item-{i:03}"), item)
+            })
+            .collect();
+        let refs: Vec<(&str, Value)> = items.iter().map(|(u, v)| (u.as_str(), v.clone())).collect();
+        scene
+            .apply_upload(1, &user("host"), upload(&refs), t0())
+            .unwrap();
+        scene.add_peer(2);
+        let effects = scene.request_sync(2, &user("joiner"));
+        assert_eq!(effects.messages.len(), 1, "the full state alone");
+        assert!(
+            matches!(&*effects.messages[0].message, PeerMessage::FullState(s) if s.items.len() == items.len())
+        );
+        // One item fewer is fixed item by item.
+        let mut scene = Scene::default();
+        scene.add_peer(1);
+        scene
+            .apply_upload(1, &user("host"), upload(&refs[1..]), t0())
+            .unwrap();
+        scene.add_peer(2);
+        let effects = scene.request_sync(2, &user("joiner"));
+        assert_eq!(effects.messages.len(), 1 + MAX_FULL_STATE_FIXES);
     }
 
     #[test]

@@ -190,7 +190,14 @@ def test_d_host_reconnects_with_300_items(world, pair):
             f"(at most 5 expected): {summary[:6]}{' ...' if len(summary) > 6 else ''}")
     assert_kept(colleague_before, world.window(colleague), "the colleague's window (undisturbed)")
     assert_kept(canvas, world.window(host), "the host")
-    world.assert_windows_equal_document([host, colleague])
+    if jv == "upstream":
+        # Past 100 items a full state is not followed by the placeholder fix (it would cost the
+        # fork a ray trace per item: README "Choices"), so an upstream joiner shows the
+        # bench's items on its default placeholders: the documented client defect.
+        world.assert_windows_equal_document([host])
+        assert_window_holds(world, colleague, set(canvas), "every item of the bench")
+    else:
+        world.assert_windows_equal_document([host, colleague])
 
 
 @pytest.mark.timeout(150)
