@@ -46,7 +46,7 @@ const MAX_FULL_STATE_FIXES: usize = 100;
 /// Item types the upstream desktop client builds on a placeholder when it receives them in an
 /// `add_item` or a full state (it drops the parsed data); its `update_item` handler reads the
 /// data. So every such item sent that way is followed by an `update_item` with the same data.
-const PLACEHOLDER_TYPES: [&str; 8] = [
+pub const PLACEHOLDER_TYPES: [&str; 8] = [
     "component",
     "lens",
     "mirror",
@@ -1032,6 +1032,21 @@ mod tests {
         scene
     }
 
+    /// Peer 1 renames `a` to L2 (peer 2 is told); returns the renamed dict.
+    fn rename_a(scene: &mut Scene) -> Value {
+        let mut renamed = lens();
+        renamed["name"] = json!("L2");
+        scene
+            .apply_command(
+                1,
+                &user("p1"),
+                cmd(Action::Update, "a", renamed.clone()),
+                t0(),
+            )
+            .unwrap();
+        renamed
+    }
+
     #[test]
     fn add_reaches_others_with_item_type_and_sends_no_echo() {
         let mut scene = Scene::default();
@@ -1139,11 +1154,7 @@ mod tests {
     #[test]
     fn a_ping_gets_the_corrections_owed_before_they_are_due() {
         let mut scene = scene_with_item();
-        let mut renamed = lens();
-        renamed["name"] = json!("L2");
-        scene
-            .apply_command(1, &user("p1"), cmd(Action::Update, "a", renamed), t0())
-            .unwrap();
+        rename_a(&mut scene);
         scene
             .apply_command(2, &user("p2"), cmd(Action::Update, "a", lens()), t0())
             .unwrap();
@@ -1156,16 +1167,7 @@ mod tests {
     #[test]
     fn a_drag_after_a_crossing_owes_one_correction_at_its_end() {
         let mut scene = scene_with_item();
-        let mut renamed = lens();
-        renamed["name"] = json!("L2");
-        scene
-            .apply_command(
-                1,
-                &user("p1"),
-                cmd(Action::Update, "a", renamed.clone()),
-                t0(),
-            )
-            .unwrap();
+        let renamed = rename_a(&mut scene);
         // Peer 2 drags `a` ten steps (move_item and update_item each) while the rename may
         // still be on its way: no echo during the drag, one correction once it paused.
         let mut step = t0();
@@ -1196,11 +1198,7 @@ mod tests {
     #[test]
     fn a_correction_owed_to_a_connection_that_left_is_forgotten() {
         let mut scene = scene_with_item();
-        let mut renamed = lens();
-        renamed["name"] = json!("L2");
-        scene
-            .apply_command(1, &user("p1"), cmd(Action::Update, "a", renamed), t0())
-            .unwrap();
+        rename_a(&mut scene);
         let mut moved = lens();
         moved["x_mm"] = json!(3.0);
         scene

@@ -266,25 +266,11 @@ pub async fn close_code(ws: &mut Ws) -> u16 {
     }
 }
 
-/// Item types the upstream desktop client builds on a placeholder when they reach it by
-/// `add_item` or in a full state: the server follows each such item, to the same recipient,
-/// with an `update_item` carrying the same data (README, "Choices").
-pub const PLACEHOLDER_TYPES: [&str; 8] = [
-    "component",
-    "lens",
-    "mirror",
-    "beamsplitter",
-    "dichroic",
-    "waveplate",
-    "slm",
-    "source",
-];
-
 /// Whether an item of this type (a JSON string) gets the placeholder compensation.
 pub fn is_placeholder(item_type: &Value) -> bool {
     item_type
         .as_str()
-        .is_some_and(|t| PLACEHOLDER_TYPES.contains(&t))
+        .is_some_and(|t| optiverse_collab::doc::scene::PLACEHOLDER_TYPES.contains(&t))
 }
 
 /// The `update_item`s (uuid, normalised data) that must follow `msg` to the same client.
