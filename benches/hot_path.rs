@@ -9,12 +9,12 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use collab_core::doc::{Action, CheckedUpdate, Command, GuardedDoc, ItemFields, Scene};
+use collab_core::protocol::json::parse_client_message;
+use collab_core::protocol::yjs;
 use criterion::{criterion_group, criterion_main, Criterion};
-use optiverse_collab::doc::{Action, Command, GuardedDoc, ItemFields, Scene};
-use optiverse_collab::protocol::json::parse_client_message;
-use optiverse_collab::protocol::yjs;
-use optiverse_collab::session::outbox::Wire;
-use optiverse_collab::session::{outbox, Frame};
+use optiverse_collab::transport::Wire;
+use optiverse_collab::transport::{outbox, Frame};
 use serde_json::{json, Value};
 use yrs::updates::decoder::Decode;
 use yrs::{Any, Doc, Map, MapPrelim, Out, ReadTxn, StateVector, Transact, Update};
@@ -48,7 +48,7 @@ fn fixture_items() -> Vec<ItemFields> {
 }
 
 fn to_any(v: &Value) -> Any {
-    optiverse_collab::doc::value::json_to_any(v)
+    collab_core::doc::value::json_to_any(v)
 }
 
 /// A peer document holding `n` items, and its state as a snapshot and as one update per item.
@@ -86,17 +86,23 @@ fn field_updates(peer: &Doc, n_items: usize, count: usize, start: usize) -> Vec<
         .collect()
 }
 
+/// Stored or received bytes as the server takes them: checked by the guard.
+fn checked(bytes: &[u8]) -> CheckedUpdate {
+    CheckedUpdate::check(bytes.to_vec()).expect("a valid update")
+}
+
+/// Loads stored updates as the session task does: each checked, then applied.
+fn load_doc(updates: &[Vec<u8>]) -> GuardedDoc {
+    let checked: Vec<CheckedUpdate> = updates.iter().map(|u| checked(u)).collect();
+    GuardedDoc::from_updates(&checked).expect("loads")
+}
+
 fn load(c: &mut Criterion) {
     let (_, snapshot, log) = peer_with_items(10_000);
     let mut group = c.benchmark_group("load_10k_items");
     group.sample_size(10);
     group.bench_function("from_snapshot", |b| {
-        b.iter(|| {
-            Scene::new(
-                GuardedDoc::from_updates([snapshot.as_slice()]).expect("loads"),
-                true,
-            )
-        })
+        b.iter(|| Scene::new(load_doc(std::slice::from_ref(&snapshot)), true))
     });
     group.bench_function("raw_yrs_apply_snapshot_floor", |b| {
         b.iter(|| {
@@ -108,12 +114,7 @@ fn load(c: &mut Criterion) {
         })
     });
     group.bench_function("from_log_of_10k_updates", |b| {
-        b.iter(|| {
-            Scene::new(
-                GuardedDoc::from_updates(log.iter().map(Vec::as_slice)).expect("loads"),
-                true,
-            )
-        })
+        b.iter(|| Scene::new(load_doc(&log), true))
     });
     group.finish();
 }
@@ -122,10 +123,7 @@ fn apply(c: &mut Criterion) {
     const N: usize = 1000;
     let (peer, snapshot, _) = peer_with_items(N);
     let mut group = c.benchmark_group("apply_field_update_1k_items");
-    let mut scene = Scene::new(
-        GuardedDoc::from_updates([snapshot.as_slice()]).expect("loads"),
-        true,
-    );
+    let mut scene = Scene::new(load_doc(std::slice::from_ref(&snapshot)), true);
     let user: Arc<str> = Arc::from("bench");
     let mut next = 0;
     group.bench_function("scene_apply_update", |b| {
@@ -134,7 +132,9 @@ fn apply(c: &mut Criterion) {
             next += iters as usize;
             let start = Instant::now();
             for u in &updates {
-                black_box(scene.apply_update(&user, u).expect("applies"));
+                // The guard's walk is part of the cost: every received update takes it.
+                let update = checked(u);
+                black_box(scene.apply_update(&user, &update).expect("applies"));
             }
             start.elapsed()
         })
@@ -168,10 +168,7 @@ fn apply(c: &mut Criterion) {
 fn legacy(c: &mut Criterion) {
     const N: usize = 1000;
     let (_, snapshot, _) = peer_with_items(N);
-    let mut scene = Scene::new(
-        GuardedDoc::from_updates([snapshot.as_slice()]).expect("loads"),
-        true,
-    );
+    let mut scene = Scene::new(load_doc(std::slice::from_ref(&snapshot)), true);
     for peer in 1..=3 {
         scene.add_peer(peer);
         scene.request_sync(peer, &Arc::from("p"));

@@ -2,12 +2,13 @@
 //! optical-bench scene at once. Each session is one Yjs document; Optiverse desktop clients
 //! (JSON commands) and standard Yjs clients edit it together. See `ARCHITECTURE.md`.
 
+#![forbid(unsafe_code)]
+
 pub mod config;
-pub mod doc;
-pub mod protocol;
 pub mod server;
 pub mod session;
 pub mod store;
+pub mod transport;
 pub mod warn_limit;
 
 use std::sync::Arc;

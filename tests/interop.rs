@@ -7,7 +7,7 @@
 
 mod common;
 
-use optiverse_collab::doc::value::json_equal;
+use collab_core::doc::value::json_equal;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

@@ -9,7 +9,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use optiverse_collab::protocol::yjs;
+use collab_core::protocol::yjs;
 use optiverse_collab_fuzz::scenarios::untrusted::{self, *};
 use optiverse_collab_fuzz::scenarios::util::fixture_scenes;
 use serde_json::json;

@@ -10,7 +10,10 @@ use serde_json::json;
 
 use super::path::decode_name;
 use super::AppState;
-use crate::session::{ApiUpdate, SessionMsg, SessionSummary};
+use collab_core::doc::CheckedUpdate;
+use collab_core::session::Summary;
+
+use crate::session::{ApiUpdate, SessionMsg};
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({"error": message.into()}))).into_response()
@@ -30,7 +33,7 @@ pub async fn health(State(state): State<AppState>) -> Response {
         "status": "ok",
         "version": env!("CARGO_PKG_VERSION"),
         "sessions": state.registry.loaded(),
-        "connections": state.connections.active(),
+        "connections": state.connections.len(),
     }))
     .into_response()
 }
@@ -47,7 +50,7 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
 
 /// `GET /api/sessions`: the sessions in memory.
 pub async fn sessions(State(state): State<AppState>) -> Response {
-    let mut list: Vec<SessionSummary> = Vec::new();
+    let mut list: Vec<Summary> = Vec::new();
     for handle in state.registry.handles() {
         let (tx, rx) = tokio::sync::oneshot::channel();
         if handle.send(SessionMsg::Summary(tx)).await.is_ok() {
@@ -94,12 +97,15 @@ pub async fn post_update(
     let Some(id) = decode_name(&raw) else {
         return invalid_session();
     };
-    let update = body.to_vec();
+    let update = match CheckedUpdate::check(body.to_vec()) {
+        Ok(update) => update,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid Yjs bytes: {e}")),
+    };
     match state
         .registry
         .request(&id, |reply| {
             SessionMsg::ApplyUpdate(Box::new(ApiUpdate {
-                bytes: update.clone(),
+                update: update.clone(),
                 reply,
             }))
         })

@@ -18,16 +18,17 @@ use tracing::{info, warn};
 use tungstenite::protocol::CloseFrame;
 use tungstenite::{Message, Utf8Bytes};
 
-use super::socket::SocketIo;
-use super::{AppState, ConnectionGuard};
-use crate::doc::PeerId;
-use crate::protocol::json::{self, ErrorCode, ProtocolError};
-use crate::protocol::yjs;
-use crate::session::outbox::{
-    CloseReason, Next, CLOSE_IDLE, CLOSE_INTERNAL, CLOSE_INVALID_UTF8, CLOSE_PROTOCOL_ERROR,
+use collab_core::doc::PeerId;
+use collab_core::protocol::json::{self, ErrorCode, ProtocolError};
+use collab_core::protocol::yjs;
+use collab_core::session::{
+    CloseReason, ConnKind, CLOSE_IDLE, CLOSE_INTERNAL, CLOSE_INVALID_UTF8, CLOSE_PROTOCOL_ERROR,
     CLOSE_TOO_BIG,
 };
-use crate::session::{ConnKind, Frame, Inbox, JoinRequest, Outbox, SessionHandle, SessionMsg};
+
+use super::AppState;
+use crate::session::{JoinRequest, SessionHandle, SessionMsg};
+use crate::transport::{Frame, Inbox, Next, Outbox, SocketIo};
 
 /// A connection's WebSocket, as tungstenite reads it.
 pub type Socket = WebSocketStream<SocketIo>;
@@ -97,7 +98,6 @@ pub async fn open(
     state: AppState,
     target: ConnectionTarget,
 ) -> Option<(Connection, Socket, Inbox)> {
-    let guard = state.connections.enter();
     let peer = state.registry.next_peer_id();
     let request = JoinRequest {
         peer,
@@ -112,7 +112,7 @@ pub async fn open(
             if target.kind.speaks_json() {
                 let error =
                     ProtocolError::new(ErrorCode::Unavailable, "the session could not be loaded");
-                let _ = outbox.send(&Frame::text(json::encode_error(&error)));
+                let _ = outbox.send(&Frame::text(&json::encode_error(&error)));
             }
             close(socket, inbox, CLOSE_INTERNAL).await;
             return None;
@@ -127,7 +127,6 @@ pub async fn open(
         user,
         kind: target.kind,
         outbox,
-        _guard: guard,
     };
     Some((connection, socket, inbox))
 }
@@ -140,7 +139,6 @@ pub struct Connection {
     user: Arc<str>,
     kind: ConnKind,
     outbox: Outbox,
-    _guard: ConnectionGuard,
 }
 
 impl Connection {
@@ -254,7 +252,7 @@ impl Connection {
             return None;
         }
         match json::parse_client_message(text) {
-            Ok(msg) => Some(SessionMsg::Legacy(self.peer, Box::new(msg))),
+            Ok(msg) => Some(SessionMsg::Json(self.peer, Box::new(msg))),
             Err(e) => {
                 self.reject(e);
                 None
@@ -286,7 +284,7 @@ impl Connection {
             warn!(session = %self.session.id, peer = self.peer, error = %error, "rejected input");
         }
         if self.kind.speaks_json() {
-            let _ = self.outbox.send(&Frame::text(json::encode_error(&error)));
+            let _ = self.outbox.send(&Frame::text(&json::encode_error(&error)));
         }
     }
 }

@@ -4,11 +4,9 @@
 mod api;
 pub mod connection;
 pub mod path;
-mod socket;
 mod ws;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -16,8 +14,10 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::get;
 use axum::serve::ListenerExt;
 use axum::Router;
+use collab_core::session::SessionLimits;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::info;
 
 use crate::config::Config;
@@ -29,52 +29,13 @@ use crate::warn_limit::WarnLimiter;
 /// How long shutdown waits for connections to close before it gives up on them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(4);
 
-/// Counts open connections so shutdown can wait for them.
-#[derive(Debug, Default)]
-pub struct ConnectionCounter {
-    active: AtomicUsize,
-    idle: Notify,
-}
-
-/// Decrements the counter when a connection ends.
-pub struct ConnectionGuard(Arc<ConnectionCounter>);
-
-impl ConnectionCounter {
-    pub fn enter(self: &Arc<Self>) -> ConnectionGuard {
-        self.active.fetch_add(1, Ordering::AcqRel);
-        ConnectionGuard(self.clone())
-    }
-
-    pub fn active(&self) -> usize {
-        self.active.load(Ordering::Acquire)
-    }
-
-    async fn wait_idle(&self) {
-        loop {
-            let idle = self.idle.notified();
-            if self.active() == 0 {
-                return;
-            }
-            idle.await;
-        }
-    }
-}
-
-impl Drop for ConnectionGuard {
-    fn drop(&mut self) {
-        if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.idle.notify_waiters();
-        }
-    }
-}
-
 /// What every handler shares.
 #[derive(Clone)]
 pub struct AppState {
     pub config: Arc<Config>,
     pub registry: Arc<Registry>,
-    pub shutdown: watch::Receiver<bool>,
-    pub connections: Arc<ConnectionCounter>,
+    /// Every connection's tasks: counted for `/health`, awaited at shutdown.
+    pub connections: TaskTracker,
     pub metrics: Option<PrometheusHandle>,
     pub rejected_warnings: Arc<WarnLimiter>,
 }
@@ -114,7 +75,7 @@ pub fn router(state: AppState) -> Router {
 /// A running server.
 pub struct Server {
     pub addr: SocketAddr,
-    shutdown: watch::Sender<bool>,
+    shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -123,27 +84,28 @@ impl Server {
     pub async fn start(config: Config, store: Arc<dyn Store>) -> std::io::Result<Server> {
         let listener = tokio::net::TcpListener::bind((config.host, config.port)).await?;
         let addr = listener.local_addr()?;
-        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let shutdown = CancellationToken::new();
         let session_config = SessionConfig {
             evict_after: config.evict_after,
             correction_delay: config.correction_delay,
-            max_awareness_bytes: config.max_awareness_bytes,
-            max_awareness_states: config.max_awareness_states,
+            limits: SessionLimits {
+                max_awareness_bytes: config.max_awareness_bytes,
+                max_awareness_states: config.max_awareness_states,
+            },
             ..SessionConfig::default()
         };
-        let registry = Registry::new(store.clone(), session_config, shutdown_rx.clone());
+        let registry = Registry::new(store.clone(), session_config, shutdown.clone());
         let state = AppState {
             config: Arc::new(config),
             registry,
-            shutdown: shutdown_rx.clone(),
-            connections: Arc::default(),
+            connections: TaskTracker::new(),
             metrics: metrics_handle(),
             rejected_warnings: Arc::default(),
         };
         let connections = state.connections.clone();
         let registry = state.registry.clone();
         let app = router(state);
-        let mut stop = shutdown_rx;
+        let stop = shutdown.clone();
         let task = tokio::spawn(async move {
             // Small frames must leave at once: with Nagle's algorithm on, a frame written
             // while the previous one is unacknowledged waits for the peer's delayed ACK (40 ms).
@@ -152,14 +114,14 @@ impl Server {
                     tracing::debug!(error = %e, "could not set TCP_NODELAY");
                 }
             });
-            let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
-                let _ = stop.wait_for(|s| *s).await;
-            });
+            let serve = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned());
             if let Err(e) = serve.await {
                 tracing::error!(error = %e, "server error");
             }
+            // Sessions close their members (1001) as they stop.
+            connections.close();
             let drained = async {
-                connections.wait_idle().await;
+                connections.wait().await;
                 registry.wait_stopped().await;
             };
             let _ = tokio::time::timeout(SHUTDOWN_GRACE, drained).await;
@@ -170,14 +132,14 @@ impl Server {
         info!(%addr, "listening");
         Ok(Server {
             addr,
-            shutdown: shutdown_tx,
+            shutdown,
             task,
         })
     }
 
     /// Stops accepting, closes every socket with 1001, waits for sessions and the store.
     pub async fn shutdown(self) {
-        let _ = self.shutdown.send(true);
+        self.shutdown.cancel();
         let _ = self.task.await;
     }
 }

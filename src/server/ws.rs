@@ -24,12 +24,12 @@ use tokio_tungstenite::WebSocketStream;
 use tracing::error;
 use tungstenite::protocol::{Role, WebSocketConfig};
 
+use collab_core::session::{ConnKind, CLOSE_INVALID_PATH};
+
 use super::connection::{self, ConnectionTarget, Socket};
 use super::path::{parse_segments, valid_name};
-use super::socket::SocketIo;
 use super::AppState;
-use crate::session::outbox::{outbox, CLOSE_INVALID_PATH};
-use crate::session::{ConnKind, Inbox, Outbox};
+use crate::transport::{outbox, Inbox, Outbox, SocketIo};
 
 /// A connection's read buffer, which is also the most read per call: every idle connection
 /// keeps it, and a y-websocket update or awareness frame is a few hundred bytes. Larger
@@ -147,9 +147,11 @@ fn upgrade(ws: WsUpgrade, state: AppState, target: Option<ConnectionTarget>) -> 
     let WsUpgrade { on_upgrade, accept } = ws;
     // Two tasks: the set-up's futures are large and done with once joined, and thousands of
     // connections sit idle in the second task, which holds only what serving needs.
-    tokio::spawn(async move {
+    let connections = state.connections.clone();
+    let tracker = connections.clone();
+    tracker.spawn(async move {
         if let Some((connection, socket, inbox)) = join(on_upgrade, state, target).await {
-            tokio::spawn(connection.serve(socket, inbox));
+            connections.spawn(connection.serve(socket, inbox));
         }
     });
     (

@@ -1,13 +1,11 @@
-//! Sessions: one task per session owns its scene, its members and their outboxes.
+//! The async shell around the sans-IO sessions of `collab_core`: one task per loaded session
+//! ([`task`]) and the registry that starts, finds and evicts them ([`registry`]).
 //!
-//! Everything that touches a session's document goes through its task as a [`SessionMsg`],
-//! so the document needs no lock and every member sees changes in one order. The task works
-//! in batches: it takes every message waiting, applies them, appends the resulting updates to
-//! the store in one call, and only then sends anything, so nothing is broadcast before it is
-//! durable (PROTOCOL §6) and a burst costs one store write.
+//! Everything that touches a session goes through its task as a [`SessionMsg`], so a session
+//! needs no lock and every member sees changes in one order. The task works in batches: it
+//! has the session handle every message waiting, appends what the session accepted to the
+//! store in one call, and only then delivers (PROTOCOL §6).
 
-pub mod awareness;
-pub mod outbox;
 pub mod registry;
 mod task;
 
@@ -15,37 +13,15 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use collab_core::doc::{CheckedUpdate, PeerId};
+use collab_core::protocol::json::ClientMessage;
+use collab_core::protocol::yjs::YjsMessage;
+use collab_core::session::{ConnKind, Summary};
+use dashmap::DashMap;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::doc::PeerId;
-use crate::protocol::json::ClientMessage;
-use crate::protocol::yjs::YjsMessage;
-
-pub use outbox::{outbox, CloseReason, Frame, Inbox, Outbox};
+use crate::transport::Outbox;
 pub use registry::Registry;
-
-/// Which protocol a connection speaks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ConnKind {
-    /// Optiverse JSON on `/ws/{session}/{user}`.
-    Legacy,
-    /// `/ws/{session}/{user}?yjs=1`: JSON control messages, Yjs binary for the document.
-    LegacyYjs,
-    /// y-websocket on `/yjs/{session}`.
-    Yjs,
-}
-
-impl ConnKind {
-    /// Whether the connection gets JSON messages (ack, user events, errors).
-    pub fn speaks_json(self) -> bool {
-        self != ConnKind::Yjs
-    }
-
-    /// Whether the connection gets the document as Yjs updates.
-    pub fn speaks_yjs(self) -> bool {
-        self != ConnKind::Legacy
-    }
-}
 
 /// A connection asking to join.
 #[derive(Debug)]
@@ -58,11 +34,13 @@ pub struct JoinRequest {
 }
 
 /// Why a join failed.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum JoinError {
     /// The session was being evicted; look it up again.
+    #[error("the session is closing")]
     Retry,
-    /// The session could not be loaded.
+    /// The session could not be loaded or served.
+    #[error("the session is unavailable: {0}")]
     Unavailable(String),
 }
 
@@ -74,9 +52,9 @@ pub enum JoinError {
 pub enum SessionMsg {
     Join(Box<JoinRequest>, oneshot::Sender<Result<(), JoinError>>),
     Leave(PeerId),
-    /// A valid JSON message from a legacy connection. `ping` goes through the session too,
-    /// so a `pong` tells the client that everything it sent before was applied.
-    Legacy(PeerId, Box<ClientMessage>),
+    /// A valid JSON message. `ping` goes through the session too, so a `pong` tells the
+    /// client that everything it sent before was applied.
+    Json(PeerId, Box<ClientMessage>),
     /// A valid y-websocket message.
     Yjs(PeerId, Box<YjsMessage>),
     /// `POST /api/sessions/{s}/update`.
@@ -86,24 +64,16 @@ pub enum SessionMsg {
     /// `GET /api/sessions/{s}/update`: the whole document as one v1 update.
     EncodeState(oneshot::Sender<Result<Vec<u8>, String>>),
     /// `GET /api/sessions`.
-    Summary(oneshot::Sender<SessionSummary>),
+    Summary(oneshot::Sender<Summary>),
 }
 
-/// An update posted to the HTTP API, and where its outcome goes.
+const _: () = assert!(std::mem::size_of::<SessionMsg>() <= 24);
+
+/// An update posted to the HTTP API, and where its outcome goes once it is stored.
 #[derive(Debug)]
 pub struct ApiUpdate {
-    pub bytes: Vec<u8>,
+    pub update: CheckedUpdate,
     pub reply: oneshot::Sender<Result<(), String>>,
-}
-
-/// One line of `GET /api/sessions`.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct SessionSummary {
-    pub id: String,
-    pub users: Vec<String>,
-    pub connections: usize,
-    pub item_count: usize,
-    pub document_bytes: usize,
 }
 
 /// A cheap handle to a running session task.
@@ -140,4 +110,14 @@ impl SessionHandle {
     }
 }
 
-const _: () = assert!(std::mem::size_of::<SessionMsg>() <= 24);
+/// The loaded sessions by id: the registry adds, a task removes itself when it stops.
+#[derive(Debug, Default)]
+pub struct SessionTable(DashMap<Arc<str>, SessionHandle>);
+
+impl SessionTable {
+    /// Removes `handle` if it is still the session's current task.
+    fn remove(&self, handle: &SessionHandle) {
+        self.0
+            .remove_if(&handle.id, |_, current| current.same_task(handle));
+    }
+}

@@ -7,15 +7,18 @@
 //! with [`JoinError::Retry`]; callers then look the session up again and get a fresh task,
 //! never two live ones.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use dashmap::DashMap;
-use tokio::sync::{mpsc, oneshot, watch, Notify};
+use collab_core::doc::PeerId;
+use collab_core::session::SessionLimits;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use super::{task, JoinError, JoinRequest, SessionHandle, SessionMsg};
-use crate::doc::PeerId;
+use super::task::{self, TaskContext};
+use super::{JoinError, JoinRequest, SessionHandle, SessionMsg, SessionTable};
 use crate::store::Store;
 
 /// Bound of a session's inbound queue; senders wait when it is full (backpressure).
@@ -28,10 +31,9 @@ const RETRIES: usize = 16;
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
     pub evict_after: Duration,
-    /// See [`crate::doc::Scene::with_correction_delay`].
+    /// See `collab_core::doc::Scene::with_correction_delay`.
     pub correction_delay: Duration,
-    pub max_awareness_bytes: usize,
-    pub max_awareness_states: usize,
+    pub limits: SessionLimits,
     /// Compact the stored log after this many appended updates...
     pub compact_after_updates: usize,
     /// ...or once it holds this many bytes more than the last snapshot.
@@ -42,9 +44,8 @@ impl Default for SessionConfig {
     fn default() -> Self {
         SessionConfig {
             evict_after: Duration::from_secs(60),
-            correction_delay: Duration::from_millis(250),
-            max_awareness_bytes: 64 * 1024,
-            max_awareness_states: 1024,
+            correction_delay: collab_core::doc::scene::CORRECTION_DELAY,
+            limits: SessionLimits::default(),
             compact_after_updates: 1000,
             compact_after_bytes: 4 * 1024 * 1024,
         }
@@ -53,30 +54,27 @@ impl Default for SessionConfig {
 
 /// Every loaded session.
 pub struct Registry {
-    sessions: DashMap<Arc<str>, SessionHandle>,
-    pub(super) store: Arc<dyn Store>,
-    pub(super) config: SessionConfig,
-    pub(super) shutdown: watch::Receiver<bool>,
+    context: Arc<TaskContext>,
     next_peer: AtomicU64,
     /// Session tasks still running (loaded, or writing their last batch after eviction).
-    live_tasks: AtomicUsize,
-    all_stopped: Notify,
+    tasks: TaskTracker,
 }
 
 impl Registry {
     pub fn new(
         store: Arc<dyn Store>,
         config: SessionConfig,
-        shutdown: watch::Receiver<bool>,
+        shutdown: CancellationToken,
     ) -> Arc<Self> {
         Arc::new(Registry {
-            sessions: DashMap::new(),
-            store,
-            config,
-            shutdown,
+            context: Arc::new(TaskContext {
+                sessions: SessionTable::default(),
+                store,
+                config,
+                shutdown,
+            }),
             next_peer: AtomicU64::new(1),
-            live_tasks: AtomicUsize::new(0),
-            all_stopped: Notify::new(),
+            tasks: TaskTracker::new(),
         })
     }
 
@@ -87,28 +85,33 @@ impl Registry {
 
     /// Number of sessions in memory.
     pub fn loaded(&self) -> usize {
-        self.sessions.len()
+        self.context.sessions.0.len()
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
-        &self.store
+        &self.context.store
     }
 
     /// Handles of every loaded session.
     pub fn handles(&self) -> Vec<SessionHandle> {
-        self.sessions.iter().map(|e| e.value().clone()).collect()
+        self.context
+            .sessions
+            .0
+            .iter()
+            .map(|e| e.value().clone())
+            .collect()
     }
 
     /// The session's task, started (and loading) if it was not running. A task that died
     /// (its queue is closed) is replaced.
-    pub fn get_or_start(self: &Arc<Self>, id: &str) -> SessionHandle {
-        if let Some(handle) = self.sessions.get(id) {
+    pub fn get_or_start(&self, id: &str) -> SessionHandle {
+        let sessions = &self.context.sessions.0;
+        if let Some(handle) = sessions.get(id) {
             if !handle.tx.is_closed() {
                 return handle.clone();
             }
         }
-        let mut entry = self
-            .sessions
+        let mut entry = sessions
             .entry(Arc::from(id))
             .or_insert_with(|| self.start(id));
         if entry.tx.is_closed() {
@@ -117,50 +120,26 @@ impl Registry {
         entry.clone()
     }
 
-    fn start(self: &Arc<Self>, id: &str) -> SessionHandle {
+    fn start(&self, id: &str) -> SessionHandle {
         let (tx, rx) = mpsc::channel(SESSION_QUEUE);
         let handle = SessionHandle {
             id: Arc::from(id),
             tx,
         };
-        task::spawn(self.clone(), handle.clone(), rx);
+        self.tasks
+            .spawn(task::run(self.context.clone(), handle.clone(), rx));
         handle
-    }
-
-    /// Removes `handle` from the map if it is still the session's current task.
-    pub(super) fn remove(&self, handle: &SessionHandle) {
-        self.sessions
-            .remove_if(&handle.id, |_, current| current.same_task(handle));
-    }
-
-    pub(super) fn task_started(&self) {
-        self.live_tasks.fetch_add(1, Ordering::AcqRel);
-    }
-
-    pub(super) fn task_stopped(&self) {
-        if self.live_tasks.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.all_stopped.notify_waiters();
-        }
     }
 
     /// Waits until every session task has stopped (at shutdown: each wrote its last batch
     /// and its compaction).
     pub async fn wait_stopped(&self) {
-        loop {
-            let stopped = self.all_stopped.notified();
-            if self.live_tasks.load(Ordering::Acquire) == 0 {
-                return;
-            }
-            stopped.await;
-        }
+        self.tasks.close();
+        self.tasks.wait().await;
     }
 
     /// Joins a session, retrying while it is being evicted.
-    pub async fn join(
-        self: &Arc<Self>,
-        id: &str,
-        request: JoinRequest,
-    ) -> Result<SessionHandle, JoinError> {
+    pub async fn join(&self, id: &str, request: JoinRequest) -> Result<SessionHandle, JoinError> {
         for _ in 0..RETRIES {
             let handle = self.get_or_start(id);
             let (tx, rx) = oneshot::channel();
@@ -187,7 +166,7 @@ impl Registry {
 
     /// Asks a session something, retrying while it is being evicted.
     pub async fn request<T>(
-        self: &Arc<Self>,
+        &self,
         id: &str,
         make: impl Fn(oneshot::Sender<T>) -> SessionMsg,
     ) -> Option<T> {

@@ -26,17 +26,25 @@ pub struct StoredSession {
     pub last_seq: u64,
 }
 
-/// A store failure, with what was being done.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoreError(pub String);
-
-impl std::fmt::Display for StoreError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "store error: {}", self.0)
-    }
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The data directory or the database file cannot be opened or created.
+    #[error("cannot open the store at {}: {reason}", path.display())]
+    Open {
+        path: std::path::PathBuf,
+        reason: String,
+    },
+    /// The database refused an operation.
+    #[error("database error: {0}")]
+    Database(#[from] rusqlite::Error),
+    /// The store's thread is gone.
+    #[error("the store thread has stopped")]
+    Stopped,
+    /// What is stored cannot be read back as a session document.
+    #[error("the stored document is unreadable: {0}")]
+    Unreadable(String),
 }
-
-impl std::error::Error for StoreError {}
 
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 

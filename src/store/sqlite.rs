@@ -158,14 +158,11 @@ impl SqliteStore {
     /// Opens (creating if needed) `collab.db` in `dir`.
     pub fn open(dir: &Path, fsync: FsyncMode) -> Result<SqliteStore, StoreError> {
         let path = dir.join("collab.db");
-        let fail =
-            |e: &dyn std::fmt::Display| StoreError(format!("cannot open {}: {e}", path.display()));
-        std::fs::create_dir_all(dir).map_err(|e| {
-            StoreError(format!(
-                "cannot create the data directory {}: {e}",
-                dir.display()
-            ))
-        })?;
+        let fail = |e: &dyn std::fmt::Display| StoreError::Open {
+            path: path.clone(),
+            reason: e.to_string(),
+        };
+        std::fs::create_dir_all(dir).map_err(|e| fail(&e))?;
         let synchronous = match fsync {
             FsyncMode::Normal => "NORMAL",
             FsyncMode::Always => "FULL",
@@ -208,9 +205,8 @@ impl SqliteStore {
         let (reply, rx) = oneshot::channel();
         let sent = self.tx.send(make(reply));
         Box::pin(async move {
-            sent.map_err(|_| StoreError("the store thread has stopped".into()))?;
-            rx.await
-                .map_err(|_| StoreError("the store thread has stopped".into()))?
+            sent.map_err(|_| StoreError::Stopped)?;
+            rx.await.map_err(|_| StoreError::Stopped)?
         })
     }
 
@@ -269,10 +265,6 @@ impl Store for SqliteStore {
     }
 }
 
-fn err(e: rusqlite::Error) -> StoreError {
-    StoreError(e.to_string())
-}
-
 /// The store thread: reads and flushes run at once; writes that arrive together share one
 /// transaction; the checkpoints asked for meanwhile run once, after them.
 fn serve(mut conn: Connection, rx: mpsc::Receiver<Request>) {
@@ -286,13 +278,14 @@ fn serve(mut conn: Connection, rx: mpsc::Receiver<Request>) {
         for request in group {
             match request {
                 Request::Load(session, reply) => {
-                    let _ = reply.send(load(&conn, &session).map_err(err));
+                    let _ = reply.send(load(&conn, &session).map_err(StoreError::from));
                 }
                 Request::List(reply) => {
-                    let _ = reply.send(list(&conn).map_err(err));
+                    let _ = reply.send(list(&conn).map_err(StoreError::from));
                 }
                 Request::Flush(reply) => {
-                    let _ = reply.send(checkpoint(&conn, WAL_LIMIT_PAGES).map_err(err));
+                    let _ =
+                        reply.send(checkpoint(&conn, WAL_LIMIT_PAGES).map_err(StoreError::from));
                 }
                 Request::Checkpoint => checkpoint_due = true,
                 Request::Write(write, reply) => {
@@ -374,7 +367,7 @@ fn commit_one(
     in_transaction(conn, written, |txn, written| {
         apply_write(txn, write, written)
     })
-    .map_err(err)
+    .map_err(StoreError::from)
 }
 
 /// Runs a group of writes in one transaction; returns each one's outcome. If the transaction
@@ -392,7 +385,7 @@ fn commit_group(
     });
     match group {
         Ok(positions) => positions.into_iter().map(Ok).collect(),
-        Err(e) if writes.len() == 1 => vec![Err(err(e))],
+        Err(e) if writes.len() == 1 => vec![Err(StoreError::from(e))],
         Err(_) => writes
             .iter()
             .map(|write| commit_one(conn, write, written))
@@ -655,7 +648,7 @@ mod tests {
                 "{fsync:?}: {good:?} {other:?}"
             );
             let error = bad.expect_err("the rejected update fails");
-            assert!(error.0.contains("rejected"), "{fsync:?}: {error}");
+            assert!(error.to_string().contains("rejected"), "{fsync:?}: {error}");
             // The failed append's metadata was rolled back with it: the next append with the
             // same metadata must write it, not skip it as already written.
             store.append("s", vec![vec![4]], meta()).await.unwrap();
@@ -754,6 +747,6 @@ mod tests {
         let file = dir.path().join("not-a-dir");
         std::fs::write(&file, b"x").unwrap();
         let e = SqliteStore::open(&file, FsyncMode::Normal).err().unwrap();
-        assert!(e.0.contains("not-a-dir"), "{e}");
+        assert!(e.to_string().contains("not-a-dir"), "{e}");
     }
 }

@@ -270,7 +270,7 @@ pub async fn close_code(ws: &mut Ws) -> u16 {
 pub fn is_placeholder(item_type: &Value) -> bool {
     item_type
         .as_str()
-        .is_some_and(|t| optiverse_collab::doc::scene::PLACEHOLDER_TYPES.contains(&t))
+        .is_some_and(|t| collab_core::doc::scene::PLACEHOLDER_TYPES.contains(&t))
 }
 
 /// The `update_item`s (uuid, normalised data) that must follow `msg` to the same client.

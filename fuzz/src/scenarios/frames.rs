@@ -8,11 +8,11 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use optiverse_collab::doc::{PeerMessage, Scene};
-use optiverse_collab::protocol::json::{
+use collab_core::doc::{PeerMessage, Scene};
+use collab_core::protocol::json::{
     encode_command, encode_error, encode_full_state, parse_client_message, ClientMessage, ErrorCode,
 };
-use optiverse_collab::protocol::yjs::{decode, YjsMessage};
+use collab_core::protocol::yjs::{decode, YjsMessage};
 use serde_json::Value;
 use yrs::encoding::read::Error as ReadError;
 use yrs::sync::awareness::AwarenessUpdate;
@@ -71,17 +71,20 @@ pub fn text(frame: &str) {
         assert!(out.to == 1 || out.to == 2, "a message for an unknown peer");
         match &*out.message {
             PeerMessage::Command(command) => {
-                assert_eq!(json(&encode_command(command))["type"], "command");
+                assert_eq!(json(&encode_command("t", command))["type"], "command");
             }
             PeerMessage::FullState(state) => {
-                assert_eq!(json(&encode_full_state(state))["type"], "sync:full_state");
+                assert_eq!(
+                    json(&encode_full_state("t", state))["type"],
+                    "sync:full_state"
+                );
             }
         }
     }
     if let Some(update) = &effects.update {
         Update::decode_v1(update).expect("the scene's update decodes");
     }
-    let full = json(&encode_full_state(&scene.full_state()));
+    let full = json(&encode_full_state("t", &scene.full_state()));
     assert_eq!(full["type"], "sync:full_state");
     assert_eq!(
         mirror_json(&mut scene),
@@ -95,30 +98,30 @@ pub fn binary(frame: &[u8]) {
     match decode(frame) {
         Err(e) => assert!(!e.0.is_empty(), "an empty frame error"),
         Ok(YjsMessage::SyncStep1(sv)) => {
-            if let Err(e) = StateVector::decode_v1(&sv) {
+            if let Err(e) = StateVector::decode_v1(sv.bytes()) {
                 panic!(
                     "the guard accepted a state vector yrs refuses ({e}): {}",
-                    hex(&sv)
+                    hex(sv.bytes())
                 );
             }
         }
         Ok(YjsMessage::SyncStep2(update) | YjsMessage::Update(update)) => {
-            match Update::decode_v1(&update) {
+            match Update::decode_v1(update.bytes()) {
                 // Known, harmless gap: the guard checks that embed (content ref 5) and format
                 // (ref 6) values are UTF-8 strings, yrs also parses them as JSON. The session
                 // then answers `DocError::Malformed`, a typed error (see FUZZING.md).
                 Ok(_) | Err(ReadError::InvalidJSON(_)) => {}
                 Err(e) => panic!(
                     "the guard accepted an update yrs refuses ({e}): {}",
-                    hex(&update)
+                    hex(update.bytes())
                 ),
             }
         }
         Ok(YjsMessage::Awareness(bytes)) => {
-            if let Err(e) = AwarenessUpdate::decode_v1(&bytes) {
+            if let Err(e) = AwarenessUpdate::decode_v1(bytes.bytes()) {
                 panic!(
                     "the guard accepted an awareness update yrs refuses ({e}): {}",
-                    hex(&bytes)
+                    hex(bytes.bytes())
                 );
             }
         }

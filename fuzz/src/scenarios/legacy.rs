@@ -19,12 +19,13 @@ use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use optiverse_collab::doc::scene::{item_type_of, CORRECTION_DELAY};
-use optiverse_collab::doc::value::json_to_any;
-use optiverse_collab::doc::{
-    Action, CommandMessage, Effects, ItemFields, PeerId, PeerMessage, Scene,
+use collab_core::doc::scene::{item_type_of, CORRECTION_DELAY};
+use collab_core::doc::value::json_to_any;
+use collab_core::doc::{
+    Action, CheckedStateVector, CheckedUpdate, CommandMessage, Effects, ItemFields, PeerId,
+    PeerMessage, Scene,
 };
-use optiverse_collab::protocol::json::{parse_client_message, ClientMessage};
+use collab_core::protocol::json::{parse_client_message, ClientMessage};
 use serde_json::{json, Map, Value};
 use yrs::updates::decoder::Decode;
 use yrs::updates::encoder::Encode;
@@ -788,7 +789,10 @@ impl World {
         let user = self.yjs[j].user.clone();
         let effects = self
             .scene
-            .apply_update(&user, &update)
+            .apply_update(
+                &user,
+                &CheckedUpdate::check(update).expect("a replica's update"),
+            )
             .unwrap_or_else(|e| panic!("the scene refused a Yjs client's update: {e}"));
         self.route(effects);
     }
@@ -799,7 +803,7 @@ impl World {
         let diff = self
             .scene
             .doc_mut()
-            .encode_diff_v1(&sv)
+            .encode_diff_v1(&CheckedStateVector::check(sv).expect("a replica's state vector"))
             .expect("the session answers SyncStep1");
         let update = Update::decode_v1(&diff).expect("the session's diff decodes");
         y.doc

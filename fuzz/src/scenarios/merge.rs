@@ -11,7 +11,7 @@
 
 use std::sync::Arc;
 
-use optiverse_collab::doc::{GuardedDoc, Scene};
+use collab_core::doc::{GuardedDoc, Scene};
 use yrs::any::Number;
 use yrs::updates::decoder::Decode;
 use yrs::updates::encoder::Encode;
@@ -20,7 +20,10 @@ use yrs::{
     StateVector, Text, TextPrelim, Transact, TransactionMut, Update,
 };
 
-use super::util::{contained, doc_json, hex, items_json, mirror_json, quiet};
+use super::util::{
+    apply_untrusted, contained, diff_untrusted, doc_json, hex, items_json, mirror_json, quiet,
+    scene_apply_untrusted,
+};
 
 /// Field names the scripts write (the real ones, plus a few odd ones).
 pub const FIELDS: [&str; 10] = [
@@ -393,10 +396,10 @@ impl Net {
         }
         if to == self.session() {
             let (scene, user) = (&mut self.scene, &self.user);
-            let effects = contained("Scene::apply_update", || scene.apply_update(user, bytes))
-                .unwrap_or_else(|e| {
-                    panic!("the session refused a valid update ({e}): {}", hex(bytes))
-                });
+            let effects = contained("Scene::apply_update", || {
+                scene_apply_untrusted(scene, user, bytes)
+            })
+            .unwrap_or_else(|e| panic!("the session refused a valid update ({e}): {}", hex(bytes)));
             if let Some(update) = effects.update {
                 self.observe(&update);
                 self.log.push((to, update));
@@ -404,7 +407,7 @@ impl Net {
             return;
         }
         let doc = &mut self.replicas[to];
-        contained("GuardedDoc::apply_update", || doc.apply_update(bytes)).unwrap_or_else(|e| {
+        contained("GuardedDoc::apply_update", || apply_untrusted(doc, bytes)).unwrap_or_else(|e| {
             panic!("replica {to} refused a valid update ({e}): {}", hex(bytes))
         });
     }
@@ -435,7 +438,7 @@ impl Net {
         } else {
             &mut self.replicas[from]
         };
-        contained("GuardedDoc::encode_diff_v1", || doc.encode_diff_v1(sv)).unwrap_or_else(|e| {
+        contained("GuardedDoc::encode_diff_v1", || diff_untrusted(doc, sv)).unwrap_or_else(|e| {
             panic!(
                 "endpoint {from} could not answer SyncStep1 {}: {e}",
                 hex(sv)

@@ -19,10 +19,10 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
-use optiverse_collab::doc::value::json_to_any;
-use optiverse_collab::doc::{DocError, GuardedDoc, Scene};
-use optiverse_collab::protocol::yjs::{decode, YjsMessage};
-use optiverse_collab::session::awareness::AwarenessStates;
+use collab_core::doc::value::json_to_any;
+use collab_core::doc::{CheckedAwareness, DocError, GuardedDoc, Scene};
+use collab_core::protocol::yjs::{decode, YjsMessage};
+use collab_core::session::awareness::AwarenessStates;
 use serde_json::Value;
 use yrs::sync::awareness::{AwarenessUpdate, AwarenessUpdateEntry};
 use yrs::updates::decoder::Decode;
@@ -32,7 +32,10 @@ use yrs::{
     Text, TextPrelim, Transact, TransactionMut, Update, WriteTxn,
 };
 
-use super::util::{contained, doc_json, fixture_items, hex, items_json, mirror_json};
+use super::util::{
+    apply_untrusted, awareness_untrusted, contained, diff_untrusted, doc_json, fixture_items, hex,
+    items_json, load_untrusted, mirror_json, scene_apply_untrusted,
+};
 
 /// Client ids of the seed document's writers.
 pub const SEED_CLIENTS: [u64; 2] = [0x1234, 0x0f_ffff_ffff];
@@ -186,7 +189,7 @@ pub fn seed_update() -> &'static [u8] {
 
 /// A session document holding the seed.
 pub fn seeded_doc() -> GuardedDoc {
-    GuardedDoc::from_updates([seed_update()]).expect("the seed loads")
+    load_untrusted(&[seed_update()]).expect("the seed loads")
 }
 
 /// An awareness update with one state, applied before the input in awareness mode.
@@ -274,9 +277,11 @@ pub fn check(data: &[u8]) {
         MODE_STATE_VECTOR => seed_state_vector_input(rest, seed),
         MODE_AWARENESS => awareness(rest),
         MODE_FRAME => match decode(rest) {
-            Ok(YjsMessage::SyncStep1(sv)) => seed_state_vector_input(&sv, seed),
-            Ok(YjsMessage::SyncStep2(u) | YjsMessage::Update(u)) => seed_update_input(&u, seed),
-            Ok(YjsMessage::Awareness(a)) => awareness(&a),
+            Ok(YjsMessage::SyncStep1(sv)) => seed_state_vector_input(sv.bytes(), seed),
+            Ok(YjsMessage::SyncStep2(u) | YjsMessage::Update(u)) => {
+                seed_update_input(u.bytes(), seed)
+            }
+            Ok(YjsMessage::Awareness(a)) => awareness(a.bytes()),
             Ok(YjsMessage::QueryAwareness | YjsMessage::Auth) => {}
             Err(e) => assert!(!e.0.is_empty()),
         },
@@ -317,7 +322,7 @@ fn seed_state_vector_input(bytes: &[u8], seed: &State) {
 /// Applies `bytes`; a rejection must leave the document at `before`. Returns the state after,
 /// and whether the guard refused the bytes (yrs never saw them).
 fn update(doc: &mut GuardedDoc, bytes: &[u8], before: &State) -> (State, bool) {
-    let result = contained("GuardedDoc::apply_update", || doc.apply_update(bytes));
+    let result = contained("GuardedDoc::apply_update", || apply_untrusted(doc, bytes));
     let after = healthy(doc, Some(before));
     if let Err(e) = &result {
         assert!(
@@ -330,7 +335,7 @@ fn update(doc: &mut GuardedDoc, bytes: &[u8], before: &State) -> (State, bool) {
 }
 
 fn state_vector(doc: &mut GuardedDoc, bytes: &[u8], before: &State) {
-    if let Ok(diff) = contained("GuardedDoc::encode_diff_v1", || doc.encode_diff_v1(bytes)) {
+    if let Ok(diff) = contained("GuardedDoc::encode_diff_v1", || diff_untrusted(doc, bytes)) {
         let decoded = contained("decoding our SyncStep2", || Update::decode_v1(&diff));
         decoded.unwrap_or_else(|e| panic!("our SyncStep2 does not decode ({e}): {}", hex(&diff)));
     }
@@ -378,7 +383,7 @@ fn healthy(doc: &mut GuardedDoc, checked: Option<&State>) -> State {
         hex(&encoded)
     );
     contained("GuardedDoc::encode_diff_v1 of our own state vector", || {
-        doc.encode_diff_v1(&doc.state_vector_v1())
+        diff_untrusted(doc, &doc.state_vector_v1())
     })
     .expect("the document answers SyncStep1");
     state
@@ -400,10 +405,16 @@ fn awareness(bytes: &[u8]) {
     let now = Instant::now();
     let mut states = AwarenessStates::new(64 * 1024, 1024);
     states
-        .apply(1, &seed_awareness(), now)
+        .apply(
+            1,
+            &CheckedAwareness::check(seed_awareness()).expect("checks"),
+            now,
+        )
         .expect("the seed awareness update applies");
     let before = awareness_map(states.encode_all());
-    match contained("AwarenessStates::apply", || states.apply(2, bytes, now)) {
+    match contained("AwarenessStates::apply", || {
+        awareness_untrusted(&mut states, 2, bytes, now)
+    }) {
         Err(_) => assert_eq!(
             awareness_map(states.encode_all()),
             before,
@@ -426,7 +437,9 @@ fn scene_update(bytes: &[u8]) {
     scene.request_sync(1, &Arc::from("legacy"));
     let before_doc = doc_json(&mut scene);
     let user: Arc<str> = Arc::from("yjs");
-    let result = contained("Scene::apply_update", || scene.apply_update(&user, bytes));
+    let result = contained("Scene::apply_update", || {
+        scene_apply_untrusted(&mut scene, &user, bytes)
+    });
     let doc = doc_json(&mut scene);
     let mirror = mirror_json(&mut scene);
     match result {

@@ -6,8 +6,14 @@ use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Once, OnceLock};
 
-use optiverse_collab::doc::value::out_to_json;
-use optiverse_collab::doc::Scene;
+use std::sync::Arc;
+
+use collab_core::doc::value::out_to_json;
+use collab_core::doc::ydoc::Change;
+use collab_core::doc::{
+    CheckedAwareness, CheckedStateVector, CheckedUpdate, DocError, Effects, GuardedDoc, Scene,
+};
+use collab_core::session::awareness::{AwarenessError, AwarenessStates};
 use serde_json::{Map, Value};
 use yrs::{Map as _, MapRef, Out, ReadTxn};
 
@@ -63,7 +69,48 @@ pub fn items_json<T: ReadTxn>(txn: &T, items: &MapRef) -> BTreeMap<String, Value
         .collect()
 }
 
-/// The scene's mirror (`Scene::full_state(None)`), keyed by uuid.
+/// Untrusted update bytes as the server takes them: checked by the guard, then applied.
+pub fn apply_untrusted(doc: &mut GuardedDoc, bytes: &[u8]) -> Result<Option<Change>, DocError> {
+    doc.apply_update(&CheckedUpdate::check(bytes.to_vec())?)
+}
+
+/// [`apply_untrusted`] through a scene.
+pub fn scene_apply_untrusted(
+    scene: &mut Scene,
+    user: &Arc<str>,
+    bytes: &[u8],
+) -> Result<Effects, DocError> {
+    scene.apply_update(user, &CheckedUpdate::check(bytes.to_vec())?)
+}
+
+/// What a peer with the untrusted state vector `sv` lacks.
+pub fn diff_untrusted(doc: &mut GuardedDoc, sv: &[u8]) -> Result<Vec<u8>, DocError> {
+    doc.encode_diff_v1(&CheckedStateVector::check(sv.to_vec())?)
+}
+
+/// An untrusted awareness update, checked by the guard, then applied.
+pub fn awareness_untrusted(
+    states: &mut AwarenessStates,
+    owner: u64,
+    bytes: &[u8],
+    now: std::time::Instant,
+) -> Result<Option<Vec<u8>>, AwarenessError> {
+    let checked =
+        CheckedAwareness::check(bytes.to_vec()).map_err(|e| AwarenessError(e.to_string()))?;
+    states.apply(owner, &checked, now)
+}
+
+/// Stored updates loaded as the server loads them.
+pub fn load_untrusted(updates: &[&[u8]]) -> Result<GuardedDoc, DocError> {
+    let checked = updates
+        .iter()
+        .filter(|u| !u.is_empty())
+        .map(|u| CheckedUpdate::check(u.to_vec()))
+        .collect::<Result<Vec<_>, _>>()?;
+    GuardedDoc::from_updates(&checked)
+}
+
+/// The scene's mirror (`Scene::full_state`), keyed by uuid.
 pub fn mirror_json(scene: &mut Scene) -> BTreeMap<String, Value> {
     scene
         .full_state()

@@ -1,7 +1,7 @@
 //! The upgraded TCP socket, shared by the two parties that use it.
 //!
 //! The session task writes broadcast frames straight into the socket (see
-//! [`crate::session::outbox`]); the connection task reads it through tungstenite. So the
+//! [`super::outbox`]); the connection task reads it through tungstenite. So the
 //! socket is shared (`Arc<TcpStream>`: tokio's readiness-based `try_read`/`try_write` take
 //! `&self`), and every write, tungstenite's included, goes through the connection's outbox,
 //! which keeps frames whole and in order.
@@ -14,7 +14,7 @@ use std::task::{ready, Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::session::outbox::{Wire, Writer};
+use super::outbox::{Wire, Writer};
 
 impl Wire for TcpStream {
     fn try_write(&self, buf: &[u8]) -> io::Result<usize> {

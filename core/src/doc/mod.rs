@@ -1,5 +1,5 @@
-//! The network-free core: the session's Yjs document, its item schema, guarded application of
-//! untrusted bytes, and the translation between legacy Optiverse commands and the document.
+//! The session's Yjs document, its item schema, guarded application of untrusted bytes, and
+//! the translation between the desktop clients' commands and the document.
 
 pub mod guard;
 pub mod legacy;
@@ -8,6 +8,7 @@ pub mod scene;
 pub mod value;
 pub mod ydoc;
 
+pub use guard::{CheckedAwareness, CheckedStateVector, CheckedUpdate};
 pub use legacy::{Action, Command, UploadedItem};
 pub use scene::{CommandMessage, Effects, FullState, Outgoing, PeerId, PeerMessage, Scene};
 pub use value::ItemFields;

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use yrs::{Any, Map, MapPrelim, MapRef, Out, ReadTxn, TransactionMut};
 
+use super::guard::CheckedUpdate;
 use super::legacy::{
     Action, Command, InFlight, PeerView, SyncState, UploadedItem, POSITION_FIELDS,
 };
@@ -287,9 +288,13 @@ impl Scene {
         effects
     }
 
-    /// Applies an untrusted Yjs v1 update from a Yjs connection or the HTTP API.
-    pub fn apply_update(&mut self, user: &Arc<str>, bytes: &[u8]) -> Result<Effects, DocError> {
-        let change = self.doc.apply_update(bytes)?;
+    /// Applies a Yjs v1 update from a Yjs connection or the HTTP API.
+    pub fn apply_update(
+        &mut self,
+        user: &Arc<str>,
+        update: &CheckedUpdate,
+    ) -> Result<Effects, DocError> {
+        let change = self.doc.apply_update(update)?;
         let mut effects = Effects::default();
         self.publish(change, Source::Derived { except: None }, user, &mut effects);
         self.answer_awaiting(user, &mut effects);
@@ -954,6 +959,10 @@ mod tests {
             .collect()
     }
 
+    fn checked(bytes: &[u8]) -> CheckedUpdate {
+        CheckedUpdate::check(bytes.to_vec()).expect("a valid update")
+    }
+
     fn user(name: &str) -> Arc<str> {
         Arc::from(name)
     }
@@ -1581,7 +1590,7 @@ mod tests {
             (renamed, Action::Update),
             (removed, Action::Remove),
         ] {
-            let effects = scene.apply_update(&yjs, &update).unwrap();
+            let effects = scene.apply_update(&yjs, &checked(&update)).unwrap();
             assert_eq!(to(&effects, 1)[0].0, action);
             assert_eq!(to(&effects, 2)[0].0, action);
         }
@@ -1603,7 +1612,7 @@ mod tests {
             items.insert(txn, "b", MapPrelim::from([("x_mm", Any::from(2.0))]));
         });
         assert!(scene
-            .apply_update(&yjs, &added)
+            .apply_update(&yjs, &checked(&added))
             .unwrap()
             .messages
             .is_empty());
@@ -1615,7 +1624,7 @@ mod tests {
             }
             items.remove(txn, "b");
         });
-        scene.apply_update(&yjs, &moved).unwrap();
+        scene.apply_update(&yjs, &checked(&moved)).unwrap();
         scene.add_peer(1);
         let state = scene.full_state();
         assert_eq!(state.items.len(), 1);
@@ -1626,7 +1635,7 @@ mod tests {
                 item.insert(txn, "name", "L1");
             }
         });
-        let effects = scene.apply_update(&yjs, &renamed).unwrap();
+        let effects = scene.apply_update(&yjs, &checked(&renamed)).unwrap();
         assert_eq!(to(&effects, 1)[0].0, Action::Update);
     }
 

@@ -5,6 +5,7 @@
 //! so the session only ever sees well-formed commands; every failure names its error code.
 
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use serde::ser::{SerializeMap, Serializer};
 use serde::Serialize;
@@ -205,12 +206,12 @@ fn parse_upload(state: Option<Value>) -> Result<Vec<UploadedItem>, ProtocolError
         .collect()
 }
 
-/// RFC 3339 UTC with milliseconds, e.g. `2026-11-25T19:22:01.123Z`.
-pub fn timestamp() -> String {
+/// `at` as RFC 3339 UTC with milliseconds, e.g. `2026-11-25T19:22:01.123Z`.
+pub fn timestamp(at: SystemTime) -> String {
     const FORMAT: &[time::format_description::FormatItem<'static>] = time::macros::format_description!(
         "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
     );
-    time::OffsetDateTime::now_utc()
+    time::OffsetDateTime::from(at)
         .format(FORMAT)
         .unwrap_or_else(|_| String::from("1970-01-01T00:00:00.000Z"))
 }
@@ -236,7 +237,7 @@ struct Ack<'a> {
     user_id: &'a str,
     is_host: bool,
     users: &'a [UserEntry],
-    timestamp: String,
+    timestamp: &'a str,
     protocol: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     snapshot: Option<&'a str>,
@@ -246,6 +247,7 @@ struct Ack<'a> {
 
 /// `connection:ack` (PROTOCOL §3.1, §4).
 pub fn encode_ack(
+    timestamp: &str,
     session_id: &str,
     user_id: &str,
     is_host: bool,
@@ -258,7 +260,7 @@ pub fn encode_ack(
         user_id,
         is_host,
         users,
-        timestamp: timestamp(),
+        timestamp,
         protocol: PROTOCOL_NAME,
         snapshot: yjs.map(|y| y.snapshot.as_str()),
         state_vector: yjs.map(|y| y.state_vector.as_str()),
@@ -300,19 +302,19 @@ impl Serialize for SceneItems<'_> {
 struct SceneState<'a> {
     items: SceneItems<'a>,
     version: u64,
-    timestamp: String,
+    timestamp: &'a str,
 }
 
 /// The `state` object of `sync:full_state`, also served by `GET /api/sessions/{s}/scene`.
-pub fn encode_scene(state: &FullState) -> String {
-    to_json(&scene_state(state))
+pub fn encode_scene(timestamp: &str, state: &FullState) -> String {
+    to_json(&scene_state(timestamp, state))
 }
 
-fn scene_state(state: &FullState) -> SceneState<'_> {
+fn scene_state<'a>(timestamp: &'a str, state: &'a FullState) -> SceneState<'a> {
     SceneState {
         items: SceneItems(state),
         version: state.version,
-        timestamp: timestamp(),
+        timestamp,
     }
 }
 
@@ -324,10 +326,10 @@ struct FullStateMessage<'a> {
 }
 
 /// `sync:full_state` (PROTOCOL §3.1).
-pub fn encode_full_state(state: &FullState) -> String {
+pub fn encode_full_state(timestamp: &str, state: &FullState) -> String {
     to_json(&FullStateMessage {
         r#type: "sync:full_state",
-        state: scene_state(state),
+        state: scene_state(timestamp, state),
         from_server: true,
     })
 }
@@ -345,11 +347,11 @@ struct CommandEnvelope<'a> {
     r#type: &'static str,
     command: CommandBody<'a>,
     user_id: &'a str,
-    timestamp: String,
+    timestamp: &'a str,
 }
 
 /// A `command` to a legacy client (PROTOCOL §3.3).
-pub fn encode_command(message: &CommandMessage) -> String {
+pub fn encode_command(timestamp: &str, message: &CommandMessage) -> String {
     to_json(&CommandEnvelope {
         r#type: "command",
         command: CommandBody {
@@ -359,7 +361,7 @@ pub fn encode_command(message: &CommandMessage) -> String {
             data: &message.data,
         },
         user_id: &message.user_id,
-        timestamp: timestamp(),
+        timestamp,
     })
 }
 
@@ -367,21 +369,21 @@ pub fn encode_command(message: &CommandMessage) -> String {
 struct UserEvent<'a> {
     r#type: &'static str,
     user_id: &'a str,
-    timestamp: String,
+    timestamp: &'a str,
 }
 
 /// `user:joined` or `user:left`.
-pub fn encode_user_event(joined: bool, user_id: &str) -> String {
+pub fn encode_user_event(timestamp: &str, joined: bool, user_id: &str) -> String {
     to_json(&UserEvent {
         r#type: if joined { "user:joined" } else { "user:left" },
         user_id,
-        timestamp: timestamp(),
+        timestamp,
     })
 }
 
 /// `pong`.
-pub fn encode_pong() -> String {
-    to_json(&serde_json::json!({"type": "pong", "timestamp": timestamp()}))
+pub fn encode_pong(timestamp: &str) -> String {
+    to_json(&serde_json::json!({"type": "pong", "timestamp": timestamp}))
 }
 
 /// `error`.
@@ -485,7 +487,7 @@ mod tests {
             items: vec![("u1".into(), Arc::new(fields))],
             version: 3,
         };
-        let v: Value = serde_json::from_str(&encode_full_state(&state)).unwrap();
+        let v: Value = serde_json::from_str(&encode_full_state("t", &state)).unwrap();
         assert_eq!(v["type"], "sync:full_state");
         assert_eq!(v["from_server"], true);
         assert_eq!(v["state"]["version"], 3);
@@ -498,9 +500,7 @@ mod tests {
 
     #[test]
     fn timestamps_are_rfc3339_utc_with_milliseconds() {
-        let t = timestamp();
-        assert_eq!(t.len(), "2026-11-25T19:22:01.123Z".len());
-        assert!(t.ends_with('Z'));
-        assert_eq!(&t[10..11], "T");
+        let at = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_795_634_521_123);
+        assert_eq!(timestamp(at), "2026-11-25T19:22:01.123Z");
     }
 }

@@ -24,53 +24,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes};
+use collab_core::session::{CloseReason, CLOSE_SLOW};
 use futures_util::task::AtomicWaker;
-use tungstenite::protocol::frame::coding::{Data, OpCode};
-use tungstenite::protocol::frame::FrameHeader;
 
-/// A complete WebSocket frame from the server. Broadcast frames share their bytes.
-#[derive(Debug, Clone)]
-pub struct Frame(Bytes);
-
-impl Frame {
-    /// A binary frame (y-websocket messages).
-    pub fn binary(payload: &[u8]) -> Frame {
-        Frame::data(Data::Binary, payload)
-    }
-
-    /// A text frame (JSON messages).
-    pub fn text(text: String) -> Frame {
-        Frame::data(Data::Text, text.as_bytes())
-    }
-
-    fn data(kind: Data, payload: &[u8]) -> Frame {
-        let header = FrameHeader {
-            opcode: OpCode::Data(kind),
-            ..FrameHeader::default()
-        };
-        let len = payload.len() as u64;
-        let mut wire = Vec::with_capacity(header.len(len) + payload.len());
-        header
-            .format(len, &mut wire)
-            .expect("a Vec takes every write");
-        wire.extend_from_slice(payload);
-        Frame(Bytes::from(wire))
-    }
-
-    /// Bytes on the wire, header included.
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    /// The encoded frame.
-    pub fn as_bytes(&self) -> &[u8] {
-        &self.0
-    }
-}
+use super::Frame;
 
 /// Where a connection's bytes go: the socket, written without waiting.
 pub trait Wire: Send + Sync {
@@ -81,50 +38,6 @@ pub trait Wire: Send + Sync {
     /// Ready once a write may make progress; registers `cx` to be woken otherwise.
     fn poll_writable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
 }
-
-/// Why the server closes a connection (PROTOCOL §7).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CloseReason {
-    pub code: u16,
-    pub reason: &'static str,
-}
-
-pub const CLOSE_GOING_AWAY: CloseReason = CloseReason {
-    code: 1001,
-    reason: "Server shutting down",
-};
-pub const CLOSE_IDLE: CloseReason = CloseReason {
-    code: 1001,
-    reason: "Idle timeout",
-};
-pub const CLOSE_PROTOCOL_ERROR: CloseReason = CloseReason {
-    code: 1002,
-    reason: "Protocol error",
-};
-pub const CLOSE_INVALID_UTF8: CloseReason = CloseReason {
-    code: 1007,
-    reason: "Invalid UTF-8 in a text frame",
-};
-pub const CLOSE_INVALID_PATH: CloseReason = CloseReason {
-    code: 1008,
-    reason: "Invalid path",
-};
-pub const CLOSE_TOO_BIG: CloseReason = CloseReason {
-    code: 1009,
-    reason: "Message too big",
-};
-pub const CLOSE_INTERNAL: CloseReason = CloseReason {
-    code: 1011,
-    reason: "Session unavailable",
-};
-pub const CLOSE_SLOW: CloseReason = CloseReason {
-    code: 1013,
-    reason: "Slow consumer, reconnect",
-};
-pub const CLOSE_REPLACED: CloseReason = CloseReason {
-    code: 4000,
-    reason: "Replaced by a newer connection",
-};
 
 /// The queue is over its byte bound; the connection is being closed with 1013.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -222,7 +135,7 @@ impl Shared {
                 skip -= frame.len();
                 continue;
             }
-            let mut rest = frame.0.clone();
+            let mut rest = frame.bytes().clone();
             if skip > 0 {
                 // Only the first frame queued can have been started: the queue was empty.
                 rest.advance(skip);
@@ -440,7 +353,7 @@ impl Drop for Inbox {
 impl Writer {
     /// Writes (or queues) `bytes`, which hold whole frames.
     pub fn write(&self, bytes: &[u8]) -> io::Result<usize> {
-        let frame = Frame(Bytes::copy_from_slice(bytes));
+        let frame = Frame::from_wire(Bytes::copy_from_slice(bytes));
         match self.shared.push(&[&frame], true) {
             Ok(()) => Ok(bytes.len()),
             Err(Overflow) => Err(io::Error::other("the connection's queue is full")),
@@ -528,7 +441,7 @@ mod tests {
     #[test]
     fn frames_are_complete_server_frames() {
         assert_eq!(frame(b"ab").as_bytes(), &[0x82, 2, b'a', b'b']);
-        assert_eq!(Frame::text("hi".into()).as_bytes(), &[0x81, 2, b'h', b'i']);
+        assert_eq!(Frame::text("hi").as_bytes(), &[0x81, 2, b'h', b'i']);
         let long = Frame::binary(&[7; 300]);
         assert_eq!(&long.as_bytes()[..4], &[0x82, 126, 1, 44]);
         assert_eq!(long.len(), 304);
@@ -632,8 +545,11 @@ mod tests {
         let wire = FakeWire::with_room(0);
         let (out, mut inbox) = outbox(100, wire.clone());
         out.send(&frame(b"12")).unwrap();
-        out.close(CLOSE_GOING_AWAY);
-        assert_eq!(inbox.next().await, Next::Close(CLOSE_GOING_AWAY));
+        out.close(collab_core::session::CLOSE_GOING_AWAY);
+        assert_eq!(
+            inbox.next().await,
+            Next::Close(collab_core::session::CLOSE_GOING_AWAY)
+        );
         inbox.writer().write(&[0x88, 0]).unwrap();
         wire.grant(100);
         let writer = inbox.writer();
@@ -655,9 +571,12 @@ mod tests {
     #[test]
     fn first_close_reason_wins() {
         let (out, inbox) = outbox(10, FakeWire::with_room(0));
-        out.close(CLOSE_REPLACED);
+        out.close(collab_core::session::CLOSE_REPLACED);
         out.close(CLOSE_SLOW);
-        assert_eq!(inbox.close_reason(), Some(CLOSE_REPLACED));
+        assert_eq!(
+            inbox.close_reason(),
+            Some(collab_core::session::CLOSE_REPLACED)
+        );
     }
 
     #[test]

@@ -23,7 +23,7 @@ use yrs::{
     DeepObservable, Doc, MapRef, ReadTxn, StateVector, Transact, TransactionMut, Update, WriteTxn,
 };
 
-use super::guard::{self, GuardError};
+use super::guard::{self, CheckedStateVector, CheckedUpdate, GuardError};
 use super::order;
 
 /// Name of the root map holding the scene's items (PROTOCOL §2).
@@ -123,14 +123,10 @@ impl GuardedDoc {
     /// Builds a document from stored updates (a snapshot and/or a log), checked like any
     /// untrusted input. They are applied in one transaction before the change observer is
     /// attached: loading reports no changes, and that keeps a 10,000-item load cheap.
-    pub fn from_updates<'a>(updates: impl IntoIterator<Item = &'a [u8]>) -> Result<Self, DocError> {
-        let updates: Vec<&[u8]> = updates.into_iter().filter(|u| !u.is_empty()).collect();
-        for update in &updates {
-            guard::check_update_v1(update)?;
-        }
+    pub fn from_updates(updates: &[CheckedUpdate]) -> Result<Self, DocError> {
         let built = catch_unwind(|| {
             let doc = Doc::new();
-            apply_all(&doc, updates.iter().copied()).map(|()| doc)
+            apply_all(&doc, updates.iter().map(CheckedUpdate::bytes)).map(|()| doc)
         });
         let mut doc = Self::from_parts(observed(built.map_err(|_| DocError::Panicked)??));
         doc.fold_log()?;
@@ -152,11 +148,11 @@ impl GuardedDoc {
         self.dropped_held
     }
 
-    /// Applies an untrusted v1 update. `Ok(None)` when it changed nothing (a duplicate, or
+    /// Applies a checked v1 update. `Ok(None)` when it changed nothing (a duplicate, or
     /// blocks held until what they follow arrives: see [`order`](super::order)).
-    pub fn apply_update(&mut self, bytes: &[u8]) -> Result<Option<Change>, DocError> {
+    pub fn apply_update(&mut self, update: &CheckedUpdate) -> Result<Option<Change>, DocError> {
         let held = self.held.take();
-        match self.apply_with_held(bytes, held.as_deref()) {
+        match self.apply_with_held(update, held.as_deref()) {
             Ok((change, still_held)) => {
                 self.held = still_held.filter(|h| {
                     // Peers resend what the document lacks whenever they sync.
@@ -177,20 +173,21 @@ impl GuardedDoc {
     /// held afterwards.
     fn apply_with_held(
         &mut self,
-        bytes: &[u8],
+        update: &CheckedUpdate,
         held: Option<&[u8]>,
     ) -> Result<(Option<Change>, Option<Vec<u8>>), DocError> {
         let decodes =
             |bytes: &[u8]| Update::decode_v1(bytes).map_err(|e| DocError::Malformed(e.to_string()));
-        let layout = guard::layout_update_v1(bytes)?;
+        let bytes = update.bytes();
         let (merged, layout) = match held {
-            None => (Cow::Borrowed(bytes), layout),
+            None => (Cow::Borrowed(bytes), Cow::Borrowed(update.layout())),
             Some(held) => {
                 // Bad bytes are refused before they are merged with the held ones.
                 decodes(bytes)?;
+                // yrs's own encoding of the merge: its layout is read again.
                 let merged = merge_v1(held, bytes)?;
                 let layout = guard::layout_update_v1(&merged)?;
-                (Cow::Owned(merged), layout)
+                (Cow::Owned(merged), Cow::Owned(layout))
             }
         };
         let sv = self.doc.transact().state_vector();
@@ -307,10 +304,10 @@ impl GuardedDoc {
         self.encode_diff(&StateVector::default())
     }
 
-    /// What a peer with the (untrusted) v1 state vector `sv` lacks, as one v1 update.
-    pub fn encode_diff_v1(&mut self, sv: &[u8]) -> Result<Vec<u8>, DocError> {
-        guard::check_state_vector_v1(sv)?;
-        let sv = StateVector::decode_v1(sv).map_err(|e| DocError::Malformed(e.to_string()))?;
+    /// What a peer with the state vector `sv` lacks, as one v1 update.
+    pub fn encode_diff_v1(&mut self, sv: &CheckedStateVector) -> Result<Vec<u8>, DocError> {
+        let sv =
+            StateVector::decode_v1(sv.bytes()).map_err(|e| DocError::Malformed(e.to_string()))?;
         self.encode_diff(&sv)
     }
 
@@ -436,6 +433,15 @@ mod tests {
     use super::*;
     use yrs::{Any, Map, MapPrelim};
 
+    /// Checks `bytes` and applies them: the path every untrusted update takes.
+    fn apply(doc: &mut GuardedDoc, bytes: &[u8]) -> Result<Option<Change>, DocError> {
+        doc.apply_update(&CheckedUpdate::check(bytes.to_vec())?)
+    }
+
+    fn checked(bytes: Vec<u8>) -> CheckedUpdate {
+        CheckedUpdate::check(bytes).expect("a valid update")
+    }
+
     fn peer_update(f: impl FnOnce(&mut TransactionMut, &MapRef)) -> Vec<u8> {
         let doc = Doc::new();
         let items = doc.get_or_insert_map(ITEMS);
@@ -471,13 +477,13 @@ mod tests {
             items.insert(txn, "u1", MapPrelim::from([("name", Any::from("L1"))]));
         });
         let mut doc = GuardedDoc::new();
-        let change = doc.apply_update(&update).unwrap().unwrap();
+        let change = apply(&mut doc, &update).unwrap().unwrap();
         assert_eq!(change.touched, vec![Arc::<str>::from("u1")]);
         assert!(
-            doc.apply_update(&update).unwrap().is_none(),
+            apply(&mut doc, &update).unwrap().is_none(),
             "a duplicate changes nothing"
         );
-        let copy = GuardedDoc::from_updates([doc.encode_state_v1().unwrap().as_slice()]).unwrap();
+        let copy = GuardedDoc::from_updates(&[checked(doc.encode_state_v1().unwrap())]).unwrap();
         assert_eq!(copy.state_vector_v1(), doc.state_vector_v1());
     }
 
@@ -490,11 +496,9 @@ mod tests {
         .unwrap();
         let before = doc.encode_state_v1().unwrap();
         for bad in [&[0xff, 0xff, 0xff, 0x0f][..], &[1, 2, 3], &[0, 0, 1]] {
-            assert!(doc.apply_update(bad).is_err());
+            assert!(apply(&mut doc, bad).is_err());
         }
-        assert!(doc
-            .encode_diff_v1(&[0xff, 0xff, 0xff, 0xff, 0x0f, 0, 0, 0])
-            .is_err());
+        assert!(CheckedStateVector::check(vec![0xff, 0xff, 0xff, 0xff, 0x0f, 0, 0, 0]).is_err());
         assert_eq!(doc.encode_state_v1().unwrap(), before);
     }
 
@@ -510,19 +514,19 @@ mod tests {
             })
             .collect();
         let mut doc = GuardedDoc::new();
-        assert!(doc.apply_update(&edits[2]).unwrap().is_none());
-        assert!(doc.apply_update(&edits[1]).unwrap().is_none());
+        assert!(apply(&mut doc, &edits[2]).unwrap().is_none());
+        assert!(apply(&mut doc, &edits[1]).unwrap().is_none());
         assert!(doc.held_bytes() > 0);
         let before = doc.encode_state_v1().unwrap();
         for bad in [&[0xff, 0xff, 0xff, 0x0f][..], &[1, 1, 9, 0, 4, 1]] {
-            assert!(doc.apply_update(bad).is_err());
+            assert!(apply(&mut doc, bad).is_err());
         }
         assert_eq!(
             doc.encode_state_v1().unwrap(),
             before,
             "refused bytes change nothing"
         );
-        let change = doc.apply_update(&edits[0]).unwrap().expect("a change");
+        let change = apply(&mut doc, &edits[0]).unwrap().expect("a change");
         assert_eq!(
             change.touched.len(),
             3,

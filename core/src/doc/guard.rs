@@ -290,14 +290,84 @@ pub struct UpdateLayout {
     pub delete_set: Range<usize>,
 }
 
-/// Validates a v1-encoded update (`Update::decode_v1`) before it is given to yrs.
-pub fn check_update_v1(bytes: &[u8]) -> Result<(), GuardError> {
-    layout_update_v1(bytes).map(drop)
+/// Untrusted Yjs v1 update bytes that passed the guard, with their layout. Only
+/// [`CheckedUpdate::check`] makes one, and the document applies nothing else: "yrs only sees
+/// guarded bytes" is a fact of the types, and the bytes are walked once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckedUpdate {
+    bytes: Vec<u8>,
+    layout: UpdateLayout,
 }
 
-/// Validates a v1-encoded update like [`check_update_v1`] and reports its layout. The layout
-/// grows with the blocks actually present (each at least one byte), never with a declared count.
-pub fn layout_update_v1(bytes: &[u8]) -> Result<UpdateLayout, GuardError> {
+impl CheckedUpdate {
+    /// Validates v1 update bytes (as `Update::decode_v1` reads them).
+    pub fn check(bytes: Vec<u8>) -> Result<Self, GuardError> {
+        let layout = layout_update_v1(&bytes)?;
+        Ok(CheckedUpdate { bytes, layout })
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.bytes
+    }
+
+    /// Where each client's blocks and the delete set are.
+    pub fn layout(&self) -> &UpdateLayout {
+        &self.layout
+    }
+}
+
+/// Untrusted v1 state vector bytes that passed the guard (`StateVector::decode_v1`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckedStateVector(Vec<u8>);
+
+impl CheckedStateVector {
+    pub fn check(bytes: Vec<u8>) -> Result<Self, GuardError> {
+        let mut r = Reader {
+            buf: &bytes,
+            pos: 0,
+        };
+        for _ in 0..r.count("state vector entries", 2, 32)? {
+            r.id()?;
+        }
+        r.finish()?;
+        Ok(CheckedStateVector(bytes))
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// Untrusted v1 awareness update bytes that passed the guard (`AwarenessUpdate::decode_v1`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckedAwareness(Vec<u8>);
+
+impl CheckedAwareness {
+    pub fn check(bytes: Vec<u8>) -> Result<Self, GuardError> {
+        let mut r = Reader {
+            buf: &bytes,
+            pos: 0,
+        };
+        for _ in 0..r.count("awareness entries", 3, 64)? {
+            r.id()?;
+            r.string("awareness state length")?;
+        }
+        r.finish()?;
+        Ok(CheckedAwareness(bytes))
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// Validates a v1-encoded update and reports its layout. The layout grows with the blocks
+/// actually present (each at least one byte), never with a declared count.
+pub(crate) fn layout_update_v1(bytes: &[u8]) -> Result<UpdateLayout, GuardError> {
     let mut r = Reader { buf: bytes, pos: 0 };
     let mut layout = UpdateLayout::default();
     for _ in 0..r.count("update clients", 3, 32)? {
@@ -327,25 +397,6 @@ pub fn layout_update_v1(bytes: &[u8]) -> Result<UpdateLayout, GuardError> {
     Ok(layout)
 }
 
-/// Validates a v1-encoded state vector (`StateVector::decode_v1`).
-pub fn check_state_vector_v1(bytes: &[u8]) -> Result<(), GuardError> {
-    let mut r = Reader { buf: bytes, pos: 0 };
-    for _ in 0..r.count("state vector entries", 2, 32)? {
-        r.id()?;
-    }
-    r.finish()
-}
-
-/// Validates a v1-encoded awareness update (`AwarenessUpdate::decode_v1`).
-pub fn check_awareness_update_v1(bytes: &[u8]) -> Result<(), GuardError> {
-    let mut r = Reader { buf: bytes, pos: 0 };
-    for _ in 0..r.count("awareness entries", 3, 64)? {
-        r.id()?;
-        r.string("awareness state length")?;
-    }
-    r.finish()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -355,6 +406,18 @@ mod tests {
     use yrs::{any, sync::Awareness, types::text::Text, Any, Array, ArrayPrelim, Doc, In, Map};
     use yrs::{MapPrelim, ReadTxn, StateVector, Transact, TransactionMut, Update, Xml};
     use yrs::{XmlElementPrelim, XmlFragment, XmlTextPrelim};
+
+    fn check_update_v1(bytes: &[u8]) -> Result<(), GuardError> {
+        CheckedUpdate::check(bytes.to_vec()).map(drop)
+    }
+
+    fn check_state_vector_v1(bytes: &[u8]) -> Result<(), GuardError> {
+        CheckedStateVector::check(bytes.to_vec()).map(drop)
+    }
+
+    fn check_awareness_update_v1(bytes: &[u8]) -> Result<(), GuardError> {
+        CheckedAwareness::check(bytes.to_vec()).map(drop)
+    }
 
     fn hex(s: &str) -> Vec<u8> {
         let byte = |i| u8::from_str_radix(&s[i..i + 2], 16).expect("test hex");

@@ -14,7 +14,7 @@ use yrs::updates::decoder::Decode;
 use yrs::updates::encoder::Encode;
 use yrs::ClientID;
 
-use crate::doc::guard;
+use crate::doc::guard::CheckedAwareness;
 use crate::doc::PeerId;
 
 /// States not renewed for this long are removed.
@@ -66,17 +66,16 @@ impl AwarenessStates {
         self.states.is_empty()
     }
 
-    /// Applies an untrusted awareness update from `owner`. Returns the encoded update of what
+    /// Applies an awareness update from `owner`. Returns the encoded update of what
     /// changed (to broadcast), or `None` when nothing did.
     pub fn apply(
         &mut self,
         owner: PeerId,
-        bytes: &[u8],
+        bytes: &CheckedAwareness,
         now: Instant,
     ) -> Result<Option<Vec<u8>>, AwarenessError> {
-        guard::check_awareness_update_v1(bytes).map_err(|e| AwarenessError(e.to_string()))?;
         let update =
-            AwarenessUpdate::decode_v1(bytes).map_err(|e| AwarenessError(e.to_string()))?;
+            AwarenessUpdate::decode_v1(bytes.bytes()).map_err(|e| AwarenessError(e.to_string()))?;
         if let Some((client, _)) = update
             .clients
             .iter()
@@ -198,8 +197,8 @@ fn encode(clients: HashMap<ClientID, AwarenessUpdateEntry>) -> Option<Vec<u8>> {
 mod tests {
     use super::*;
 
-    fn update(entries: &[(u64, u32, &str)]) -> Vec<u8> {
-        AwarenessUpdate {
+    fn update(entries: &[(u64, u32, &str)]) -> CheckedAwareness {
+        let bytes = AwarenessUpdate {
             clients: entries
                 .iter()
                 .map(|(id, clock, json)| {
@@ -213,7 +212,8 @@ mod tests {
                 })
                 .collect(),
         }
-        .encode_v1()
+        .encode_v1();
+        CheckedAwareness::check(bytes).expect("a valid awareness update")
     }
 
     fn decoded(bytes: Vec<u8>) -> AwarenessUpdate {
@@ -269,6 +269,6 @@ mod tests {
         let gone = decoded(aw.expire(now + AWARENESS_TIMEOUT).unwrap());
         assert_eq!(gone.clients.len(), 2);
         assert!(aw.encode_all().is_none());
-        assert!(aw.apply(1, &[0xff, 0xff, 0xff, 0xff, 0x0f], now).is_err());
+        assert!(CheckedAwareness::check(vec![0xff, 0xff, 0xff, 0xff, 0x0f]).is_err());
     }
 }

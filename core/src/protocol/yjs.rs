@@ -14,18 +14,17 @@ use yrs::updates::decoder::Decode;
 use yrs::updates::encoder::Encode;
 use yrs::StateVector;
 
-use crate::doc::guard;
+use crate::doc::guard::{CheckedAwareness, CheckedStateVector, CheckedUpdate};
 
-/// A y-websocket message whose payload passed the structural checks.
+/// A y-websocket message whose payload passed the guard.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum YjsMessage {
-    /// The sender's state vector (v1 bytes).
-    SyncStep1(Vec<u8>),
+    /// The sender's state vector.
+    SyncStep1(CheckedStateVector),
     /// An update answering our SyncStep1.
-    SyncStep2(Vec<u8>),
-    Update(Vec<u8>),
-    /// An awareness update (v1 bytes).
-    Awareness(Vec<u8>),
+    SyncStep2(CheckedUpdate),
+    Update(CheckedUpdate),
+    Awareness(CheckedAwareness),
     QueryAwareness,
     /// Auth messages are for servers to send; a client's is ignored.
     Auth,
@@ -61,18 +60,17 @@ pub fn decode(frame: &[u8]) -> Result<YjsMessage, FrameError> {
                 .map_err(|_| err("truncated sync payload"))?
                 .to_vec();
             match u8::try_from(step).unwrap_or(u8::MAX) {
-                MSG_SYNC_STEP_1 => {
-                    guard::check_state_vector_v1(&payload)
-                        .map_err(|e| err(format!("bad state vector: {e}")))?;
-                    YjsMessage::SyncStep1(payload)
-                }
+                MSG_SYNC_STEP_1 => YjsMessage::SyncStep1(
+                    CheckedStateVector::check(payload)
+                        .map_err(|e| err(format!("bad state vector: {e}")))?,
+                ),
                 MSG_SYNC_STEP_2 | MSG_SYNC_UPDATE => {
-                    guard::check_update_v1(&payload)
+                    let update = CheckedUpdate::check(payload)
                         .map_err(|e| err(format!("bad update: {e}")))?;
                     if step == u32::from(MSG_SYNC_STEP_2) {
-                        YjsMessage::SyncStep2(payload)
+                        YjsMessage::SyncStep2(update)
                     } else {
-                        YjsMessage::Update(payload)
+                        YjsMessage::Update(update)
                     }
                 }
                 _ => return Err(err(format!("unknown sync step {step}"))),
@@ -83,9 +81,10 @@ pub fn decode(frame: &[u8]) -> Result<YjsMessage, FrameError> {
                 .read_buf()
                 .map_err(|_| err("truncated awareness payload"))?
                 .to_vec();
-            guard::check_awareness_update_v1(&payload)
-                .map_err(|e| err(format!("bad awareness update: {e}")))?;
-            YjsMessage::Awareness(payload)
+            YjsMessage::Awareness(
+                CheckedAwareness::check(payload)
+                    .map_err(|e| err(format!("bad awareness update: {e}")))?,
+            )
         }
         MSG_QUERY_AWARENESS => YjsMessage::QueryAwareness,
         MSG_AUTH => YjsMessage::Auth,
@@ -156,13 +155,16 @@ mod tests {
         let sv = doc.transact().state_vector().encode_v1();
         assert_eq!(
             decode(&sync_update(&update)).unwrap(),
-            YjsMessage::Update(update.clone())
+            YjsMessage::Update(CheckedUpdate::check(update.clone()).unwrap())
         );
         assert_eq!(
             decode(&sync_step2(&update)).unwrap(),
-            YjsMessage::SyncStep2(update.clone())
+            YjsMessage::SyncStep2(CheckedUpdate::check(update.clone()).unwrap())
         );
-        assert_eq!(decode(&sync_step1(&sv)).unwrap(), YjsMessage::SyncStep1(sv));
+        assert_eq!(
+            decode(&sync_step1(&sv)).unwrap(),
+            YjsMessage::SyncStep1(CheckedStateVector::check(sv).unwrap())
+        );
         let copy = Doc::new();
         let ct = copy.get_or_insert_text("t");
         copy.transact_mut()

@@ -5,9 +5,23 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use optiverse_collab::doc::{DocError, GuardedDoc, Scene};
+use collab_core::doc::ydoc::Change;
+use collab_core::doc::{CheckedStateVector, CheckedUpdate, DocError, Effects, GuardedDoc, Scene};
 use yrs::updates::decoder::Decode;
 use yrs::Update;
+
+/// Untrusted bytes as the server takes them: checked by the guard, then applied.
+fn apply(doc: &mut GuardedDoc, bytes: &[u8]) -> Result<Option<Change>, DocError> {
+    doc.apply_update(&CheckedUpdate::check(bytes.to_vec())?)
+}
+
+fn scene_apply(scene: &mut Scene, user: &Arc<str>, bytes: &[u8]) -> Result<Effects, DocError> {
+    scene.apply_update(user, &CheckedUpdate::check(bytes.to_vec())?)
+}
+
+fn load(bytes: &[u8]) -> Result<GuardedDoc, DocError> {
+    GuardedDoc::from_updates(&[CheckedUpdate::check(bytes.to_vec())?])
+}
 
 fn input(name: &str) -> Vec<u8> {
     let path = format!(
@@ -27,7 +41,7 @@ fn input(name: &str) -> Vec<u8> {
 fn assert_encoding_reloads(doc: &mut GuardedDoc) {
     let encoded = doc.encode_state_v1().expect("the document encodes");
     Update::decode_v1(&encoded).expect("the document's encoding decodes");
-    let copy = GuardedDoc::from_updates([encoded.as_slice()]).expect("the encoding loads");
+    let copy = load(&encoded).expect("the encoding loads");
     let sv = |bytes: Vec<u8>| yrs::StateVector::decode_v1(&bytes).expect("a state vector");
     assert_eq!(sv(copy.state_vector_v1()), sv(doc.state_vector_v1()));
 }
@@ -39,16 +53,16 @@ fn assert_encoding_reloads(doc: &mut GuardedDoc) {
 fn json_content_does_not_poison_the_stored_state() {
     let update = input("untrusted_update-json-content");
     let mut doc = GuardedDoc::new();
-    match doc.apply_update(&update) {
+    match apply(&mut doc, &update) {
         Ok(_) => assert_encoding_reloads(&mut doc),
         Err(DocError::Rejected(_)) => {}
         Err(other) => panic!("unexpected error {other}"),
     }
     // The same through a scene: what it would persist must load.
     let mut scene = Scene::default();
-    if let Ok(effects) = scene.apply_update(&Arc::from("yjs"), &update) {
+    if let Ok(effects) = scene_apply(&mut scene, &Arc::from("yjs"), &update) {
         if let Some(persisted) = effects.update {
-            GuardedDoc::from_updates([persisted.as_slice()]).expect("the persisted update loads");
+            load(&persisted).expect("the persisted update loads");
         }
     }
 }
@@ -64,7 +78,7 @@ fn json_content_does_not_poison_the_stored_state() {
 fn a_skip_then_a_block_over_it_keeps_the_document_loadable() {
     let mut doc = GuardedDoc::new();
     for name in ["merge_convergence-skip-1", "merge_convergence-skip-2"] {
-        let _ = doc.apply_update(&input(name));
+        let _ = apply(&mut doc, &input(name));
     }
     assert_encoding_reloads(&mut doc);
 }
@@ -83,6 +97,7 @@ fn what_the_session_sends_does_not_crash_a_yrs_peer() {
     let peer = Doc::new();
     let sync = |session: &mut GuardedDoc| {
         let sv = peer.transact().state_vector().encode_v1();
+        let sv = CheckedStateVector::check(sv).expect("a state vector");
         let answer = session.encode_diff_v1(&sv).expect("SyncStep2");
         let update = Update::decode_v1(&answer).expect("decodes");
         let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -94,14 +109,10 @@ fn what_the_session_sends_does_not_crash_a_yrs_peer() {
         );
     };
     for name in ["pending-1", "pending-2"] {
-        session
-            .apply_update(&input(&format!("merge_convergence-{name}")))
-            .unwrap();
+        apply(&mut session, &input(&format!("merge_convergence-{name}"))).unwrap();
     }
     sync(&mut session);
-    session
-        .apply_update(&input("merge_convergence-pending-3"))
-        .unwrap();
+    apply(&mut session, &input("merge_convergence-pending-3")).unwrap();
     sync(&mut session);
 }
 
@@ -116,7 +127,7 @@ fn the_mirror_follows_the_document_through_a_rebuild() {
     let user: Arc<str> = Arc::from("yjs");
     for i in 1..=4 {
         let update = input(&format!("merge_convergence-rebuild-{i}"));
-        let _ = scene.apply_update(&user, &update);
+        let _ = scene_apply(&mut scene, &user, &update);
         let mirror: Vec<(String, serde_json::Value)> = scene
             .full_state()
             .items
@@ -142,7 +153,7 @@ fn the_mirror_follows_the_document_through_a_rebuild() {
                                     .map(|(k, v)| {
                                         (
                                             k.to_owned(),
-                                            optiverse_collab::doc::value::out_to_json(txn, &v),
+                                            collab_core::doc::value::out_to_json(txn, &v),
                                         )
                                     })
                                     .collect(),
@@ -168,8 +179,8 @@ fn the_mirror_follows_the_document_through_a_rebuild() {
 /// removal once more (PROTOCOL §3.3, "Convergence"; otherwise the remover gets no echo).
 #[test]
 fn a_removal_crossing_a_re_creation_is_repeated_to_the_sender() {
-    use optiverse_collab::doc::scene::PeerMessage;
-    use optiverse_collab::doc::{Action, Command, Effects};
+    use collab_core::doc::scene::PeerMessage;
+    use collab_core::doc::{Action, Command, Effects};
     use yrs::{Doc, Map, MapPrelim, Transact};
 
     let (a, b, user): (u64, u64, Arc<str>) = (1, 2, Arc::from("u"));
@@ -233,7 +244,7 @@ fn a_removal_crossing_a_re_creation_is_repeated_to_the_sender() {
         txn.encode_update_v1()
     };
     deliver(
-        scene.apply_update(&Arc::from("yjs"), &replaced).unwrap(),
+        scene_apply(&mut scene, &Arc::from("yjs"), &replaced).unwrap(),
         &mut b_inbox,
     );
     // B removes X, unaware of both messages.
@@ -276,8 +287,8 @@ fn an_update_naming_a_plain_value_as_parent_is_refused_whole() {
     let mut doc = GuardedDoc::new();
     let update = input("merge_convergence-corrupt-parent");
     assert!(matches!(
-        doc.apply_update(&update),
-        Err(optiverse_collab::doc::DocError::Malformed(_))
+        apply(&mut doc, &update),
+        Err(collab_core::doc::DocError::Malformed(_))
     ));
     assert_eq!(doc.read(|txn, items| yrs::Map::len(items, txn)).unwrap(), 0);
     assert_eq!(doc.held_bytes(), 0);

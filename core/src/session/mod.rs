@@ -1,0 +1,736 @@
+//! One session as a state machine, with no I/O: the scene, the members and their roles, the
+//! acks and user events, awareness, and who is sent what.
+//!
+//! The server's async shell feeds it one [`Input`] at a time with the current time
+//! ([`Session::handle`]) and gets back an [`Output`]: the updates to store, then the messages
+//! to send and the connections to close. The shell stores first and sends after (nothing is
+//! sent before it is durable), and tells the session when a connection leaves or falls behind.
+//! Everything the protocol promises about membership and ordering is decided here, so it is
+//! tested here, by feeding inputs and reading outputs.
+
+pub mod awareness;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use base64::Engine as _;
+use bytes::Bytes;
+
+use crate::doc::scene::PeerMessage;
+use crate::doc::{CheckedUpdate, DocError, Effects, PeerId, Scene};
+use crate::protocol::json::{
+    self, ClientMessage, ErrorCode, ProtocolError, UserEntry, YjsAckFields,
+};
+use crate::protocol::yjs::{self, YjsMessage};
+pub use awareness::{AwarenessError, AwarenessStates, AWARENESS_TIMEOUT};
+
+/// User id written on changes that arrive through the HTTP API.
+pub const API_USER: &str = "api";
+/// User id written on changes from anonymous Yjs connections.
+pub const YJS_USER: &str = "yjs";
+
+/// How often awareness states are checked for expiry.
+const AWARENESS_CHECK: Duration = Duration::from_secs(5);
+
+/// A v1 state vector with no entries: what a client with an empty document sends.
+const EMPTY_STATE_VECTOR: [u8; 1] = [0];
+
+/// Which protocol a connection speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnKind {
+    /// Optiverse JSON on `/ws/{session}/{user}`.
+    Legacy,
+    /// `/ws/{session}/{user}?yjs=1`: JSON control messages, Yjs binary for the document.
+    LegacyYjs,
+    /// y-websocket on `/yjs/{session}`.
+    Yjs,
+}
+
+impl ConnKind {
+    /// Whether the connection gets JSON messages (ack, user events, errors).
+    pub fn speaks_json(self) -> bool {
+        self != ConnKind::Yjs
+    }
+
+    /// Whether the connection gets the document as Yjs updates.
+    pub fn speaks_yjs(self) -> bool {
+        self != ConnKind::Legacy
+    }
+}
+
+/// Why a connection is closed (PROTOCOL §7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CloseReason {
+    pub code: u16,
+    pub reason: &'static str,
+}
+
+pub const CLOSE_GOING_AWAY: CloseReason = CloseReason {
+    code: 1001,
+    reason: "Server shutting down",
+};
+pub const CLOSE_IDLE: CloseReason = CloseReason {
+    code: 1001,
+    reason: "Idle timeout",
+};
+pub const CLOSE_PROTOCOL_ERROR: CloseReason = CloseReason {
+    code: 1002,
+    reason: "Protocol error",
+};
+pub const CLOSE_INVALID_UTF8: CloseReason = CloseReason {
+    code: 1007,
+    reason: "Invalid UTF-8 in a text frame",
+};
+pub const CLOSE_INVALID_PATH: CloseReason = CloseReason {
+    code: 1008,
+    reason: "Invalid path",
+};
+pub const CLOSE_TOO_BIG: CloseReason = CloseReason {
+    code: 1009,
+    reason: "Message too big",
+};
+pub const CLOSE_INTERNAL: CloseReason = CloseReason {
+    code: 1011,
+    reason: "Session unavailable",
+};
+pub const CLOSE_SLOW: CloseReason = CloseReason {
+    code: 1013,
+    reason: "Slow consumer, reconnect",
+};
+pub const CLOSE_REPLACED: CloseReason = CloseReason {
+    code: 4000,
+    reason: "Replaced by a newer connection",
+};
+
+/// The time as a session sees it: an instant for its timers, and the wall-clock time that its
+/// messages carry (formatted once).
+#[derive(Debug, Clone)]
+pub struct Now {
+    pub instant: Instant,
+    pub timestamp: Arc<str>,
+}
+
+impl Now {
+    pub fn at(instant: Instant, wall: SystemTime) -> Now {
+        Now {
+            instant,
+            timestamp: json::timestamp(wall).into(),
+        }
+    }
+}
+
+/// Whether a payload is a text (JSON) or a binary (y-websocket) message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PayloadKind {
+    Text,
+    Binary,
+}
+
+/// One message, encoded once, however many members it goes to. The transport frames it once
+/// too: [`Payload::framed`] keeps what the first framing made.
+#[derive(Debug)]
+pub struct Payload {
+    kind: PayloadKind,
+    bytes: Bytes,
+    framed: OnceLock<Bytes>,
+}
+
+impl Payload {
+    pub fn text(text: String) -> Arc<Payload> {
+        Payload::new(PayloadKind::Text, Bytes::from(text))
+    }
+
+    pub fn binary(bytes: impl Into<Bytes>) -> Arc<Payload> {
+        Payload::new(PayloadKind::Binary, bytes.into())
+    }
+
+    fn new(kind: PayloadKind, bytes: Bytes) -> Arc<Payload> {
+        Arc::new(Payload {
+            kind,
+            bytes,
+            framed: OnceLock::new(),
+        })
+    }
+
+    pub fn kind(&self) -> PayloadKind {
+        self.kind
+    }
+
+    pub fn bytes(&self) -> &Bytes {
+        &self.bytes
+    }
+
+    /// The payload as the transport sends it, made by `frame` the first time it is asked.
+    pub fn framed(&self, frame: impl FnOnce(PayloadKind, &[u8]) -> Bytes) -> Bytes {
+        self.framed
+            .get_or_init(|| frame(self.kind, &self.bytes))
+            .clone()
+    }
+}
+
+/// Something the shell logs or counts.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A member's input was refused (a JSON speaker got an `error`); the session is unchanged.
+    Rejected {
+        peer: PeerId,
+        user: Option<Arc<str>>,
+        error: ProtocolError,
+    },
+    /// Blocks waiting for a gap in their client's clocks outgrew their bound and were let go
+    /// (not lost for good: peers resend what the session lacks when they sync).
+    HeldBlocksDropped { user: Arc<str> },
+}
+
+/// What one step produced, in the order it must take effect: store `persist`, then send
+/// `sends` (each member's in order), then close `closes` after what was sent to them.
+#[derive(Debug, Default)]
+pub struct Output {
+    /// The document updates accepted, as v1 updates.
+    pub persist: Vec<Vec<u8>>,
+    pub sends: Vec<(PeerId, Arc<Payload>)>,
+    pub closes: Vec<(PeerId, CloseReason)>,
+    pub events: Vec<Event>,
+}
+
+impl Output {
+    pub fn is_empty(&self) -> bool {
+        self.persist.is_empty()
+            && self.sends.is_empty()
+            && self.closes.is_empty()
+            && self.events.is_empty()
+    }
+}
+
+/// What a session is fed.
+#[derive(Debug)]
+pub enum Input {
+    /// A connection joins; `user: None` is an anonymous Yjs connection (not in the user list).
+    Join {
+        peer: PeerId,
+        kind: ConnKind,
+        user: Option<Arc<str>>,
+    },
+    /// The connection ended.
+    Leave { peer: PeerId },
+    /// The shell ends the connection (it fell too far behind): the member leaves, closed with
+    /// `reason`.
+    Drop { peer: PeerId, reason: CloseReason },
+    /// A valid JSON message from a connection that speaks JSON.
+    Json {
+        peer: PeerId,
+        message: ClientMessage,
+    },
+    /// A valid y-websocket message.
+    Yjs { peer: PeerId, message: YjsMessage },
+    /// `POST /api/sessions/{s}/update`.
+    ApiUpdate(CheckedUpdate),
+    /// A deadline ([`Session::next_deadline`]) passed.
+    Tick,
+}
+
+/// Why a join or an HTTP update was refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Refused {
+    /// The session could not produce what the connection needs (its document failed).
+    #[error("the session is unavailable: {0}")]
+    Unavailable(DocError),
+    /// The update was refused; the document is unchanged.
+    #[error(transparent)]
+    BadUpdate(DocError),
+}
+
+/// One line of `GET /api/sessions`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Summary {
+    pub id: String,
+    pub users: Vec<String>,
+    pub connections: usize,
+    pub item_count: usize,
+    pub document_bytes: usize,
+}
+
+/// Bounds a session applies.
+#[derive(Debug, Clone)]
+pub struct SessionLimits {
+    pub max_awareness_bytes: usize,
+    pub max_awareness_states: usize,
+}
+
+impl Default for SessionLimits {
+    fn default() -> Self {
+        SessionLimits {
+            max_awareness_bytes: 64 * 1024,
+            max_awareness_states: 1024,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Member {
+    /// Join order (ids are handed out before joins are queued, so they may arrive out of order).
+    joined: u64,
+    kind: ConnKind,
+    user: Option<Arc<str>>,
+    connected_at: Arc<str>,
+}
+
+/// The whole document as one SyncStep2 message, kept until the document changes: a fresh
+/// y-websocket joiner (an empty state vector) then costs a reference count.
+#[derive(Debug)]
+struct WholeState {
+    message: Arc<Payload>,
+    /// The document's rebuild count when it was encoded: a rebuild may change the state.
+    rebuilds: u64,
+}
+
+/// One session.
+pub struct Session {
+    id: Arc<str>,
+    scene: Scene,
+    members: BTreeMap<PeerId, Member>,
+    joins: u64,
+    awareness: AwarenessStates,
+    /// When awareness states are next checked for expiry (while there are any).
+    awareness_check: Option<Instant>,
+    whole_state: Option<WholeState>,
+}
+
+impl Session {
+    pub fn new(id: Arc<str>, scene: Scene, limits: &SessionLimits) -> Session {
+        Session {
+            id,
+            scene,
+            members: BTreeMap::new(),
+            joins: 0,
+            awareness: AwarenessStates::new(
+                limits.max_awareness_bytes,
+                limits.max_awareness_states,
+            ),
+            awareness_check: None,
+            whole_state: None,
+        }
+    }
+
+    pub fn id(&self) -> &Arc<str> {
+        &self.id
+    }
+
+    /// Whether no connection is a member.
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    pub fn is_member(&self, peer: PeerId) -> bool {
+        self.members.contains_key(&peer)
+    }
+
+    /// Whether any item or upload has reached the scene (persisted with the document).
+    pub fn initialized(&self) -> bool {
+        self.scene.initialized()
+    }
+
+    /// When the session next needs a [`Input::Tick`]: a correction due, or awareness expiry.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        match (self.scene.next_correction_due(), self.awareness_check) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Handles one input. `Err` only for a join or an HTTP update that was refused (nothing
+    /// else changed); every other outcome, errors to clients included, is in `out`.
+    pub fn handle(&mut self, input: Input, now: &Now, out: &mut Output) -> Result<(), Refused> {
+        match input {
+            Input::Join { peer, kind, user } => return self.join(peer, kind, user, now, out),
+            Input::Leave { peer } => self.leave(peer, None, now, out),
+            Input::Drop { peer, reason } => self.leave(peer, Some(reason), now, out),
+            Input::Json { peer, message } => self.json(peer, message, now, out),
+            Input::Yjs { peer, message } => self.yjs(peer, message, now, out),
+            Input::ApiUpdate(update) => {
+                let user: Arc<str> = Arc::from(API_USER);
+                let effects = self
+                    .apply_update(&user, &update, out)
+                    .map_err(Refused::BadUpdate)?;
+                self.emit(effects, None, now, out);
+            }
+            Input::Tick => self.tick(now, out),
+        }
+        Ok(())
+    }
+
+    /// The scene as the `state` of `sync:full_state` (`GET /api/sessions/{s}/scene`).
+    pub fn scene_json(&mut self, now: &Now) -> String {
+        json::encode_scene(&now.timestamp, &self.scene.full_state())
+    }
+
+    /// The whole document as one v1 update.
+    pub fn encode_state(&mut self) -> Result<Vec<u8>, DocError> {
+        let doc = self.scene.doc_mut();
+        // A failed encode rebuilds the document; the rebuilt one is tried once more.
+        doc.encode_state_v1().or_else(|_| doc.encode_state_v1())
+    }
+
+    pub fn summary(&mut self) -> Summary {
+        Summary {
+            id: self.id.to_string(),
+            users: self
+                .users()
+                .into_iter()
+                .map(|u| u.user_id.to_string())
+                .collect(),
+            connections: self.members.len(),
+            item_count: self.scene.item_count(),
+            document_bytes: self.encode_state().map_or(0, |b| b.len()),
+        }
+    }
+
+    /// The user list: each name once, in the order of its first connection.
+    fn users(&self) -> Vec<UserEntry> {
+        let mut members: Vec<&Member> = self.members.values().collect();
+        members.sort_unstable_by_key(|m| m.joined);
+        let mut users: Vec<UserEntry> = Vec::new();
+        for member in members {
+            if let Some(name) = &member.user {
+                if !users.iter().any(|u| &u.user_id == name) {
+                    users.push(UserEntry {
+                        user_id: name.clone(),
+                        connected_at: member.connected_at.clone(),
+                    });
+                }
+            }
+        }
+        users
+    }
+
+    fn has_user(&self, name: &str) -> bool {
+        self.members
+            .values()
+            .any(|m| m.user.as_deref() == Some(name))
+    }
+
+    fn join(
+        &mut self,
+        peer: PeerId,
+        kind: ConnKind,
+        user: Option<Arc<str>>,
+        now: &Now,
+        out: &mut Output,
+    ) -> Result<(), Refused> {
+        let yjs_ack = if kind == ConnKind::LegacyYjs {
+            let snapshot = self.encode_state().map_err(Refused::Unavailable)?;
+            let b64 = base64::engine::general_purpose::STANDARD;
+            Some(YjsAckFields {
+                snapshot: b64.encode(snapshot),
+                state_vector: b64.encode(self.scene.doc().state_vector_v1()),
+            })
+        } else {
+            None
+        };
+        // A newer Optiverse connection replaces an older one of the same user (PROTOCOL
+        // §3.5). Yjs connections are never replaced: a user may have several (browser tabs),
+        // and y-websocket would reconnect after a close, replacing the other in turn.
+        let replaced = user.as_ref().filter(|_| kind.speaks_json()).and_then(|u| {
+            self.members
+                .iter()
+                .find(|(_, m)| m.kind.speaks_json() && m.user.as_ref() == Some(u))
+                .map(|(id, _)| *id)
+        });
+        if let Some(old) = replaced {
+            self.remove_member(old, Some(CLOSE_REPLACED), out);
+        }
+        let already_present =
+            replaced.is_some() || user.as_deref().is_some_and(|u| self.has_user(u));
+        let is_host = kind.speaks_json()
+            && user.is_some()
+            && !self.scene.initialized()
+            && !self.members.values().any(|m| m.user.is_some());
+        self.members.insert(
+            peer,
+            Member {
+                joined: self.joins,
+                kind,
+                user: user.clone(),
+                connected_at: now.timestamp.clone(),
+            },
+        );
+        self.joins += 1;
+        if let (ConnKind::Legacy, Some(name)) = (kind, &user) {
+            self.scene.add_peer(peer);
+            // Before the ack: a desktop client acting as host answers `user:joined` by
+            // uploading its canvas, so its upload reaches the session before the
+            // `sync:request` it sends on the ack, and the session knows not to answer that
+            // with a full state that would replace its canvas. A client acting as client only
+            // logs it. No full state here: both clients ask for it (README, "Choices").
+            let joined = json::encode_user_event(&now.timestamp, true, name);
+            out.sends.push((peer, Payload::text(joined)));
+        }
+        if let (true, Some(name)) = (kind.speaks_json(), &user) {
+            let ack = json::encode_ack(
+                &now.timestamp,
+                &self.id,
+                name,
+                is_host,
+                &self.users(),
+                yjs_ack.as_ref(),
+            );
+            out.sends.push((peer, Payload::text(ack)));
+        }
+        if kind.speaks_yjs() {
+            let step1 = yjs::sync_step1(&self.scene.doc().state_vector_v1());
+            out.sends.push((peer, Payload::binary(step1)));
+            if let Some(states) = self.awareness.encode_all() {
+                out.sends
+                    .push((peer, Payload::binary(yjs::awareness(&states))));
+            }
+        }
+        if let (false, Some(name)) = (already_present, &user) {
+            let joined = Payload::text(json::encode_user_event(&now.timestamp, true, name));
+            self.send_to_json_members(&joined, Some(peer), out);
+        }
+        Ok(())
+    }
+
+    /// A member leaves (closed with `close` if given); the others hear `user:left` once its
+    /// name has no connection left.
+    fn leave(&mut self, peer: PeerId, close: Option<CloseReason>, now: &Now, out: &mut Output) {
+        let user = self.remove_member(peer, close, out);
+        if let Some(user) = user.filter(|u| !self.has_user(u)) {
+            let left = Payload::text(json::encode_user_event(&now.timestamp, false, &user));
+            self.send_to_json_members(&left, None, out);
+        }
+    }
+
+    /// Removes a member (closing it with `close` if given); returns its user name.
+    fn remove_member(
+        &mut self,
+        peer: PeerId,
+        close: Option<CloseReason>,
+        out: &mut Output,
+    ) -> Option<Arc<str>> {
+        let member = self.members.remove(&peer)?;
+        if let Some(reason) = close {
+            out.closes.push((peer, reason));
+        }
+        self.scene.remove_peer(peer);
+        if let Some(removal) = self.awareness.remove_owner(peer) {
+            self.broadcast_awareness(&removal, out);
+        }
+        if self.awareness.is_empty() {
+            self.awareness_check = None;
+        }
+        member.user
+    }
+
+    fn user_of(&self, peer: PeerId) -> Arc<str> {
+        self.members
+            .get(&peer)
+            .and_then(|m| m.user.clone())
+            .unwrap_or_else(|| Arc::from(YJS_USER))
+    }
+
+    fn json(&mut self, peer: PeerId, message: ClientMessage, now: &Now, out: &mut Output) {
+        if !self.members.contains_key(&peer) {
+            return;
+        }
+        let user = self.user_of(peer);
+        match message {
+            // The pong is a barrier: everything the connection sent before was applied, and
+            // the corrections owed to it go out before it.
+            ClientMessage::Ping => {
+                let effects = self.scene.send_corrections_owed_to(peer);
+                self.emit(effects, None, now, out);
+                out.sends
+                    .push((peer, Payload::text(json::encode_pong(&now.timestamp))));
+            }
+            // Only plain legacy connections take full states (PROTOCOL §4).
+            ClientMessage::SyncRequest => {
+                let effects = self.scene.request_sync(peer, &user);
+                self.emit(effects, Some(peer), now, out);
+            }
+            ClientMessage::Command(command) => {
+                match self.scene.apply_command(peer, &user, command, now.instant) {
+                    Ok(effects) => self.emit(effects, Some(peer), now, out),
+                    Err(e) => self.reject(peer, ErrorCode::BadMessage, e.to_string(), out),
+                }
+            }
+            ClientMessage::FullState(items) => {
+                match self.scene.apply_upload(peer, &user, items, now.instant) {
+                    Ok(effects) => self.emit(effects, Some(peer), now, out),
+                    Err(e) => self.reject(peer, ErrorCode::BadMessage, e.to_string(), out),
+                }
+            }
+        }
+    }
+
+    fn yjs(&mut self, peer: PeerId, message: YjsMessage, now: &Now, out: &mut Output) {
+        if !self.members.contains_key(&peer) {
+            return;
+        }
+        match message {
+            YjsMessage::SyncStep1(sv) if sv.bytes() == EMPTY_STATE_VECTOR => {
+                self.send_whole_state(peer, out)
+            }
+            YjsMessage::SyncStep1(sv) => match self.scene.doc_mut().encode_diff_v1(&sv) {
+                Ok(diff) => out
+                    .sends
+                    .push((peer, Payload::binary(yjs::sync_step2(&diff)))),
+                Err(e) => self.reject(peer, ErrorCode::BadMessage, e.to_string(), out),
+            },
+            YjsMessage::SyncStep2(update) | YjsMessage::Update(update) => {
+                let user = self.user_of(peer);
+                match self.apply_update(&user, &update, out) {
+                    Ok(effects) => self.emit(effects, Some(peer), now, out),
+                    Err(e) => self.reject(peer, ErrorCode::BadMessage, e.to_string(), out),
+                }
+            }
+            YjsMessage::Awareness(update) => {
+                match self.awareness.apply(peer, &update, now.instant) {
+                    Ok(Some(changed)) => {
+                        self.awareness_check
+                            .get_or_insert(now.instant + AWARENESS_CHECK);
+                        self.broadcast_awareness(&changed, out);
+                    }
+                    Ok(None) => {}
+                    Err(e) => self.reject(peer, ErrorCode::BadMessage, e.to_string(), out),
+                }
+            }
+            YjsMessage::QueryAwareness => {
+                if let Some(states) = self.awareness.encode_all() {
+                    out.sends
+                        .push((peer, Payload::binary(yjs::awareness(&states))));
+                }
+            }
+            YjsMessage::Auth => {}
+        }
+    }
+
+    /// The corrections due and the awareness states expired by now.
+    fn tick(&mut self, now: &Now, out: &mut Output) {
+        let effects = self.scene.send_due_corrections(now.instant);
+        self.emit(effects, None, now, out);
+        if self.awareness_check.is_some_and(|at| at <= now.instant) {
+            if let Some(removal) = self.awareness.expire(now.instant) {
+                self.broadcast_awareness(&removal, out);
+            }
+            self.awareness_check =
+                (!self.awareness.is_empty()).then(|| now.instant + AWARENESS_CHECK);
+        }
+    }
+
+    /// Applies a Yjs update (from a client or the HTTP API) to the scene, and reports held
+    /// blocks that outgrew their bound.
+    fn apply_update(
+        &mut self,
+        user: &Arc<str>,
+        update: &CheckedUpdate,
+        out: &mut Output,
+    ) -> Result<Effects, DocError> {
+        let dropped = self.scene.doc().dropped_held();
+        let result = self.scene.apply_update(user, update);
+        if self.scene.doc().dropped_held() != dropped {
+            out.events
+                .push(Event::HeldBlocksDropped { user: user.clone() });
+        }
+        result
+    }
+
+    /// Answers a SyncStep1 from an empty document with the whole document, encoded once and
+    /// kept until it changes.
+    fn send_whole_state(&mut self, peer: PeerId, out: &mut Output) {
+        let rebuilds = self.scene.doc().rebuilds();
+        if self
+            .whole_state
+            .as_ref()
+            .is_none_or(|c| c.rebuilds != rebuilds)
+        {
+            match self.encode_state() {
+                Ok(whole) => {
+                    self.whole_state = Some(WholeState {
+                        message: Payload::binary(yjs::sync_step2(&whole)),
+                        rebuilds,
+                    })
+                }
+                Err(e) => {
+                    self.reject(peer, ErrorCode::Unavailable, e.to_string(), out);
+                    return;
+                }
+            }
+        }
+        if let Some(whole) = &self.whole_state {
+            out.sends.push((peer, whole.message.clone()));
+        }
+    }
+
+    /// Refused input: an `error` to a JSON-speaking member, an event for the log.
+    fn reject(&mut self, peer: PeerId, code: ErrorCode, message: String, out: &mut Output) {
+        let Some(member) = self.members.get(&peer) else {
+            return;
+        };
+        let error = ProtocolError::new(code, message);
+        if member.kind.speaks_json() {
+            out.sends
+                .push((peer, Payload::text(json::encode_error(&error))));
+        }
+        out.events.push(Event::Rejected {
+            peer,
+            user: member.user.clone(),
+            error,
+        });
+    }
+
+    /// Queues the effects of one change: the update to store and to send to Yjs speakers
+    /// (all but `origin`), and the legacy messages (each encoded once).
+    fn emit(&mut self, effects: Effects, origin: Option<PeerId>, now: &Now, out: &mut Output) {
+        if let Some(update) = effects.update {
+            let message = Payload::binary(yjs::sync_update(&update));
+            out.persist.push(update);
+            self.whole_state = None;
+            for (id, member) in &self.members {
+                if member.kind.speaks_yjs() && Some(*id) != origin {
+                    out.sends.push((*id, message.clone()));
+                }
+            }
+        }
+        let mut encoded: HashMap<*const PeerMessage, Arc<Payload>> = HashMap::new();
+        for outgoing in effects.messages {
+            let message = encoded
+                .entry(Arc::as_ptr(&outgoing.message))
+                .or_insert_with(|| {
+                    Payload::text(match &*outgoing.message {
+                        PeerMessage::Command(command) => {
+                            json::encode_command(&now.timestamp, command)
+                        }
+                        PeerMessage::FullState(state) => {
+                            json::encode_full_state(&now.timestamp, state)
+                        }
+                    })
+                })
+                .clone();
+            out.sends.push((outgoing.to, message));
+        }
+    }
+
+    fn broadcast_awareness(&self, update: &[u8], out: &mut Output) {
+        let message = Payload::binary(yjs::awareness(update));
+        for (id, member) in &self.members {
+            if member.kind.speaks_yjs() {
+                out.sends.push((*id, message.clone()));
+            }
+        }
+    }
+
+    fn send_to_json_members(
+        &self,
+        message: &Arc<Payload>,
+        except: Option<PeerId>,
+        out: &mut Output,
+    ) {
+        for (id, member) in &self.members {
+            if member.kind.speaks_json() && Some(*id) != except {
+                out.sends.push((*id, message.clone()));
+            }
+        }
+    }
+}
