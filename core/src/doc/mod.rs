@@ -5,6 +5,7 @@ pub mod guard;
 pub mod legacy;
 mod order;
 pub mod scene;
+pub mod schema;
 pub mod value;
 pub mod ydoc;
 

@@ -13,6 +13,7 @@ use serde_json::{Map, Value};
 
 use crate::doc::legacy::{Action, Command, UploadedItem};
 use crate::doc::scene::{item_type_of, CommandMessage, FullState};
+use crate::doc::schema::ill_typed_field;
 use crate::doc::value::{json_depth, ItemFields, MAX_VALUE_DEPTH};
 
 /// Protocol name and version sent in `connection:ack`.
@@ -163,6 +164,9 @@ fn check_fields(fields: ItemFields) -> Result<ItemFields, ProtocolError> {
         return Err(ProtocolError::bad(format!(
             "field values may nest at most {MAX_VALUE_DEPTH} levels"
         )));
+    }
+    if let Some((field, kind)) = ill_typed_field(&fields) {
+        return Err(ProtocolError::bad(format!("\"{field}\" must be {kind}")));
     }
     Ok(fields)
 }
@@ -427,6 +431,16 @@ mod tests {
             ),
             ErrorCode::BadMessage
         );
+        for bad in [r#""abc""#, "null", "[1,2]"] {
+            let move_to = format!(
+                r#"{{"type":"command","command":{{"action":"move_item","item_id":"a","data":{{"x_mm":{bad},"y_mm":0.0,"angle_deg":0.0}}}}}}"#
+            );
+            assert_eq!(code_of(&move_to), ErrorCode::BadMessage, "{move_to}");
+            let upload = format!(
+                r#"{{"type":"sync:full_state","state":{{"items":[{{"item_uuid":"a","x_mm":0.0}},{{"item_uuid":"b","angle_deg":{bad}}}]}}}}"#
+            );
+            assert_eq!(code_of(&upload), ErrorCode::BadMessage, "{upload}");
+        }
         let deep = format!("{}1{}", "[".repeat(40), "]".repeat(40));
         assert_eq!(
             code_of(&format!(
