@@ -89,6 +89,10 @@ pub struct Config {
     #[arg(long, env = "COLLAB_MAX_AWARENESS_STATES", default_value_t = 1024)]
     pub max_awareness_states: usize,
 
+    /// Most bytes of awareness states one session holds (bounds the frame a Yjs joiner gets).
+    #[arg(long, env = "COLLAB_MAX_AWARENESS_TOTAL_BYTES", default_value_t = 1024 * 1024)]
+    pub max_awareness_total_bytes: usize,
+
     /// Threads running connections and sessions (0: one per CPU). One session is served by
     /// one task at a time whatever this is; fewer threads wake each other less.
     #[arg(long, env = "COLLAB_WORKERS", default_value_t = 0)]

@@ -91,6 +91,7 @@ impl Server {
             limits: SessionLimits {
                 max_awareness_bytes: config.max_awareness_bytes,
                 max_awareness_states: config.max_awareness_states,
+                max_awareness_total_bytes: config.max_awareness_total_bytes,
             },
             ..SessionConfig::default()
         };

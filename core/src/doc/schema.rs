@@ -87,7 +87,13 @@ mod tests {
             ill_typed_field(&fields(json!({"x_mm": 1.5, "y_mm": -2, "angle_deg": 0.0}))),
             None
         );
-        for bad in [json!("abc"), json!(null), json!([1, 2]), json!({"a": 1}), json!(true)] {
+        for bad in [
+            json!("abc"),
+            json!(null),
+            json!([1, 2]),
+            json!({"a": 1}),
+            json!(true),
+        ] {
             assert_eq!(
                 ill_typed_field(&fields(json!({"name": "L1", "y_mm": bad}))),
                 Some(("y_mm", "a finite number"))
@@ -98,7 +104,9 @@ mod tests {
             Some(("locked", "a boolean"))
         );
         assert_eq!(
-            ill_typed_field(&fields(json!({"notes": null, "interfaces": "x", "locked": false}))),
+            ill_typed_field(&fields(
+                json!({"notes": null, "interfaces": "x", "locked": false})
+            )),
             None,
             "fields outside the list are free"
         );

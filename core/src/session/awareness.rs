@@ -4,6 +4,12 @@
 //! when it is a removal (`null`) at the same clock. Each state remembers which connection
 //! introduced it, so closing that connection removes it; states not renewed for 30 s expire,
 //! as Yjs clients expect (they renew every 15 s).
+//!
+//! Stricter than y-protocols, because every peer parses what it relays: a state must be a JSON
+//! object (a `y-websocket` client throws on anything else and stops syncing), only the
+//! connection that introduced a client id may change or remove its state (a reconnecting client
+//! gets its id back once the old connection is closed or its state expired), and the states of
+//! a session are bounded in total bytes, so the frame a joiner receives is bounded.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -44,18 +50,28 @@ pub struct AwarenessStates {
     states: HashMap<ClientID, State>,
     /// Clocks of removed states, so a late duplicate cannot resurrect them.
     removed: HashMap<ClientID, u32>,
+    /// Bytes of every state's JSON.
+    total_bytes: usize,
     max_state_bytes: usize,
     max_states: usize,
+    max_total_bytes: usize,
 }
 
 impl AwarenessStates {
-    pub fn new(max_state_bytes: usize, max_states: usize) -> Self {
+    pub fn new(max_state_bytes: usize, max_states: usize, max_total_bytes: usize) -> Self {
         AwarenessStates {
             states: HashMap::new(),
             removed: HashMap::new(),
+            total_bytes: 0,
             max_state_bytes,
             max_states,
+            max_total_bytes,
         }
+    }
+
+    /// Bytes of every state's JSON.
+    pub fn total_bytes(&self) -> usize {
+        self.total_bytes
     }
 
     pub fn len(&self) -> usize {
@@ -76,25 +92,53 @@ impl AwarenessStates {
     ) -> Result<Option<Vec<u8>>, AwarenessError> {
         let update =
             AwarenessUpdate::decode_v1(bytes.bytes()).map_err(|e| AwarenessError(e.to_string()))?;
-        if let Some((client, _)) = update
-            .clients
-            .iter()
-            .find(|(_, e)| e.json.len() > self.max_state_bytes)
-        {
-            return Err(AwarenessError(format!(
-                "awareness state of client {client} exceeds {} bytes",
-                self.max_state_bytes
-            )));
+        // Net change of the total, counting every entry as accepted (an entry with an old clock
+        // is skipped below, so this may only overestimate).
+        let mut added_bytes = 0i64;
+        let mut new_clients = 0usize;
+        for (client, entry) in &update.clients {
+            if entry.json.len() > self.max_state_bytes {
+                return Err(AwarenessError(format!(
+                    "awareness state of client {client} exceeds {} bytes",
+                    self.max_state_bytes
+                )));
+            }
+            let removal = is_null(&entry.json);
+            if !removal
+                && serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&entry.json)
+                    .is_err()
+            {
+                return Err(AwarenessError(format!(
+                    "awareness state of client {client} is not a JSON object or null"
+                )));
+            }
+            match self.states.get(client) {
+                Some(state) if state.owner != owner => {
+                    return Err(AwarenessError(format!(
+                        "awareness client {client} belongs to another connection"
+                    )));
+                }
+                Some(state) if !removal => {
+                    added_bytes += len_i64(&entry.json) - len_i64(&state.json);
+                }
+                Some(_) => {}
+                None if !removal => {
+                    new_clients += 1;
+                    added_bytes += len_i64(&entry.json);
+                }
+                None => {}
+            }
         }
-        let new_clients = update
-            .clients
-            .iter()
-            .filter(|(id, e)| !self.states.contains_key(*id) && !is_null(&e.json))
-            .count();
         if self.states.len() + new_clients > self.max_states {
             return Err(AwarenessError(format!(
                 "a session may hold at most {} awareness states",
                 self.max_states
+            )));
+        }
+        if len_i64_of(self.total_bytes) + added_bytes > len_i64_of(self.max_total_bytes) {
+            return Err(AwarenessError(format!(
+                "a session's awareness states may hold at most {} bytes",
+                self.max_total_bytes
             )));
         }
         let mut changed = HashMap::new();
@@ -108,10 +152,16 @@ impl AwarenessStates {
                 continue;
             }
             if removal {
-                self.states.remove(&client);
+                if let Some(gone) = self.states.remove(&client) {
+                    self.total_bytes -= gone.json.len();
+                }
                 self.removed.insert(client, entry.clock);
             } else {
                 self.removed.remove(&client);
+                self.total_bytes += entry.json.len();
+                if let Some(replaced) = self.states.get(&client) {
+                    self.total_bytes -= replaced.json.len();
+                }
                 self.states.insert(
                     client,
                     State {
@@ -165,6 +215,7 @@ impl AwarenessStates {
         let mut removed = HashMap::new();
         for id in ids {
             if let Some(state) = self.states.remove(&id) {
+                self.total_bytes -= state.json.len();
                 // Same clock, as y-protocols does: a removal at the current clock is
                 // accepted by peers, and the client's next renewal (clock + 1) revives it.
                 let clock = state.clock;
@@ -183,6 +234,14 @@ impl AwarenessStates {
         }
         encode(removed)
     }
+}
+
+fn len_i64(json: &str) -> i64 {
+    len_i64_of(json.len())
+}
+
+fn len_i64_of(bytes: usize) -> i64 {
+    i64::try_from(bytes).unwrap_or(i64::MAX)
 }
 
 fn is_null(json: &str) -> bool {
@@ -223,7 +282,7 @@ mod tests {
     #[test]
     fn newer_clocks_replace_and_owner_close_removes() {
         let now = Instant::now();
-        let mut aw = AwarenessStates::new(1024, 10);
+        let mut aw = AwarenessStates::new(1024, 10, 1 << 20);
         assert!(aw
             .apply(1, &update(&[(7, 1, "{\"a\":1}")]), now)
             .unwrap()
@@ -257,18 +316,84 @@ mod tests {
     #[test]
     fn bounds_and_expiry() {
         let now = Instant::now();
-        let mut aw = AwarenessStates::new(8, 2);
+        let mut aw = AwarenessStates::new(8, 2, 1 << 20);
         assert!(aw
-            .apply(1, &update(&[(1, 1, "\"0123456789\"")]), now)
+            .apply(1, &update(&[(1, 1, "{\"a\":\"0123\"}")]), now)
             .is_err());
-        aw.apply(1, &update(&[(1, 1, "1"), (2, 1, "2")]), now)
+        aw.apply(1, &update(&[(1, 1, "{}"), (2, 1, "{}")]), now)
             .unwrap();
-        assert!(aw.apply(1, &update(&[(3, 1, "3")]), now).is_err());
+        assert!(aw.apply(1, &update(&[(3, 1, "{}")]), now).is_err());
         assert_eq!(aw.len(), 2);
         assert!(aw.expire(now + Duration::from_secs(5)).is_none());
         let gone = decoded(aw.expire(now + AWARENESS_TIMEOUT).unwrap());
         assert_eq!(gone.clients.len(), 2);
         assert!(aw.encode_all().is_none());
         assert!(CheckedAwareness::check(vec![0xff, 0xff, 0xff, 0xff, 0x0f]).is_err());
+    }
+
+    #[test]
+    fn states_are_json_objects_or_null() {
+        let now = Instant::now();
+        let mut aw = AwarenessStates::new(1024, 10, 1 << 20);
+        for bad in ["1", "\"x\"", "[1]", "true", "{", "nope", ""] {
+            assert!(
+                aw.apply(1, &update(&[(1, 1, "{}"), (2, 1, bad)]), now)
+                    .is_err(),
+                "{bad:?}"
+            );
+            assert!(aw.is_empty(), "a refused update changes nothing");
+        }
+        assert!(aw
+            .apply(1, &update(&[(1, 1, "{\"user\":{\"name\":\"a\"}}")]), now)
+            .unwrap()
+            .is_some());
+        assert!(aw
+            .apply(1, &update(&[(1, 1, "null")]), now)
+            .unwrap()
+            .is_some());
+        assert!(aw.is_empty());
+    }
+
+    #[test]
+    fn only_the_introducing_connection_changes_a_state() {
+        let now = Instant::now();
+        let mut aw = AwarenessStates::new(1024, 10, 1 << 20);
+        aw.apply(1, &update(&[(7, 1, "{\"a\":1}")]), now).unwrap();
+        for (clock, json) in [(2, "{\"a\":2}"), (2, "null"), (1, "null")] {
+            assert!(
+                aw.apply(2, &update(&[(8, 1, "{}"), (7, clock, json)]), now)
+                    .is_err(),
+                "{clock} {json}"
+            );
+        }
+        assert_eq!(aw.len(), 1);
+        let all = decoded(aw.encode_all().unwrap());
+        assert_eq!(&*all.clients[&ClientID::new(7)].json, "{\"a\":1}");
+        // Once its connection is gone the id is free again (a y-websocket client keeps its
+        // id across reconnects).
+        aw.remove_owner(1);
+        assert!(aw
+            .apply(2, &update(&[(7, 2, "{}")]), now)
+            .unwrap()
+            .is_some());
+    }
+
+    #[test]
+    fn total_bytes_are_bounded() {
+        let now = Instant::now();
+        let state = format!("{{\"c\":\"{}\"}}", "x".repeat(90));
+        let mut aw = AwarenessStates::new(1024, 100, 250);
+        aw.apply(1, &update(&[(1, 1, &state), (2, 1, &state)]), now)
+            .unwrap();
+        assert_eq!(aw.total_bytes(), 2 * state.len());
+        assert!(aw.apply(2, &update(&[(3, 1, &state)]), now).is_err());
+        // Shrinking one's own state makes room.
+        aw.apply(1, &update(&[(2, 2, "{}")]), now).unwrap();
+        assert_eq!(aw.total_bytes(), state.len() + 2);
+        aw.apply(2, &update(&[(3, 1, &state)]), now).unwrap();
+        aw.remove_owner(1);
+        assert_eq!(aw.total_bytes(), state.len());
+        assert!(aw.expire(now + AWARENESS_TIMEOUT).is_some());
+        assert_eq!(aw.total_bytes(), 0);
     }
 }

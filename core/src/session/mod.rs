@@ -256,6 +256,7 @@ pub struct Summary {
 pub struct SessionLimits {
     pub max_awareness_bytes: usize,
     pub max_awareness_states: usize,
+    pub max_awareness_total_bytes: usize,
 }
 
 impl Default for SessionLimits {
@@ -263,6 +264,7 @@ impl Default for SessionLimits {
         SessionLimits {
             max_awareness_bytes: 64 * 1024,
             max_awareness_states: 1024,
+            max_awareness_total_bytes: 1024 * 1024,
         }
     }
 }
@@ -307,6 +309,7 @@ impl Session {
             awareness: AwarenessStates::new(
                 limits.max_awareness_bytes,
                 limits.max_awareness_states,
+                limits.max_awareness_total_bytes,
             ),
             awareness_check: None,
             whole_state: None,

@@ -403,7 +403,7 @@ fn awareness_map(bytes: Option<Vec<u8>>) -> BTreeMap<u64, (u32, String)> {
 
 fn awareness(bytes: &[u8]) {
     let now = Instant::now();
-    let mut states = AwarenessStates::new(64 * 1024, 1024);
+    let mut states = AwarenessStates::new(64 * 1024, 1024, 1024 * 1024);
     states
         .apply(
             1,
