@@ -2,13 +2,13 @@
 //! Yjs update (read and write).
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
-use axum::http::{header, StatusCode};
+use axum::extract::State;
+use axum::http::{header, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
-use super::path::decode_name;
+use super::path::api_session;
 use super::AppState;
 use collab_core::doc::CheckedUpdate;
 use collab_core::session::Summary;
@@ -64,8 +64,8 @@ pub async fn sessions(State(state): State<AppState>) -> Response {
 }
 
 /// `GET /api/sessions/{session}/scene`
-pub async fn scene(State(state): State<AppState>, Path(raw): Path<String>) -> Response {
-    let Some(id) = decode_name(&raw) else {
+pub async fn scene(State(state): State<AppState>, uri: Uri) -> Response {
+    let Some(id) = api_session(uri.path()) else {
         return invalid_session();
     };
     match state.registry.request(&id, SessionMsg::Scene).await {
@@ -75,8 +75,8 @@ pub async fn scene(State(state): State<AppState>, Path(raw): Path<String>) -> Re
 }
 
 /// `GET /api/sessions/{session}/update`
-pub async fn get_update(State(state): State<AppState>, Path(raw): Path<String>) -> Response {
-    let Some(id) = decode_name(&raw) else {
+pub async fn get_update(State(state): State<AppState>, uri: Uri) -> Response {
+    let Some(id) = api_session(uri.path()) else {
         return invalid_session();
     };
     match state.registry.request(&id, SessionMsg::EncodeState).await {
@@ -89,12 +89,8 @@ pub async fn get_update(State(state): State<AppState>, Path(raw): Path<String>) 
 }
 
 /// `POST /api/sessions/{session}/update`: applies a v1 update like any client's.
-pub async fn post_update(
-    State(state): State<AppState>,
-    Path(raw): Path<String>,
-    body: Bytes,
-) -> Response {
-    let Some(id) = decode_name(&raw) else {
+pub async fn post_update(State(state): State<AppState>, uri: Uri, body: Bytes) -> Response {
+    let Some(id) = api_session(uri.path()) else {
         return invalid_session();
     };
     let update = match CheckedUpdate::check(body.to_vec()) {

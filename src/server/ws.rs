@@ -27,7 +27,7 @@ use tungstenite::protocol::{Role, WebSocketConfig};
 use collab_core::session::{ConnKind, CLOSE_INVALID_PATH};
 
 use super::connection::{self, ConnectionTarget, Socket};
-use super::path::{parse_segments, valid_name};
+use super::path::{normalize_name, parse_segments};
 use super::AppState;
 use crate::transport::{outbox, Inbox, Outbox, SocketIo};
 
@@ -75,8 +75,7 @@ pub async fn yjs(
     let user = match params.get("user") {
         None => Ok(None),
         // `Query` already percent-decoded the value.
-        Some(name) if valid_name(name) => Ok(Some(Arc::from(name.as_str()))),
-        Some(_) => Err(()),
+        Some(name) => normalize_name(name).map(|n| Some(Arc::from(n))).ok_or(()),
     };
     let target = match (parse_segments(uri.path(), "/yjs/", 1), user) {
         (Some(mut segments), Ok(user)) => Some(ConnectionTarget {
