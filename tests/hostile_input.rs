@@ -72,8 +72,8 @@ async fn every_endpoint_decodes_a_session_name_once() {
 
     let same = server.scene("a%2541").await;
     assert_eq!(same["items"].as_array().map(Vec::len), Some(1));
-    let other = server.scene("aA").await;
-    assert_eq!(other["items"].as_array().map(Vec::len), Some(0));
+    let (status, _) = server.get("/api/sessions/aA/scene").await;
+    assert_eq!(status, 404, "`aA` is another session, which does not exist");
 }
 
 #[tokio::test]
@@ -96,4 +96,34 @@ async fn names_are_nfc_and_format_characters_are_refused() {
     // A zero-width space in a user name: the connection is closed 1008 without joining.
     let mut refused = server.connect("/ws/lab/ev%E2%80%8Bil").await;
     assert_eq!(close_code(&mut refused).await, 1008);
+}
+
+#[tokio::test]
+async fn reading_a_session_that_does_not_exist_creates_nothing() {
+    let store = std::sync::Arc::new(optiverse_collab::store::memory::MemoryStore::new());
+    let server = TestServer::start_with(common::test_config(), store.clone()).await;
+    for path in ["/api/sessions/ghost/scene", "/api/sessions/ghost/update"] {
+        let (status, body) = server.get(path).await;
+        assert_eq!(status, 404, "{path}: {}", String::from_utf8_lossy(&body));
+    }
+    let (_, health) = server.get("/health").await;
+    let health: serde_json::Value = serde_json::from_slice(&health).unwrap();
+    assert_eq!(health["sessions"], 0, "no live session was started");
+
+    // Joining and leaving without an edit stores nothing either.
+    let (mut alice, _) = server.legacy("quiet", "alice").await;
+    ping_collect(&mut alice).await;
+    use optiverse_collab::store::Store;
+    assert!(!store.contains("quiet").await.unwrap());
+    assert!(!store.contains("ghost").await.unwrap());
+    // A live session with nothing in it reads as empty (it exists while someone is in it).
+    assert_eq!(server.scene("quiet").await["items"], serde_json::json!([]));
+    let item = json!({"x_mm": 1.0, "y_mm": 2.0, "angle_deg": 0.0});
+    send_json(
+        &mut alice,
+        &command("add_item", "source", "s1", item, "alice"),
+    )
+    .await;
+    ping_collect(&mut alice).await;
+    assert!(store.contains("quiet").await.unwrap());
 }

@@ -27,6 +27,10 @@ fn unavailable() -> Response {
     error(StatusCode::SERVICE_UNAVAILABLE, "session unavailable")
 }
 
+fn not_found() -> Response {
+    error(StatusCode::NOT_FOUND, "no such session")
+}
+
 /// `GET /health`
 pub async fn health(State(state): State<AppState>) -> Response {
     Json(json!({
@@ -63,28 +67,38 @@ pub async fn sessions(State(state): State<AppState>) -> Response {
     Json(list).into_response()
 }
 
-/// `GET /api/sessions/{session}/scene`
+/// `GET /api/sessions/{session}/scene` (404 for a session neither in memory nor stored)
 pub async fn scene(State(state): State<AppState>, uri: Uri) -> Response {
     let Some(id) = api_session(uri.path()) else {
         return invalid_session();
     };
-    match state.registry.request(&id, SessionMsg::Scene).await {
-        Some(scene) => ([(header::CONTENT_TYPE, "application/json")], scene).into_response(),
-        None => unavailable(),
+    match state
+        .registry
+        .request_existing(&id, SessionMsg::Scene)
+        .await
+    {
+        Ok(Some(scene)) => ([(header::CONTENT_TYPE, "application/json")], scene).into_response(),
+        Ok(None) => not_found(),
+        Err(_) => unavailable(),
     }
 }
 
-/// `GET /api/sessions/{session}/update`
+/// `GET /api/sessions/{session}/update` (404 for a session neither in memory nor stored)
 pub async fn get_update(State(state): State<AppState>, uri: Uri) -> Response {
     let Some(id) = api_session(uri.path()) else {
         return invalid_session();
     };
-    match state.registry.request(&id, SessionMsg::EncodeState).await {
-        Some(Ok(update)) => {
+    match state
+        .registry
+        .request_existing(&id, SessionMsg::EncodeState)
+        .await
+    {
+        Ok(Some(Ok(update))) => {
             ([(header::CONTENT_TYPE, "application/octet-stream")], update).into_response()
         }
-        Some(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
-        None => unavailable(),
+        Ok(Some(Err(e))) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        Ok(None) => not_found(),
+        Err(_) => unavailable(),
     }
 }
 

@@ -60,6 +60,10 @@ pub struct Registry {
     tasks: TaskTracker,
 }
 
+/// The session could not be reached (its store failed, or it kept closing).
+#[derive(Debug)]
+pub struct Unavailable;
+
 impl Registry {
     pub fn new(
         store: Arc<dyn Store>,
@@ -162,6 +166,32 @@ impl Registry {
             }
         }
         Err(JoinError::Unavailable("session kept closing".into()))
+    }
+
+    /// Asks a session that exists (in memory or in the store) something; `Ok(None)` when it
+    /// does not, and then nothing is loaded or created.
+    pub async fn request_existing<T>(
+        &self,
+        id: &str,
+        make: impl Fn(oneshot::Sender<T>) -> SessionMsg,
+    ) -> Result<Option<T>, Unavailable> {
+        let live = self
+            .context
+            .sessions
+            .0
+            .get(id)
+            .is_some_and(|handle| !handle.tx.is_closed());
+        if !live
+            && !self
+                .context
+                .store
+                .contains(id)
+                .await
+                .map_err(|_| Unavailable)?
+        {
+            return Ok(None);
+        }
+        self.request(id, make).await.map(Some).ok_or(Unavailable)
     }
 
     /// Asks a session something, retrying while it is being evicted.

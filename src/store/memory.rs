@@ -37,6 +37,10 @@ impl Store for MemoryStore {
         }))
     }
 
+    fn contains(&self, session: &str) -> StoreFuture<'_, bool> {
+        ready(self.sessions.contains_key(session))
+    }
+
     fn append(
         &self,
         session: &str,

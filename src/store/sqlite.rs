@@ -88,6 +88,7 @@ impl Write {
 /// Work for the store thread.
 enum Request {
     Load(String, Reply<Option<StoredSession>>),
+    Contains(String, Reply<bool>),
     /// Only with `--fsync always`; otherwise writes run inline. Resolves to the position.
     Write(Write, Reply<u64>),
     /// Only with `--fsync normal`: enough was written inline since the last checkpoint.
@@ -221,6 +222,11 @@ impl Store for SqliteStore {
         self.call(|r| Request::Load(session, r))
     }
 
+    fn contains(&self, session: &str) -> StoreFuture<'_, bool> {
+        let session = session.to_owned();
+        self.call(|r| Request::Contains(session, r))
+    }
+
     fn append(
         &self,
         session: &str,
@@ -260,6 +266,9 @@ fn serve(mut conn: Connection, rx: mpsc::Receiver<Request>) {
             match request {
                 Request::Load(session, reply) => {
                     let _ = reply.send(load(&conn, &session).map_err(StoreError::from));
+                }
+                Request::Contains(session, reply) => {
+                    let _ = reply.send(contains(&conn, &session).map_err(StoreError::from));
                 }
                 Request::Flush(reply) => {
                     let _ =
@@ -426,6 +435,11 @@ fn apply_write(
 fn last_position(conn: &Connection, session: &str) -> rusqlite::Result<u64> {
     conn.prepare_cached("SELECT COALESCE(MAX(id), 0) FROM updates WHERE session = ?1")?
         .query_row(params![session], |row| row.get(0))
+}
+
+fn contains(conn: &Connection, session: &str) -> rusqlite::Result<bool> {
+    conn.prepare_cached("SELECT 1 FROM sessions WHERE id = ?1")?
+        .exists(params![session])
 }
 
 fn load(conn: &Connection, session: &str) -> rusqlite::Result<Option<StoredSession>> {
