@@ -93,6 +93,24 @@ pub struct Config {
     #[arg(long, env = "COLLAB_MAX_AWARENESS_TOTAL_BYTES", default_value_t = 1024 * 1024)]
     pub max_awareness_total_bytes: usize,
 
+    /// Document changes (commands, uploads, Yjs updates, awareness) per second one connection
+    /// may send, sustained. Over it, `/ws` answers `rate_limited`, `/yjs` closes 1013.
+    #[arg(long, env = "COLLAB_UPDATE_RATE", default_value_t = 500.0, value_parser = parse_rate)]
+    pub update_rate: f64,
+
+    /// Changes one connection may send at once above `--update-rate`.
+    #[arg(long, env = "COLLAB_UPDATE_BURST", default_value_t = 1000.0, value_parser = parse_rate)]
+    pub update_burst: f64,
+
+    /// Whole-state requests (`sync:request`, a Yjs state vector, an awareness query) per
+    /// second one connection may send, sustained.
+    #[arg(long, env = "COLLAB_REQUEST_RATE", default_value_t = 2.0, value_parser = parse_rate)]
+    pub request_rate: f64,
+
+    /// Whole-state requests one connection may send at once above `--request-rate`.
+    #[arg(long, env = "COLLAB_REQUEST_BURST", default_value_t = 20.0, value_parser = parse_rate)]
+    pub request_burst: f64,
+
     /// Threads running connections and sessions (0: one per CPU). One session is served by
     /// one task at a time whatever this is; fewer threads wake each other less.
     #[arg(long, env = "COLLAB_WORKERS", default_value_t = 0)]
@@ -103,6 +121,13 @@ impl Config {
     /// The defaults, as `cargo run` would use them with no flags and no environment.
     pub fn defaults() -> Self {
         Config::parse_from(["optiverse-collab"])
+    }
+}
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(rate) if rate.is_finite() && rate >= 1.0 => Ok(rate),
+        _ => Err(format!("{s:?} is not a number of at least 1")),
     }
 }
 

@@ -30,6 +30,8 @@ pub enum ErrorCode {
     BadJson,
     BadMessage,
     UnknownType,
+    /// Over the connection's message rate: the message was not applied.
+    RateLimited,
     /// Not bad input: the session could not be loaded (the connection is then closed 1011).
     Unavailable,
 }
@@ -40,6 +42,7 @@ impl ErrorCode {
             ErrorCode::BadJson => "bad_json",
             ErrorCode::BadMessage => "bad_message",
             ErrorCode::UnknownType => "unknown_type",
+            ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Unavailable => "unavailable",
         }
     }

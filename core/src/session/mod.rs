@@ -9,6 +9,7 @@
 //! tested here, by feeding inputs and reading outputs.
 
 pub mod awareness;
+pub mod rate;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, OnceLock};
@@ -24,6 +25,7 @@ use crate::protocol::json::{
 };
 use crate::protocol::yjs::{self, YjsMessage};
 pub use awareness::{AwarenessError, AwarenessStates, AWARENESS_TIMEOUT};
+pub use rate::{Rate, TokenBucket};
 
 /// User id written on changes that arrive through the HTTP API.
 pub const API_USER: &str = "api";
@@ -97,6 +99,10 @@ pub const CLOSE_INTERNAL: CloseReason = CloseReason {
 pub const CLOSE_SLOW: CloseReason = CloseReason {
     code: 1013,
     reason: "Slow consumer, reconnect",
+};
+pub const CLOSE_RATE_LIMITED: CloseReason = CloseReason {
+    code: 1013,
+    reason: "Too many messages, reconnect",
 };
 pub const CLOSE_REPLACED: CloseReason = CloseReason {
     code: 4000,
@@ -257,6 +263,11 @@ pub struct SessionLimits {
     pub max_awareness_bytes: usize,
     pub max_awareness_states: usize,
     pub max_awareness_total_bytes: usize,
+    /// Document changes (commands, uploads, Yjs updates, awareness) one connection may send.
+    pub update_rate: Rate,
+    /// Requests for the whole scene or a diff (`sync:request`, a Yjs SyncStep1 or awareness
+    /// query) one connection may send: each costs the document's size.
+    pub request_rate: Rate,
 }
 
 impl Default for SessionLimits {
@@ -265,6 +276,14 @@ impl Default for SessionLimits {
             max_awareness_bytes: 64 * 1024,
             max_awareness_states: 1024,
             max_awareness_total_bytes: 1024 * 1024,
+            update_rate: Rate {
+                per_second: 500.0,
+                burst: 1000.0,
+            },
+            request_rate: Rate {
+                per_second: 2.0,
+                burst: 20.0,
+            },
         }
     }
 }
@@ -276,6 +295,16 @@ struct Member {
     kind: ConnKind,
     user: Option<Arc<str>>,
     connected_at: Arc<str>,
+    updates: TokenBucket,
+    requests: TokenBucket,
+}
+
+/// Which of a connection's buckets a message draws on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cost {
+    Free,
+    Update,
+    Request,
 }
 
 /// The whole document as one SyncStep2 message, kept until the document changes: a fresh
@@ -297,6 +326,8 @@ pub struct Session {
     /// When awareness states are next checked for expiry (while there are any).
     awareness_check: Option<Instant>,
     whole_state: Option<WholeState>,
+    update_rate: Rate,
+    request_rate: Rate,
 }
 
 impl Session {
@@ -313,6 +344,8 @@ impl Session {
             ),
             awareness_check: None,
             whole_state: None,
+            update_rate: limits.update_rate,
+            request_rate: limits.request_rate,
         }
     }
 
@@ -456,6 +489,8 @@ impl Session {
                 kind,
                 user: user.clone(),
                 connected_at: now.timestamp.clone(),
+                updates: TokenBucket::new(self.update_rate, now.instant),
+                requests: TokenBucket::new(self.request_rate, now.instant),
             },
         );
         self.joins += 1;
@@ -533,8 +568,56 @@ impl Session {
             .unwrap_or_else(|| Arc::from(YJS_USER))
     }
 
+    /// Takes what `cost` asks from the member's buckets; `false` (and the client told) when
+    /// it is over its rate. A JSON message is answered `rate_limited` and not applied (the
+    /// next whole-dict command on the item carries the change again). A Yjs message closes
+    /// the connection 1013 (`close_when_over`): a provider that reconnects syncs what it has,
+    /// where a dropped update would be lost to everyone else.
+    fn admit(
+        &mut self,
+        peer: PeerId,
+        cost: Cost,
+        close_when_over: bool,
+        now: &Now,
+        out: &mut Output,
+    ) -> bool {
+        let Some(member) = self.members.get_mut(&peer) else {
+            return false;
+        };
+        let (admitted, what, rate) = match cost {
+            Cost::Free => return true,
+            Cost::Update => (
+                member.updates.take(now.instant),
+                "changes",
+                self.update_rate,
+            ),
+            Cost::Request => (
+                member.requests.take(now.instant),
+                "state requests",
+                self.request_rate,
+            ),
+        };
+        if admitted {
+            return true;
+        }
+        let message = format!(
+            "more than {} {what} per second (bursts of {})",
+            rate.per_second, rate.burst
+        );
+        self.reject(peer, ErrorCode::RateLimited, message, out);
+        if close_when_over {
+            self.leave(peer, Some(CLOSE_RATE_LIMITED), now, out);
+        }
+        false
+    }
+
     fn json(&mut self, peer: PeerId, message: ClientMessage, now: &Now, out: &mut Output) {
-        if !self.members.contains_key(&peer) {
+        let cost = match message {
+            ClientMessage::Ping => Cost::Free,
+            ClientMessage::SyncRequest => Cost::Request,
+            ClientMessage::Command(_) | ClientMessage::FullState(_) => Cost::Update,
+        };
+        if !self.admit(peer, cost, false, now, out) {
             return;
         }
         let user = self.user_of(peer);
@@ -568,7 +651,14 @@ impl Session {
     }
 
     fn yjs(&mut self, peer: PeerId, message: YjsMessage, now: &Now, out: &mut Output) {
-        if !self.members.contains_key(&peer) {
+        let cost = match message {
+            YjsMessage::SyncStep1(_) | YjsMessage::QueryAwareness => Cost::Request,
+            YjsMessage::SyncStep2(_) | YjsMessage::Update(_) | YjsMessage::Awareness(_) => {
+                Cost::Update
+            }
+            YjsMessage::Auth => Cost::Free,
+        };
+        if !self.admit(peer, cost, true, now, out) {
             return;
         }
         match message {
