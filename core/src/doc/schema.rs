@@ -32,35 +32,30 @@ impl FieldKind {
     }
 }
 
-/// Fields with a fixed type, as both client variants serialise them (positions, rotation,
-/// stacking order, and the numeric and boolean parameters of components and sources).
-const TYPED_FIELDS: &[(&str, FieldKind)] = &[
-    ("x_mm", FieldKind::Number),
-    ("y_mm", FieldKind::Number),
-    ("angle_deg", FieldKind::Number),
-    ("z_value", FieldKind::Number),
-    ("object_height_mm", FieldKind::Number),
-    ("size_mm", FieldKind::Number),
-    ("n_rays", FieldKind::Number),
-    ("ray_length_mm", FieldKind::Number),
-    ("spread_deg", FieldKind::Number),
-    ("wavelength_nm", FieldKind::Number),
-    ("polarization_angle_deg", FieldKind::Number),
-    ("beam_waist_mm", FieldKind::Number),
-    ("custom_jones_ex_real", FieldKind::Number),
-    ("custom_jones_ex_imag", FieldKind::Number),
-    ("custom_jones_ey_real", FieldKind::Number),
-    ("custom_jones_ey_imag", FieldKind::Number),
-    ("use_custom_jones", FieldKind::Bool),
-    ("locked", FieldKind::Bool),
-];
-
-/// The kind `field` must hold, if it is one the client reads as a number or a boolean.
+/// The kind `field` must hold, if it is one the client reads as a number or a boolean: the
+/// positions, rotation and stacking order, and the numeric and boolean parameters of
+/// components and sources, as both client variants serialise them.
 pub fn field_kind(field: &str) -> Option<FieldKind> {
-    TYPED_FIELDS
-        .iter()
-        .find(|(name, _)| *name == field)
-        .map(|(_, kind)| *kind)
+    match field {
+        "x_mm"
+        | "y_mm"
+        | "angle_deg"
+        | "z_value"
+        | "object_height_mm"
+        | "size_mm"
+        | "n_rays"
+        | "ray_length_mm"
+        | "spread_deg"
+        | "wavelength_nm"
+        | "polarization_angle_deg"
+        | "beam_waist_mm"
+        | "custom_jones_ex_real"
+        | "custom_jones_ex_imag"
+        | "custom_jones_ey_real"
+        | "custom_jones_ey_imag" => Some(FieldKind::Number),
+        "use_custom_jones" | "locked" => Some(FieldKind::Bool),
+        _ => None,
+    }
 }
 
 /// The first field of `fields` whose value has the wrong type, with what it must hold.
