@@ -1,13 +1,14 @@
 //! `--store memory`: keeps sessions in process memory only (tests, throwaway servers).
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
 
 use dashmap::DashMap;
 
 use super::{SessionMeta, Store, StoreError, StoreFuture, StoredSession};
 
-/// A session's metadata and its updates with their positions.
-type Entry = (SessionMeta, Vec<(u64, Vec<u8>)>);
+/// A session's metadata, its updates with their positions, and when it was last written.
+type Entry = (SessionMeta, Vec<(u64, Vec<u8>)>, Option<SystemTime>);
 
 #[derive(Debug, Default)]
 pub struct MemoryStore {
@@ -28,7 +29,7 @@ fn ready<T: Send + 'static>(value: T) -> StoreFuture<'static, T> {
 impl Store for MemoryStore {
     fn load(&self, session: &str) -> StoreFuture<'_, Option<StoredSession>> {
         ready(self.sessions.get(session).map(|entry| {
-            let (meta, updates) = entry.value();
+            let (meta, updates, _) = entry.value();
             StoredSession {
                 updates: updates.iter().map(|(_, u)| u.clone()).collect(),
                 meta: meta.clone(),
@@ -54,6 +55,7 @@ impl Store for MemoryStore {
             entry.1.push((last, update));
         }
         entry.0 = meta;
+        entry.2 = Some(SystemTime::now());
         ready(last)
     }
 
@@ -69,10 +71,27 @@ impl Store for MemoryStore {
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed) + 1;
         entry.1.push((seq, snapshot));
         entry.0 = meta;
+        entry.2 = Some(SystemTime::now());
         ready(())
     }
 
     fn flush(&self) -> StoreFuture<'_, ()> {
         ready(())
+    }
+
+    fn remove_untouched(
+        &self,
+        cutoff: SystemTime,
+        keep: Vec<String>,
+    ) -> StoreFuture<'_, Vec<String>> {
+        let mut removed = Vec::new();
+        self.sessions.retain(|id, (_, _, written)| {
+            let old = written.is_none_or(|at| at < cutoff) && !keep.contains(id);
+            if old {
+                removed.push(id.clone());
+            }
+            !old
+        });
+        ready(removed)
     }
 }

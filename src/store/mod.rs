@@ -1,7 +1,7 @@
 //! Where session documents live between restarts.
 //!
 //! A small trait: load a session, append accepted updates (before anyone hears of them),
-//! replace the log by a snapshot, list, delete. The session task calls it; implementations
+//! replace the log by a snapshot, delete the sessions nobody touched for long (`--retain-days`). The session task calls it; implementations
 //! do their blocking work off the async runtime.
 
 pub mod memory;
@@ -76,4 +76,11 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreFuture<'_, ()>;
     /// Makes everything appended durable (at shutdown).
     fn flush(&self) -> StoreFuture<'_, ()>;
+    /// Deletes the sessions last written before `cutoff`, except those in `keep` (the ones
+    /// in memory); returns the names deleted.
+    fn remove_untouched(
+        &self,
+        cutoff: std::time::SystemTime,
+        keep: Vec<String>,
+    ) -> StoreFuture<'_, Vec<String>>;
 }

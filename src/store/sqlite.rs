@@ -89,6 +89,8 @@ impl Write {
 enum Request {
     Load(String, Reply<Option<StoredSession>>),
     Contains(String, Reply<bool>),
+    /// Retention: the cutoff as a stored timestamp, the sessions to keep.
+    RemoveUntouched(String, Vec<String>, Reply<Vec<String>>),
     /// Only with `--fsync always`; otherwise writes run inline. Resolves to the position.
     Write(Write, Reply<u64>),
     /// Only with `--fsync normal`: enough was written inline since the last checkpoint.
@@ -250,6 +252,21 @@ impl Store for SqliteStore {
     fn flush(&self) -> StoreFuture<'_, ()> {
         self.call(Request::Flush)
     }
+
+    fn remove_untouched(
+        &self,
+        cutoff: std::time::SystemTime,
+        keep: Vec<String>,
+    ) -> StoreFuture<'_, Vec<String>> {
+        // The inline writer must write a session's row again before its next update: forgotten
+        // before the delete, so an append racing the sweep either touches the session (which
+        // is then kept) or comes after and recreates the row.
+        if let Some(inline) = &self.inline {
+            lock(inline).written.clear();
+        }
+        let cutoff = collab_core::protocol::json::timestamp(cutoff);
+        self.call(|r| Request::RemoveUntouched(cutoff, keep, r))
+    }
 }
 
 /// The store thread: reads and flushes run at once; writes that arrive together share one
@@ -269,6 +286,10 @@ fn serve(mut conn: Connection, rx: mpsc::Receiver<Request>) {
                 }
                 Request::Contains(session, reply) => {
                     let _ = reply.send(contains(&conn, &session).map_err(StoreError::from));
+                }
+                Request::RemoveUntouched(cutoff, keep, reply) => {
+                    let removed = remove_untouched(&mut conn, &cutoff, &keep, &mut written);
+                    let _ = reply.send(removed.map_err(StoreError::from));
                 }
                 Request::Flush(reply) => {
                     let _ =
@@ -435,6 +456,36 @@ fn apply_write(
 fn last_position(conn: &Connection, session: &str) -> rusqlite::Result<u64> {
     conn.prepare_cached("SELECT COALESCE(MAX(id), 0) FROM updates WHERE session = ?1")?
         .query_row(params![session], |row| row.get(0))
+}
+
+/// Deletes (with their updates) the sessions whose last write is older than `cutoff` (a
+/// stored timestamp: they compare as text), except `keep`.
+fn remove_untouched(
+    conn: &mut Connection,
+    cutoff: &str,
+    keep: &[String],
+    written: &mut WrittenMeta,
+) -> rusqlite::Result<Vec<String>> {
+    let keep = serde_json::to_string(keep).unwrap_or_else(|_| "[]".to_owned());
+    let txn = conn.transaction()?;
+    let removed = txn
+        .prepare(
+            "DELETE FROM sessions WHERE id IN (
+                 SELECT s.id FROM sessions s
+                 WHERE COALESCE(
+                         (SELECT u.created_at FROM updates u WHERE u.session = s.id
+                          ORDER BY u.id DESC LIMIT 1),
+                         s.updated_at) < ?1
+                   AND s.id NOT IN (SELECT value FROM json_each(?2)))
+             RETURNING id",
+        )?
+        .query_map(params![cutoff, keep], |row| row.get::<_, String>(0))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    txn.commit()?;
+    for id in &removed {
+        written.remove(id);
+    }
+    Ok(removed)
 }
 
 fn contains(conn: &Connection, session: &str) -> rusqlite::Result<bool> {
