@@ -8,234 +8,19 @@
 
 mod common;
 
-use collab_core::doc::value::json_equal;
-
 use std::collections::HashMap;
 
 use common::*;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
-use yrs::sync::awareness::{AwarenessUpdate, AwarenessUpdateEntry};
 use yrs::sync::{Awareness, Message, SyncMessage};
-use yrs::types::ToJson;
 use yrs::updates::decoder::Decode;
 use yrs::updates::encoder::Encode;
-use yrs::{
-    Any, ClientID, Doc, Map, MapPrelim, MapRef, Out, ReadTxn, Transact, TransactionMut, Update,
-};
+use yrs::{Any, ClientID, Doc, Map, MapPrelim, ReadTxn, Transact, Update};
 
 /// The default `--max-awareness-bytes`.
 const MAX_AWARENESS_BYTES: usize = 64 * 1024;
-
-/// A y-websocket client: a yrs document and its connection.
-struct YClient {
-    ws: Ws,
-    doc: Doc,
-    items: MapRef,
-}
-
-impl YClient {
-    /// Opens the connection without any handshake.
-    async fn connect_with(server: &TestServer, path: &str, doc: Doc) -> YClient {
-        let ws = server.connect(path).await;
-        let items = doc.get_or_insert_map("items");
-        YClient { ws, doc, items }
-    }
-
-    /// Connects and runs the handshake; returns what came besides the sync messages.
-    async fn join(server: &TestServer, path: &str) -> (YClient, Vec<Message>) {
-        let mut client = YClient::connect_with(server, path, Doc::new()).await;
-        let others = client.handshake().await;
-        (client, others)
-    }
-
-    /// The next frame, decoded; panics on a text frame, a close or an undecodable frame.
-    async fn recv(&mut self) -> Message {
-        let msg = recv(&mut self.ws).await;
-        let WsMessage::Binary(bytes) = msg else {
-            panic!("/yjs sent a non-binary frame: {msg:?}");
-        };
-        Message::decode_v1(&bytes)
-            .unwrap_or_else(|e| panic!("undecodable y-websocket frame {bytes:?}: {e}"))
-    }
-
-    async fn send(&mut self, msg: Message) {
-        self.send_raw(msg.encode_v1()).await;
-    }
-
-    async fn send_raw(&mut self, bytes: Vec<u8>) {
-        self.ws.send(WsMessage::binary(bytes)).await.unwrap();
-    }
-
-    /// The y-websocket handshake as a client does it: the server's SyncStep1 comes first and
-    /// is answered with SyncStep2 (what the server lacks), then our SyncStep1 gets the
-    /// server's SyncStep2. Returns the other messages that arrived meanwhile.
-    async fn handshake(&mut self) -> Vec<Message> {
-        let first = self.recv().await;
-        let Message::Sync(SyncMessage::SyncStep1(sv)) = first else {
-            panic!("the first frame on /yjs must be the server's SyncStep1, got {first:?}");
-        };
-        let diff = self.doc.transact().encode_state_as_update_v1(&sv);
-        self.send(Message::Sync(SyncMessage::SyncStep2(diff))).await;
-        self.sync().await
-    }
-
-    /// Sends SyncStep1 and applies every update until the server's SyncStep2 (applied too).
-    /// Returns the messages that came before the SyncStep2: everything the session had sent
-    /// this connection before handling the SyncStep1.
-    async fn sync(&mut self) -> Vec<Message> {
-        let sv = self.doc.transact().state_vector();
-        self.send(Message::Sync(SyncMessage::SyncStep1(sv))).await;
-        let mut before = Vec::new();
-        loop {
-            match self.recv().await {
-                Message::Sync(SyncMessage::SyncStep2(update)) => {
-                    self.apply(&update);
-                    return before;
-                }
-                Message::Sync(SyncMessage::Update(update)) => {
-                    self.apply(&update);
-                    before.push(Message::Sync(SyncMessage::Update(update)));
-                }
-                other => before.push(other),
-            }
-        }
-    }
-
-    fn apply(&self, update: &[u8]) {
-        let update = Update::decode_v1(update).expect("the server's update decodes");
-        self.doc
-            .transact_mut()
-            .apply_update(update)
-            .expect("the server's update applies");
-    }
-
-    /// Makes a change in one transaction and returns its update.
-    fn edit(&self, f: impl FnOnce(&mut TransactionMut, &MapRef)) -> Vec<u8> {
-        let mut txn = self.doc.transact_mut();
-        f(&mut txn, &self.items);
-        txn.encode_update_v1()
-    }
-
-    /// Makes a change and sends it as a sync Update.
-    async fn edit_and_send(&mut self, f: impl FnOnce(&mut TransactionMut, &MapRef)) {
-        let update = self.edit(f);
-        self.send(Message::Sync(SyncMessage::Update(update))).await;
-    }
-
-    /// The next awareness update (sync updates on the way are applied).
-    async fn next_awareness(&mut self) -> AwarenessUpdate {
-        loop {
-            match self.recv().await {
-                Message::Awareness(update) => return update,
-                Message::Sync(SyncMessage::Update(update)) => self.apply(&update),
-                other => panic!("expected an awareness update, got {other:?}"),
-            }
-        }
-    }
-
-    /// An item of the document as JSON.
-    fn item(&self, uuid: &str) -> Option<Value> {
-        let txn = self.doc.transact();
-        match self.items.get(&txn, uuid)? {
-            Out::YMap(item) => Some(any_to_value(&item.to_json(&txn))),
-            other => panic!("items[{uuid}] is not a map: {other:?}"),
-        }
-    }
-
-    /// Closes the connection and waits for the server's close frame.
-    async fn close(mut self) {
-        self.ws.close(None).await.unwrap();
-        while let Ok(Some(Ok(_))) = tokio::time::timeout(PATIENCE, self.ws.next()).await {}
-    }
-}
-
-fn any_to_value(any: &Any) -> Value {
-    let mut text = String::new();
-    any.to_json(&mut text);
-    serde_json::from_str(&text).unwrap()
-}
-
-fn value_to_any(value: &Value) -> Any {
-    Any::from_json(&value.to_string()).unwrap()
-}
-
-/// The fields of `data` as a yrs map to insert.
-fn item_prelim(item_type: &str, data: &Value) -> MapPrelim {
-    let mut fields: Vec<(String, Any)> = data
-        .as_object()
-        .unwrap()
-        .iter()
-        .map(|(k, v)| (k.clone(), value_to_any(v)))
-        .collect();
-    fields.push(("item_type".into(), Any::from(item_type)));
-    MapPrelim::from_iter(fields)
-}
-
-fn set_fields(txn: &mut TransactionMut, items: &MapRef, uuid: &str, fields: &[(&str, Value)]) {
-    let Some(Out::YMap(item)) = items.get(txn, uuid) else {
-        panic!("no item {uuid} in the yrs document");
-    };
-    for (field, value) in fields {
-        item.insert(txn, *field, value_to_any(value));
-    }
-}
-
-fn assert_same(actual: &Value, expected: &Value, context: &str) {
-    assert!(
-        json_equal(actual, expected),
-        "{context}:\n  got      {actual}\n  expected {expected}"
-    );
-}
-
-/// `data` plus its `item_type`, as the document holds an item added by `add_item`.
-fn with_type(data: &Value, item_type: &str) -> Value {
-    let mut data = data.clone();
-    data["item_type"] = json!(item_type);
-    data
-}
-
-/// The commands among `messages`, as (action, item id, user).
-fn commands(messages: &[Value]) -> Vec<(String, String, String)> {
-    messages
-        .iter()
-        .filter(|m| m["type"] == "command")
-        .map(|m| {
-            (
-                m["command"]["action"].as_str().unwrap().to_owned(),
-                m["command"]["item_id"].as_str().unwrap().to_owned(),
-                m["user_id"].as_str().unwrap_or("").to_owned(),
-            )
-        })
-        .collect()
-}
-
-fn awareness_update(entries: &[(u64, u32, &str)]) -> AwarenessUpdate {
-    AwarenessUpdate {
-        clients: entries
-            .iter()
-            .map(|(client, clock, json)| {
-                (
-                    ClientID::new(*client),
-                    AwarenessUpdateEntry {
-                        clock: *clock,
-                        json: (*json).into(),
-                    },
-                )
-            })
-            .collect(),
-    }
-}
-
-/// The entries of an awareness update, keyed by client id.
-fn entries(update: &AwarenessUpdate) -> HashMap<u64, (u32, String)> {
-    update
-        .clients
-        .iter()
-        .map(|(id, e)| (id.get(), (e.clock, e.json.to_string())))
-        .collect()
-}
 
 #[tokio::test]
 async fn sync_handshake_and_updates_both_ways() {
@@ -503,15 +288,15 @@ async fn awareness_reaches_everyone_and_leaves_with_the_connection() {
         .await;
     let mut b_awareness = Awareness::new(b.doc.clone());
     let at_b = b.next_awareness().await;
-    assert_eq!(entries(&at_b).keys().collect::<Vec<_>>(), [&a_id]);
+    assert_eq!(awareness_entries(&at_b).keys().collect::<Vec<_>>(), [&a_id]);
     b_awareness.apply_update(at_b).unwrap();
     let state: Value = b_awareness.state(ClientID::new(a_id)).unwrap();
     assert_eq!(state["user"]["name"], "a");
     assert_eq!(state["cursor"]["x_mm"], 1.5);
     let echo = a.next_awareness().await;
     assert_eq!(
-        entries(&echo),
-        entries(&a_awareness.update().unwrap()),
+        awareness_entries(&echo),
+        awareness_entries(&a_awareness.update().unwrap()),
         "the sender gets its own update"
     );
 
@@ -521,16 +306,19 @@ async fn awareness_reaches_everyone_and_leaves_with_the_connection() {
     let initial: Vec<_> = others
         .iter()
         .map(|m| match m {
-            Message::Awareness(update) => entries(update),
+            Message::Awareness(update) => awareness_entries(update),
             other => panic!("expected awareness states, got {other:?}"),
         })
         .collect();
-    assert_eq!(initial, [entries(&a_awareness.update().unwrap())]);
+    assert_eq!(initial, [awareness_entries(&a_awareness.update().unwrap())]);
 
     // Query awareness is answered with all states.
     b.send(Message::AwarenessQuery).await;
     let answer = b.next_awareness().await;
-    assert_eq!(entries(&answer), entries(&a_awareness.update().unwrap()));
+    assert_eq!(
+        awareness_entries(&answer),
+        awareness_entries(&a_awareness.update().unwrap())
+    );
 
     // Awareness is for Yjs connections only.
     assert_eq!(ping_collect(&mut alice_json).await, Vec::<Value>::new());
@@ -540,7 +328,7 @@ async fn awareness_reaches_everyone_and_leaves_with_the_connection() {
     a.close().await;
     for client in [&mut b, &mut c] {
         let removal = client.next_awareness().await;
-        let entries = entries(&removal);
+        let entries = awareness_entries(&removal);
         assert_eq!(entries.len(), 1, "{entries:?}");
         let (removed_clock, json) = &entries[&a_id];
         assert_eq!(json, "null");
@@ -595,7 +383,7 @@ async fn user_param_puts_the_connection_in_the_user_list() {
         )])))
         .await;
     let seen = watcher.next_awareness().await;
-    assert_eq!(entries(&seen)[&anon_id].1, "{\"x\":1}");
+    assert_eq!(awareness_entries(&seen)[&anon_id].1, "{\"x\":1}");
     assert_eq!(
         ping_collect(&mut alice).await,
         Vec::<Value>::new(),
@@ -603,7 +391,7 @@ async fn user_param_puts_the_connection_in_the_user_list() {
     );
     anonymous.close().await;
     let removal = watcher.next_awareness().await;
-    assert_eq!(entries(&removal)[&anon_id].1, "null");
+    assert_eq!(awareness_entries(&removal)[&anon_id].1, "null");
     assert_eq!(
         ping_collect(&mut alice).await,
         Vec::<Value>::new(),
@@ -730,7 +518,7 @@ async fn oversize_awareness_state_is_rejected_and_not_broadcast() {
     )])))
     .await;
     for client in [&mut b, &mut a] {
-        let got = entries(&client.next_awareness().await);
+        let got = awareness_entries(&client.next_awareness().await);
         assert_eq!(got.len(), 1);
         let (clock, json) = &got[&id];
         assert_eq!(
@@ -748,10 +536,10 @@ async fn oversize_awareness_state_is_rejected_and_not_broadcast() {
     .await;
     a.send(Message::Awareness(awareness_update(&[(id, 4, small)])))
         .await;
-    let got = entries(&b.next_awareness().await);
+    let got = awareness_entries(&b.next_awareness().await);
     assert_eq!(got, HashMap::from([(id, (4, small.to_owned()))]));
     b.send(Message::AwarenessQuery).await;
-    let all = entries(&b.next_awareness().await);
+    let all = awareness_entries(&b.next_awareness().await);
     assert_eq!(all, HashMap::from([(id, (4, small.to_owned()))]));
     // The sender got back only the update that was accepted.
     let echoes: Vec<_> = a
@@ -759,7 +547,7 @@ async fn oversize_awareness_state_is_rejected_and_not_broadcast() {
         .await
         .iter()
         .map(|m| match m {
-            Message::Awareness(update) => entries(update),
+            Message::Awareness(update) => awareness_entries(update),
             other => panic!("unexpected {other:?}"),
         })
         .collect();

@@ -42,7 +42,11 @@ fn add_item_reaches_the_others_with_its_whole_data_and_the_sender_gets_no_echo()
     let after_add = world.ping(a);
 
     let to_b = world.ping(b);
-    assert_eq!(to_b.len(), 2, "add_item, then the placeholder update_item: {to_b:#?}");
+    assert_eq!(
+        to_b.len(),
+        2,
+        "add_item, then the placeholder update_item: {to_b:#?}"
+    );
     let to_b = fold_fixes(&to_b);
     let msg = only(&to_b);
     assert_eq!(msg["type"], "command");
@@ -65,11 +69,17 @@ fn add_item_reaches_the_others_with_its_whole_data_and_the_sender_gets_no_echo()
     // creator: its moves and edits are answered with nothing but the pong.
     let mut moved = data.clone();
     moved["x_mm"] = json!(20.0);
-    world.send(a, command("move_item", &item_type, &uuid, moved.clone(), "a"));
+    world.send(
+        a,
+        command("move_item", &item_type, &uuid, moved.clone(), "a"),
+    );
     let after_move = world.ping(a);
     let mut edited = moved;
     edited["name"] = json!("L1");
-    world.send(a, command("update_item", &item_type, &uuid, edited.clone(), "a"));
+    world.send(
+        a,
+        command("update_item", &item_type, &uuid, edited.clone(), "a"),
+    );
     let after_update = world.ping(a);
     assert!(
         after_add.is_empty() && after_move.is_empty() && after_update.is_empty(),
@@ -131,7 +141,11 @@ fn a_move_writes_the_position_only_an_update_the_fields_and_a_removal_deletes() 
     expected["x_mm"] = json!(142.5);
     expected["y_mm"] = json!(-37.25);
     expected["angle_deg"] = json!(30.0);
-    assert_eq!(world.items()[&uuid], expected, "a move writes the position only");
+    assert_eq!(
+        world.items()[&uuid],
+        expected,
+        "a move writes the position only"
+    );
     // a's position is the document's, and all a was told of the item is the add that put it
     // on its canvas (which its command proves applied): no correction.
     let to_a = world.ping(a);
@@ -174,7 +188,10 @@ fn a_move_writes_the_position_only_an_update_the_fields_and_a_removal_deletes() 
     assert_eq!(msg["command"]["item_id"], json!(uuid));
     assert_eq!(msg["user_id"], "a");
     assert!(world.items().is_empty());
-    assert!(doc_items(&world.stored_doc()).is_empty(), "the removal is stored");
+    assert!(
+        doc_items(&world.stored_doc()).is_empty(),
+        "the removal is stored"
+    );
 }
 
 /// A command that crossed the removal of its item (its sender removed the item, or was told
@@ -194,8 +211,14 @@ fn commands_on_a_removed_item_change_nothing_and_are_not_answered() {
 
     let mut stale = data.clone();
     stale["x_mm"] = json!(1.0);
-    world.send(a, command("move_item", &item_type, &uuid, stale.clone(), "a"));
-    world.send(b, command("update_item", &item_type, &uuid, stale.clone(), "b"));
+    world.send(
+        a,
+        command("move_item", &item_type, &uuid, stale.clone(), "a"),
+    );
+    world.send(
+        b,
+        command("update_item", &item_type, &uuid, stale.clone(), "b"),
+    );
     world.send(b, command("move_item", &item_type, &uuid, stale, "b"));
     world.send(b, command("remove_item", &item_type, &uuid, json!({}), "b"));
     assert!(world.ping(a).is_empty());
@@ -203,7 +226,11 @@ fn commands_on_a_removed_item_change_nothing_and_are_not_answered() {
     assert!(world.items().is_empty(), "the removed item stays removed");
     assert_eq!(world.version(), version);
     assert_eq!(world.persisted.len(), stored, "nothing to store");
-    assert_eq!(world.session.next_deadline(), None, "and no correction owed");
+    assert_eq!(
+        world.session.next_deadline(),
+        None,
+        "and no correction owed"
+    );
 }
 
 /// A command about an item the document never had creates it from the whole dict it carries
@@ -218,8 +245,14 @@ fn a_command_for_an_item_the_document_never_had_creates_it() {
         let mut ghost_data = data.clone();
         ghost_data["item_uuid"] = json!(ghost);
         ghost_data["x_mm"] = json!(7.25);
-        world.send(b, command(action, &item_type, ghost, ghost_data.clone(), "b"));
-        assert!(world.ping(b).is_empty(), "{action}: the sender holds what it sent");
+        world.send(
+            b,
+            command(action, &item_type, ghost, ghost_data.clone(), "b"),
+        );
+        assert!(
+            world.ping(b).is_empty(),
+            "{action}: the sender holds what it sent"
+        );
         let to_a = fold_fixes(&world.ping(a));
         let msg = only(&to_a);
         assert_eq!(msg["command"]["action"], "add_item", "{action}");
@@ -267,7 +300,10 @@ fn a_command_is_corrected_only_when_the_senders_canvas_may_differ() {
     assert_eq!(to_a[0]["user_id"], "b", "{to_a:#?}");
     assert_eq!(to_a[0]["command"]["action"], "update_item");
     assert_corrections_only(&to_a[1..], &u, &expected);
-    assert_eq!(to_a[1]["user_id"], "a", "a correction answers a's own command");
+    assert_eq!(
+        to_a[1]["user_id"], "a",
+        "a correction answers a's own command"
+    );
     assert_eq!(world.items()[&u], expected);
     let to_b = world.ping(b);
     assert_eq!(only(&to_b)["command"]["data"]["z_value"], json!(7));
@@ -313,7 +349,11 @@ fn a_correction_is_sent_once_the_senders_commands_pause() {
         world.tick();
         let got = world.take_json(b);
         let expected_rename = usize::from(step == 0);
-        assert_eq!(got.len(), expected_rename, "step {step}: only a's rename: {got:#?}");
+        assert_eq!(
+            got.len(),
+            expected_rename,
+            "step {step}: only a's rename: {got:#?}"
+        );
     }
     // a sees each step that changed the item: the update_item after each move writes
     // nothing new (and the first step moved nothing).
@@ -332,7 +372,10 @@ fn a_correction_is_sent_once_the_senders_commands_pause() {
     assert_eq!(correction["command"]["data"]["x_mm"], json!(9.0));
     assert_eq!(correction["command"]["data"]["name"], json!("L2"));
     assert_eq!(world.session.next_deadline(), None);
-    assert!(world.take_json(a).is_empty(), "corrections go to their sender only");
+    assert!(
+        world.take_json(a).is_empty(),
+        "corrections go to their sender only"
+    );
 }
 
 /// A `ping` is a barrier: everything its connection sent before was applied, and the
@@ -350,7 +393,10 @@ fn a_ping_flushes_the_corrections_owed_to_its_sender_before_the_pong() {
     let mut stale = data.clone();
     stale["x_mm"] = json!(5.0);
     world.send(b, command("move_item", "ruler", "r1", stale, "b"));
-    assert_eq!(summary(&world.take_json(b)), [("command".into(), "update_item r1".into())]);
+    assert_eq!(
+        summary(&world.take_json(b)),
+        [("command".into(), "update_item r1".into())]
+    );
     // a owes nothing and its ping flushes nothing of b's.
     assert!(world.ping(a).iter().all(|m| m["user_id"] == "b"));
     assert!(world.session.next_deadline().is_some());
@@ -360,7 +406,10 @@ fn a_ping_flushes_the_corrections_owed_to_its_sender_before_the_pong() {
     assert_eq!(got[0]["command"]["action"], "update_item");
     assert_eq!(got[0]["command"]["data"]["name"], "L2");
     assert_eq!(got[0]["command"]["data"]["x_mm"], json!(5.0));
-    assert_eq!(got[1]["type"], "pong", "the correction comes before the pong");
+    assert_eq!(
+        got[1]["type"], "pong",
+        "the correction comes before the pong"
+    );
     assert_eq!(world.session.next_deadline(), None, "nothing owed any more");
     world.advance(CORRECTION_DELAY * 2);
     world.tick();
@@ -404,7 +453,10 @@ fn a_removal_is_echoed_only_when_a_re_creation_may_cross_it() {
         [("command".into(), "update_item r1".into())],
         "b's move, and no echo of a's removal"
     );
-    assert_eq!(summary(&world.ping(b)), [("command".into(), "remove_item r1".into())]);
+    assert_eq!(
+        summary(&world.ping(b)),
+        [("command".into(), "remove_item r1".into())]
+    );
 
     // b undoes the removal (remove, add) while a removes the item again before it applied
     // either: a's removal deletes the re-created item, and the add_item on its way to a

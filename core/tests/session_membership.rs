@@ -39,7 +39,10 @@ fn a_joiner_gets_user_joined_naming_itself_then_the_ack_and_nothing_else() {
     let got = world.take_json(peer);
     assert_eq!(got.len(), 2, "{got:#?}");
     let joined = &got[0];
-    assert_eq!(joined["type"], "user:joined", "first, naming itself: {joined}");
+    assert_eq!(
+        joined["type"], "user:joined",
+        "first, naming itself: {joined}"
+    );
     assert_eq!(joined["user_id"], "alice");
     assert_timestamp(&joined["timestamp"]);
     let ack = &got[1];
@@ -86,7 +89,10 @@ fn is_host_goes_to_the_first_named_json_user_of_an_uninitialized_scene() {
     let mut world = World::new();
     world.yjs(None);
     let (_, ack) = world.legacy("alice");
-    assert_eq!(ack["is_host"], true, "an anonymous Yjs connection does not count");
+    assert_eq!(
+        ack["is_host"], true,
+        "an anonymous Yjs connection does not count"
+    );
     let mut world = World::new();
     world.yjs(Some("ymir"));
     let (_, ack) = world.legacy("alice");
@@ -143,9 +149,18 @@ fn acks_list_users_in_join_order_with_the_joiner_last() {
     // Each user's `connected_at` is when it joined, the same in every later ack.
     assert_eq!(connected_at(&ack_c, "alice"), connected_at(&ack_a, "alice"));
     assert_eq!(connected_at(&ack_c, "bob"), connected_at(&ack_b, "bob"));
-    assert_eq!(connected_at(&ack_a, "alice"), json!("2026-11-25T19:22:01.000Z"));
-    assert_eq!(connected_at(&ack_b, "bob"), json!("2026-11-25T19:22:03.000Z"));
-    assert_eq!(connected_at(&ack_c, "carol"), json!("2026-11-25T19:22:07.000Z"));
+    assert_eq!(
+        connected_at(&ack_a, "alice"),
+        json!("2026-11-25T19:22:01.000Z")
+    );
+    assert_eq!(
+        connected_at(&ack_b, "bob"),
+        json!("2026-11-25T19:22:03.000Z")
+    );
+    assert_eq!(
+        connected_at(&ack_c, "carol"),
+        json!("2026-11-25T19:22:07.000Z")
+    );
     assert_eq!(ack_c["timestamp"], json!("2026-11-25T19:22:07.000Z"));
     let summary = world.session.summary();
     assert_eq!(summary.users, ["alice", "bob", "bob yjs", "carol"]);
@@ -182,7 +197,10 @@ fn the_others_hear_user_joined_and_user_left() {
         [("user:joined".to_owned(), "bob".to_owned())],
         "?yjs=1 hears user events"
     );
-    assert!(world.ping(bob).is_empty(), "bob heard of himself only before his ack");
+    assert!(
+        world.ping(bob).is_empty(),
+        "bob heard of himself only before his ack"
+    );
     assert!(
         world.take(watcher).is_empty(),
         "user events are JSON: a /yjs connection gets none"
@@ -213,8 +231,15 @@ fn a_newer_ws_connection_of_a_user_replaces_the_older_with_4000_and_no_user_even
     assert_eq!(CLOSE_REPLACED.code, 4000);
     assert_eq!(CLOSE_REPLACED.reason, "Replaced by a newer connection");
     assert_eq!(world.closed(new), None);
-    assert_eq!(names(&ack), ["walt", "dana"], "listed once, as the newer connection");
-    assert_eq!(connected_at(&ack, "dana"), json!("2026-11-25T19:22:06.000Z"));
+    assert_eq!(
+        names(&ack),
+        ["walt", "dana"],
+        "listed once, as the newer connection"
+    );
+    assert_eq!(
+        connected_at(&ack, "dana"),
+        json!("2026-11-25T19:22:06.000Z")
+    );
     assert!(
         world.ping(walt).is_empty(),
         "no user:left / user:joined for a swap"
@@ -266,7 +291,11 @@ fn replacement_spans_ws_and_ws_yjs_but_never_touches_yjs() {
         let mut world = World::new();
         let older = world.join(first, Some("dana"));
         let newer = world.join(second, Some("dana"));
-        assert_eq!(world.closed(older), Some(CLOSE_REPLACED), "{first:?} by {second:?}");
+        assert_eq!(
+            world.closed(older),
+            Some(CLOSE_REPLACED),
+            "{first:?} by {second:?}"
+        );
         assert_eq!(world.closed(newer), None);
     }
 
@@ -303,7 +332,9 @@ fn yjs_tabs_of_one_user_are_listed_once_and_never_replaced() {
     let (tab1, _) = world.yjs(Some("bob"));
     let (tab2, _) = world.yjs(Some("bob"));
     let (tab3, _) = world.yjs(Some("bob"));
-    assert!([tab1, tab2, tab3].iter().all(|t| world.closed(*t).is_none()));
+    assert!([tab1, tab2, tab3]
+        .iter()
+        .all(|t| world.closed(*t).is_none()));
     assert_eq!(summary_of(&world.ping(alice)), [("user:joined", "bob")]);
     let (_, ack) = world.legacy("carol");
     assert_eq!(names(&ack), ["alice", "bob", "carol"]);

@@ -47,7 +47,9 @@ fn a_sync_request_is_answered_with_the_scene_once() {
         assert_eq!(item["uuid"], item["item_uuid"], "{item}");
     }
     assert!(
-        items.windows(2).all(|w| w[0]["uuid"].as_str() < w[1]["uuid"].as_str()),
+        items
+            .windows(2)
+            .all(|w| w[0]["uuid"].as_str() < w[1]["uuid"].as_str()),
         "sorted by uuid"
     );
     let by_uuid = scene_by_uuid(&full["state"]);
@@ -55,7 +57,11 @@ fn a_sync_request_is_answered_with_the_scene_once() {
     assert_eq!(by_uuid[&u1], expected_item(&d1, &t1));
     assert_eq!(by_uuid[&u1]["item_type"], "component");
     assert_eq!(by_uuid[&u0]["item_type"], "source");
-    assert_eq!(full["state"]["items"], world.scene()["items"], "the scene the API shows");
+    assert_eq!(
+        full["state"]["items"],
+        world.scene()["items"],
+        "the scene the API shows"
+    );
 
     // A second request on the same connection is not answered again; only the requester
     // got one; the others get no full state when someone joins.
@@ -97,10 +103,17 @@ fn a_request_before_the_scene_exists_is_answered_as_soon_as_it_does() {
     world.send(host, command("add_item", &t, &u, d.clone(), "host"));
     assert!(world.ping(host).is_empty(), "no echo");
     let got = world.ping(guest);
-    assert_eq!(got.len(), 2, "full state, then its placeholder fix: {got:#?}");
+    assert_eq!(
+        got.len(),
+        2,
+        "full state, then its placeholder fix: {got:#?}"
+    );
     let full = full_state(&got);
     assert_eq!(full["from_server"], true);
-    assert_eq!(scene_by_uuid(&full["state"]), [(u.clone(), expected_item(&d, &t))].into());
+    assert_eq!(
+        scene_by_uuid(&full["state"]),
+        [(u.clone(), expected_item(&d, &t))].into()
+    );
     let relayed = fold_fixes(&world.ping(silent));
     assert_eq!(only(&relayed)["command"]["action"], "add_item");
 
@@ -191,7 +204,11 @@ fn a_host_upload_becomes_the_scene_and_reaches_the_others_as_commands() {
         to_guest.iter().all(|m| m["type"] == "command"),
         "the upload is not relayed verbatim: {to_guest:?}"
     );
-    assert_eq!(to_guest.len(), 6, "add_item and its placeholder fix per item");
+    assert_eq!(
+        to_guest.len(),
+        6,
+        "add_item and its placeholder fix per item"
+    );
     let to_guest = fold_fixes(&to_guest);
     let added: BTreeMap<String, Value> = to_guest
         .iter()
@@ -231,10 +248,16 @@ fn an_upload_from_any_connection_is_merged() {
     let mut frame = upload(&[&uploaded6], "host");
     frame["target_user"] = json!("first");
     world.send(host, frame);
-    assert!(world.ping(host).is_empty(), "the uploader holds what it uploaded");
+    assert!(
+        world.ping(host).is_empty(),
+        "the uploader holds what it uploaded"
+    );
     let to_first = fold_fixes(&world.ping(first));
     let msg = only(&to_first);
-    assert_eq!(msg["type"], "command", "target_user gets commands, not the upload");
+    assert_eq!(
+        msg["type"], "command",
+        "target_user gets commands, not the upload"
+    );
     assert_eq!(msg["command"]["action"], "add_item");
     assert_eq!(msg["command"]["item_id"], json!(u6));
     assert_eq!(msg["user_id"], "host");
@@ -242,7 +265,10 @@ fn an_upload_from_any_connection_is_merged() {
         msg["command"]["data"].get("uuid").is_none(),
         "the uploaded `uuid` key is not stored as a field: {msg}"
     );
-    assert_eq!(world.items(), [(u6.clone(), expected_item(&d6, &t6))].into());
+    assert_eq!(
+        world.items(),
+        [(u6.clone(), expected_item(&d6, &t6))].into()
+    );
     // An uploader never gets a full state (it would replace a canvas the server holds only
     // in part); its canvas lacks nothing, so its request costs nothing.
     world.send(host, request());
@@ -263,7 +289,10 @@ fn an_upload_from_any_connection_is_merged() {
     let msg = only(&to_first);
     assert_eq!(msg["command"]["action"], "update_item");
     assert_eq!(msg["command"]["item_id"], json!(u7));
-    assert_eq!(normalize(&msg["command"]["data"]), expected_item(&renamed, &t7));
+    assert_eq!(
+        normalize(&msg["command"]["data"]),
+        expected_item(&renamed, &t7)
+    );
 
     // A third connection, told the item's name twice, uploads a canvas holding the older
     // name and lacking the other item: the stale name is not written (it is a value this
@@ -275,7 +304,10 @@ fn an_upload_from_any_connection_is_merged() {
     let mut named = d6.clone();
     for name in ["N2", "N3"] {
         named["name"] = json!(name);
-        world.send(first, command("update_item", &t6, &u6, named.clone(), "first"));
+        world.send(
+            first,
+            command("update_item", &t6, &u6, named.clone(), "first"),
+        );
     }
     world.ping(first);
     let told = fold_fixes(&world.ping(third));
@@ -329,7 +361,11 @@ fn an_upload_from_any_connection_is_merged() {
     world.send(third, upload(&[&current6, &current7], "third"));
     assert!(world.ping(third).is_empty());
     assert!(world.ping(first).is_empty());
-    assert_eq!(world.items(), before, "an upload equal to the document changes nothing");
+    assert_eq!(
+        world.items(),
+        before,
+        "an upload equal to the document changes nothing"
+    );
     assert_eq!(world.persisted.len(), stored, "and stores nothing");
 }
 
@@ -350,7 +386,10 @@ fn a_stale_upload_neither_resurrects_nor_deletes() {
     world.send(guest, command("remove_item", t0, u0, json!({}), "guest"));
     world.ping(guest);
     let to_host = world.ping(host);
-    assert_eq!(summary(&to_host), [("command".into(), format!("remove_item {u0}"))]);
+    assert_eq!(
+        summary(&to_host),
+        [("command".into(), format!("remove_item {u0}"))]
+    );
 
     // A stale upload that still holds the removed item, lacks the third one, and renames the
     // second one.

@@ -19,8 +19,7 @@ use collab_core::doc::{CheckedUpdate, GuardedDoc, PeerId, Scene};
 use collab_core::protocol::json::parse_client_message;
 use collab_core::protocol::yjs;
 use collab_core::session::{
-    CloseReason, ConnKind, Event, Input, Now, Output, PayloadKind, Refused, Session,
-    SessionLimits,
+    CloseReason, ConnKind, Event, Input, Now, Output, PayloadKind, Refused, Session, SessionLimits,
 };
 use serde_json::{json, Value};
 use yrs::sync::{Message, SyncMessage};
@@ -205,7 +204,8 @@ impl World {
 
     /// A connection joins; returns its id. Panics if the session refuses it.
     pub fn join(&mut self, kind: ConnKind, user: Option<&str>) -> PeerId {
-        self.try_join(kind, user).expect("the session takes the join")
+        self.try_join(kind, user)
+            .expect("the session takes the join")
     }
 
     pub fn try_join(&mut self, kind: ConnKind, user: Option<&str>) -> Result<PeerId, Refused> {
@@ -379,7 +379,10 @@ impl World {
         self.send(peer, json!({"type": "ping"}));
         let mut got = self.take_json(peer);
         let pong = got.pop().expect("a pong");
-        assert_eq!(pong["type"], "pong", "the pong comes last: {got:#?} then {pong}");
+        assert_eq!(
+            pong["type"], "pong",
+            "the pong comes last: {got:#?} then {pong}"
+        );
         assert_timestamp(&pong["timestamp"]);
         assert!(
             got.iter().all(|m| m["type"] != "pong"),
