@@ -99,23 +99,32 @@ fn a_request_before_the_scene_exists_is_answered_as_soon_as_it_does() {
     world.send(guest, request());
     assert!(world.ping(guest).is_empty(), "no empty full state");
 
+    // The first add initializes the scene: the full state is the scene as it was then, and
+    // the second add follows it as a command.
     let (t, u, d) = fixture_item(4);
     world.send(host, command("add_item", &t, &u, d.clone(), "host"));
+    let (t2, u2, d2) = fixture_item(5);
+    world.send(host, command("add_item", &t2, &u2, d2, "host"));
     assert!(world.ping(host).is_empty(), "no echo");
-    let got = world.ping(guest);
-    assert_eq!(
-        got.len(),
-        2,
-        "full state, then its placeholder fix: {got:#?}"
-    );
-    let full = full_state(&got);
+    let got = fold_fixes(&world.ping(guest));
+    assert_eq!(got.len(), 2, "full state, then the second add: {got:#?}");
+    let full = &got[0];
+    assert_eq!(full["type"], "sync:full_state", "{full}");
     assert_eq!(full["from_server"], true);
     assert_eq!(
         scene_by_uuid(&full["state"]),
         [(u.clone(), expected_item(&d, &t))].into()
     );
+    assert_eq!(got[1]["command"]["action"], "add_item");
+    assert_eq!(got[1]["command"]["item_id"], json!(u2));
     let relayed = fold_fixes(&world.ping(silent));
-    assert_eq!(only(&relayed)["command"]["action"], "add_item");
+    assert_eq!(
+        commands(&relayed),
+        [
+            ("add_item".into(), u.clone(), "host".into()),
+            ("add_item".into(), u2.clone(), "host".into())
+        ]
+    );
 
     // Answered once: a second request costs nothing.
     world.send(guest, request());

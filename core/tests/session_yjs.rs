@@ -91,9 +91,18 @@ fn a_ws_yjs_joiner_gets_the_ack_with_the_document_then_sync_step1() {
     assert_eq!(snapshot.len() % 4, 0, "padded base64");
     let doc = doc_from(&b64.decode(snapshot).expect("standard base64"));
     // (yrs writes a whole float without its `.0`: compared as numbers.)
-    let item = |uuid: &str| doc_item(&doc, uuid).unwrap_or_else(|| panic!("{uuid} in the snapshot"));
-    assert_same(&item(&u1), &with_type(&d1, &t1), "the snapshot's first item");
-    assert_same(&item(&u0), &with_type(&d0, &t0), "the snapshot's second item");
+    let item =
+        |uuid: &str| doc_item(&doc, uuid).unwrap_or_else(|| panic!("{uuid} in the snapshot"));
+    assert_same(
+        &item(&u1),
+        &with_type(&d1, &t1),
+        "the snapshot's first item",
+    );
+    assert_same(
+        &item(&u0),
+        &with_type(&d0, &t0),
+        "the snapshot's second item",
+    );
     let sv = b64
         .decode(ack["state_vector"].as_str().expect("a state vector"))
         .expect("standard base64");
@@ -136,7 +145,10 @@ fn a_json_change_reaches_yjs_speakers_as_one_update_and_never_as_json() {
     let (t2, u2, d2) = fixture_item(2);
     world.send(jay, command("add_item", &t2, &u2, d2.clone(), "jay"));
     let (json, yjs) = split(world.take(yuki));
-    assert!(json.is_empty(), "no full state, no command on ?yjs=1: {json:#?}");
+    assert!(
+        json.is_empty(),
+        "no full state, no command on ?yjs=1: {json:#?}"
+    );
     assert!(
         matches!(yjs.as_slice(), [Message::Sync(SyncMessage::Update(_))]),
         "one Update per change: {yjs:?}"
@@ -173,7 +185,9 @@ fn a_yjs_update_reaches_desktop_clients_as_commands_and_other_yjs_speakers_as_it
     // under the connection's user name.
     let mut expected = with_type(&d1, &t1);
     for (field, value) in [("x_mm", json!(77.5)), ("name", json!("Lens (from Yjs)"))] {
-        let update = edit(&doc, |txn, items| set_fields(txn, items, &u1, &[(field, value.clone())]));
+        let update = edit(&doc, |txn, items| {
+            set_fields(txn, items, &u1, &[(field, value.clone())])
+        });
         world.send_yjs(yuki, Message::Sync(SyncMessage::Update(update)));
         expected[field] = value;
         let to_jay = world.ping(jay);
@@ -186,7 +200,10 @@ fn a_yjs_update_reaches_desktop_clients_as_commands_and_other_yjs_speakers_as_it
             &expected,
             &format!("the whole item after the change of {field}"),
         );
-        assert!(world.take(yuki).is_empty(), "no echo, no error to the sender");
+        assert!(
+            world.take(yuki).is_empty(),
+            "no echo, no error to the sender"
+        );
         apply_all(&watcher_doc, &world.take_yjs(watcher));
         apply_all(&anon_doc, &world.take_yjs(anon));
     }
@@ -227,7 +244,11 @@ fn an_offline_edit_travels_in_the_clients_sync_step2() {
     let (alice, _) = world.legacy("alice");
     let (t0, u0, d0) = fixture_item(0);
     let offline = Doc::new();
-    items(&offline).insert(&mut offline.transact_mut(), u0.as_str(), item_prelim(&t0, &d0));
+    items(&offline).insert(
+        &mut offline.transact_mut(),
+        u0.as_str(),
+        item_prelim(&t0, &d0),
+    );
     let (bob, first) = world.yjs(Some("bob"));
     yjs_client(&mut world, bob, &first, offline);
     let to_alice = world.ping(alice);
@@ -236,7 +257,11 @@ fn an_offline_edit_travels_in_the_clients_sync_step2() {
     let add = only(&to_alice);
     assert_eq!(add["command"]["action"], "add_item");
     assert_eq!(add["user_id"], "bob");
-    assert_same(&add["command"]["data"], &with_type(&d0, &t0), "the offline item");
+    assert_same(
+        &add["command"]["data"],
+        &with_type(&d0, &t0),
+        "the offline item",
+    );
     assert!(world.session.initialized());
 }
 
@@ -251,7 +276,9 @@ fn an_http_update_reaches_every_client_as_its_own_kind_of_message() {
     world.ping(a);
 
     let served = world.doc();
-    let update = edit(&served, |txn, items| set_fields(txn, items, &u, &[("y_mm", json!(3.25))]));
+    let update = edit(&served, |txn, items| {
+        set_fields(txn, items, &u, &[("y_mm", json!(3.25))])
+    });
     world.api_update(&update).expect("the update is taken");
     let to_a = world.ping(a);
     let msg = only(&to_a);
@@ -267,7 +294,9 @@ fn an_http_update_reaches_every_client_as_its_own_kind_of_message() {
 
     // An update that changes nothing stores and sends nothing.
     let stored = world.persisted.len();
-    world.api_update(&update).expect("a repeated update is taken");
+    world
+        .api_update(&update)
+        .expect("a repeated update is taken");
     assert_eq!(world.persisted.len(), stored);
     world.assert_quiet();
 }
@@ -288,11 +317,20 @@ fn fresh_clients_get_the_current_state_before_and_after_a_change() {
         for _ in 0..2 {
             let (fresh, first) = world.yjs(None);
             let doc = yjs_client(&mut world, fresh, &first, Doc::new());
-            assert_eq!(state_vector(&doc), state_vector(&writer_doc), "round {round}");
+            assert_eq!(
+                state_vector(&doc),
+                state_vector(&writer_doc),
+                "round {round}"
+            );
             assert_eq!(doc_items(&doc), doc_items(&writer_doc), "round {round}");
         }
         let update = edit(&writer_doc, |txn, items| {
-            set_fields(txn, items, "m1", &[("x_mm", json!(10.0 + f64::from(round)))]);
+            set_fields(
+                txn,
+                items,
+                "m1",
+                &[("x_mm", json!(10.0 + f64::from(round)))],
+            );
         });
         world.send_yjs(writer, Message::Sync(SyncMessage::Update(update)));
         for peer in world.conns.keys().copied().collect::<Vec<_>>() {
@@ -327,7 +365,10 @@ fn awareness_reaches_every_yjs_speaker_and_leaves_with_its_connection() {
         let got = split(world.take(peer)).1;
         assert_eq!(awareness_of(&got), [expected.clone()], "connection {peer}");
     }
-    assert!(world.ping(alice).is_empty(), "awareness is for Yjs speakers only");
+    assert!(
+        world.ping(alice).is_empty(),
+        "awareness is for Yjs speakers only"
+    );
 
     // A later joiner gets the states right after the server's SyncStep1; a query is
     // answered with them.
@@ -352,8 +393,15 @@ fn awareness_reaches_every_yjs_speaker_and_leaves_with_its_connection() {
         );
     }
     world.send_yjs(b, Message::AwarenessQuery);
-    assert!(world.take(b).is_empty(), "no states left: a query gets no answer");
-    assert_eq!(world.session.next_deadline(), None, "nothing left to expire");
+    assert!(
+        world.take(b).is_empty(),
+        "no states left: a query gets no answer"
+    );
+    assert_eq!(
+        world.session.next_deadline(),
+        None,
+        "nothing left to expire"
+    );
 }
 
 /// A state not renewed within [`AWARENESS_TIMEOUT`] is removed at a tick; a renewed one stays.
@@ -383,7 +431,10 @@ fn an_awareness_state_not_renewed_expires() {
         );
         removals = world.take_yjs(b);
         if !removals.is_empty() {
-            assert!(world.instant() - start >= AWARENESS_TIMEOUT, "expired early");
+            assert!(
+                world.instant() - start >= AWARENESS_TIMEOUT,
+                "expired early"
+            );
         }
         world.take(a);
     }
@@ -394,7 +445,10 @@ fn an_awareness_state_not_renewed_expires() {
     );
     world.send_yjs(a, Message::AwarenessQuery);
     let left = world.take_yjs(a);
-    assert_eq!(awareness_of(&left), [HashMap::from([(2, (2, "{}".to_owned()))])]);
+    assert_eq!(
+        awareness_of(&left),
+        [HashMap::from([(2, (2, "{}".to_owned()))])]
+    );
 }
 
 /// `SessionLimits::max_awareness_bytes` (`--max-awareness-bytes`): a state one byte over is
@@ -415,7 +469,10 @@ fn an_oversize_awareness_state_is_refused_and_not_broadcast() {
     world.send_yjs(a, awareness(&[(7, 1, &too_big)]));
     world.assert_quiet();
     assert!(
-        world.events.iter().any(|e| matches!(e, collab_core::session::Event::Rejected { .. })),
+        world
+            .events
+            .iter()
+            .any(|e| matches!(e, collab_core::session::Event::Rejected { .. })),
         "the refusal is reported: {:?}",
         world.events
     );
@@ -424,7 +481,10 @@ fn an_oversize_awareness_state_is_refused_and_not_broadcast() {
     for peer in [a, b] {
         let got = awareness_of(&world.take_yjs(peer));
         assert_eq!(got.len(), 1);
-        assert_eq!(got[0][&7].0, 2, "the oversize state (clock 1) was never sent");
+        assert_eq!(
+            got[0][&7].0, 2,
+            "the oversize state (clock 1) was never sent"
+        );
         assert_eq!(got[0][&7].1.len(), max);
     }
     // An oversize state beside a valid one refuses the whole update.
@@ -434,5 +494,10 @@ fn an_oversize_awareness_state_is_refused_and_not_broadcast() {
     world.send_yjs(b, Message::AwarenessQuery);
     let all = awareness_of(&world.take_yjs(b));
     assert_eq!(all.len(), 1);
-    assert_eq!(all[0].len(), 1, "only a's state at the bound: {:?}", all[0].keys());
+    assert_eq!(
+        all[0].len(),
+        1,
+        "only a's state at the bound: {:?}",
+        all[0].keys()
+    );
 }

@@ -83,14 +83,17 @@ impl World {
         World::with(Scene::default(), limits)
     }
 
-    /// A session loaded from stored updates (as after a restart or an eviction).
+    /// A session loaded from stored updates (as after a restart or an eviction); they are
+    /// what it has persisted so far.
     pub fn loaded(updates: &[Vec<u8>], initialized: bool) -> World {
         let checked: Vec<CheckedUpdate> = updates
             .iter()
             .map(|u| CheckedUpdate::check(u.clone()).expect("a stored update passes the guard"))
             .collect();
         let doc = GuardedDoc::from_updates(&checked).expect("the stored updates load");
-        World::with(Scene::new(doc, initialized), &SessionLimits::default())
+        let mut world = World::with(Scene::new(doc, initialized), &SessionLimits::default());
+        world.persisted = updates.to_vec();
+        world
     }
 
     pub fn with(scene: Scene, limits: &SessionLimits) -> World {
