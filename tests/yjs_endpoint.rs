@@ -1,6 +1,8 @@
 //! `/yjs/{session}` (PROTOCOL §5) with a `yrs` client over `tokio-tungstenite`, side by side
-//! with Optiverse JSON clients: the sync handshake, updates in both directions, awareness,
-//! `?user=`, and bad input.
+//! with Optiverse JSON clients: the sync handshake and updates in both directions end to end,
+//! `?user=`, bad frames, pings, the upgrade handshake and a paused reader. What the session
+//! decides (fan-out, awareness, the whole state a fresh client gets) is tested without a
+//! socket in `core/tests/session_yjs.rs`.
 //!
 //! Ordering is established with the protocol itself, never with sleeps: a client's SyncStep1
 //! is answered with SyncStep2 after everything the session sent it before, and a JSON client's
@@ -8,19 +10,14 @@
 
 mod common;
 
-use std::collections::HashMap;
-
 use common::*;
 use futures_util::SinkExt;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
-use yrs::sync::{Awareness, Message, SyncMessage};
+use yrs::sync::{Message, SyncMessage};
 use yrs::updates::decoder::Decode;
 use yrs::updates::encoder::Encode;
-use yrs::{Any, ClientID, Doc, Map, MapPrelim, ReadTxn, Transact, Update};
-
-/// The default `--max-awareness-bytes`.
-const MAX_AWARENESS_BYTES: usize = 64 * 1024;
+use yrs::{Any, Doc, Map, MapPrelim, ReadTxn, Transact, Update};
 
 #[tokio::test]
 async fn sync_handshake_and_updates_both_ways() {
@@ -224,124 +221,6 @@ async fn sync_handshake_and_updates_both_ways() {
 }
 
 #[tokio::test]
-async fn updates_from_one_yrs_client_reach_the_others() {
-    let session = "yjs-fanout";
-    let server = TestServer::start().await;
-    let (mut a, _) = YClient::join(&server, &format!("/yjs/{session}")).await;
-    let (mut b, _) = YClient::join(&server, &format!("/yjs/{session}")).await;
-    let mut json_yjs = server
-        .connect(&format!("/ws/{session}/opted-in?yjs=1"))
-        .await;
-    assert_eq!(recv_json(&mut json_yjs).await["type"], "connection:ack");
-    let data = json!({"x_mm": 1.0, "y_mm": 2.0, "angle_deg": 0.0, "name": "M1"});
-    a.edit_and_send(|txn, items| {
-        items.insert(txn, "m1", item_prelim("component", &data));
-    })
-    .await;
-    // Once a's SyncStep1 is answered, its update was handled and relayed to b.
-    assert!(a.sync().await.is_empty(), "no echo to the sender");
-    let got = b.sync().await;
-    assert!(
-        matches!(got.as_slice(), [Message::Sync(SyncMessage::Update(_))]),
-        "{got:?}"
-    );
-    assert_same(
-        &b.item("m1").unwrap(),
-        &with_type(&data, "component"),
-        "b's copy",
-    );
-    // A `/ws?yjs=1` connection gets the Update as a binary frame too.
-    let update = loop {
-        match recv(&mut json_yjs).await {
-            WsMessage::Binary(bytes) => match Message::decode_v1(&bytes).unwrap() {
-                Message::Sync(SyncMessage::Update(update)) => break update,
-                _ => continue,
-            },
-            _ => continue,
-        }
-    };
-    let copy = Doc::new();
-    let items = copy.get_or_insert_map("items");
-    copy.transact_mut()
-        .apply_update(Update::decode_v1(&update).unwrap())
-        .unwrap();
-    assert!(items.get(&copy.transact(), "m1").is_some());
-}
-
-#[tokio::test]
-async fn awareness_reaches_everyone_and_leaves_with_the_connection() {
-    let session = "yjs-awareness";
-    let server = TestServer::start().await;
-    let (mut alice_json, _) = server.legacy(session, "alice").await;
-    let (mut a, _) = YClient::join(&server, &format!("/yjs/{session}")).await;
-    let (mut b, _) = YClient::join(&server, &format!("/yjs/{session}")).await;
-
-    // A's state, made with yrs' Awareness, reaches B and comes back to A itself.
-    let mut a_awareness = Awareness::new(a.doc.clone());
-    a_awareness
-        .set_local_state(
-            json!({"user": {"name": "a", "color": "#DC143C"}, "cursor": {"x_mm": 1.5}}),
-        )
-        .unwrap();
-    let a_id = a.doc.client_id().get();
-    a.send(Message::Awareness(a_awareness.update().unwrap()))
-        .await;
-    let mut b_awareness = Awareness::new(b.doc.clone());
-    let at_b = b.next_awareness().await;
-    assert_eq!(awareness_entries(&at_b).keys().collect::<Vec<_>>(), [&a_id]);
-    b_awareness.apply_update(at_b).unwrap();
-    let state: Value = b_awareness.state(ClientID::new(a_id)).unwrap();
-    assert_eq!(state["user"]["name"], "a");
-    assert_eq!(state["cursor"]["x_mm"], 1.5);
-    let echo = a.next_awareness().await;
-    assert_eq!(
-        awareness_entries(&echo),
-        awareness_entries(&a_awareness.update().unwrap()),
-        "the sender gets its own update"
-    );
-
-    // A third client gets the states on connect, right after the server's SyncStep1.
-    let mut c = YClient::connect_with(&server, &format!("/yjs/{session}"), Doc::new()).await;
-    let others = c.handshake().await;
-    let initial: Vec<_> = others
-        .iter()
-        .map(|m| match m {
-            Message::Awareness(update) => awareness_entries(update),
-            other => panic!("expected awareness states, got {other:?}"),
-        })
-        .collect();
-    assert_eq!(initial, [awareness_entries(&a_awareness.update().unwrap())]);
-
-    // Query awareness is answered with all states.
-    b.send(Message::AwarenessQuery).await;
-    let answer = b.next_awareness().await;
-    assert_eq!(
-        awareness_entries(&answer),
-        awareness_entries(&a_awareness.update().unwrap())
-    );
-
-    // Awareness is for Yjs connections only.
-    assert_eq!(ping_collect(&mut alice_json).await, Vec::<Value>::new());
-
-    // A closes: B and C get its removal ("null" at its clock, as y-protocols removes states).
-    let clock = a_awareness.meta(ClientID::new(a_id)).unwrap().0;
-    a.close().await;
-    for client in [&mut b, &mut c] {
-        let removal = client.next_awareness().await;
-        let entries = awareness_entries(&removal);
-        assert_eq!(entries.len(), 1, "{entries:?}");
-        let (removed_clock, json) = &entries[&a_id];
-        assert_eq!(json, "null");
-        assert_eq!(*removed_clock, clock);
-    }
-    b.send(Message::AwarenessQuery).await;
-    assert!(
-        b.sync().await.is_empty(),
-        "no states left, so a query gets no answer"
-    );
-}
-
-#[tokio::test]
 async fn user_param_puts_the_connection_in_the_user_list() {
     let session = "yjs-users";
     let server = TestServer::start().await;
@@ -489,72 +368,6 @@ async fn malformed_frames_leave_the_connection_usable_and_the_document_unchanged
 }
 
 #[tokio::test]
-async fn oversize_awareness_state_is_rejected_and_not_broadcast() {
-    let session = "yjs-awareness-size";
-    let server = TestServer::start().await;
-    let (mut a, _) = YClient::join(&server, &format!("/yjs/{session}")).await;
-    let (mut b, _) = YClient::join(&server, &format!("/yjs/{session}")).await;
-    let id = a.doc.client_id().get();
-    let state = |len: usize| {
-        let json = format!("{{\"b\":\"{}\"}}", "x".repeat(len - 8));
-        assert_eq!(json.len(), len);
-        json
-    };
-
-    // One byte over the limit: refused, sent to nobody, the connection stays.
-    let too_big = state(MAX_AWARENESS_BYTES + 1);
-    a.send(Message::Awareness(awareness_update(&[(
-        id,
-        1,
-        too_big.as_str(),
-    )])))
-    .await;
-    // Exactly at the limit: accepted and broadcast to both.
-    let at_limit = state(MAX_AWARENESS_BYTES);
-    a.send(Message::Awareness(awareness_update(&[(
-        id,
-        2,
-        at_limit.as_str(),
-    )])))
-    .await;
-    for client in [&mut b, &mut a] {
-        let got = awareness_entries(&client.next_awareness().await);
-        assert_eq!(got.len(), 1);
-        let (clock, json) = &got[&id];
-        assert_eq!(
-            *clock, 2,
-            "the oversize state (clock 1) must not be broadcast"
-        );
-        assert_eq!(json.len(), MAX_AWARENESS_BYTES);
-    }
-    // An oversize state next to a valid one refuses the whole update.
-    let small = "{\"ok\":true}";
-    a.send(Message::Awareness(awareness_update(&[
-        (id, 3, too_big.as_str()),
-        (id + 1, 1, small),
-    ])))
-    .await;
-    a.send(Message::Awareness(awareness_update(&[(id, 4, small)])))
-        .await;
-    let got = awareness_entries(&b.next_awareness().await);
-    assert_eq!(got, HashMap::from([(id, (4, small.to_owned()))]));
-    b.send(Message::AwarenessQuery).await;
-    let all = awareness_entries(&b.next_awareness().await);
-    assert_eq!(all, HashMap::from([(id, (4, small.to_owned()))]));
-    // The sender got back only the update that was accepted.
-    let echoes: Vec<_> = a
-        .sync()
-        .await
-        .iter()
-        .map(|m| match m {
-            Message::Awareness(update) => awareness_entries(update),
-            other => panic!("unexpected {other:?}"),
-        })
-        .collect();
-    assert_eq!(echoes, [HashMap::from([(id, (4, small.to_owned()))])]);
-}
-
-#[tokio::test]
 async fn user_param_is_percent_decoded_exactly_once() {
     // y-websocket encodes query values with encodeURIComponent: the name "ben%41" travels as
     // `ben%2541` and must arrive as "ben%41", not "benA"; "x%FF" must not be refused.
@@ -656,43 +469,6 @@ async fn a_peer_that_stops_answering_pings_is_dropped() {
     };
     assert!(pings >= 1, "the server pinged before dropping the peer");
     assert_eq!(close_code, 1001);
-}
-
-/// Fresh clients are answered from a cached encoding of the whole document; a change in
-/// between must reach the next fresh client all the same.
-#[tokio::test]
-async fn fresh_clients_get_the_current_state_before_and_after_a_change() {
-    let session = "yjs-state-cache";
-    let path = format!("/yjs/{session}");
-    let server = TestServer::start().await;
-    let (mut a, _) = YClient::join(&server, &path).await;
-    let first = json!({"x_mm": 1.0, "y_mm": 2.0, "angle_deg": 0.0});
-    a.edit_and_send(|txn, items| {
-        items.insert(txn, "m1", item_prelim("component", &first));
-    })
-    .await;
-    a.sync().await;
-    for round in 0..2 {
-        let (b, _) = YClient::join(&server, &path).await;
-        let (c, _) = YClient::join(&server, &path).await;
-        for (name, joiner) in [("b", &b), ("c", &c)] {
-            assert_eq!(
-                joiner.doc.transact().state_vector(),
-                a.doc.transact().state_vector(),
-                "round {round}: {name}'s state"
-            );
-            assert_same(
-                &joiner.item("m1").unwrap(),
-                &a.item("m1").unwrap(),
-                &format!("round {round}: {name}'s m1"),
-            );
-        }
-        a.edit_and_send(|txn, items| {
-            set_fields(txn, items, "m1", &[("x_mm", json!(10.0 + round as f64))]);
-        })
-        .await;
-        a.sync().await;
-    }
 }
 
 /// The server answers the WebSocket handshake itself (it keeps the TCP socket): a valid
