@@ -8,6 +8,7 @@
 //! closed; `/ws` gets no binary frame and `/yjs` no text frame.
 #![allow(dead_code)]
 
+pub mod desktop;
 pub mod messages;
 pub mod ydoc;
 
@@ -27,8 +28,9 @@ use yrs::updates::decoder::Decode;
 use yrs::updates::encoder::Encode;
 use yrs::Doc;
 
-pub use messages::*;
-pub use ydoc::*;
+// Every suite uses some of these, none uses all.
+#[allow(unused_imports)]
+pub use {desktop::*, messages::*, ydoc::*};
 
 /// The session id every test world uses.
 pub const SESSION: &str = "bench";
