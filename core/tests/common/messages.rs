@@ -250,3 +250,102 @@ pub fn fold_fixes(msgs: &[Value]) -> Vec<Value> {
     }
     folded
 }
+
+/// A desktop client's canvas, built from what it received as the client applies it (README
+/// "Choices", `shared/optiverse-client/README.md`): `add_item` always creates a new object
+/// (a second one for a uuid it has is a duplicate), `update_item` rebuilds an object from the
+/// whole data, `move_item` sets the position, `remove_item` deletes, commands for an unknown
+/// uuid are ignored; `sync:full_state` clears and rebuilds, except on a fork host.
+#[derive(Debug, Default, Clone)]
+pub struct Canvas {
+    /// Each object's fields (normalized), by uuid.
+    pub objects: BTreeMap<String, Value>,
+    /// Uuids that were added while the canvas held them.
+    pub duplicates: Vec<String>,
+    /// A fork host ignores full states.
+    pub ignores_full_state: bool,
+    /// Whether a full state arrived (the client sends its own adds only after one).
+    pub synced: bool,
+}
+
+impl Canvas {
+    /// A canvas holding `items` (uuid, fields) already.
+    pub fn holding(items: &[(&str, &Value)]) -> Canvas {
+        let mut canvas = Canvas::default();
+        for (uuid, fields) in items {
+            canvas.set(uuid, fields);
+        }
+        canvas
+    }
+
+    /// A local edit: the object now has these fields.
+    pub fn set(&mut self, uuid: &str, fields: &Value) {
+        self.objects.insert(uuid.to_owned(), normalize(fields));
+    }
+
+    /// A local deletion.
+    pub fn remove(&mut self, uuid: &str) {
+        self.objects.remove(uuid);
+    }
+
+    pub fn apply(&mut self, msg: &Value) {
+        match msg["type"].as_str() {
+            Some("sync:full_state") => {
+                self.synced = true;
+                if !self.ignores_full_state {
+                    self.objects = scene_by_uuid(&msg["state"]);
+                }
+            }
+            Some("command") => {
+                let command = &msg["command"];
+                let uuid = command["item_id"].as_str().expect("an item id").to_owned();
+                let data = normalize(&command["data"]);
+                match command["action"].as_str() {
+                    Some("add_item") => {
+                        if self.objects.insert(uuid.clone(), data).is_some() {
+                            self.duplicates.push(uuid);
+                        }
+                    }
+                    Some("update_item") => {
+                        if let Some(object) = self.objects.get_mut(&uuid) {
+                            *object = data;
+                        }
+                    }
+                    Some("move_item") => {
+                        if let Some(object) = self.objects.get_mut(&uuid) {
+                            for key in ["x_mm", "y_mm", "angle_deg"] {
+                                object[key] = data[key].clone();
+                            }
+                        }
+                    }
+                    Some("remove_item") => {
+                        self.objects.remove(&uuid);
+                    }
+                    other => panic!("unknown action {other:?}: {msg}"),
+                }
+            }
+            _ => {}
+        }
+    }
+
+    pub fn apply_all(&mut self, msgs: &[Value]) {
+        for msg in msgs {
+            self.apply(msg);
+        }
+    }
+
+    /// Asserts the canvas shows exactly `items` (a scene's items by uuid) and no duplicate.
+    pub fn assert_shows(&self, items: &BTreeMap<String, Value>, who: &str) {
+        assert!(
+            self.duplicates.is_empty(),
+            "{who} got add_item for objects it had: {:?}",
+            self.duplicates
+        );
+        let uuids: Vec<&String> = self.objects.keys().collect();
+        let expected: Vec<&String> = items.keys().collect();
+        assert_eq!(uuids, expected, "{who}'s canvas holds other items");
+        for (uuid, fields) in items {
+            assert_same(&self.objects[uuid], fields, &format!("{who}'s {uuid}"));
+        }
+    }
+}
