@@ -45,33 +45,6 @@ impl StoreHook for Gate {
     }
 }
 
-/// A desktop client's scene built from what it received (PROTOCOL §3.3).
-fn apply_to_model(model: &mut BTreeMap<String, Value>, msg: &Value) {
-    match msg["type"].as_str().unwrap() {
-        "sync:full_state" => *model = items_by_uuid(&msg["state"]),
-        "command" => {
-            let command = &msg["command"];
-            let uuid = command["item_id"].as_str().unwrap().to_owned();
-            match command["action"].as_str().unwrap() {
-                "remove_item" => {
-                    model.remove(&uuid);
-                }
-                "move_item" => {
-                    if let Some(item) = model.get_mut(&uuid) {
-                        for key in ["x_mm", "y_mm", "angle_deg"] {
-                            item[key] = command["data"][key].clone();
-                        }
-                    }
-                }
-                _ => {
-                    model.insert(uuid, command["data"].clone());
-                }
-            }
-        }
-        _ => {}
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_clients_arriving_together_load_the_session_once() {
     let store = Arc::new(HookStore::new(Gate::new()));
@@ -149,7 +122,7 @@ async fn twenty_clients_arriving_together_load_the_session_once() {
         "loaded exactly once"
     );
 
-    let scene = items_by_uuid(&server.scene(session).await);
+    let scene = scene_by_uuid(&server.scene(session).await);
     assert_eq!(scene.len(), 23);
     let everyone: BTreeSet<&str> = names.iter().map(String::as_str).collect();
     for (name, seen) in names.iter().zip(&received) {
@@ -159,28 +132,20 @@ async fn twenty_clients_arriving_together_load_the_session_once() {
             .iter()
             .map(|u| u["user_id"].as_str().unwrap())
             .collect();
-        assert!(
-            seen.iter().any(|m| m["type"] == "sync:full_state"),
-            "{name} got the scene"
-        );
-        let mut model = BTreeMap::new();
-        let folded = fold_fixes(&seen[1..]);
-        for msg in &folded {
+        let mut canvas = Canvas::default();
+        for msg in &seen[1..] {
             if msg["type"] == "user:joined" {
                 users.insert(msg["user_id"].as_str().unwrap());
             }
-            apply_to_model(&mut model, msg);
+            canvas.apply(msg);
         }
+        assert!(canvas.synced, "{name} got the scene");
         assert_eq!(users, everyone, "{name} knows everyone");
         // The client's own add is not echoed (it has that item locally): compare the rest.
         let own = format!("{name}-item");
-        let model: BTreeMap<_, _> = model.iter().map(|(k, v)| (k, normalize(v))).collect();
-        let expected: BTreeMap<_, _> = scene
-            .iter()
-            .filter(|(k, _)| **k != own)
-            .map(|(k, v)| (k, normalize(v)))
-            .collect();
-        assert_eq!(model, expected, "{name}'s scene equals the server's");
+        let mut expected = scene.clone();
+        expected.remove(&own);
+        canvas.assert_shows(&expected, name);
     }
     drop(clients);
 }
