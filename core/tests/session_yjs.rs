@@ -363,7 +363,11 @@ fn awareness_reaches_every_yjs_speaker_and_leaves_with_its_connection() {
     // Everyone speaking Yjs gets it, the sender included (y-protocols expects its echo).
     for peer in [a, b, yuki] {
         let got = split(world.take(peer)).1;
-        assert_eq!(awareness_of(&got), [expected.clone()], "connection {peer}");
+        assert_eq!(
+            awareness_of(&got),
+            std::slice::from_ref(&expected),
+            "connection {peer}"
+        );
     }
     assert!(
         world.ping(alice).is_empty(),
@@ -374,7 +378,7 @@ fn awareness_reaches_every_yjs_speaker_and_leaves_with_its_connection() {
     // answered with them.
     let (c, first) = world.yjs(None);
     assert!(matches!(first[0], Message::Sync(SyncMessage::SyncStep1(_))));
-    assert_eq!(awareness_of(&first[1..]), [expected.clone()]);
+    assert_eq!(awareness_of(&first[1..]), std::slice::from_ref(&expected));
     world.send_yjs(b, Message::AwarenessQuery);
     assert_eq!(awareness_of(&world.take_yjs(b)), [expected]);
 
