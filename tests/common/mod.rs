@@ -229,17 +229,6 @@ pub async fn recv_json(ws: &mut Ws) -> Value {
     }
 }
 
-/// The next binary message.
-pub async fn recv_binary(ws: &mut Ws) -> Vec<u8> {
-    loop {
-        match recv(ws).await {
-            Message::Binary(b) => return b.to_vec(),
-            Message::Text(_) => continue,
-            other => panic!("expected binary, got {other:?}"),
-        }
-    }
-}
-
 pub async fn send_json(ws: &mut Ws, value: &Value) {
     ws.send(Message::text(value.to_string())).await.unwrap();
 }
