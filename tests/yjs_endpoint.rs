@@ -15,9 +15,7 @@ use futures_util::SinkExt;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use yrs::sync::{Message, SyncMessage};
-use yrs::updates::decoder::Decode;
-use yrs::updates::encoder::Encode;
-use yrs::{Any, Doc, Map, MapPrelim, ReadTxn, Transact, Update};
+use yrs::{Doc, Map, ReadTxn, Transact};
 
 #[tokio::test]
 async fn sync_handshake_and_updates_both_ways() {
@@ -209,15 +207,7 @@ async fn sync_handshake_and_updates_both_ways() {
     }
     let (status, body) = server.get(&format!("/api/sessions/{session}/update")).await;
     assert_eq!(status, 200);
-    let served = Doc::new();
-    served
-        .transact_mut()
-        .apply_update(Update::decode_v1(&body).unwrap())
-        .unwrap();
-    assert_eq!(
-        served.transact().state_vector(),
-        bob.doc.transact().state_vector()
-    );
+    assert_eq!(state_vector(&doc_from(&body)), state_vector(&bob.doc));
 }
 
 #[tokio::test]
@@ -302,34 +292,9 @@ async fn malformed_frames_leave_the_connection_usable_and_the_document_unchanged
     let before = server.get(&format!("/api/sessions/{session}/update")).await;
     let scene_before = scene_by_uuid(&server.scene(session).await);
 
-    // A real update, cut short.
-    let probe = Doc::new();
-    let probe_items = probe.get_or_insert_map("items");
-    let truncated = {
-        let mut txn = probe.transact_mut();
-        probe_items.insert(
-            &mut txn,
-            "truncated",
-            MapPrelim::from([("x_mm", Any::from(1.0))]),
-        );
-        let update = txn.encode_update_v1();
-        let mut frame = Message::Sync(SyncMessage::Update(update.clone())).encode_v1();
-        frame.truncate(frame.len() - 3);
-        frame
-    };
-    let frames: Vec<Vec<u8>> = vec![
-        vec![],
-        vec![9],
-        vec![0],
-        vec![0, 7, 0],
-        vec![0, 2, 4, 0xff, 0xff, 0xff, 0x0f],
-        vec![0, 2, 10, 1],
-        vec![0, 1, 3, 0xff, 0xff, 0xff],
-        vec![0, 0, 8, 0xff, 0xff, 0xff, 0xff, 0x0f, 0, 0, 0],
-        vec![1, 5, 0xff, 0xff, 0xff, 0xff, 0x0f],
-        vec![0xff; 11],
-        truncated,
-    ];
+    // A few of the frames the core's decoder refuses (all of them: `core/tests/bad_input.rs`):
+    // empty, an unknown message type, an update with an impossible length.
+    let frames: Vec<Vec<u8>> = vec![vec![], vec![9], vec![0, 2, 4, 0xff, 0xff, 0xff, 0x0f]];
     for frame in frames {
         bob.send_raw(frame).await;
     }
