@@ -50,24 +50,6 @@ async fn scene_snapshot(server: &TestServer, session: &str) -> (BTreeMap<String,
     (scene_by_uuid(&state), state["version"].clone())
 }
 
-/// Waits until `/health` reports `n` open connections. A connection's task tells its session
-/// that it left *before* it stops counting, so after this a message to the session is
-/// handled after every such leave.
-async fn wait_for_connections(server: &TestServer, n: u64) {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        let health = get_json(server, "/health").await;
-        if health["connections"] == json!(n) {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "connections never dropped to {n}: {health}"
-        );
-        tokio::task::yield_now().await;
-    }
-}
-
 /// Like `ping_collect`, for a connection that also gets binary frames: the JSON messages and
 /// the binary frames that arrived before the `pong`.
 async fn ping_collect_frames(ws: &mut Ws) -> (Vec<Value>, Vec<Vec<u8>>) {
@@ -211,7 +193,9 @@ async fn a_replaced_connection_is_closed_4000_and_nobody_hears_of_it() {
     })
     .await
     .expect("the old connection ends");
-    wait_for_connections(&server, 2).await;
+    // A connection's task tells its session that it left before it stops counting: once
+    // the count drops, the session has handled the leave.
+    await_health(server.addr, "connections", 2).await;
     let to_watcher = ping_collect(&mut watcher).await;
     assert!(
         to_watcher.is_empty(),
@@ -312,7 +296,7 @@ async fn invalid_paths_upgrade_then_close_1008() {
         assert_eq!(u16::from(frame.code), 1008, "{path}");
         assert_eq!(frame.reason.as_str(), "Invalid path", "{path}");
     }
-    let health = get_json(&server, "/health").await;
+    let health = health(server.addr).await;
     assert_eq!(health["sessions"], 0, "no session was created: {health}");
 }
 
@@ -573,7 +557,7 @@ async fn http_api_shows_what_clients_built() {
     ping_collect(&mut a).await;
     ping_collect(&mut b).await;
 
-    let health = get_json(&server, "/health").await;
+    let health = health(server.addr).await;
     assert_eq!(health["status"], "ok");
     assert_eq!(health["version"], env!("CARGO_PKG_VERSION"));
     assert_eq!(health["sessions"], 1);

@@ -1,10 +1,9 @@
-//! The durability suites' support: servers on the embedded store, what it stored, the
-//! document and scene a server serves, and `/health`.
+//! The durability suites' support: servers on the embedded store, what it stored, and the
+//! document and scene a server serves.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::time::Duration;
 
 use futures_util::StreamExt;
 use optiverse_collab::config::{Config, StoreKind};
@@ -88,33 +87,6 @@ pub async fn scene_at(addr: SocketAddr, session: &str) -> Value {
     let (status, body) = http(addr, "GET", &format!("/api/sessions/{session}/scene"), &[]).await;
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     serde_json::from_slice(&body).unwrap()
-}
-
-/// `GET /health` as JSON (asserting 200).
-pub async fn health(addr: SocketAddr) -> Value {
-    let (status, body) = http(addr, "GET", "/health", &[]).await;
-    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-    serde_json::from_slice(&body).unwrap()
-}
-
-/// Polls `/health` until `field` equals `value`. Used where the server offers no event to
-/// await (a session leaving memory, connections being registered); bounded by PATIENCE.
-pub async fn await_health(addr: SocketAddr, field: &str, value: u64) {
-    let result = tokio::time::timeout(PATIENCE, async {
-        loop {
-            if health(addr).await[field] == value {
-                return;
-            }
-            tokio::task::yield_now().await;
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
-    let last = health(addr).await;
-    assert!(
-        result.is_ok(),
-        "/health {field} never reached {value}: {last}"
-    );
 }
 
 /// Closes a client connection and reads until the server has closed it too.

@@ -17,6 +17,7 @@ pub mod ydoc;
 #[allow(unused_imports)]
 pub use {messages::*, store::*, yclient::YClient, ydoc::*};
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,7 +41,7 @@ pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 pub struct TestServer {
     pub server: Option<Server>,
-    pub addr: std::net::SocketAddr,
+    pub addr: SocketAddr,
     pub store: Arc<dyn Store>,
 }
 
@@ -143,6 +144,33 @@ pub fn percent_decode(segment: &str) -> String {
         }
     }
     String::from_utf8(out).expect("a UTF-8 path segment")
+}
+
+/// `GET /health` as JSON (asserting 200).
+pub async fn health(addr: SocketAddr) -> Value {
+    let (status, body) = http(addr, "GET", "/health", &[]).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    serde_json::from_slice(&body).unwrap()
+}
+
+/// Polls `/health` until `field` equals `value`. Used where the server offers no event to
+/// await (a session leaving memory, connections being registered); bounded by PATIENCE.
+pub async fn await_health(addr: SocketAddr, field: &str, value: u64) {
+    let result = tokio::time::timeout(PATIENCE, async {
+        loop {
+            if health(addr).await[field] == value {
+                return;
+            }
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    let last = health(addr).await;
+    assert!(
+        result.is_ok(),
+        "/health {field} never reached {value}: {last}"
+    );
 }
 
 /// Reads what a `/ws` connection of `user` gets first: `user:joined` naming itself, then the
