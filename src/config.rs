@@ -93,6 +93,11 @@ pub struct Config {
     #[arg(long, env = "COLLAB_MAX_AWARENESS_TOTAL_BYTES", default_value_t = 1024 * 1024)]
     pub max_awareness_total_bytes: usize,
 
+    /// Delete stored sessions nobody wrote to for this many days (checked at start and
+    /// hourly; sessions in memory are kept). Off when not given.
+    #[arg(long, env = "COLLAB_RETAIN_DAYS", value_parser = parse_days)]
+    pub retain_days: Option<Duration>,
+
     /// Document changes (commands, uploads, Yjs updates, awareness) per second one connection
     /// may send, sustained. Over it, `/ws` answers `rate_limited`, `/yjs` closes 1013.
     #[arg(long, env = "COLLAB_UPDATE_RATE", default_value_t = 500.0, value_parser = parse_rate)]
@@ -122,6 +127,13 @@ impl Config {
     pub fn defaults() -> Self {
         Config::parse_from(["optiverse-collab"])
     }
+}
+
+fn parse_days(s: &str) -> Result<Duration, String> {
+    let days: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of days"))?;
+    Duration::try_from_secs_f64(days * 86_400.0).map_err(|e| e.to_string())
 }
 
 fn parse_rate(s: &str) -> Result<f64, String> {

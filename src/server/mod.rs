@@ -4,6 +4,7 @@
 mod api;
 pub mod connection;
 pub mod path;
+mod retention;
 mod ws;
 
 use std::net::SocketAddr;
@@ -104,6 +105,9 @@ impl Server {
             ..SessionConfig::default()
         };
         let registry = Registry::new(store.clone(), session_config, shutdown.clone());
+        if let Some(retain) = config.retain_days {
+            tokio::spawn(retention::run(registry.clone(), retain, shutdown.clone()));
+        }
         let state = AppState {
             config: Arc::new(config),
             registry,

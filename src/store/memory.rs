@@ -95,3 +95,37 @@ impl Store for MemoryStore {
         ready(removed)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn retention_keeps_recent_and_kept_sessions() {
+        let store = MemoryStore::new();
+        let before = SystemTime::now() - Duration::from_secs(1);
+        for session in ["a", "b"] {
+            store
+                .append(session, vec![vec![1]], SessionMeta::default())
+                .await
+                .unwrap();
+        }
+        let after = SystemTime::now() + Duration::from_secs(1);
+        assert!(store
+            .remove_untouched(before, vec![])
+            .await
+            .unwrap()
+            .is_empty());
+        assert_eq!(
+            store
+                .remove_untouched(after, vec!["b".into()])
+                .await
+                .unwrap(),
+            ["a"]
+        );
+        assert!(!store.contains("a").await.unwrap());
+        assert!(store.contains("b").await.unwrap());
+    }
+}

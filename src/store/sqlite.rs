@@ -614,6 +614,59 @@ mod tests {
         assert_eq!(reloaded.last_seq, meta_only);
     }
 
+    /// Retention deletes what was last written before the cutoff, with its updates, except
+    /// the sessions kept; a deleted session can be written again (its row comes back).
+    async fn retention(fsync: FsyncMode) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path(), fsync).unwrap();
+        for session in ["old", "old-but-live", "fresh"] {
+            store.append(session, vec![vec![1]], meta()).await.unwrap();
+        }
+        // Age two of them by ten days, as the database records it.
+        let conn = connect(&dir.path().join("collab.db"), "NORMAL").unwrap();
+        for table in ["sessions SET updated_at", "updates SET created_at"] {
+            let column = if table.starts_with("sessions") {
+                "id"
+            } else {
+                "session"
+            };
+            conn.execute(
+                &format!(
+                    "UPDATE {table} = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-10 days')
+                     WHERE {column} IN ('old', 'old-but-live')"
+                ),
+                [],
+            )
+            .unwrap();
+        }
+        let week_ago = std::time::SystemTime::now() - Duration::from_secs(7 * 86_400);
+        let removed = store
+            .remove_untouched(week_ago, vec!["old-but-live".into()])
+            .await
+            .unwrap();
+        assert_eq!(removed, ["old"]);
+        assert!(!store.contains("old").await.unwrap());
+        let orphans: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM updates WHERE session = 'old'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(orphans, 0, "its updates went with it");
+        assert!(store.contains("old-but-live").await.unwrap());
+        assert!(store.load("fresh").await.unwrap().is_some());
+        // Written again after the sweep: the row is recreated, the update kept.
+        store.append("old", vec![vec![2]], meta()).await.unwrap();
+        assert_eq!(store.load("old").await.unwrap().unwrap().updates, [vec![2]]);
+    }
+
+    #[tokio::test]
+    async fn sessions_untouched_past_the_cutoff_are_deleted() {
+        retention(FsyncMode::Normal).await;
+        retention(FsyncMode::Always).await;
+    }
+
     #[tokio::test]
     async fn appends_compacts_and_reloads() {
         round_trip(FsyncMode::Normal, FsyncMode::Always).await;

@@ -10,10 +10,12 @@ use optiverse_collab::store::{SessionMeta, Store, StoreFuture, StoredSession};
 /// Which store operation a hook is called for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StoreOp {
+    /// `load` and `contains`.
     Load,
     Append,
     Compact,
     Flush,
+    RemoveUntouched,
 }
 
 /// What a hook makes the operation wait for before it runs.
@@ -68,6 +70,11 @@ impl<H: StoreHook> Store for HookStore<H> {
         self.hooked(StoreOp::Load, move |store| store.load(&session))
     }
 
+    fn contains(&self, session: &str) -> StoreFuture<'_, bool> {
+        let session = session.to_owned();
+        self.hooked(StoreOp::Load, move |store| store.contains(&session))
+    }
+
     fn append(
         &self,
         session: &str,
@@ -95,5 +102,15 @@ impl<H: StoreHook> Store for HookStore<H> {
 
     fn flush(&self) -> StoreFuture<'_, ()> {
         self.hooked(StoreOp::Flush, |store| store.flush())
+    }
+
+    fn remove_untouched(
+        &self,
+        cutoff: std::time::SystemTime,
+        keep: Vec<String>,
+    ) -> StoreFuture<'_, Vec<String>> {
+        self.hooked(StoreOp::RemoveUntouched, move |store| {
+            store.remove_untouched(cutoff, keep)
+        })
     }
 }
