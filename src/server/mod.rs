@@ -4,6 +4,7 @@
 mod api;
 pub mod connection;
 pub mod path;
+mod web;
 mod ws;
 
 use std::net::SocketAddr;
@@ -68,6 +69,7 @@ pub fn router(state: AppState) -> Router {
         .route("/yjs", get(ws::yjs))
         .route("/yjs/", get(ws::yjs))
         .route("/yjs/{*rest}", get(ws::yjs))
+        .merge(web::routes())
         .layer(DefaultBodyLimit::max(state.config.max_message_bytes))
         .with_state(state)
 }
