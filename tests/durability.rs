@@ -19,7 +19,7 @@ use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use optiverse_collab::config::{Config, StoreKind};
 use optiverse_collab::store::memory::MemoryStore;
-use optiverse_collab::store::{SessionMeta, Store, StoreFuture, StoredSession};
+use optiverse_collab::store::{SessionMeta, Store, StoreFuture, StoredSession, StoredSummary};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::Message;
@@ -948,6 +948,10 @@ impl Store for GatedStore {
         self.inner.compact(session, snapshot, upto, meta)
     }
 
+    fn list(&self) -> StoreFuture<'_, Vec<StoredSummary>> {
+        self.inner.list()
+    }
+
     fn flush(&self) -> StoreFuture<'_, ()> {
         self.inner.flush()
     }
@@ -1391,6 +1395,10 @@ impl Store for SlowCompactionStore {
             self.finished.send_modify(|n| *n += 1);
             result
         })
+    }
+
+    fn list(&self) -> StoreFuture<'_, Vec<StoredSummary>> {
+        self.inner.list()
     }
 
     fn flush(&self) -> StoreFuture<'_, ()> {

@@ -1,14 +1,13 @@
 // The sessions dashboard, `/`: polls what the server already serves (every POLL_MS):
-// `/api/sessions` (the sessions in memory), `/health` (connections, version), `/metrics`
-// (updates applied, for a rate) and `/api/process` (resident memory).
+// `/api/sessions` (the sessions in memory), `/api/store/sessions` (every stored session, loaded
+// or not, with its last change), `/health` (connections, version), `/metrics` (updates
+// applied, for a rate) and `/api/process` (resident memory).
 
 import { getJson, httpUrl, viewUrl } from './base.js';
 
 const POLL_MS = 1000;
 const $ = (id) => document.getElementById(id);
 
-/** Per session: the last document size and item count seen, and when they last changed. */
-const seen = new Map();
 let lastUpdates = null;
 
 function bytes(n) {
@@ -23,12 +22,15 @@ function bytes(n) {
   return `${value.toFixed(unit === 0 ? 0 : 1)} ${units[unit]}`;
 }
 
-function ago(ms) {
-  const s = Math.round((Date.now() - ms) / 1000);
+/** How long before the server's `now` a stored time was (both RFC 3339, the server's clock). */
+function ago(then, now) {
+  const s = Math.round((Date.parse(now) - Date.parse(then)) / 1000);
+  if (!Number.isFinite(s)) return '–';
   if (s < 2) return 'just now';
   if (s < 60) return `${s} s ago`;
   if (s < 3600) return `${Math.floor(s / 60)} min ago`;
-  return new Date(ms).toLocaleTimeString();
+  if (s < 86400) return `${Math.floor(s / 3600)} h ago`;
+  return new Date(then).toLocaleString();
 }
 
 /** The sum of a Prometheus counter's samples (all label sets), or null if absent. */
@@ -51,52 +53,63 @@ function cell(text, className) {
   return td;
 }
 
-function renderSessions(list) {
-  const now = Date.now();
-  const rows = list.map((s) => {
-    const before = seen.get(s.id);
-    const fingerprint = `${s.document_bytes}/${s.item_count}`;
-    if (!before) seen.set(s.id, { fingerprint, changed: null });
-    else if (before.fingerprint !== fingerprint) seen.set(s.id, { fingerprint, changed: now });
-    const { changed } = seen.get(s.id);
-
+/**
+ * One row per session, in memory or stored: what is in memory comes from the session itself
+ * (people, items, its document encoded now); a session only in the store is not loaded to be
+ * shown (its stored bytes stand for its size, its items are unknown until someone opens it).
+ */
+function renderSessions(loaded, store) {
+  const stored = new Map(store.sessions.map((s) => [s.id, s]));
+  const inMemory = new Map(loaded.map((s) => [s.id, s]));
+  const ids = [...new Set([...inMemory.keys(), ...stored.keys()])].sort();
+  const rows = ids.map((id) => {
+    const live = inMemory.get(id);
+    const kept = stored.get(id);
     const tr = document.createElement('tr');
-    tr.dataset.session = s.id;
+    tr.dataset.session = id;
+    tr.dataset.loaded = String(Boolean(live));
+    if (!live) tr.className = 'unloaded';
     const name = document.createElement('td');
     const link = document.createElement('a');
-    link.href = viewUrl(s.id);
-    link.textContent = s.id;
+    link.href = viewUrl(id);
+    link.textContent = id;
     name.append(link);
+    const size = live
+      ? bytes(live.document_bytes)
+      : `${bytes(kept.stored_bytes)} stored`;
     tr.append(
       name,
-      cell(s.users.length ? s.users.join(', ') : '—'),
-      cell(String(s.connections), 'num'),
-      cell(String(s.item_count), 'num'),
-      cell(bytes(s.document_bytes), 'num'),
-      cell(changed ? ago(changed) : 'not since this page opened'),
+      cell(live?.users.length ? live.users.join(', ') : '—'),
+      cell(String(live?.connections ?? 0), 'num'),
+      cell(live ? String(live.item_count) : '—', 'num'),
+      cell(size, 'num'),
+      cell(live ? (kept ? 'memory, store' : 'memory') : 'store only'),
+      cell(kept?.last_change ? ago(kept.last_change, store.now) : '—'),
     );
     return tr;
   });
   if (rows.length === 0) {
     const tr = document.createElement('tr');
-    const td = cell('No session in memory. A session appears when someone connects to it.', 'empty');
-    td.colSpan = 6;
+    const td = cell('No session yet. A session appears when someone connects to it.', 'empty');
+    td.colSpan = 7;
     tr.append(td);
     rows.push(tr);
   }
   $('rows').replaceChildren(...rows);
-  $('sessions').textContent = String(list.length);
+  $('sessions').textContent = String(loaded.length);
+  $('stored').textContent = `of ${store.sessions.length} stored`;
 }
 
 async function poll() {
   try {
-    const [sessions, health, metrics, process] = await Promise.all([
+    const [sessions, store, health, metrics, process] = await Promise.all([
       getJson('api/sessions'),
+      getJson('api/store/sessions'),
       getJson('health'),
       fetch(httpUrl('metrics'), { cache: 'no-store' }).then((r) => r.text()),
       getJson('api/process'),
     ]);
-    renderSessions(sessions);
+    renderSessions(sessions, store);
     $('connections').textContent = String(health.connections);
     $('version').textContent = `optiverse-collab ${health.version}`;
     $('rss').textContent = bytes(process.rss_bytes);

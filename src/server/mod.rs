@@ -58,6 +58,7 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(api::health))
         .route("/metrics", get(api::metrics))
         .route("/api/sessions", get(api::sessions))
+        .route("/api/store/sessions", get(api::stored_sessions))
         .route("/api/sessions/{session}/scene", get(api::scene))
         .route(
             "/api/sessions/{session}/update",

@@ -4,6 +4,7 @@
 //   FIXTURES     the folder of *.scene.json fixtures (../shared/fixtures)
 //   OUT_DIR      where screenshots and measurements.json go (target/screenshots)
 //   CHROMIUM     the browser binary (default /usr/bin/chromium)
+//   STORED_ONLY  a session in the server's store but not in memory, with STORED_ONLY_ITEMS items
 // Every wait has a deadline; nothing sleeps. Timings are measured and printed, never asserted.
 
 import assert from 'node:assert/strict';
@@ -20,7 +21,10 @@ const BASE = process.env.BASE_URL;
 const FIXTURES = process.env.FIXTURES;
 const OUT_DIR = process.env.OUT_DIR;
 const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
-assert.ok(BASE && FIXTURES && OUT_DIR, 'BASE_URL, FIXTURES and OUT_DIR are required');
+const STORED_ONLY = process.env.STORED_ONLY;
+const STORED_ONLY_ITEMS = Number(process.env.STORED_ONLY_ITEMS);
+assert.ok(BASE && FIXTURES && OUT_DIR && STORED_ONLY && STORED_ONLY_ITEMS > 0,
+  'BASE_URL, FIXTURES, OUT_DIR, STORED_ONLY and STORED_ONLY_ITEMS are required');
 
 const DEADLINE_MS = 20_000; // a broken page fails after this; never what a test asserts
 const PX_TOLERANCE = 0.75; // screen pixels between where an item is drawn and where it should be
@@ -495,6 +499,42 @@ try {
     await row.locator('a').click();
     await page.waitForFunction(() => document.querySelector('#bench')?.dataset.items === '4', null, { timeout: DEADLINE_MS });
     await viewer.close();
+    assert.deepEqual(errors, []);
+    await page.close();
+  });
+  await check('a session only in the store is listed without being loaded, and opens from its link', async () => {
+    const loadedIds = async () => (await (await fetch(`${BASE}/api/sessions`)).json()).map((s) => s.id);
+    assert.ok(!(await loadedIds()).includes(STORED_ONLY), 'not in memory before');
+    const page = await context.newPage();
+    const errors = [];
+    page.on('pageerror', (e) => errors.push(String(e)));
+    await page.goto(`${BASE}/`);
+    const selector = `tr[data-session="${STORED_ONLY}"]`;
+    await page.waitForSelector(`${selector}[data-loaded="false"]`, { timeout: DEADLINE_MS });
+    const cells = await page.locator(`${selector} td`).allTextContents();
+    assert.equal(cells[0], STORED_ONLY);
+    assert.equal(cells[3], '—', 'items unknown until loaded');
+    assert.match(cells[4], /^[0-9.]+ (B|KiB|MiB) stored$/);
+    assert.equal(cells[5], 'store only');
+    assert.match(cells[6], /ago|just now/, 'the last change the store recorded');
+    assert.match(await page.locator('#stored').textContent(), /^of [0-9]+ stored$/);
+    // Several polls later it is still not loaded: listing does not load.
+    const polls = Number(await page.evaluate(() => document.body.dataset.polls));
+    await page.waitForFunction((n) => Number(document.body.dataset.polls) >= n + 2, polls, { timeout: DEADLINE_MS });
+    assert.ok(!(await loadedIds()).includes(STORED_ONLY), 'the dashboard loaded the session');
+    await page.screenshot({ path: join(OUT_DIR, 'dashboard_stored.png') });
+
+    await page.locator(`${selector} a`).click();
+    await page.waitForFunction(
+      (n) => document.querySelector('#bench')?.dataset.items === String(n),
+      STORED_ONLY_ITEMS,
+      { timeout: DEADLINE_MS },
+    );
+    await page.goBack();
+    await page.waitForSelector(`${selector}[data-loaded="true"]`, { timeout: DEADLINE_MS });
+    const loaded = await page.locator(`${selector} td`).allTextContents();
+    assert.equal(loaded[3], String(STORED_ONLY_ITEMS));
+    assert.equal(loaded[5], 'memory, store');
     assert.deepEqual(errors, []);
     await page.close();
   });
