@@ -26,7 +26,7 @@ export function httpUrl(path) {
   return withToken(new URL(rootPath() + path, location.origin)).href;
 }
 
-/** A WebSocket URL on this server, e.g. `wsUrl('ws/lab/viewer-1')`. */
+/** A WebSocket URL on this server, e.g. `wsUrl('ws/lab/browser-1')`. */
 export function wsUrl(path) {
   const url = new URL(httpUrl(path));
   url.protocol = url.protocol === 'https:' ? 'wss:' : 'ws:';

@@ -55,6 +55,18 @@ export class DesktopLink extends EventTarget {
     this.socket?.close(1000);
   }
 
+  /** Leaves and joins again under another name (the page's read-only toggle). */
+  reconnectAs(user) {
+    this.user = user;
+    const old = this.socket;
+    this.socket = null; // its close event is then ignored (see `closed`)
+    clearInterval(this.heartbeat);
+    this.heartbeat = null;
+    old?.close(1000);
+    this.retryMs = RETRY_FIRST_MS;
+    if (!this.stopped) this.open();
+  }
+
   emit(type, detail) {
     this.dispatchEvent(new CustomEvent(type, { detail }));
   }

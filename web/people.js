@@ -1,7 +1,11 @@
 // Who is in the session, in join order, live: the ack's list, then `user:joined` and
-// `user:left`. Browser viewers join under a `viewer-` name (view.js) and are shown as such.
+// `user:left`. A bench page joins under a `browser-` name, or a `watching-` one while it is
+// read-only (view.js), and is shown as such.
 
-export const VIEWER_PREFIX = 'viewer-';
+/** The name prefix of a bench page that may edit. */
+export const BROWSER_PREFIX = 'browser-';
+/** The name prefix of a bench page that only watches (read-only). */
+export const WATCHING_PREFIX = 'watching-';
 
 export class People {
   /** @param {HTMLUListElement} list */
@@ -31,8 +35,9 @@ export class People {
     const rows = this.names.map((name) => {
       const li = document.createElement('li');
       li.dataset.user = name;
-      const viewer = name.startsWith(VIEWER_PREFIX);
-      li.className = viewer ? 'viewer' : 'editor';
+      const watching = name.startsWith(WATCHING_PREFIX);
+      const browser = watching || name.startsWith(BROWSER_PREFIX);
+      li.className = watching ? 'watching' : browser ? 'browser' : 'editor';
       const dot = document.createElement('span');
       dot.className = 'dot';
       const text = document.createElement('span');
@@ -41,7 +46,8 @@ export class People {
       li.append(dot, text);
       const tags = [];
       if (name === this.self) tags.push('you');
-      if (viewer) tags.push('browser');
+      if (watching) tags.push('watching');
+      else if (browser) tags.push('browser');
       if (tags.length) {
         const tag = document.createElement('span');
         tag.className = 'tag';

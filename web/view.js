@@ -8,7 +8,7 @@ import { DesktopLink } from './desktop-link.js';
 import { describe, drawItem, drawPathMeasure, el } from './draw.js';
 import { Dragging } from './drag.js';
 import { outline } from './geometry.js';
-import { People, VIEWER_PREFIX } from './people.js';
+import { BROWSER_PREFIX, People, WATCHING_PREFIX } from './people.js';
 import { RayLayer } from './ray-layer.js';
 import { Scene, itemType } from './scene.js';
 import { Viewport } from './viewport.js';
@@ -16,9 +16,16 @@ import { Viewport } from './viewport.js';
 const $ = (id) => document.getElementById(id);
 
 const session = sessionFromLocation();
-// A name that says what we are to everyone else's user list; random so tabs never replace
-// each other (a second connection with the same name would, PROTOCOL §3.5).
-const user = `${VIEWER_PREFIX}${[...crypto.getRandomValues(new Uint8Array(2))].map((b) => b.toString(16).padStart(2, '0')).join('')}`;
+// A name that says what we are to everyone else's user list: `browser-` while the page may
+// edit, `watching-` while it is read-only (`?watch=1`, or the toggle). The server lists every
+// desktop-protocol connection as a user, so a watching page shows in people lists, named as a
+// watcher (ARCHITECTURE.md, "The browser pages"). The suffix is random so that tabs never
+// replace each other (a second connection with the same name would, PROTOCOL §3.5).
+const suffix = [...crypto.getRandomValues(new Uint8Array(2))].map((b) => b.toString(16).padStart(2, '0')).join('');
+const nameFor = (watching) => `${watching ? WATCHING_PREFIX : BROWSER_PREFIX}${suffix}`;
+const watchParam = new URL(location.href).searchParams.get('watch');
+$('readonly').checked = watchParam === '1' || watchParam === 'true';
+let user = nameFor($('readonly').checked);
 
 const svg = $('bench');
 const layers = {
@@ -183,6 +190,18 @@ document.title = `${session} · Optiverse bench`;
 $('session').textContent = session;
 $('session').href = viewUrl(session);
 $('me').textContent = user;
+// Read-only on or off: join again under the name that says so (the others see the old name
+// leave and the new one join), and keep the choice in the address for a reload or a link.
+$('readonly').addEventListener('change', () => {
+  const watching = $('readonly').checked;
+  user = nameFor(watching);
+  $('me').textContent = user;
+  const url = new URL(location.href);
+  if (watching) url.searchParams.set('watch', '1');
+  else url.searchParams.delete('watch');
+  history.replaceState(null, '', url);
+  link.reconnectAs(user);
+});
 $('fit').addEventListener('click', fitToBench);
 $('rays').addEventListener('change', () => {
   whole = true; // rays on again: trace everything

@@ -402,6 +402,53 @@ try {
     await page.close();
   });
 
+  await check('a read-only page joins as a watcher, moves nothing, and joins again as a browser when switched', async () => {
+    const session = 'fixture-two_mirror_steering';
+    const observer = await DesktopClient.join(BASE, session, 'observer');
+    const before = await observer.fullState();
+    const page = await context.newPage();
+    const errors = [];
+    page.on('pageerror', (e) => errors.push(String(e)));
+    await page.goto(`${BASE}/s/${session}?watch=1`);
+    await page.waitForFunction(() => document.querySelector('#bench')?.dataset.items === '3', null, { timeout: DEADLINE_MS });
+    const watching = await page.locator('#me').textContent();
+    assert.match(watching, /^watching-[0-9a-f]{4}$/);
+    assert.equal(await page.locator('#readonly').isChecked(), true);
+    await observer.waitFor((m) => m.type === 'user:joined' && m.user_id === watching, `user:joined ${watching}`);
+    assert.equal(await page.locator(`#people li[data-user="${watching}"] .tag`).textContent(), 'you, watching');
+
+    // A drag does nothing while read-only.
+    const mirror = before.find((i) => typeOf(i) === 'component');
+    const from = await grabPoint(page, mirror.uuid);
+    assert.ok(from.grabbable, 'the mirror is on top where it is grabbed');
+    await page.mouse.move(from.x, from.y);
+    await page.mouse.down();
+    for (let i = 1; i <= 5; i += 1) await page.mouse.move(from.x + 10 * i, from.y);
+    await page.mouse.up();
+
+    // Switched off: the page leaves and joins again under a browser- name. Its old connection
+    // closes after anything it sent, so once the observer hears it leave, a command it sent
+    // would have arrived.
+    await page.locator('#readonly').uncheck();
+    await observer.waitFor((m) => m.type === 'user:left' && m.user_id === watching, `user:left ${watching}`);
+    const browser = await page.locator('#me').textContent();
+    assert.equal(browser, watching.replace('watching-', 'browser-'));
+    await observer.waitFor((m) => m.type === 'user:joined' && m.user_id === browser, `user:joined ${browser}`);
+    assert.ok(!page.url().includes('watch='), 'the address no longer asks to watch');
+    // (The observer's full state was followed by the server's own update_items: not the page's.)
+    const fromPage = observer.received.filter((m) => m.type === 'command' && [watching, browser].includes(m.user_id));
+    assert.deepEqual(fromPage, [], 'a read-only page sent nothing');
+    await observer.barrier();
+    const after = (await sceneOf(session)).find((i) => i.uuid === mirror.uuid);
+    assert.equal(after.x_mm, mirror.x_mm, 'the mirror did not move');
+    await page.waitForSelector(`#people li[data-user="${browser}"]`, { timeout: DEADLINE_MS });
+    await page.waitForSelector('#people li[data-user="observer"]', { timeout: DEADLINE_MS });
+    assert.equal(await page.locator(`#people li[data-user="${watching}"]`).count(), 0);
+    await observer.close();
+    assert.deepEqual(errors, []);
+    await page.close();
+  });
+
   await check('measured: a 1,000-item bench renders; drags stay smooth', async () => {
     const session = 'big-1000';
     await seed(session, bigScene(1000));
