@@ -5,12 +5,13 @@ use std::future::Future;
 use std::pin::Pin;
 
 use optiverse_collab::store::memory::MemoryStore;
-use optiverse_collab::store::{SessionMeta, Store, StoreFuture, StoredSession};
+use optiverse_collab::store::{SessionMeta, Store, StoreFuture, StoredSession, StoredSummary};
 
 /// Which store operation a hook is called for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StoreOp {
     Load,
+    List,
     Append,
     Compact,
     Flush,
@@ -66,6 +67,10 @@ impl<H: StoreHook> Store for HookStore<H> {
     fn load(&self, session: &str) -> StoreFuture<'_, Option<StoredSession>> {
         let session = session.to_owned();
         self.hooked(StoreOp::Load, move |store| store.load(&session))
+    }
+
+    fn list(&self) -> StoreFuture<'_, Vec<StoredSummary>> {
+        self.hooked(StoreOp::List, |store| store.list())
     }
 
     fn append(
