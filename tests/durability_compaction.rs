@@ -17,7 +17,11 @@ use tokio::sync::watch;
 async fn the_stored_log_is_compacted_and_reloads_identically() {
     let dir = tempfile::tempdir().unwrap();
     let session = "compact";
-    let server = start_sqlite(sqlite_config(dir.path())).await;
+    const MOVES: usize = 1200;
+    let mut config = sqlite_config(dir.path());
+    // One scripted burst, more than a person sends at once.
+    config.update_burst = MOVES as f64 + 1.0;
+    let server = start_sqlite(config).await;
     let (mut alice, _) = server.legacy(session, "alice").await;
     let (item_type, uuid, data) = fixture_item(0);
     send_json(
@@ -25,7 +29,6 @@ async fn the_stored_log_is_compacted_and_reloads_identically() {
         &command("add_item", &item_type, &uuid, data.clone(), "alice"),
     )
     .await;
-    const MOVES: usize = 1200;
     for step in 1..=MOVES {
         let mut moved = data.clone();
         moved["x_mm"] = json!(step as f64 * 0.5);

@@ -1,5 +1,7 @@
-//! The HTTP API: health, metrics, session listing, the scene as JSON, and the document as one
-//! Yjs update (read and write).
+//! The HTTP API: health, metrics, session listings (in memory; in the store), the scene as
+//! JSON, and the document as one Yjs update (read and write).
+
+use std::time::SystemTime;
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -11,6 +13,7 @@ use serde_json::json;
 use super::path::api_session;
 use super::AppState;
 use collab_core::doc::CheckedUpdate;
+use collab_core::protocol::json::timestamp;
 use collab_core::session::Summary;
 
 use crate::session::{ApiUpdate, SessionMsg};
@@ -65,6 +68,22 @@ pub async fn sessions(State(state): State<AppState>) -> Response {
     }
     list.sort_by(|a, b| a.id.cmp(&b.id));
     Json(list).into_response()
+}
+
+/// `GET /api/store/sessions`: every stored session, in memory or not, with its stored size and
+/// last change, beside the server's clock (`now`) to read those against. Loads no document.
+pub async fn stored_sessions(State(state): State<AppState>) -> Response {
+    match state.registry.store().list().await {
+        Ok(sessions) => Json(json!({
+            "now": timestamp(SystemTime::now()),
+            "sessions": sessions,
+        }))
+        .into_response(),
+        Err(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the store cannot list its sessions: {e}"),
+        ),
+    }
 }
 
 /// `GET /api/sessions/{session}/scene` (404 for a session neither in memory nor stored)

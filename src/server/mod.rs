@@ -5,6 +5,7 @@ mod api;
 pub mod connection;
 pub mod path;
 mod retention;
+mod web;
 mod ws;
 
 use std::net::SocketAddr;
@@ -58,6 +59,7 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(api::health))
         .route("/metrics", get(api::metrics))
         .route("/api/sessions", get(api::sessions))
+        .route("/api/store/sessions", get(api::stored_sessions))
         .route("/api/sessions/{session}/scene", get(api::scene))
         .route(
             "/api/sessions/{session}/update",
@@ -69,6 +71,7 @@ pub fn router(state: AppState) -> Router {
         .route("/yjs", get(ws::yjs))
         .route("/yjs/", get(ws::yjs))
         .route("/yjs/{*rest}", get(ws::yjs))
+        .merge(web::routes())
         .layer(DefaultBodyLimit::max(state.config.max_message_bytes))
         .with_state(state)
 }

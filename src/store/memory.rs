@@ -3,12 +3,20 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
+use collab_core::protocol::json::timestamp;
 use dashmap::DashMap;
 
-use super::{SessionMeta, Store, StoreError, StoreFuture, StoredSession};
+use super::{SessionMeta, Store, StoreError, StoreFuture, StoredSession, StoredSummary};
 
-/// A session's metadata, its updates with their positions, and when it was last written.
-type Entry = (SessionMeta, Vec<(u64, Vec<u8>)>, Option<SystemTime>);
+/// One stored session.
+#[derive(Debug, Default)]
+struct Entry {
+    meta: SessionMeta,
+    /// Its updates with their positions.
+    updates: Vec<(u64, Vec<u8>)>,
+    /// When an update was last appended (a compaction changes nothing the document holds).
+    last_change: Option<SystemTime>,
+}
 
 #[derive(Debug, Default)]
 pub struct MemoryStore {
@@ -28,13 +36,10 @@ fn ready<T: Send + 'static>(value: T) -> StoreFuture<'static, T> {
 
 impl Store for MemoryStore {
     fn load(&self, session: &str) -> StoreFuture<'_, Option<StoredSession>> {
-        ready(self.sessions.get(session).map(|entry| {
-            let (meta, updates, _) = entry.value();
-            StoredSession {
-                updates: updates.iter().map(|(_, u)| u.clone()).collect(),
-                meta: meta.clone(),
-                last_seq: updates.last().map_or(0, |(seq, _)| *seq),
-            }
+        ready(self.sessions.get(session).map(|entry| StoredSession {
+            updates: entry.updates.iter().map(|(_, u)| u.clone()).collect(),
+            meta: entry.meta.clone(),
+            last_seq: entry.updates.last().map_or(0, |(seq, _)| *seq),
         }))
     }
 
@@ -49,13 +54,15 @@ impl Store for MemoryStore {
         meta: SessionMeta,
     ) -> StoreFuture<'_, u64> {
         let mut entry = self.sessions.entry(session.to_owned()).or_default();
-        let mut last = entry.1.last().map_or(0, |(seq, _)| *seq);
+        let mut last = entry.updates.last().map_or(0, |(seq, _)| *seq);
+        if !updates.is_empty() {
+            entry.last_change = Some(SystemTime::now());
+        }
         for update in updates {
             last = self.next_seq.fetch_add(1, Ordering::Relaxed) + 1;
-            entry.1.push((last, update));
+            entry.updates.push((last, update));
         }
-        entry.0 = meta;
-        entry.2 = Some(SystemTime::now());
+        entry.meta = meta;
         ready(last)
     }
 
@@ -67,12 +74,25 @@ impl Store for MemoryStore {
         meta: SessionMeta,
     ) -> StoreFuture<'_, ()> {
         let mut entry = self.sessions.entry(session.to_owned()).or_default();
-        entry.1.retain(|(seq, _)| *seq > upto);
+        entry.updates.retain(|(seq, _)| *seq > upto);
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed) + 1;
-        entry.1.push((seq, snapshot));
-        entry.0 = meta;
-        entry.2 = Some(SystemTime::now());
+        entry.updates.push((seq, snapshot));
+        entry.meta = meta;
         ready(())
+    }
+
+    fn list(&self) -> StoreFuture<'_, Vec<StoredSummary>> {
+        let mut list: Vec<StoredSummary> = self
+            .sessions
+            .iter()
+            .map(|entry| StoredSummary {
+                id: entry.key().clone(),
+                stored_bytes: entry.updates.iter().map(|(_, u)| u.len() as u64).sum(),
+                last_change: entry.last_change.map(timestamp),
+            })
+            .collect();
+        list.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+        ready(list)
     }
 
     fn flush(&self) -> StoreFuture<'_, ()> {
@@ -85,8 +105,8 @@ impl Store for MemoryStore {
         keep: Vec<String>,
     ) -> StoreFuture<'_, Vec<String>> {
         let mut removed = Vec::new();
-        self.sessions.retain(|id, (_, _, written)| {
-            let old = written.is_none_or(|at| at < cutoff) && !keep.contains(id);
+        self.sessions.retain(|id, entry| {
+            let old = entry.last_change.is_none_or(|at| at < cutoff) && !keep.contains(id);
             if old {
                 removed.push(id.clone());
             }
@@ -98,7 +118,7 @@ impl Store for MemoryStore {
 
 #[cfg(test)]
 mod tests {
-    use std::time::{Duration, SystemTime};
+    use std::time::Duration;
 
     use super::*;
 
@@ -127,5 +147,33 @@ mod tests {
         );
         assert!(!store.contains("a").await.unwrap());
         assert!(store.contains("b").await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn lists_what_is_stored_with_its_size_and_last_change() {
+        let store = MemoryStore::new();
+        assert!(store.list().await.unwrap().is_empty());
+        let meta = SessionMeta { initialized: true };
+        store
+            .append("b", vec![vec![1; 10]], meta.clone())
+            .await
+            .unwrap();
+        let upto = store
+            .append("b", vec![vec![2; 5]], meta.clone())
+            .await
+            .unwrap();
+        store.append("a", Vec::new(), meta.clone()).await.unwrap();
+        let list = store.list().await.unwrap();
+        assert_eq!(list.len(), 2);
+        assert_eq!((list[0].id.as_str(), list[0].stored_bytes), ("a", 0));
+        assert_eq!(list[0].last_change, None, "metadata alone is no change");
+        assert_eq!((list[1].id.as_str(), list[1].stored_bytes), ("b", 15));
+        let changed = list[1].last_change.clone().expect("b changed");
+        assert!(changed.ends_with('Z') && changed.len() == 24, "{changed}");
+        // A compaction replaces the log; the last change stays the last update's.
+        store.compact("b", vec![3; 7], upto, meta).await.unwrap();
+        let list = store.list().await.unwrap();
+        assert_eq!(list[1].stored_bytes, 7);
+        assert_eq!(list[1].last_change.as_deref(), Some(changed.as_str()));
     }
 }

@@ -1,8 +1,9 @@
 //! Where session documents live between restarts.
 //!
 //! A small trait: load a session, append accepted updates (before anyone hears of them),
-//! replace the log by a snapshot, delete the sessions nobody touched for long (`--retain-days`). The session task calls it; implementations
-//! do their blocking work off the async runtime.
+//! replace the log by a snapshot, list what is stored, delete the sessions nobody touched for
+//! long (`--retain-days`). The session task calls it (the dashboard lists); implementations do
+//! their blocking work off the async runtime.
 
 pub mod memory;
 pub mod sqlite;
@@ -24,6 +25,18 @@ pub struct StoredSession {
     pub meta: SessionMeta,
     /// Position of the last stored update (see [`Store::append`]).
     pub last_seq: u64,
+}
+
+/// One stored session, as [`Store::list`] reports it, without loading its document.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct StoredSummary {
+    pub id: String,
+    /// Bytes of its stored snapshot and updates: what loading it reads (the document itself,
+    /// encoded whole, is at most this).
+    pub stored_bytes: u64,
+    /// When the newest change it holds was stored (RFC 3339 UTC, as the protocol's
+    /// timestamps); `None` when it holds no update (metadata only).
+    pub last_change: Option<String>,
 }
 
 /// Why the store failed.
@@ -74,6 +87,9 @@ pub trait Store: Send + Sync + 'static {
         upto: u64,
         meta: SessionMeta,
     ) -> StoreFuture<'_, ()>;
+    /// Every stored session, by id, with its stored size and last change: what the dashboard
+    /// shows of sessions not in memory. Loads no document.
+    fn list(&self) -> StoreFuture<'_, Vec<StoredSummary>>;
     /// Makes everything appended durable (at shutdown).
     fn flush(&self) -> StoreFuture<'_, ()>;
     /// Deletes the sessions last written before `cutoff`, except those in `keep` (the ones

@@ -15,7 +15,7 @@
 //!   groups: every write that arrived while the previous transaction ran goes into the next
 //!   one, so many busy sessions share one fsync, and no fsync blocks the runtime.
 //!
-//! Reads and flushes always run on the store thread, which with `--fsync normal`
+//! Reads (load, list) and flushes always run on the store thread, which with `--fsync normal`
 //! has a connection of its own (WAL readers do not block the writer): reading a whole session
 //! never blocks the runtime.
 //!
@@ -23,7 +23,9 @@
 //! * `sessions(id, initialized, updated_at)`: one row per stored session (databases written
 //!   before the host rule went keep an unused `host` column);
 //! * `updates(id, session, kind, data, created_at)`: the session's document as a `snapshot`
-//!   followed by the `update`s accepted since, in `id` order.
+//!   followed by the `update`s accepted since, in `id` order. A snapshot's `created_at` is
+//!   that of the newest update it replaced, so the newest `created_at` of a session is when
+//!   its document last changed (what [`Store::list`] reports).
 
 use std::path::Path;
 use std::sync::{mpsc, Mutex, MutexGuard};
@@ -33,7 +35,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::oneshot;
 use tracing::warn;
 
-use super::{SessionMeta, Store, StoreError, StoreFuture, StoredSession};
+use super::{SessionMeta, Store, StoreError, StoreFuture, StoredSession, StoredSummary};
 use crate::config::FsyncMode;
 
 const SCHEMA: &str = "
@@ -91,6 +93,7 @@ enum Request {
     Contains(String, Reply<bool>),
     /// Retention: the cutoff as a stored timestamp, the sessions to keep.
     RemoveUntouched(String, Vec<String>, Reply<Vec<String>>),
+    List(Reply<Vec<StoredSummary>>),
     /// Only with `--fsync always`; otherwise writes run inline. Resolves to the position.
     Write(Write, Reply<u64>),
     /// Only with `--fsync normal`: enough was written inline since the last checkpoint.
@@ -249,6 +252,10 @@ impl Store for SqliteStore {
         Box::pin(async move { done.await.map(|_| ()) })
     }
 
+    fn list(&self) -> StoreFuture<'_, Vec<StoredSummary>> {
+        self.call(Request::List)
+    }
+
     fn flush(&self) -> StoreFuture<'_, ()> {
         self.call(Request::Flush)
     }
@@ -290,6 +297,9 @@ fn serve(mut conn: Connection, rx: mpsc::Receiver<Request>) {
                 Request::RemoveUntouched(cutoff, keep, reply) => {
                     let removed = remove_untouched(&mut conn, &cutoff, &keep, &mut written);
                     let _ = reply.send(removed.map_err(StoreError::from));
+                }
+                Request::List(reply) => {
+                    let _ = reply.send(list(&conn).map_err(StoreError::from));
                 }
                 Request::Flush(reply) => {
                     let _ =
@@ -440,13 +450,21 @@ fn apply_write(
         Write::Compact(session, snapshot, upto, meta) => {
             upsert_meta(conn, session, meta)?;
             written.insert(session.clone(), meta.clone());
+            // The snapshot changes nothing in the document: it keeps the time of the newest
+            // change it holds (the session's last change, for `list`).
+            let newest: Option<String> = conn.query_row(
+                "SELECT MAX(created_at) FROM updates WHERE session = ?1 AND id <= ?2",
+                params![session, upto],
+                |row| row.get(0),
+            )?;
             conn.execute(
                 "DELETE FROM updates WHERE session = ?1 AND id <= ?2",
                 params![session, upto],
             )?;
             conn.execute(
-                "INSERT INTO updates (session, kind, data) VALUES (?1, 'snapshot', ?2)",
-                params![session, snapshot],
+                "INSERT INTO updates (session, kind, data, created_at) VALUES (?1, 'snapshot', ?2,
+                     COALESCE(?3, strftime('%Y-%m-%dT%H:%M:%fZ', 'now')))",
+                params![session, snapshot, newest],
             )?;
             Ok(0)
         }
@@ -519,6 +537,25 @@ fn load(conn: &Connection, session: &str) -> rusqlite::Result<Option<StoredSessi
         meta,
         last_seq,
     }))
+}
+
+/// Every stored session with the bytes of its rows and its newest row's time. `length()` of a
+/// blob reads no blob content, and a session holds at most a snapshot and the updates since
+/// (compacted every 1000), so this walks small ranges of the `updates_by_session` index.
+fn list(conn: &Connection) -> rusqlite::Result<Vec<StoredSummary>> {
+    let mut query = conn.prepare_cached(
+        "SELECT s.id, COALESCE(SUM(length(u.data)), 0), MAX(u.created_at)
+         FROM sessions s LEFT JOIN updates u ON u.session = s.id
+         GROUP BY s.id ORDER BY s.id",
+    )?;
+    let rows = query.query_map([], |row| {
+        Ok(StoredSummary {
+            id: row.get(0)?,
+            stored_bytes: row.get(1)?,
+            last_change: row.get(2)?,
+        })
+    })?;
+    rows.collect()
 }
 
 #[cfg(test)]
@@ -691,6 +728,48 @@ mod tests {
             store.load("s").await.unwrap().unwrap().updates,
             vec![vec![9]]
         );
+    }
+
+    #[tokio::test]
+    async fn lists_sessions_with_their_size_and_last_change_without_loading_them() {
+        for fsync in [FsyncMode::Normal, FsyncMode::Always] {
+            let dir = tempfile::tempdir().unwrap();
+            let store = SqliteStore::open(dir.path(), fsync).unwrap();
+            assert!(store.list().await.unwrap().is_empty());
+            store.append("s", vec![vec![1; 10]], meta()).await.unwrap();
+            let upto = store.append("s", vec![vec![2; 5]], meta()).await.unwrap();
+            store.append("t", Vec::new(), meta()).await.unwrap();
+            let list = store.list().await.unwrap();
+            let ids: Vec<&str> = list.iter().map(|s| s.id.as_str()).collect();
+            assert_eq!(ids, ["s", "t"], "{fsync:?}");
+            assert_eq!(list[0].stored_bytes, 15);
+            let changed = list[0].last_change.clone().expect("s has updates");
+            assert!(changed.ends_with('Z') && changed.len() == 24, "{changed}");
+            assert_eq!(
+                (list[1].stored_bytes, list[1].last_change.as_deref()),
+                (0, None)
+            );
+
+            // Make the stored updates old, so that a compaction stamping its own time (the
+            // bug this checks for) would show.
+            let old = "2020-01-02T03:04:05.678Z";
+            Connection::open(dir.path().join("collab.db"))
+                .unwrap()
+                .execute("UPDATE updates SET created_at = ?1", params![old])
+                .unwrap();
+            store.compact("s", vec![3; 7], upto, meta()).await.unwrap();
+            let list = store.list().await.unwrap();
+            assert_eq!(list[0].stored_bytes, 7, "{fsync:?}");
+            assert_eq!(list[0].last_change.as_deref(), Some(old), "{fsync:?}");
+            // A later update is the last change, and everything survives a reopen.
+            store.append("s", vec![vec![4; 2]], meta()).await.unwrap();
+            drop(store);
+            let reopened = SqliteStore::open(dir.path(), fsync).unwrap();
+            let list = reopened.list().await.unwrap();
+            assert_eq!(list[0].stored_bytes, 9);
+            let newest = list[0].last_change.as_deref().unwrap();
+            assert!(newest > old, "{newest} after {old}");
+        }
     }
 
     /// Makes every insert of the update `[0xff]` fail, from a connection beside the store's.

@@ -5,13 +5,14 @@ use std::future::Future;
 use std::pin::Pin;
 
 use optiverse_collab::store::memory::MemoryStore;
-use optiverse_collab::store::{SessionMeta, Store, StoreFuture, StoredSession};
+use optiverse_collab::store::{SessionMeta, Store, StoreFuture, StoredSession, StoredSummary};
 
 /// Which store operation a hook is called for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StoreOp {
     /// `load` and `contains`.
     Load,
+    List,
     Append,
     Compact,
     Flush,
@@ -73,6 +74,10 @@ impl<H: StoreHook> Store for HookStore<H> {
     fn contains(&self, session: &str) -> StoreFuture<'_, bool> {
         let session = session.to_owned();
         self.hooked(StoreOp::Load, move |store| store.contains(&session))
+    }
+
+    fn list(&self) -> StoreFuture<'_, Vec<StoredSummary>> {
+        self.hooked(StoreOp::List, |store| store.list())
     }
 
     fn append(
