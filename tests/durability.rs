@@ -948,14 +948,6 @@ impl Store for GatedStore {
         self.inner.compact(session, snapshot, upto, meta)
     }
 
-    fn list(&self) -> StoreFuture<'_, Vec<String>> {
-        self.inner.list()
-    }
-
-    fn delete(&self, session: &str) -> StoreFuture<'_, ()> {
-        self.inner.delete(session)
-    }
-
     fn flush(&self) -> StoreFuture<'_, ()> {
         self.inner.flush()
     }
@@ -1399,14 +1391,6 @@ impl Store for SlowCompactionStore {
             self.finished.send_modify(|n| *n += 1);
             result
         })
-    }
-
-    fn list(&self) -> StoreFuture<'_, Vec<String>> {
-        self.inner.list()
-    }
-
-    fn delete(&self, session: &str) -> StoreFuture<'_, ()> {
-        self.inner.delete(session)
     }
 
     fn flush(&self) -> StoreFuture<'_, ()> {

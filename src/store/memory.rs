@@ -68,15 +68,6 @@ impl Store for MemoryStore {
         ready(())
     }
 
-    fn list(&self) -> StoreFuture<'_, Vec<String>> {
-        ready(self.sessions.iter().map(|e| e.key().clone()).collect())
-    }
-
-    fn delete(&self, session: &str) -> StoreFuture<'_, ()> {
-        self.sessions.remove(session);
-        ready(())
-    }
-
     fn flush(&self) -> StoreFuture<'_, ()> {
         ready(())
     }

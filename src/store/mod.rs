@@ -69,9 +69,6 @@ pub trait Store: Send + Sync + 'static {
         upto: u64,
         meta: SessionMeta,
     ) -> StoreFuture<'_, ()>;
-    /// Every stored session id.
-    fn list(&self) -> StoreFuture<'_, Vec<String>>;
-    fn delete(&self, session: &str) -> StoreFuture<'_, ()>;
     /// Makes everything appended durable (at shutdown).
     fn flush(&self) -> StoreFuture<'_, ()>;
 }

@@ -4,19 +4,18 @@
 //! `--fsync always` also a power loss. Where writes run depends on that setting:
 //!
 //! * `--fsync normal` (`synchronous=NORMAL`: a commit appends to the WAL, no fsync): each write
-//!   (append, compact, delete) runs inline on the calling task's thread, under a mutex, as its
-//!   own transaction; the returned future is already complete. Measured at 100 updates/s in
-//!   one session, handing each append to a store thread cost ~67 µs of CPU there plus ~40 µs
-//!   on the tokio worker (wake-ups, context switches, cold caches), while the commit itself
-//!   costs ~13.5 µs. These commits never checkpoint (an automatic checkpoint fsyncs and copies
-//!   up to 1000 pages: milliseconds on the runtime thread): the store thread does, asked every
+//!   (append, compact) runs inline on the calling task's thread, under a mutex, as its own
+//!   transaction; the returned future is already complete. Handing each append to a store
+//!   thread cost several times the commit itself at low rates (BENCHMARKS.md, "Where the CPU
+//!   goes"). These commits never checkpoint (an automatic checkpoint fsyncs and copies up to
+//!   1000 pages: milliseconds on the runtime thread): the store thread does, asked every
 //!   [`CHECKPOINT_AFTER_COMMITS`] commits or [`CHECKPOINT_AFTER_BYTES`] bytes, with a PASSIVE
 //!   checkpoint that never makes writers wait ([`checkpoint`] bounds the WAL's growth).
 //! * `--fsync always` (`synchronous=FULL`, an fsync per commit): a dedicated thread commits in
 //!   groups: every write that arrived while the previous transaction ran goes into the next
 //!   one, so many busy sessions share one fsync, and no fsync blocks the runtime.
 //!
-//! Reads (load, list) and flushes always run on the store thread, which with `--fsync normal`
+//! Reads and flushes always run on the store thread, which with `--fsync normal`
 //! has a connection of its own (WAL readers do not block the writer): reading a whole session
 //! never blocks the runtime.
 //!
@@ -26,7 +25,7 @@
 //! * `updates(id, session, kind, data, created_at)`: the session's document as a `snapshot`
 //!   followed by the `update`s accepted since, in `id` order.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{mpsc, Mutex, MutexGuard};
 use std::thread;
 
@@ -74,7 +73,6 @@ type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 enum Write {
     Append(String, Vec<Vec<u8>>, SessionMeta),
     Compact(String, Vec<u8>, u64, SessionMeta),
-    Delete(String),
 }
 
 impl Write {
@@ -83,7 +81,6 @@ impl Write {
         match self {
             Write::Append(_, updates, _) => updates.iter().map(Vec::len).sum(),
             Write::Compact(_, snapshot, ..) => snapshot.len(),
-            Write::Delete(_) => 0,
         }
     }
 }
@@ -91,7 +88,6 @@ impl Write {
 /// Work for the store thread.
 enum Request {
     Load(String, Reply<Option<StoredSession>>),
-    List(Reply<Vec<String>>),
     /// Only with `--fsync always`; otherwise writes run inline. Resolves to the position.
     Write(Write, Reply<u64>),
     /// Only with `--fsync normal`: enough was written inline since the last checkpoint.
@@ -105,7 +101,6 @@ pub struct SqliteStore {
     tx: mpsc::Sender<Request>,
     /// With `--fsync normal`: the write connection, used on the caller's thread.
     inline: Option<Mutex<InlineWriter>>,
-    path: PathBuf,
 }
 
 /// The write connection with `--fsync normal`, and what its commits still owe.
@@ -190,12 +185,7 @@ impl SqliteStore {
             .name("sqlite-store".into())
             .spawn(move || serve(thread_conn, rx))
             .map_err(|e| fail(&e))?;
-        Ok(SqliteStore { tx, inline, path })
-    }
-
-    /// The database file.
-    pub fn path(&self) -> &Path {
-        &self.path
+        Ok(SqliteStore { tx, inline })
     }
 
     fn call<T: Send + 'static>(
@@ -251,15 +241,6 @@ impl Store for SqliteStore {
         Box::pin(async move { done.await.map(|_| ()) })
     }
 
-    fn list(&self) -> StoreFuture<'_, Vec<String>> {
-        self.call(Request::List)
-    }
-
-    fn delete(&self, session: &str) -> StoreFuture<'_, ()> {
-        let done = self.write(Write::Delete(session.to_owned()));
-        Box::pin(async move { done.await.map(|_| ()) })
-    }
-
     fn flush(&self) -> StoreFuture<'_, ()> {
         self.call(Request::Flush)
     }
@@ -279,9 +260,6 @@ fn serve(mut conn: Connection, rx: mpsc::Receiver<Request>) {
             match request {
                 Request::Load(session, reply) => {
                     let _ = reply.send(load(&conn, &session).map_err(StoreError::from));
-                }
-                Request::List(reply) => {
-                    let _ = reply.send(list(&conn).map_err(StoreError::from));
                 }
                 Request::Flush(reply) => {
                     let _ =
@@ -332,7 +310,7 @@ type WrittenMeta = std::collections::HashMap<String, SessionMeta>;
 /// Runs `body` in a transaction and commits it, or rolls it back.
 ///
 /// `BEGIN` and `COMMIT` are cached statements: `Connection::transaction` compiles them for
-/// every commit (about 5 % of the CPU per delivery with sqlite at 1 room x 50 clients x 2/s).
+/// every commit (BENCHMARKS.md, "Where the CPU goes").
 fn in_transaction<T>(
     conn: &mut Connection,
     written: &mut WrittenMeta,
@@ -442,12 +420,6 @@ fn apply_write(
             )?;
             Ok(0)
         }
-        Write::Delete(session) => {
-            written.remove(session);
-            conn.execute("DELETE FROM updates WHERE session = ?1", params![session])?;
-            conn.execute("DELETE FROM sessions WHERE id = ?1", params![session])?;
-            Ok(0)
-        }
     }
 }
 
@@ -482,12 +454,6 @@ fn load(conn: &Connection, session: &str) -> rusqlite::Result<Option<StoredSessi
         meta,
         last_seq,
     }))
-}
-
-fn list(conn: &Connection) -> rusqlite::Result<Vec<String>> {
-    let mut query = conn.prepare_cached("SELECT id FROM sessions ORDER BY id")?;
-    let ids = query.query_map([], |row| row.get(0))?.collect();
-    ids
 }
 
 #[cfg(test)]
@@ -575,16 +541,12 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(meta_only, store.load("s").await.unwrap().unwrap().last_seq);
-        assert_eq!(store.list().await.unwrap(), vec!["s".to_owned()]);
         drop(store);
         let reopened = SqliteStore::open(dir.path(), reopen).unwrap();
         let reloaded = reopened.load("s").await.unwrap().unwrap();
         assert_eq!(reloaded.updates, vec![vec![8]]);
         assert_eq!(reloaded.meta, SessionMeta::default());
         assert_eq!(reloaded.last_seq, meta_only);
-        reopened.delete("s").await.unwrap();
-        assert!(reopened.load("s").await.unwrap().is_none());
-        assert!(reopened.list().await.unwrap().is_empty());
     }
 
     #[tokio::test]
@@ -611,12 +573,6 @@ mod tests {
             store.load("s").await.unwrap().unwrap().updates,
             vec![vec![9]]
         );
-        store
-            .delete("s")
-            .now_or_never()
-            .expect("an inline delete is complete")
-            .unwrap();
-        assert!(store.load("s").await.unwrap().is_none());
     }
 
     /// Makes every insert of the update `[0xff]` fail, from a connection beside the store's.

@@ -29,8 +29,6 @@ pub enum ErrorCode {
     BadJson,
     BadMessage,
     UnknownType,
-    Forbidden,
-    RateLimited,
     /// Not bad input: the session could not be loaded (the connection is then closed 1011).
     Unavailable,
 }
@@ -41,8 +39,6 @@ impl ErrorCode {
             ErrorCode::BadJson => "bad_json",
             ErrorCode::BadMessage => "bad_message",
             ErrorCode::UnknownType => "unknown_type",
-            ErrorCode::Forbidden => "forbidden",
-            ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Unavailable => "unavailable",
         }
     }
