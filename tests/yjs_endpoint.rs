@@ -907,40 +907,6 @@ async fn fresh_clients_get_the_current_state_before_and_after_a_change() {
     }
 }
 
-/// The server answers the WebSocket handshake itself (it keeps the TCP socket): a valid
-/// request gets RFC 6455's accept key, an invalid one a 400 and no upgrade.
-#[tokio::test]
-async fn the_upgrade_handshake_is_checked() {
-    let server = TestServer::start().await;
-    let head = |request: String| async move {
-        let (_, buf, head_end) = raw_request(server.addr, &request).await;
-        String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase()
-    };
-    let request = |upgrade: &str, version: &str, key: &str| {
-        format!(
-            "GET /yjs/handshake HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, Upgrade\r\n\
-             Upgrade: {upgrade}\r\nSec-WebSocket-Version: {version}\r\n{key}\r\n"
-        )
-    };
-    let key = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
-    let ok = head(request("WebSocket", "13", key)).await;
-    assert!(ok.starts_with("http/1.1 101"), "{ok}");
-    assert!(
-        ok.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
-        "the RFC 6455 sample key's answer: {ok}"
-    );
-    for bad in [
-        request("h2c", "13", key),
-        request("websocket", "8", key),
-        request("websocket", "13", ""),
-    ] {
-        let response = head(bad.clone()).await;
-        assert!(response.starts_with("http/1.1 400"), "{bad}\n=> {response}");
-    }
-    let (status, _) = server.get("/yjs/handshake").await;
-    assert_eq!(status, 400, "a plain GET is not upgraded");
-}
-
 /// A client that stops reading for a while gets everything, whole and in order, once it reads
 /// again. The session writes straight into sockets; what a full socket does not take waits in
 /// the outbox (a frame cut short is finished before the next one), below the 1013 bound.

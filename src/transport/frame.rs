@@ -8,7 +8,8 @@ use collab_core::session::{Payload, PayloadKind};
 use tungstenite::protocol::frame::coding::{Data, OpCode};
 use tungstenite::protocol::frame::FrameHeader;
 
-/// A complete WebSocket frame from the server (unmasked, header and payload). Broadcast frames
+/// A complete WebSocket frame from the server (unmasked, header and payload), or several back
+/// to back: never part of one, so whatever writes it cannot cut into another. Broadcast frames
 /// share their bytes.
 #[derive(Debug, Clone)]
 pub struct Frame(Bytes);
@@ -53,9 +54,12 @@ impl Frame {
         &self.0
     }
 
-    /// Bytes that already are whole frames (the WebSocket library's own).
-    pub(super) fn from_wire(bytes: Bytes) -> Frame {
-        Frame(bytes)
+    /// The whole frames at the start of `bytes` (the WebSocket library's own), as one `Frame`
+    /// written in one go; `None` when `bytes` start with an incomplete frame. The only way to
+    /// make a `Frame` of bytes not encoded here: none holds a cut frame.
+    pub(super) fn whole_prefix(bytes: &[u8]) -> Option<Frame> {
+        let whole = whole_frames(bytes);
+        (whole > 0).then(|| Frame(Bytes::copy_from_slice(&bytes[..whole])))
     }
 }
 
@@ -89,7 +93,7 @@ pub(super) fn wire_len(bytes: &[u8]) -> Option<u64> {
 }
 
 /// How many bytes at the start of `bytes` are whole frames.
-pub(super) fn whole_frames(bytes: &[u8]) -> usize {
+fn whole_frames(bytes: &[u8]) -> usize {
     let mut whole = 0;
     while let Some(len) = wire_len(&bytes[whole..]) {
         match usize::try_from(len) {

@@ -91,11 +91,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
 
 /// Checks an upgrade request against RFC 6455 §4.2.1; on success, the
 /// `Sec-WebSocket-Accept` value that answers it.
-pub fn check(
-    method: &Method,
-    version: Version,
-    headers: &HeaderMap,
-) -> Result<HeaderValue, Rejection> {
+fn check(method: &Method, version: Version, headers: &HeaderMap) -> Result<HeaderValue, Rejection> {
     if method != Method::GET {
         return Err(Rejection {
             status: StatusCode::METHOD_NOT_ALLOWED,

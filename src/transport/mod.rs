@@ -31,6 +31,6 @@ pub mod outbox;
 mod socket;
 
 pub use frame::Frame;
-pub use handshake::{check, Rejection, Upgrade, Upgrading};
+pub use handshake::{Rejection, Upgrade, Upgrading};
 pub use outbox::{outbox, Inbox, Outbox, Overflow, Wire};
 pub use socket::{Ending, Event, Socket, SocketConfig};

@@ -29,7 +29,7 @@ use bytes::{Buf, Bytes};
 use collab_core::session::{CloseReason, CLOSE_SLOW};
 use futures_util::task::AtomicWaker;
 
-use super::frame::{whole_frames, wire_len};
+use super::frame::wire_len;
 use super::Frame;
 
 /// Where a connection's bytes go: the socket, written without waiting.
@@ -371,16 +371,16 @@ impl Writer {
     /// Takes all of `bytes`: the whole frames among them are written (or queued) now, and the
     /// start of a frame they end with waits for its rest.
     pub fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
-        let whole = if self.partial.is_empty() {
+        let frames = if self.partial.is_empty() {
             // The usual case: the library hands over whole frames.
-            let whole = whole_frames(bytes);
-            self.partial.extend_from_slice(&bytes[whole..]);
-            Bytes::copy_from_slice(&bytes[..whole])
+            let frames = Frame::whole_prefix(bytes);
+            self.partial
+                .extend_from_slice(&bytes[frames.as_ref().map_or(0, Frame::len)..]);
+            frames
         } else {
             self.partial.extend_from_slice(bytes);
-            let whole = whole_frames(&self.partial);
-            let frames = Bytes::copy_from_slice(&self.partial[..whole]);
-            self.partial.drain(..whole);
+            let frames = Frame::whole_prefix(&self.partial);
+            self.partial.drain(..frames.as_ref().map_or(0, Frame::len));
             frames
         };
         if self.partial.is_empty() {
@@ -392,8 +392,7 @@ impl Writer {
                 "a frame larger than the connection's queue",
             ));
         }
-        if !whole.is_empty() {
-            let frames = Frame::from_wire(whole);
+        if let Some(frames) = frames {
             if self.shared.push(&[&frames], true) == Err(Overflow) {
                 return Err(io::Error::other("the connection's queue is full"));
             }

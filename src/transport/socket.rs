@@ -76,9 +76,9 @@ impl Socket {
         let ws_config = WebSocketConfig::default()
             .max_message_size(Some(limit))
             .max_frame_size(Some(limit))
-            // tungstenite zero-fills its whole read buffer before every read attempt; the
-            // default 128 KiB made that memset the server's hottest code and every idle
-            // connection's largest allocation. Larger messages still grow the buffer.
+            // tungstenite zero-fills its whole read buffer before every read attempt, and
+            // every idle connection keeps it: small, both stay cheap (BENCHMARKS.md). Larger
+            // messages still grow the buffer.
             .read_buffer_size(READ_BUFFER_BYTES)
             // Nothing to gather: tungstenite only writes pings, pongs and close frames, and
             // hands each straight to the outbox.
