@@ -17,8 +17,8 @@
 //! shared by every member it goes to. One lock orders all writes of a connection, the
 //! session's and the WebSocket library's own (pongs, pings, close), so frames never
 //! interleave; a frame the socket took only part of stays at the front until it is done.
-//! Only whole frames enter that order: the session's are [`Frame`]s, and the library's bytes
-//! pass through a [`Writer`], which holds back the start of a frame until its rest arrives.
+//! Only whole frames enter that order: it takes [`Frame`]s, which cannot hold part of one; the
+//! library's bytes pass through a [`Writer`], which makes them `Frame`s once whole.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
