@@ -5,7 +5,8 @@
 //! `user:joined`, a client asks for the scene and adds nothing before it got it; the
 //! `update_item`s of the placeholder compensation are applied with what they follow) must
 //! end, once quiet, with scenes equal to the server's document and without duplicate
-//! objects, whatever the interleaving of their concurrent commands.
+//! objects, whatever the interleaving of their concurrent commands. (Chosen cases, without a
+//! socket: `core/tests/session_convergence.rs`.)
 
 mod common;
 /// The fuzz scenarios' helpers (only `scene_difference` is used here).
@@ -251,19 +252,6 @@ impl ModelClient {
         }
     }
 
-    /// Sends `ping` and returns, unapplied, what arrived before the `pong`.
-    async fn collect(&mut self) -> Vec<Value> {
-        self.send(json!({"type": "ping"})).await;
-        let mut got = Vec::new();
-        loop {
-            let msg = self.next().await;
-            if msg["type"] == "pong" {
-                return got;
-            }
-            got.push(msg);
-        }
-    }
-
     async fn send(&mut self, msg: Value) {
         self.sink
             .send(Message::text(msg.to_string()))
@@ -505,177 +493,4 @@ async fn soak_many_seeds() {
         let hold_back = [0.0, 0.5, 0.9, 0.99][(seed % 4) as usize];
         converge(seed, 2 + (seed % 4) as usize, 200, hold_back).await;
     }
-}
-
-/// Sets up a session where A and B both hold item `u1` (name L1, z_value 0).
-async fn two_clients_with_one_item(
-    server: &TestServer,
-    session: &str,
-) -> (ModelClient, ModelClient, Value) {
-    let mut a = ModelClient::join(server, session, "A", Role::Host { fork: false }).await;
-    let data = json!({"_type": "component", "item_uuid": "u1", "name": "L1", "z_value": 0, "x_mm": 0.0, "y_mm": 0.0, "angle_deg": 0.0});
-    let mut local = data.as_object().unwrap().clone();
-    local.insert("item_type".into(), json!("component"));
-    a.objects.push(("u1".into(), local));
-    a.send(command("add_item", "component", "u1", data.clone(), "A"))
-        .await;
-    a.barrier().await;
-    let mut b = ModelClient::join(server, session, "B", Role::Client).await;
-    b.barrier().await;
-    assert!(b.synced);
-    assert_eq!(b.uuids(), vec!["u1".to_owned()], "B got the full state");
-    // A hears that B joined and uploads its canvas; the second barrier settles that.
-    a.barrier().await;
-    a.barrier().await;
-    assert!(b.collect().await.is_empty(), "A's canvas is the document");
-    (a, b, data)
-}
-
-async fn assert_all_converged(
-    server: &TestServer,
-    session: &str,
-    models: &mut [&mut ModelClient],
-) -> BTreeMap<String, Value> {
-    for _ in 0..2 {
-        for model in models.iter_mut() {
-            model.barrier().await;
-        }
-    }
-    let expected = scene_by_uuid(&server.scene(session).await);
-    for model in models.iter() {
-        assert_eq!(model.scene(), expected, "{} diverged", model.name);
-    }
-    expected
-}
-
-#[tokio::test]
-async fn stale_dict_does_not_revert_a_concurrent_rename() {
-    let server = TestServer::start().await;
-    let (mut a, mut b, _) = two_clients_with_one_item(&server, "stale-1").await;
-    // A renames; the server applies it and sends it to B, which has not read it yet.
-    let mut renamed = a.fields_of("u1").unwrap();
-    renamed.insert("name".into(), json!("L2"));
-    a.set_local("u1", &renamed);
-    a.send_command("update_item", "u1", Value::Object(renamed))
-        .await;
-    a.barrier().await;
-    // B's whole dict still says L1 and changes z_value.
-    let mut stale = b.fields_of("u1").unwrap();
-    stale.insert("z_value".into(), json!(5));
-    b.set_local("u1", &stale);
-    b.send_command("update_item", "u1", Value::Object(stale))
-        .await;
-    let scene = assert_all_converged(&server, "stale-1", &mut [&mut a, &mut b]).await;
-    assert_eq!(scene["u1"]["name"], "L2");
-    assert_eq!(scene["u1"]["z_value"], 5);
-}
-
-#[tokio::test]
-async fn stale_dict_does_not_revert_a_rename_that_arrives_later() {
-    let server = TestServer::start().await;
-    let (mut a, mut b, _) = two_clients_with_one_item(&server, "stale-2").await;
-    // B changes z_value first; A's rename, from a dict that predates it, arrives after.
-    let mut b_dict = b.fields_of("u1").unwrap();
-    b_dict.insert("z_value".into(), json!(5));
-    b.set_local("u1", &b_dict);
-    b.send_command("update_item", "u1", Value::Object(b_dict))
-        .await;
-    b.barrier().await;
-    let mut a_dict = a.fields_of("u1").unwrap();
-    assert_eq!(a_dict["z_value"], 0, "A has not applied B's change yet");
-    a_dict.insert("name".into(), json!("L2"));
-    a.set_local("u1", &a_dict);
-    a.send_command("update_item", "u1", Value::Object(a_dict))
-        .await;
-    let scene = assert_all_converged(&server, "stale-2", &mut [&mut a, &mut b]).await;
-    assert_eq!(scene["u1"]["name"], "L2");
-    assert_eq!(scene["u1"]["z_value"], 5);
-}
-
-#[tokio::test]
-async fn two_edits_back_to_back_while_a_correction_is_in_flight() {
-    let server = TestServer::start().await;
-    let (mut a, mut b, _) = two_clients_with_one_item(&server, "in-flight").await;
-    let mut renamed = a.fields_of("u1").unwrap();
-    renamed.insert("name".into(), json!("L2"));
-    a.set_local("u1", &renamed);
-    a.send_command("update_item", "u1", Value::Object(renamed))
-        .await;
-    a.barrier().await;
-    // B edits twice without reading: the first edit earns a correction that is still in
-    // flight when the second is sent.
-    let mut dict = b.fields_of("u1").unwrap();
-    dict.insert("z_value".into(), json!(5));
-    b.set_local("u1", &dict);
-    b.send_command("update_item", "u1", Value::Object(dict.clone()))
-        .await;
-    dict.insert("x_mm".into(), json!(42.5));
-    b.set_local("u1", &dict);
-    b.send_command("move_item", "u1", Value::Object(dict.clone()))
-        .await;
-    dict.insert("locked".into(), json!(true));
-    b.set_local("u1", &dict);
-    b.send_command("update_item", "u1", Value::Object(dict))
-        .await;
-    let scene = assert_all_converged(&server, "in-flight", &mut [&mut a, &mut b]).await;
-    assert_eq!(scene["u1"]["name"], "L2");
-    assert_eq!(scene["u1"]["z_value"], 5);
-    assert_eq!(scene["u1"]["x_mm"], 42.5);
-    assert_eq!(scene["u1"]["locked"], true);
-}
-
-/// A command that crossed the removal of its item is ignored without an answer: the removal
-/// on its way to the sender deletes the sender's copy (README, "Choices").
-#[tokio::test]
-async fn an_edit_crossing_a_removal_is_ignored_and_the_item_stays_removed() {
-    let server = TestServer::start().await;
-    let (mut a, mut b, _) = two_clients_with_one_item(&server, "crossing-remove").await;
-    a.objects.clear();
-    a.send_command("remove_item", "u1", json!({})).await;
-    a.barrier().await;
-    let mut dict = b.fields_of("u1").unwrap();
-    dict.insert("x_mm".into(), json!(10.0));
-    b.set_local("u1", &dict);
-    b.send_command("move_item", "u1", Value::Object(dict)).await;
-    // B gets A's removal, and nothing about its move.
-    let got = b.collect().await;
-    let got: Vec<(&Value, &Value)> = got
-        .iter()
-        .map(|m| (&m["command"]["action"], &m["command"]["item_id"]))
-        .collect();
-    assert_eq!(got, [(&json!("remove_item"), &json!("u1"))]);
-    b.objects.retain(|(u, _)| u != "u1");
-    assert!(a.collect().await.is_empty(), "A hears nothing of B's move");
-    let scene = assert_all_converged(&server, "crossing-remove", &mut [&mut a, &mut b]).await;
-    assert!(
-        scene.is_empty(),
-        "the removed item stays removed: {scene:?}"
-    );
-}
-
-/// A host drags an item of its canvas that the server never had (its canvas changed after
-/// its upload, and nobody joined since to make it upload again): the command creates the
-/// item from the whole dict it carries, instead of deleting it on the host's canvas.
-#[tokio::test]
-async fn a_host_edit_before_its_upload_creates_the_item() {
-    let server = TestServer::start().await;
-    let session = "host-first";
-    let mut a = ModelClient::join(&server, session, "A", Role::Host { fork: false }).await;
-    a.barrier().await;
-    // A's canvas holds an item the server never had (loaded from a file after connecting).
-    let (item_type, uuid, mut data) = fixture_item(2);
-    data["item_type"] = json!(item_type);
-    a.objects
-        .push((uuid.clone(), data.as_object().unwrap().clone()));
-    let mut moved = data.as_object().unwrap().clone();
-    moved.insert("x_mm".into(), json!(-3.75));
-    a.set_local(&uuid, &moved);
-    a.send_command("move_item", &uuid, Value::Object(moved.clone()))
-        .await;
-    assert!(a.collect().await.is_empty(), "nothing deletes A's item");
-    let mut b = ModelClient::join(&server, session, "B", Role::Client).await;
-    b.barrier().await;
-    assert_eq!(b.uuids(), vec![uuid.clone()], "B got A's item");
-    let scene = assert_all_converged(&server, session, &mut [&mut a, &mut b]).await;
-    assert_eq!(scene[&uuid], normalize(&Value::Object(moved)));
 }

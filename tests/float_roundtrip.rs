@@ -7,8 +7,7 @@ mod common;
 use common::*;
 use proptest::prelude::*;
 use serde_json::{json, Map, Value};
-use yrs::updates::decoder::Decode;
-use yrs::{Any, Doc, Map as _, MapPrelim, Out, Transact, Update};
+use yrs::{Any, Doc, Map as _, MapPrelim, Out, Transact};
 
 /// Finite floats from random bits: every exponent, subnormals, both zeros.
 fn finite() -> impl Strategy<Value = f64> {
@@ -31,7 +30,7 @@ fn json_bits(data: &Value, n: usize) -> Vec<u64> {
 
 /// The item's fields `v0`, `v1`, ... as f64 bit patterns, from a Yjs document.
 fn doc_bits(doc: &Doc, uuid: &str, n: usize) -> Vec<u64> {
-    let items = doc.get_or_insert_map("items");
+    let items = items(doc);
     let txn = doc.transact();
     let Some(Out::YMap(item)) = items.get(&txn, uuid) else {
         panic!("{uuid} is in the document");
@@ -78,27 +77,20 @@ async fn desktop_to_everywhere(server: &TestServer, session: &str, values: &[f64
     assert_eq!(json_bits(item, values.len()), want, "desktop -> HTTP scene");
     let (status, update) = server.get(&format!("/api/sessions/{session}/update")).await;
     assert_eq!(status, 200);
-    let doc = Doc::new();
-    doc.transact_mut()
-        .apply_update(Update::decode_v1(&update).expect("the document decodes"))
-        .expect("the document applies");
+    let doc = doc_from(&update);
     assert_eq!(doc_bits(&doc, uuid, values.len()), want, "desktop -> Yjs");
 }
 
 async fn yjs_to_desktop(server: &TestServer, session: &str, values: &[f64]) {
     let (mut receiver, _) = server.legacy(session, "receiver").await;
-    let doc = Doc::new();
-    let items = doc.get_or_insert_map("items");
-    let update = {
-        let mut txn = doc.transact_mut();
-        let fields: Vec<(String, Any)> = values
-            .iter()
-            .enumerate()
-            .map(|(i, v)| (format!("v{i}"), Any::from(*v)))
-            .collect();
-        items.insert(&mut txn, "from-yjs", MapPrelim::from_iter(fields));
-        txn.encode_update_v1()
-    };
+    let fields: Vec<(String, Any)> = values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (format!("v{i}"), Any::from(*v)))
+        .collect();
+    let update = edit(&Doc::new(), |txn, items| {
+        items.insert(txn, "from-yjs", MapPrelim::from_iter(fields));
+    });
     let (status, body) = server
         .post(&format!("/api/sessions/{session}/update"), &update)
         .await;

@@ -7,16 +7,13 @@
 
 mod common;
 
-use collab_core::doc::value::json_equal;
-
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use common::*;
 use futures_util::StreamExt;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use tokio::io::AsyncReadExt;
 use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
@@ -195,77 +192,6 @@ async fn next_json(ws: &mut Ws) -> Option<Value> {
     }
 }
 
-/// An Optiverse client's canvas built from what it received, as PROTOCOL §3.3 describes
-/// the client: `add_item` creates, `move_item` sets the position, `update_item` replaces all
-/// fields, `remove_item` deletes; commands for unknown items are ignored.
-#[derive(Default)]
-struct Canvas {
-    objects: BTreeMap<String, Map<String, Value>>,
-    duplicates: Vec<String>,
-}
-
-impl Canvas {
-    fn apply(&mut self, msg: &Value) {
-        if msg["type"] != "command" {
-            return;
-        }
-        let command = &msg["command"];
-        let uuid = command["item_id"].as_str().unwrap().to_owned();
-        let data = command["data"].as_object().cloned().unwrap_or_default();
-        match command["action"].as_str().unwrap() {
-            "add_item" => {
-                if self.objects.insert(uuid.clone(), data).is_some() {
-                    self.duplicates.push(uuid);
-                }
-            }
-            "move_item" => {
-                if let Some(object) = self.objects.get_mut(&uuid) {
-                    for field in ["x_mm", "y_mm", "angle_deg"] {
-                        if let Some(v) = data.get(field) {
-                            object.insert(field.to_owned(), v.clone());
-                        }
-                    }
-                }
-            }
-            "update_item" => {
-                if let Some(object) = self.objects.get_mut(&uuid) {
-                    *object = data;
-                }
-            }
-            "remove_item" => {
-                self.objects.remove(&uuid);
-            }
-            other => panic!("unknown action {other}: {msg}"),
-        }
-    }
-
-    /// Asserts the canvas shows exactly the server's scene.
-    fn assert_matches(&self, scene: &Value) {
-        assert!(
-            self.duplicates.is_empty(),
-            "add_item sent for items the client had: {:?}",
-            self.duplicates
-        );
-        let canvas: BTreeMap<String, Value> = self
-            .objects
-            .iter()
-            .map(|(uuid, data)| (uuid.clone(), normalize(&Value::Object(data.clone()))))
-            .collect();
-        let scene = scene_by_uuid(scene);
-        assert_eq!(
-            canvas.keys().collect::<Vec<_>>(),
-            scene.keys().collect::<Vec<_>>(),
-            "the JSON client's items differ from the scene"
-        );
-        for (uuid, item) in &scene {
-            assert_eq!(
-                &canvas[uuid], item,
-                "the JSON client's item {uuid} differs from the scene"
-            );
-        }
-    }
-}
-
 /// Runs a script of Yjs providers with an Optiverse JSON client in the session, then checks
 /// that the JSON client's canvas, built from what it received, equals the scene.
 async fn providers_with_json_observer(script: &str, session: &str) {
@@ -281,7 +207,7 @@ async fn providers_with_json_observer(script: &str, session: &str) {
         !scene["items"].as_array().unwrap().is_empty(),
         "the script left no items: {scene}"
     );
-    canvas.assert_matches(&scene);
+    canvas.assert_shows(&scene_by_uuid(&scene), "the JSON client");
 }
 
 #[tokio::test]
@@ -417,7 +343,11 @@ async fn mixed_session_json_client_and_yjs_providers() {
                 continue;
             }
         };
-        assert_same_fields(&cmd["data"], &Value::Object(expected.clone()), msg);
+        assert_same(
+            &cmd["data"],
+            &Value::Object(expected.clone()),
+            &msg.to_string(),
+        );
     }
 
     // The providers are gone: alice hears the named one leave, and nothing else.
@@ -434,26 +364,7 @@ async fn mixed_session_json_client_and_yjs_providers() {
     assert_eq!(scene.keys().collect::<Vec<_>>(), [&uuid2]);
     let mut expected2 = normalize(&moved2);
     expected2["item_type"] = json!(type2);
-    assert_same_fields(&scene[&uuid2], &expected2, &json!("scene"));
-}
-
-/// Equal as JSON with numbers compared by value (`100` equals `100.0`).
-fn assert_same_fields(actual: &Value, expected: &Value, context: &Value) {
-    let (a, e) = (actual.as_object().unwrap(), expected.as_object().unwrap());
-    let mut keys: Vec<&String> = a.keys().chain(e.keys()).collect();
-    keys.sort();
-    keys.dedup();
-    for key in keys {
-        assert!(
-            json_equal(
-                &a.get(key).cloned().unwrap_or(Value::Null),
-                &e.get(key).cloned().unwrap_or(Value::Null)
-            ),
-            "field {key}: got {:?}, expected {:?}\nin {context}",
-            a.get(key),
-            e.get(key)
-        );
-    }
+    assert_same(&scene[&uuid2], &expected2, "scene");
 }
 
 #[tokio::test]

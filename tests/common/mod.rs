@@ -1,8 +1,23 @@
 //! Shared test support: an in-process server on an ephemeral port, WebSocket clients for
-//! both protocols, a minimal HTTP client, and the fixtures.
+//! both protocols ([`yclient::YClient`] for `/yjs`), a minimal HTTP client, stores with test
+//! hooks ([`store`]), and the messages, fixtures and Yjs helpers the core's tests use too.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+// One definition of the message builders and checks, and of the yrs-side helpers, for the
+// core's tests and the socket suites alike.
+pub mod durable;
+#[path = "../../core/tests/common/messages.rs"]
+pub mod messages;
+pub mod store;
+pub mod yclient;
+#[path = "../../core/tests/common/ydoc.rs"]
+pub mod ydoc;
+
+// Every suite uses some of these, none uses all.
+#[allow(unused_imports)]
+pub use {messages::*, store::*, yclient::YClient, ydoc::*};
+
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,7 +41,7 @@ pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 pub struct TestServer {
     pub server: Option<Server>,
-    pub addr: std::net::SocketAddr,
+    pub addr: SocketAddr,
     pub store: Arc<dyn Store>,
 }
 
@@ -131,6 +146,33 @@ pub fn percent_decode(segment: &str) -> String {
     String::from_utf8(out).expect("a UTF-8 path segment")
 }
 
+/// `GET /health` as JSON (asserting 200).
+pub async fn health(addr: SocketAddr) -> Value {
+    let (status, body) = http(addr, "GET", "/health", &[]).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    serde_json::from_slice(&body).unwrap()
+}
+
+/// Polls `/health` until `field` equals `value`. Used where the server offers no event to
+/// await (a session leaving memory, connections being registered); bounded by PATIENCE.
+pub async fn await_health(addr: SocketAddr, field: &str, value: u64) {
+    let result = tokio::time::timeout(PATIENCE, async {
+        loop {
+            if health(addr).await[field] == value {
+                return;
+            }
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    let last = health(addr).await;
+    assert!(
+        result.is_ok(),
+        "/health {field} never reached {value}: {last}"
+    );
+}
+
 /// Reads what a `/ws` connection of `user` gets first: `user:joined` naming itself, then the
 /// ack, which is returned.
 pub async fn recv_ack(ws: &mut Ws, user: &str) -> Value {
@@ -215,17 +257,6 @@ pub async fn recv_json(ws: &mut Ws) -> Value {
     }
 }
 
-/// The next binary message.
-pub async fn recv_binary(ws: &mut Ws) -> Vec<u8> {
-    loop {
-        match recv(ws).await {
-            Message::Binary(b) => return b.to_vec(),
-            Message::Text(_) => continue,
-            other => panic!("expected binary, got {other:?}"),
-        }
-    }
-}
-
 pub async fn send_json(ws: &mut Ws, value: &Value) {
     ws.send(Message::text(value.to_string())).await.unwrap();
 }
@@ -244,12 +275,6 @@ pub async fn ping_collect(ws: &mut Ws) -> Vec<Value> {
     }
 }
 
-/// The only message of `msgs`, asserting there is exactly one.
-pub fn only(msgs: &[Value]) -> &Value {
-    assert_eq!(msgs.len(), 1, "expected exactly one message, got {msgs:?}");
-    &msgs[0]
-}
-
 /// Waits for the close frame and returns its code (skipping whatever came before it).
 pub async fn close_code(ws: &mut Ws) -> u16 {
     loop {
@@ -266,126 +291,7 @@ pub async fn close_code(ws: &mut Ws) -> u16 {
     }
 }
 
-/// Whether an item of this type (a JSON string) gets the placeholder compensation.
-pub fn is_placeholder(item_type: &Value) -> bool {
-    item_type
-        .as_str()
-        .is_some_and(|t| collab_core::doc::scene::PLACEHOLDER_TYPES.contains(&t))
-}
-
-/// The `update_item`s (uuid, normalised data) that must follow `msg` to the same client.
-fn placeholder_fixes_due(msg: &Value) -> Vec<(String, Value)> {
-    match msg["type"].as_str() {
-        Some("command")
-            if msg["command"]["action"] == "add_item"
-                && is_placeholder(&msg["command"]["item_type"]) =>
-        {
-            let uuid = msg["command"]["item_id"].as_str().unwrap().to_owned();
-            vec![(uuid, normalize(&msg["command"]["data"]))]
-        }
-        Some("sync:full_state") => msg["state"]["items"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|item| is_placeholder(&item["item_type"]))
-            .map(|item| (item["uuid"].as_str().unwrap().to_owned(), normalize(item)))
-            .collect(),
-        _ => Vec::new(),
-    }
-}
-
-/// Asserts that every `add_item` of a placeholder type and every `sync:full_state` among
-/// `msgs` is followed at once by its compensating `update_item`s (one per such item, same
-/// data, in order), and returns `msgs` without them.
-pub fn fold_fixes(msgs: &[Value]) -> Vec<Value> {
-    let mut folded = Vec::new();
-    let mut rest = msgs.iter();
-    while let Some(msg) = rest.next() {
-        folded.push(msg.clone());
-        for (uuid, data) in placeholder_fixes_due(msg) {
-            let fix = rest.next().unwrap_or_else(|| {
-                panic!("no update_item for placeholder item {uuid} after {msg}; got {msgs:#?}")
-            });
-            assert_eq!(fix["type"], "command", "placeholder fix for {uuid}: {fix}");
-            let command = &fix["command"];
-            assert_eq!(command["action"], "update_item", "placeholder fix: {fix}");
-            assert_eq!(command["item_id"], uuid.as_str(), "placeholder fix: {fix}");
-            let mut fixed = normalize(&command["data"]);
-            if fixed.get("item_type").is_none() {
-                fixed["item_type"] = command["item_type"].clone();
-            }
-            let mut expected = data;
-            if expected.get("item_type").is_none() {
-                expected["item_type"] = command["item_type"].clone();
-            }
-            assert_eq!(
-                fixed, expected,
-                "placeholder fix carries the same data: {fix}"
-            );
-        }
-    }
-    folded
-}
-
 /// [`ping_collect`], then [`fold_fixes`].
 pub async fn ping_collect_folded(ws: &mut Ws) -> Vec<Value> {
     fold_fixes(&ping_collect(ws).await)
-}
-
-/// A `command` message as the Optiverse client sends it.
-pub fn command(action: &str, item_type: &str, item_id: &str, data: Value, user: &str) -> Value {
-    json!({
-        "type": "command",
-        "command": {"action": action, "item_type": item_type, "item_id": item_id, "data": data},
-        "timestamp": "2026-11-25T19:22:01.123Z",
-        "user_id": user,
-    })
-}
-
-/// Every item of every fixture scene in `../shared/fixtures`.
-pub fn fixture_items() -> Vec<Value> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures");
-    let mut paths: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("fixtures at {}: {e}", dir.display()))
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.to_string_lossy().ends_with(".scene.json"))
-        .collect();
-    paths.sort();
-    paths
-        .iter()
-        .flat_map(|p| {
-            let scene: Value = serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap();
-            scene["items"].as_array().cloned().unwrap_or_default()
-        })
-        .collect()
-}
-
-/// A fixture item (by index) as an `add_item` command payload: (item_type, uuid, data).
-pub fn fixture_item(i: usize) -> (String, String, Value) {
-    let items = fixture_items();
-    let item = items[i % items.len()].clone();
-    let item_type = item["_type"].as_str().unwrap_or("component").to_owned();
-    let uuid = item["item_uuid"].as_str().unwrap().to_owned();
-    (item_type, uuid, item)
-}
-
-/// Items of a scene keyed by uuid, with the fields legacy clients compare (all but the
-/// `uuid`/`item_uuid` keys the server adds).
-pub fn scene_by_uuid(state: &Value) -> std::collections::BTreeMap<String, Value> {
-    state["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|item| (item["uuid"].as_str().unwrap().to_owned(), normalize(item)))
-        .collect()
-}
-
-/// An item's fields without the keys the server adds.
-pub fn normalize(item: &Value) -> Value {
-    let mut item = item.clone();
-    if let Some(map) = item.as_object_mut() {
-        map.remove("uuid");
-        map.remove("item_uuid");
-    }
-    item
 }
