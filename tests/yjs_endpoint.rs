@@ -1,8 +1,8 @@
 //! `/yjs/{session}` (PROTOCOL §5) with a `yrs` client over `tokio-tungstenite`, side by side
 //! with Optiverse JSON clients: the sync handshake and updates in both directions end to end,
-//! `?user=`, bad frames, pings, the upgrade handshake and a paused reader. What the session
-//! decides (fan-out, awareness, the whole state a fresh client gets) is tested without a
-//! socket in `core/tests/session_yjs.rs`.
+//! `?user=`, bad frames, pings and a paused reader (the upgrade handshake is in
+//! `handshakes.rs`). What the session decides (fan-out, awareness, the whole state a fresh
+//! client gets) is tested without a socket in `core/tests/session_yjs.rs`.
 //!
 //! Ordering is established with the protocol itself, never with sleeps: a client's SyncStep1
 //! is answered with SyncStep2 after everything the session sent it before, and a JSON client's
@@ -434,40 +434,6 @@ async fn a_peer_that_stops_answering_pings_is_dropped() {
     };
     assert!(pings >= 1, "the server pinged before dropping the peer");
     assert_eq!(close_code, 1001);
-}
-
-/// The server answers the WebSocket handshake itself (it keeps the TCP socket): a valid
-/// request gets RFC 6455's accept key, an invalid one a 400 and no upgrade.
-#[tokio::test]
-async fn the_upgrade_handshake_is_checked() {
-    let server = TestServer::start().await;
-    let head = |request: String| async move {
-        let (_, buf, head_end) = raw_request(server.addr, &request).await;
-        String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase()
-    };
-    let request = |upgrade: &str, version: &str, key: &str| {
-        format!(
-            "GET /yjs/handshake HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, Upgrade\r\n\
-             Upgrade: {upgrade}\r\nSec-WebSocket-Version: {version}\r\n{key}\r\n"
-        )
-    };
-    let key = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
-    let ok = head(request("WebSocket", "13", key)).await;
-    assert!(ok.starts_with("http/1.1 101"), "{ok}");
-    assert!(
-        ok.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
-        "the RFC 6455 sample key's answer: {ok}"
-    );
-    for bad in [
-        request("h2c", "13", key),
-        request("websocket", "8", key),
-        request("websocket", "13", ""),
-    ] {
-        let response = head(bad.clone()).await;
-        assert!(response.starts_with("http/1.1 400"), "{bad}\n=> {response}");
-    }
-    let (status, _) = server.get("/yjs/handshake").await;
-    assert_eq!(status, 400, "a plain GET is not upgraded");
 }
 
 /// A client that stops reading for a while gets everything, whole and in order, once it reads

@@ -1,5 +1,6 @@
-//! One WebSocket connection: a task that reads frames and hands them to the session, and
-//! writes what the socket did not take when the session wrote to it (see `session::outbox`).
+//! One WebSocket connection's serving task: it reads messages from the socket, decodes them
+//! and hands them to the session. What the session sends goes through the connection's
+//! outbox, straight into the socket (see `transport`).
 //!
 //! Decoding happens here, in the connection's task, so a session task only ever sees valid
 //! messages and bad input costs the session nothing. The loop also owns the connection's
@@ -8,44 +9,18 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
-use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
 use tokio::time::Instant;
-use tokio_tungstenite::WebSocketStream;
 use tracing::{info, warn};
-use tungstenite::protocol::CloseFrame;
-use tungstenite::{Message, Utf8Bytes};
 
 use collab_core::doc::PeerId;
 use collab_core::protocol::json::{self, ErrorCode, ProtocolError};
 use collab_core::protocol::yjs;
-use collab_core::session::{
-    CloseReason, ConnKind, CLOSE_IDLE, CLOSE_INTERNAL, CLOSE_INVALID_UTF8, CLOSE_PROTOCOL_ERROR,
-    CLOSE_TOO_BIG,
-};
+use collab_core::session::{ConnKind, CLOSE_IDLE};
 
 use super::AppState;
-use crate::session::{JoinRequest, SessionHandle, SessionMsg};
-use crate::transport::{Frame, Inbox, Next, Outbox, SocketIo};
-
-/// A connection's WebSocket, as tungstenite reads it.
-pub type Socket = WebSocketStream<SocketIo>;
-
-/// How long to wait for the peer's answer to our close frame.
-const CLOSE_HANDSHAKE: Duration = Duration::from_secs(2);
-
-/// How a connection ends.
-enum Ending {
-    /// The server closes it: a close frame with this reason is sent.
-    Close(CloseReason),
-    /// The peer sent a close frame: tungstenite queued the answer (RFC 6455 §5.5.1), which
-    /// is flushed before the socket is dropped.
-    PeerClosed,
-    /// The peer went away without a close frame (1006): nothing more is sent.
-    Gone(u16),
-}
+use crate::session::{SessionHandle, SessionMsg};
+use crate::transport::{Ending, Event, Frame, Outbox, Socket};
 
 /// What one turn of a connection's loop leads to.
 enum Step {
@@ -55,9 +30,6 @@ enum Step {
     End(Ending),
 }
 
-const NORMAL: u16 = 1000;
-const ABNORMAL: u16 = 1006;
-
 /// Who is connecting, once the path was validated.
 pub struct ConnectionTarget {
     pub session: String,
@@ -65,80 +37,14 @@ pub struct ConnectionTarget {
     pub kind: ConnKind,
 }
 
-/// Sends a close frame after what is queued, and waits briefly for the peer's answer. The
-/// inbox is held until then: without it nothing reaches the socket.
-pub async fn close(mut socket: Socket, inbox: Inbox, reason: CloseReason) {
-    let frame = CloseFrame {
-        code: reason.code.into(),
-        reason: Utf8Bytes::from_static(reason.reason),
-    };
-    let _ = tokio::time::timeout(CLOSE_HANDSHAKE, async {
-        if socket.send(Message::Close(Some(frame))).await.is_err() {
-            return;
-        }
-        while let Some(Ok(msg)) = socket.next().await {
-            if matches!(msg, Message::Close(_)) {
-                break;
-            }
-        }
-    })
-    .await;
-    drop(inbox);
-}
-
-/// Joins the connection's session. On failure the client is told and the socket closed, and
-/// `None` is returned.
-///
-/// Runs in the connection's set-up task: thousands of connections sit idle, and a future is
-/// as large as its largest state, so the task that serves them holds none of this.
-pub async fn open(
-    socket: Socket,
-    outbox: Outbox,
-    inbox: Inbox,
-    state: AppState,
-    target: ConnectionTarget,
-) -> Option<(Connection, Socket, Inbox)> {
-    let peer = state.registry.next_peer_id();
-    let request = JoinRequest {
-        peer,
-        kind: target.kind,
-        user: target.user.clone(),
-        outbox: outbox.clone(),
-    };
-    let session = match state.registry.join(&target.session, request).await {
-        Ok(handle) => handle,
-        Err(e) => {
-            warn!(session = %target.session, error = ?e, "join failed");
-            if target.kind.speaks_json() {
-                let error =
-                    ProtocolError::new(ErrorCode::Unavailable, "the session could not be loaded");
-                let _ = outbox.send(&Frame::text(&json::encode_error(&error)));
-            }
-            close(socket, inbox, CLOSE_INTERNAL).await;
-            return None;
-        }
-    };
-    let user: Arc<str> = target.user.unwrap_or_else(|| Arc::from("-"));
-    info!(session = %target.session, user = %user, peer, kind = ?target.kind, "connection opened");
-    let connection = Connection {
-        state,
-        session,
-        peer,
-        user,
-        kind: target.kind,
-        outbox,
-    };
-    Some((connection, socket, inbox))
-}
-
 /// A joined connection.
 pub struct Connection {
-    state: AppState,
-    session: SessionHandle,
-    peer: PeerId,
-    user: Arc<str>,
-    kind: ConnKind,
-    outbox: Outbox,
+    pub(super) state: AppState,
+    pub(super) session: SessionHandle,
+    pub(super) peer: PeerId,
+    pub(super) user: Arc<str>,
+    pub(super) kind: ConnKind,
+    pub(super) outbox: Outbox,
 }
 
 impl Connection {
@@ -147,9 +53,9 @@ impl Connection {
     /// One flat loop: every idle connection's task holds this future, and each nested async
     /// call would keep its own copy of the socket. Not an `async fn`: its arguments would be
     /// stored twice (rust-lang/rust#62958); the block uses what it captured in place.
-    /// Shutdown arrives through the inbox (the session closes its members with 1001).
+    /// Shutdown arrives as a socket event (the session closes its members with 1001).
     #[allow(clippy::manual_async_fn)] // see above: an `async fn` would be larger
-    pub fn serve(self, mut socket: Socket, mut inbox: Inbox) -> impl Future<Output = ()> + Send {
+    pub fn serve(self, mut socket: Socket) -> impl Future<Output = ()> + Send {
         async move {
             // One timer: the JSON idle timeout on `/ws` (reset by every frame received), the
             // protocol ping on `/yjs` (a peer that has not answered one by the next is dropped).
@@ -166,15 +72,11 @@ impl Connection {
                 let step = tokio::select! {
                     biased;
                     // Also writes what the socket could not take from the session at once.
-                    next = inbox.next() => match next {
-                        Next::Close(reason) => Step::End(Ending::Close(reason)),
-                        Next::Failed => Step::End(Ending::Gone(ABNORMAL)),
-                    },
-                    incoming = socket.next() => {
+                    event = socket.next_event() => {
                         if self.kind != ConnKind::Yjs {
                             timer.as_mut().reset(Instant::now() + period);
                         }
-                        self.on_incoming(incoming, &mut pong_due)
+                        self.on_event(event, &mut pong_due)
                     }
                     _ = &mut timer => {
                         if self.kind != ConnKind::Yjs || pong_due {
@@ -193,27 +95,16 @@ impl Connection {
                             wait.await;
                         }
                     }
-                    // Fed, not flushed: the outbox writes it in order, without waiting here.
                     Step::Ping => {
-                        if socket.feed(Message::Ping(Bytes::new())).await.is_err() {
-                            break Ending::Gone(ABNORMAL);
+                        if let Err(ending) = socket.ping().await {
+                            break ending;
                         }
                     }
                     Step::End(ending) => break ending,
                 }
             };
-            let code = match ending {
-                Ending::Close(reason) => {
-                    Box::pin(close(socket, inbox, reason)).await;
-                    reason.code
-                }
-                Ending::PeerClosed => {
-                    let _ = tokio::time::timeout(CLOSE_HANDSHAKE, socket.flush()).await;
-                    drop(inbox);
-                    NORMAL
-                }
-                Ending::Gone(code) => code,
-            };
+            // Boxed: the close handshake's state would otherwise be part of every idle task.
+            let code = Box::pin(socket.end(ending)).await;
             if let Some(wait) = self.session.send_or_wait(SessionMsg::Leave(self.peer)) {
                 wait.await;
             }
@@ -221,23 +112,17 @@ impl Connection {
         }
     }
 
-    /// What a frame from the peer (or its absence) leads to.
-    fn on_incoming(
-        &self,
-        incoming: Option<Result<Message, tungstenite::Error>>,
-        pong_due: &mut bool,
-    ) -> Step {
-        let forward = match incoming {
-            Some(Ok(Message::Close(_))) => return Step::End(Ending::PeerClosed),
-            None => return Step::End(Ending::Gone(ABNORMAL)),
-            Some(Err(e)) => return Step::End(ending_for(&e)),
-            Some(Ok(Message::Text(text))) => self.on_text(&text),
-            Some(Ok(Message::Binary(bytes))) => self.on_binary(&bytes),
-            Some(Ok(Message::Pong(_))) => {
+    /// What an event on the socket leads to.
+    fn on_event(&self, event: Event, pong_due: &mut bool) -> Step {
+        let forward = match event {
+            Event::Text(text) => self.on_text(&text),
+            Event::Binary(bytes) => self.on_binary(&bytes),
+            Event::Pong => {
                 *pong_due = false;
                 None
             }
-            Some(Ok(Message::Ping(_) | Message::Frame(_))) => None,
+            Event::Ping => None,
+            Event::End(ending) => return Step::End(ending),
         };
         forward.map_or(Step::Continue, Step::Forward)
     }
@@ -286,17 +171,5 @@ impl Connection {
         if self.kind.speaks_json() {
             let _ = self.outbox.send(&Frame::text(&json::encode_error(&error)));
         }
-    }
-}
-
-/// How a read error ends the connection: a frame over the size limit (1009), a protocol
-/// violation (1002) or invalid UTF-8 in a text frame (1007) is answered with a close frame;
-/// a transport failure leaves nothing to answer.
-fn ending_for(error: &tungstenite::Error) -> Ending {
-    match error {
-        tungstenite::Error::Capacity(_) => Ending::Close(CLOSE_TOO_BIG),
-        tungstenite::Error::Protocol(_) => Ending::Close(CLOSE_PROTOCOL_ERROR),
-        tungstenite::Error::Utf8(_) => Ending::Close(CLOSE_INVALID_UTF8),
-        _ => Ending::Gone(ABNORMAL),
     }
 }

@@ -13,7 +13,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
-use axum::routing::get;
+use axum::routing::{any, get};
 use axum::serve::ListenerExt;
 use axum::Router;
 use collab_core::session::{Rate, SessionLimits};
@@ -65,12 +65,12 @@ pub fn router(state: AppState) -> Router {
             "/api/sessions/{session}/update",
             get(api::get_update).post(api::post_update),
         )
-        .route("/ws", get(ws::legacy))
-        .route("/ws/", get(ws::legacy))
-        .route("/ws/{*rest}", get(ws::legacy))
-        .route("/yjs", get(ws::yjs))
-        .route("/yjs/", get(ws::yjs))
-        .route("/yjs/{*rest}", get(ws::yjs))
+        .route("/ws", any(ws::legacy))
+        .route("/ws/", any(ws::legacy))
+        .route("/ws/{*rest}", any(ws::legacy))
+        .route("/yjs", any(ws::yjs))
+        .route("/yjs/", any(ws::yjs))
+        .route("/yjs/{*rest}", any(ws::yjs))
         .merge(web::routes())
         .layer(DefaultBodyLimit::max(state.config.max_message_bytes))
         .with_state(state)

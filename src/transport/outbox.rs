@@ -17,6 +17,8 @@
 //! shared by every member it goes to. One lock orders all writes of a connection, the
 //! session's and the WebSocket library's own (pongs, pings, close), so frames never
 //! interleave; a frame the socket took only part of stays at the front until it is done.
+//! Only whole frames enter that order: it takes [`Frame`]s, which cannot hold part of one; the
+//! library's bytes pass through a [`Writer`], which makes them `Frame`s once whole.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
@@ -27,6 +29,7 @@ use bytes::{Buf, Bytes};
 use collab_core::session::{CloseReason, CLOSE_SLOW};
 use futures_util::task::AtomicWaker;
 
+use super::frame::wire_len;
 use super::Frame;
 
 /// Where a connection's bytes go: the socket, written without waiting.
@@ -150,6 +153,12 @@ impl Shared {
         Ok(())
     }
 
+    /// Nothing more can be written (the stream of frames would be corrupt).
+    fn fail(&self) {
+        self.queue().failed = true;
+        self.waker.wake();
+    }
+
     fn close(&self, reason: CloseReason) {
         let mut queue = self.queue();
         if queue.close.is_none() {
@@ -248,10 +257,15 @@ pub struct Inbox {
     shared: Arc<Shared>,
 }
 
-/// Writes bytes in the connection's order on behalf of the WebSocket library.
-#[derive(Debug, Clone)]
+/// Writes bytes in the connection's order on behalf of the WebSocket library, whole frames
+/// only: the start of a frame waits here until the rest of it is written, so nothing the
+/// session sends meanwhile can land inside it. One per connection (it holds that start).
+#[derive(Debug)]
 pub struct Writer {
     shared: Arc<Shared>,
+    /// The start of a frame whose rest has not been written yet; empty (no allocation) between
+    /// frames.
+    partial: Vec<u8>,
 }
 
 /// What the connection should do next.
@@ -309,15 +323,11 @@ impl Outbox {
 }
 
 impl Inbox {
-    /// Writes what is queued, and waits for what the connection must do next.
-    pub async fn next(&mut self) -> Next {
-        std::future::poll_fn(|cx| self.poll_next(cx)).await
-    }
-
-    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Next> {
+    /// Writes what is queued; ready with what the connection must do next.
+    pub(super) fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Next> {
         // Registered before looking: a push or close after the look wakes this task.
         self.shared.waker.register(cx.waker());
-        if let Some(reason) = self.close_reason() {
+        if let Some(reason) = self.shared.queue().close {
             return Poll::Ready(Next::Close(reason));
         }
         match self.shared.poll_flush(cx) {
@@ -326,15 +336,22 @@ impl Inbox {
         }
     }
 
-    /// The close reason, once one was given.
-    pub fn close_reason(&self) -> Option<CloseReason> {
-        self.shared.queue().close
+    /// Writes what is queued; `Pending` until the socket took it.
+    pub(super) fn poll_flush(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.shared.poll_flush(cx)
+    }
+
+    /// Stops the session's frames (the connection is closing): none sent from now on is
+    /// written, so none follows a close frame. The first reason given stays.
+    pub(super) fn close(&self, reason: CloseReason) {
+        self.shared.close(reason);
     }
 
     /// The WebSocket library's way to the socket, in the same order as the session's frames.
-    pub fn writer(&self) -> Writer {
+    pub(super) fn writer(&self) -> Writer {
         Writer {
             shared: self.shared.clone(),
+            partial: Vec::new(),
         }
     }
 }
@@ -351,13 +368,36 @@ impl Drop for Inbox {
 }
 
 impl Writer {
-    /// Writes (or queues) `bytes`, which hold whole frames.
-    pub fn write(&self, bytes: &[u8]) -> io::Result<usize> {
-        let frame = Frame::from_wire(Bytes::copy_from_slice(bytes));
-        match self.shared.push(&[&frame], true) {
-            Ok(()) => Ok(bytes.len()),
-            Err(Overflow) => Err(io::Error::other("the connection's queue is full")),
+    /// Takes all of `bytes`: the whole frames among them are written (or queued) now, and the
+    /// start of a frame they end with waits for its rest.
+    pub fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        let frames = if self.partial.is_empty() {
+            // The usual case: the library hands over whole frames.
+            let frames = Frame::whole_prefix(bytes);
+            self.partial
+                .extend_from_slice(&bytes[frames.as_ref().map_or(0, Frame::len)..]);
+            frames
+        } else {
+            self.partial.extend_from_slice(bytes);
+            let frames = Frame::whole_prefix(&self.partial);
+            self.partial.drain(..frames.as_ref().map_or(0, Frame::len));
+            frames
+        };
+        if self.partial.is_empty() {
+            self.partial = Vec::new();
+        } else if wire_len(&self.partial).is_some_and(|len| len > self.shared.max_bytes as u64) {
+            // It could never be queued; what follows it would be read as its payload.
+            self.shared.fail();
+            return Err(io::Error::other(
+                "a frame larger than the connection's queue",
+            ));
         }
+        if let Some(frames) = frames {
+            if self.shared.push(&[&frames], true) == Err(Overflow) {
+                return Err(io::Error::other("the connection's queue is full"));
+            }
+        }
+        Ok(bytes.len())
     }
 
     /// Writes everything queued; `Pending` until the socket took it.
@@ -438,6 +478,16 @@ mod tests {
         Frame::binary(payload)
     }
 
+    async fn next(inbox: &mut Inbox) -> Next {
+        poll_fn(|cx| inbox.poll_next(cx)).await
+    }
+
+    /// Writes what is queued; the socket must take it all now.
+    fn flush_now(inbox: &Inbox) {
+        let flushed = inbox.poll_flush(&mut Context::from_waker(Waker::noop()));
+        assert!(matches!(flushed, Poll::Ready(Ok(()))), "{flushed:?}");
+    }
+
     #[test]
     fn frames_are_complete_server_frames() {
         assert_eq!(frame(b"ab").as_bytes(), &[0x82, 2, b'a', b'b']);
@@ -511,7 +561,7 @@ mod tests {
         assert_eq!(out.queued_bytes(), 8);
         assert_eq!(out.send(&frame(b"123456")), Err(Overflow));
         assert_eq!(out.queued_bytes(), 0);
-        assert_eq!(inbox.next().await, Next::Close(CLOSE_SLOW));
+        assert_eq!(next(&mut inbox).await, Next::Close(CLOSE_SLOW));
         // Frames after the close request are not sent; the close frame (control bytes) is.
         out.send(&frame(b"1")).unwrap();
         assert_eq!(out.queued_bytes(), 0);
@@ -531,10 +581,7 @@ mod tests {
         assert_eq!(out.queued_bytes(), 4);
         wire.grant(100);
         inbox.writer().write(&[0x88, 0]).unwrap();
-        let flushed = inbox
-            .writer()
-            .poll_flush(&mut Context::from_waker(Waker::noop()));
-        assert!(matches!(flushed, Poll::Ready(Ok(()))));
+        flush_now(&inbox);
         let mut expected = frame(b"1234").as_bytes().to_vec();
         expected.extend_from_slice(&[0x88, 0]);
         assert_eq!(wire.written(), expected);
@@ -547,7 +594,7 @@ mod tests {
         out.send(&frame(b"12")).unwrap();
         out.close(collab_core::session::CLOSE_GOING_AWAY);
         assert_eq!(
-            inbox.next().await,
+            next(&mut inbox).await,
             Next::Close(collab_core::session::CLOSE_GOING_AWAY)
         );
         inbox.writer().write(&[0x88, 0]).unwrap();
@@ -565,7 +612,7 @@ mod tests {
         wire.state.lock().unwrap().3 = true;
         let (out, mut inbox) = outbox(100, wire);
         out.send(&frame(b"1")).unwrap();
-        assert_eq!(inbox.next().await, Next::Failed);
+        assert_eq!(next(&mut inbox).await, Next::Failed);
     }
 
     #[test]
@@ -574,7 +621,7 @@ mod tests {
         out.close(collab_core::session::CLOSE_REPLACED);
         out.close(CLOSE_SLOW);
         assert_eq!(
-            inbox.close_reason(),
+            inbox.shared.queue().close,
             Some(collab_core::session::CLOSE_REPLACED)
         );
     }
@@ -586,5 +633,109 @@ mod tests {
         drop(inbox);
         out.send(&frame(b"1")).unwrap();
         assert!(wire.written().is_empty());
+    }
+
+    /// Frames as tungstenite writes them (pings, pongs, close), one of each header size.
+    fn library_frames() -> Vec<Vec<u8>> {
+        let mut pong = vec![0x8a, 125];
+        pong.extend_from_slice(&[5; 125]);
+        let mut close = vec![0x88, 12, 0x03, 0xe8];
+        close.extend_from_slice(b"Disconnect");
+        vec![
+            vec![0x89, 0],
+            pong,
+            close,
+            Frame::binary(&[6; 200]).as_bytes().to_vec(),
+        ]
+    }
+
+    /// Where each frame of `frames` starts in their concatenation, and where the last ends.
+    fn boundaries(frames: &[Vec<u8>]) -> Vec<usize> {
+        let mut at = vec![0];
+        for frame in frames {
+            at.push(at[at.len() - 1] + frame.len());
+        }
+        at
+    }
+
+    /// The last frame boundary at or before `cut`.
+    fn boundary_before(boundaries: &[usize], cut: usize) -> usize {
+        boundaries
+            .iter()
+            .copied()
+            .filter(|&b| b <= cut)
+            .max()
+            .unwrap_or(0)
+    }
+
+    #[test]
+    fn a_frame_written_in_two_parts_never_has_a_session_frame_inside_it() {
+        let frames = library_frames();
+        let stream = frames.concat();
+        let boundaries = boundaries(&frames);
+        let session = frame(b"from the session");
+        // Queued behind a full socket, and written at once.
+        for queued in [true, false] {
+            for cut in 0..=stream.len() {
+                let wire = FakeWire::with_room(if queued { 0 } else { usize::MAX });
+                let (out, inbox) = outbox(1 << 20, wire.clone());
+                let mut writer = inbox.writer();
+                assert_eq!(writer.write(&stream[..cut]).unwrap(), cut);
+                out.send(&session).unwrap();
+                let rest = &stream[cut..];
+                assert_eq!(writer.write(rest).unwrap(), rest.len());
+                if queued {
+                    wire.grant(1 << 20);
+                    flush_now(&inbox);
+                }
+                // The session's frame lands between the library's frames, never inside one.
+                let at = boundary_before(&boundaries, cut);
+                let mut expected = stream[..at].to_vec();
+                expected.extend_from_slice(session.as_bytes());
+                expected.extend_from_slice(&stream[at..]);
+                assert_eq!(wire.written(), expected, "cut at {cut}, queued: {queued}");
+                assert_eq!(writer.partial.capacity(), 0, "nothing held between frames");
+            }
+        }
+    }
+
+    #[test]
+    fn frames_written_a_byte_at_a_time_go_out_whole() {
+        let frames = library_frames();
+        let stream = frames.concat();
+        let boundaries = boundaries(&frames);
+        let session = frame(b"s");
+        for queued in [true, false] {
+            let wire = FakeWire::with_room(if queued { 0 } else { usize::MAX });
+            let (out, inbox) = outbox(1 << 20, wire.clone());
+            let mut writer = inbox.writer();
+            let mut expected = Vec::new();
+            let mut sent = 0;
+            for cut in 1..=stream.len() {
+                assert_eq!(writer.write(&stream[cut - 1..cut]).unwrap(), 1);
+                out.send(&session).unwrap();
+                let at = boundary_before(&boundaries, cut);
+                expected.extend_from_slice(&stream[sent..at]);
+                expected.extend_from_slice(session.as_bytes());
+                sent = at;
+            }
+            if queued {
+                wire.grant(1 << 20);
+                flush_now(&inbox);
+            }
+            assert_eq!(sent, stream.len());
+            assert_eq!(wire.written(), expected, "queued: {queued}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_frame_larger_than_the_queue_ends_the_connection() {
+        let wire = FakeWire::with_room(100);
+        let (_out, mut inbox) = outbox(100, wire.clone());
+        let mut writer = inbox.writer();
+        // A header announcing 200 bytes: they could never be queued.
+        assert!(writer.write(&[0x82, 126, 0, 200, 1]).is_err());
+        assert!(wire.written().is_empty());
+        assert_eq!(next(&mut inbox).await, Next::Failed);
     }
 }

@@ -1,85 +1,148 @@
-//! The upgraded TCP socket, shared by the two parties that use it.
-//!
-//! The session task writes broadcast frames straight into the socket (see
-//! [`super::outbox`]); the connection task reads it through tungstenite. So the
-//! socket is shared (`Arc<TcpStream>`: tokio's readiness-based `try_read`/`try_write` take
-//! `&self`), and every write, tungstenite's included, goes through the connection's outbox,
-//! which keeps frames whole and in order.
+//! One upgraded WebSocket as its connection task sees it: what the peer sends, the session's
+//! close requests, pings. How it ends (the close handshake) is in `close.rs`.
 
-use std::io::{self, IoSlice};
-use std::pin::Pin;
+use std::future::{poll_fn, Future};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use bytes::Bytes;
+use collab_core::session::{CloseReason, CLOSE_INVALID_UTF8, CLOSE_PROTOCOL_ERROR, CLOSE_TOO_BIG};
+use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
+use tokio_tungstenite::WebSocketStream;
+use tungstenite::protocol::{Role, WebSocketConfig};
+use tungstenite::{Message, Utf8Bytes};
 
-use super::outbox::{Wire, Writer};
+use super::io::SocketIo;
+use super::outbox::{outbox, Inbox, Next, Outbox};
 
-impl Wire for TcpStream {
-    fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
-        // `send`, not `writev`: a socket call skips the file-position lock.
-        TcpStream::try_write(self, buf)
-    }
+/// A connection's read buffer, which is also the most read per call: every idle connection
+/// keeps it, and a y-websocket update or awareness frame is a few hundred bytes. Larger
+/// messages are read in several calls.
+const READ_BUFFER_BYTES: usize = 512;
 
-    fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        TcpStream::try_write_vectored(self, bufs)
-    }
-
-    fn poll_writable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.poll_write_ready(cx)
-    }
+/// A connection's limits.
+#[derive(Debug, Clone, Copy)]
+pub struct SocketConfig {
+    /// The largest message (and frame) read; a larger one is closed with 1009.
+    pub max_message_bytes: usize,
+    /// The most bytes queued for a socket that does not keep up; past it, 1013.
+    pub max_queue_bytes: usize,
 }
 
-/// What tungstenite reads from and writes to: reads come from the socket, writes go through
-/// the outbox.
-pub struct SocketIo {
-    stream: Arc<TcpStream>,
-    writer: Writer,
+/// One WebSocket connection: reads through tungstenite, writes through the outbox it shares
+/// with the session (which holds the [`Outbox`] end).
+pub struct Socket {
+    pub(super) ws: WebSocketStream<SocketIo>,
+    pub(super) inbox: Inbox,
 }
 
-impl SocketIo {
-    pub fn new(stream: Arc<TcpStream>, writer: Writer) -> SocketIo {
-        SocketIo { stream, writer }
+/// What happened on a connection.
+#[derive(Debug)]
+pub enum Event {
+    /// A text message (tungstenite checked that it is UTF-8).
+    Text(Utf8Bytes),
+    Binary(Bytes),
+    /// A ping (tungstenite answers it).
+    Ping,
+    Pong,
+    /// The connection is over; [`Socket::end`] does what is left.
+    End(Ending),
+}
+
+/// How a connection ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// The server closes it with this reason: the session asked, or the peer broke the
+    /// protocol (1002), sent invalid UTF-8 (1007) or too large a message (1009).
+    Close(CloseReason),
+    /// The peer sent a close frame, which is answered.
+    PeerClosed,
+    /// The peer went away without a close frame (1006): nothing more is sent.
+    Gone,
+}
+
+impl Socket {
+    /// Wraps an upgraded TCP stream; `read` is what the HTTP server already read past the
+    /// upgrade request. The [`Outbox`] is the session's way to the socket.
+    pub(super) async fn new(
+        stream: TcpStream,
+        read: Vec<u8>,
+        config: SocketConfig,
+    ) -> (Socket, Outbox) {
+        let stream = Arc::new(stream);
+        let (outbox, inbox) = outbox(config.max_queue_bytes, stream.clone());
+        let limit = config.max_message_bytes;
+        let ws_config = WebSocketConfig::default()
+            .max_message_size(Some(limit))
+            .max_frame_size(Some(limit))
+            // tungstenite zero-fills its whole read buffer before every read attempt, and
+            // every idle connection keeps it: small, both stay cheap (BENCHMARKS.md). Larger
+            // messages still grow the buffer.
+            .read_buffer_size(READ_BUFFER_BYTES)
+            // Nothing to gather: tungstenite only writes pings, pongs and close frames, and
+            // hands each straight to the outbox.
+            .write_buffer_size(0);
+        let ws = WebSocketStream::from_partially_read(
+            SocketIo::new(stream, inbox.writer()),
+            read,
+            Role::Server,
+            Some(ws_config),
+        )
+        .await;
+        (Socket { ws, inbox }, outbox)
     }
-}
 
-impl AsyncRead for SocketIo {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    /// The next event. While waiting, writes what the socket could not take from the session
+    /// at once.
+    pub fn next_event(&mut self) -> impl Future<Output = Event> + Send + '_ {
+        // A plain poll function: an idle connection's task holds this future, and it keeps
+        // nothing but the borrow.
+        poll_fn(|cx| self.poll_event(cx))
+    }
+
+    fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
+        // The session's close request first: nothing read after it matters.
+        if let Poll::Ready(next) = self.inbox.poll_next(cx) {
+            return Poll::Ready(Event::End(match next {
+                Next::Close(reason) => Ending::Close(reason),
+                Next::Failed => Ending::Gone,
+            }));
+        }
         loop {
-            ready!(self.stream.poll_read_ready(cx))?;
-            match self.stream.try_read(buf.initialize_unfilled()) {
-                Ok(n) => {
-                    buf.advance(n);
-                    return Poll::Ready(Ok(()));
-                }
-                // The readiness was stale; `try_read` cleared it, so the next poll waits.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Poll::Ready(Err(e)),
-            }
+            let event = match ready!(self.ws.poll_next_unpin(cx)) {
+                Some(Ok(Message::Text(text))) => Event::Text(text),
+                Some(Ok(Message::Binary(bytes))) => Event::Binary(bytes),
+                Some(Ok(Message::Ping(_))) => Event::Ping,
+                Some(Ok(Message::Pong(_))) => Event::Pong,
+                Some(Ok(Message::Close(_))) => Event::End(Ending::PeerClosed),
+                // Raw frames are only ever written.
+                Some(Ok(Message::Frame(_))) => continue,
+                Some(Err(e)) => Event::End(ending_for(&e)),
+                None => Event::End(Ending::Gone),
+            };
+            return Poll::Ready(event);
         }
     }
+
+    /// Sends a ping after what is queued, without waiting for the socket.
+    pub async fn ping(&mut self) -> Result<(), Ending> {
+        // Fed, not flushed: the outbox writes it in order.
+        self.ws
+            .feed(Message::Ping(Bytes::new()))
+            .await
+            .map_err(|_| Ending::Gone)
+    }
 }
 
-impl AsyncWrite for SocketIo {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Poll::Ready(self.writer.write(buf))
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.writer.poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        // The socket closes when its last handle is dropped; what is queued goes first.
-        self.writer.poll_flush(cx)
+/// How a read error ends the connection: a frame over the size limit (1009), a protocol
+/// violation (1002) or invalid UTF-8 in a text frame (1007) is answered with a close frame;
+/// a transport failure leaves nothing to answer.
+fn ending_for(error: &tungstenite::Error) -> Ending {
+    match error {
+        tungstenite::Error::Capacity(_) => Ending::Close(CLOSE_TOO_BIG),
+        tungstenite::Error::Protocol(_) => Ending::Close(CLOSE_PROTOCOL_ERROR),
+        tungstenite::Error::Utf8(_) => Ending::Close(CLOSE_INVALID_UTF8),
+        _ => Ending::Gone,
     }
 }
