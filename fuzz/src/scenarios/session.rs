@@ -189,7 +189,9 @@ enum Role {
 struct Desktop {
     name: String,
     role: Role,
+    /// Its live connection.
     peer: Option<PeerId>,
+    /// The first step that names a connection connects it; later it comes back only when told.
     joined_once: bool,
     /// `initial_sync_complete`: a client sends no `add_item` before a full state.
     synced: bool,
@@ -197,6 +199,7 @@ struct Desktop {
     objects: Vec<(String, Map<String, Value>)>,
     /// What reached it and it has not applied yet, with the step (one write) that sent it.
     inbox: VecDeque<(u64, Arc<Value>)>,
+    /// Items it created, for their uuids.
     added: usize,
 }
 
@@ -356,6 +359,7 @@ struct YjsConn {
     kind: ConnKind,
     user: Option<Arc<str>>,
     peer: Option<PeerId>,
+    /// As [`Desktop::joined_once`].
     joined_once: bool,
     inbox: VecDeque<Arc<Payload>>,
     awareness_clock: u32,
@@ -376,17 +380,22 @@ const MAX_SETTLE_ROUNDS: usize = 10_000;
 
 struct World {
     session: Session,
+    /// The synthetic clock starts here; a step takes a millisecond, a pause jumps to the
+    /// session's next deadline.
     start: Instant,
     now: Now,
     desktops: Vec<Desktop>,
     yjs: Vec<YjsConn>,
+    /// A script on the HTTP API: it reads the whole document before each edit.
     api: YjsClient,
+    /// The live connections; what the session sends any other one is lost with its socket.
     live: HashMap<PeerId, Endpoint>,
     next_peer: PeerId,
     /// Counts the session's steps: messages of one step reach a connection in one write.
     step: u64,
     /// Every update the session gave to persist, applied in order, and what they held.
     replica: Persisted,
+    /// The same updates, loaded at the end as the server loads its store.
     persisted: Vec<Vec<u8>>,
 }
 
