@@ -10,6 +10,7 @@ use proptest::collection::vec;
 use proptest::prelude::*;
 use scenarios::legacy::{Change, LegacyOp, LegacyScript, YjsOp};
 use scenarios::merge::{Finish, MergeOp, MergeScript, Val};
+use scenarios::session::{SessionOp, SessionScript};
 use scenarios::untrusted;
 
 fn val() -> impl Strategy<Value = Val> {
@@ -124,15 +125,18 @@ fn yjs_op() -> impl Strategy<Value = YjsOp> {
     ]
 }
 
-fn legacy_op() -> impl Strategy<Value = LegacyOp> {
-    let (c, p) = (any::<u8>, any::<u8>);
-    let change = prop_oneof![
+fn change() -> impl Strategy<Value = Change> {
+    prop_oneof![
         any::<u16>().prop_map(Change::Name),
         any::<u8>().prop_map(Change::ZValue),
         any::<bool>().prop_map(Change::Locked),
         any::<u16>().prop_map(Change::Notes),
         (any::<u8>(), any::<i16>()).prop_map(|(index, efl)| Change::Interface { index, efl }),
-    ];
+    ]
+}
+
+fn legacy_op() -> impl Strategy<Value = LegacyOp> {
+    let (c, p) = (any::<u8>, any::<u8>);
     prop_oneof![
         3 => (c(), any::<u8>()).prop_map(|(client, n)| LegacyOp::Apply { client, n }),
         2 => (c(), p(), any::<i16>(), any::<i16>())
@@ -140,7 +144,7 @@ fn legacy_op() -> impl Strategy<Value = LegacyOp> {
         3 => (c(), p(), any::<(i16, i16)>(), any::<Option<u16>>(), any::<bool>()).prop_map(
             |(client, pick, (x, y), angle, drag)| LegacyOp::Move { client, pick, x, y, angle, drag }
         ),
-        3 => (c(), p(), change).prop_map(|(client, pick, change)| LegacyOp::Update {
+        3 => (c(), p(), change()).prop_map(|(client, pick, change)| LegacyOp::Update {
             client,
             pick,
             change
@@ -168,6 +172,46 @@ fn legacy_script() -> impl Strategy<Value = LegacyScript> {
             roles,
             ops,
         })
+}
+
+fn session_op() -> impl Strategy<Value = SessionOp> {
+    let (c, p) = (any::<u8>, any::<u8>);
+    prop_oneof![
+        4 => (c(), any::<u8>()).prop_map(|(client, n)| SessionOp::Deliver { client, n }),
+        2 => (c(), any::<u8>()).prop_map(|(client, n)| SessionOp::YjsDeliver { client, n }),
+        2 => (c(), p(), any::<i16>(), any::<i16>())
+            .prop_map(|(client, template, x, y)| SessionOp::Add { client, template, x, y }),
+        3 => (c(), p(), any::<(i16, i16)>(), any::<Option<u16>>(), any::<bool>()).prop_map(
+            |(client, pick, (x, y), angle, drag)| SessionOp::Move { client, pick, x, y, angle, drag }
+        ),
+        3 => (c(), p(), change()).prop_map(|(client, pick, change)| SessionOp::Update {
+            client,
+            pick,
+            change
+        }),
+        1 => (c(), p()).prop_map(|(client, pick)| SessionOp::Remove { client, pick }),
+        1 => c().prop_map(|client| SessionOp::Ping { client }),
+        1 => c().prop_map(|who| SessionOp::Join { who }),
+        1 => c().prop_map(|who| SessionOp::Leave { who }),
+        1 => c().prop_map(|who| SessionOp::Drop { who }),
+        1 => (c(), any::<bool>()).prop_map(|(who, replace)| SessionOp::Reconnect { who, replace }),
+        2 => (c(), yjs_op()).prop_map(|(client, op)| SessionOp::Yjs { client, op }),
+        1 => (c(), any::<Option<u8>>()).prop_map(|(client, state)| SessionOp::Awareness { client, state }),
+        1 => yjs_op().prop_map(|op| SessionOp::Api { op }),
+        2 => Just(SessionOp::Pause),
+    ]
+}
+
+fn session_script() -> impl Strategy<Value = SessionScript> {
+    (any::<[u8; 4]>(), vec(session_op(), 0..60)).prop_map(
+        |([desktops, yjs, roles, benches], ops)| SessionScript {
+            desktops,
+            yjs,
+            roles,
+            benches,
+            ops,
+        },
+    )
 }
 
 /// Real inputs of every kind `untrusted::check` takes (mode byte first), to be mutated.
@@ -231,6 +275,12 @@ proptest! {
     #[test]
     fn legacy_clients_converge(script in legacy_script()) {
         scenarios::legacy::run(&script);
+    }
+
+    /// session: whole sessions through the sans-IO core lose no client's work and converge.
+    #[test]
+    fn whole_sessions_converge(script in session_script()) {
+        scenarios::session::run(&script);
     }
 }
 

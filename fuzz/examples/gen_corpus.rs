@@ -3,7 +3,7 @@
 //!
 //! `cargo run --manifest-path fuzz/Cargo.toml --example gen_corpus`
 //!
-//! Each run replaces the four directories. yrs writes `Any` maps in `HashMap` order, so two
+//! Each run replaces the five directories. yrs writes `Any` maps in `HashMap` order, so two
 //! runs differ byte-wise (not in meaning).
 
 use std::fs;
@@ -105,7 +105,7 @@ fn text_frames() -> Vec<(String, String)> {
             ),
         ),
     ];
-    for (s, scene) in fixture_scenes().into_iter().enumerate() {
+    for (s, scene) in fixture_scenes().iter().enumerate() {
         out.push((
             format!("upload-{s}"),
             json!({"type": "sync:full_state", "state": {"items": scene}}).to_string(),
@@ -244,18 +244,22 @@ fn main() {
     }
     let frames_files = c.files;
 
-    // merge_convergence, legacy_convergence: `arbitrary` scripts from pseudo-random bytes.
+    // merge_convergence, legacy_convergence, session: `arbitrary` scripts from pseudo-random
+    // bytes.
     let mut c = Corpus::new(&root, "merge_convergence");
     random_inputs(&mut c, 0x9E37_79B9_7F4A_7C15);
     let merge_files = c.files;
     let mut c = Corpus::new(&root, "legacy_convergence");
     random_inputs(&mut c, 0xD1B5_4A32_D192_ED03);
     let legacy_files = c.files;
+    let mut c = Corpus::new(&root, "session");
+    random_inputs(&mut c, 0x94D0_49BB_1331_11EB);
+    let session_files = c.files;
 
     for input in fs::read_dir(root.join("untrusted_update")).unwrap() {
         untrusted::check(&fs::read(input.unwrap().path()).unwrap());
     }
     println!(
-        "wrote untrusted_update {untrusted_files}, protocol_frames {frames_files}, merge_convergence {merge_files}, legacy_convergence {legacy_files} files"
+        "wrote untrusted_update {untrusted_files}, protocol_frames {frames_files}, merge_convergence {merge_files}, legacy_convergence {legacy_files}, session {session_files} files"
     );
 }

@@ -5,7 +5,7 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use arbitrary::{Arbitrary, Unstructured};
-use optiverse_collab_fuzz::scenarios::{frames, legacy, merge, untrusted, util};
+use optiverse_collab_fuzz::scenarios::{frames, legacy, merge, session, untrusted, util};
 
 fn run(target: &str, data: &[u8]) {
     match target {
@@ -16,6 +16,10 @@ fn run(target: &str, data: &[u8]) {
         "legacy_convergence" => {
             let script = legacy::LegacyScript::arbitrary(&mut Unstructured::new(data)).unwrap();
             legacy::run(&script);
+        }
+        "session" => {
+            let script = session::SessionScript::arbitrary(&mut Unstructured::new(data)).unwrap();
+            session::run(&script);
         }
         "untrusted_update" => untrusted::check(data),
         "protocol_frames" => frames::check(data),

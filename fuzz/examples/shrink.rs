@@ -1,11 +1,11 @@
-//! Shrinks a failing `merge_convergence` or `legacy_convergence` input at the level of its
+//! Shrinks a failing `merge_convergence`, `legacy_convergence` or `session` input at the level of its
 //! script (removes steps while the failure message still contains NEEDLE) and prints the
 //! smallest script as Rust `Debug`:
 //! `cargo run --release --manifest-path fuzz/Cargo.toml --example shrink -- TARGET FILE NEEDLE`
 //! (`SHRINK_TRACE=1` then replays the smallest script with its trace on stderr).
 
 use arbitrary::{Arbitrary, Unstructured};
-use optiverse_collab_fuzz::scenarios::{legacy, merge, util};
+use optiverse_collab_fuzz::scenarios::{legacy, merge, session, util};
 
 fn fails<T>(run: &dyn Fn(&T), script: &T, needle: &str) -> bool {
     match util::quiet(|| run(script)) {
@@ -78,6 +78,22 @@ fn main() {
             if std::env::var_os("SHRINK_TRACE").is_some() {
                 std::env::set_var("LEGACY_TRACE", "1");
                 if let Err(message) = util::quiet(|| legacy::run(&best)) {
+                    eprintln!("{message}");
+                }
+            }
+        }
+        "session" => {
+            let script = session::SessionScript::arbitrary(&mut Unstructured::new(&data)).unwrap();
+            let best = shrink(
+                script,
+                |s| s.ops.clone(),
+                |s, ops| session::SessionScript { ops, ..s.clone() },
+                |s| fails(&session::run, s, needle),
+            );
+            println!("{best:#?}");
+            if std::env::var_os("SHRINK_TRACE").is_some() {
+                std::env::set_var("SESSION_TRACE", "1");
+                if let Err(message) = util::quiet(|| session::run(&best)) {
                     eprintln!("{message}");
                 }
             }

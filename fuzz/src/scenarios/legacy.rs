@@ -11,11 +11,12 @@
 //! `sync:request`; a client starts empty, sends `sync:request`, and sends no `add_item`
 //! before it got a full state. Once everything is delivered, every client's canvas equals the
 //! document (`Scene::full_state`) on the fields it models (those its dict has); no `add_item`
-//! ever reached a client that held the item; and
-//! no message ever made a client delete an item or replace a field value that the session
-//! never held (PROTOCOL §3.3).
+//! ever reached a client that held the item; no message ever made a client delete an item
+//! the session never removed or replace a field value that the session never held (PROTOCOL
+//! §3.3; learnt incrementally from the scene's updates, `held.rs`); and the scene's updates,
+//! replayed in order, give its document.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,6 +35,7 @@ use yrs::{
     Update,
 };
 
+use super::held::{Held, Persisted};
 use super::util::{doc_json, fixture_items, items_json, mirror_json, scene_difference};
 
 /// `LEGACY_TRACE=1` prints every step, frame and delivery (when replaying an input).
@@ -189,7 +191,7 @@ const YJS_FIELDS: [&str; 7] = [
     "angle_deg",
 ];
 
-fn coordinate(v: i16) -> Value {
+pub(super) fn coordinate(v: i16) -> Value {
     json!(f64::from(v) / 4.0)
 }
 
@@ -209,75 +211,6 @@ enum Role {
     Client,
 }
 
-/// Everything the session ever held: items, and each field value of each item, so that a
-/// message that deletes or replaces something on a canvas can be checked against it.
-#[derive(Default)]
-struct Held {
-    items: HashSet<String>,
-    values: HashSet<(String, String, String)>,
-    /// The items the session holds now.
-    current: HashSet<String>,
-    /// Values of edits the session dropped because they crossed the item's removal.
-    discarded: HashSet<(String, String, String)>,
-}
-
-impl Held {
-    fn record(&mut self, doc: &BTreeMap<String, Value>) {
-        self.current = doc.keys().cloned().collect();
-        for (uuid, fields) in doc {
-            self.items.insert(uuid.clone());
-            for (field, value) in fields.as_object().into_iter().flatten() {
-                self.values
-                    .insert((uuid.clone(), field.clone(), value.to_string()));
-            }
-        }
-    }
-
-    fn discard(&mut self, uuid: &str, fields: &Map<String, Value>) {
-        for (field, value) in fields {
-            self.discarded
-                .insert((uuid.to_owned(), field.clone(), value.to_string()));
-        }
-    }
-
-    /// Asserts that `client` loses nothing the session never held when it drops `uuid`.
-    /// (Its last edits may be lost: a removal wins over an edit that crossed it.)
-    fn check_drop(&self, client: &str, uuid: &str) {
-        assert!(
-            self.items.contains(uuid),
-            "{client} was made to drop {uuid}, which the session never held"
-        );
-    }
-
-    /// Asserts that `client` loses nothing the session never held when the fields of `uuid`
-    /// that differ in `replacement` are replaced. (Edits that crossed a removal of the item
-    /// are moot: a removal wins.)
-    fn check_replace(
-        &self,
-        client: &str,
-        uuid: &str,
-        fields: &Map<String, Value>,
-        replacement: &Map<String, Value>,
-    ) {
-        self.check_drop(client, uuid);
-        if !self.current.contains(uuid) {
-            return;
-        }
-        for (field, value) in fields {
-            // The type and the uuid fields name the item; the client fills them in itself.
-            let identity = ["item_type", "item_uuid", "uuid"].contains(&field.as_str());
-            if identity || replacement.get(field) == Some(value) {
-                continue;
-            }
-            let key = (uuid.to_owned(), field.clone(), value.to_string());
-            assert!(
-                self.values.contains(&key) || self.discarded.contains(&key),
-                "{client} was made to lose {uuid}.{field} = {value}, which the session never held"
-            );
-        }
-    }
-}
-
 /// An item of a full state as the client receives it (`protocol::json::SceneItem`), without
 /// the `uuid` key the client uses as the object's id.
 fn full_state_item(uuid: &str, fields: &ItemFields) -> Map<String, Value> {
@@ -292,7 +225,7 @@ fn full_state_item(uuid: &str, fields: &ItemFields) -> Map<String, Value> {
 }
 
 /// An item's fields as legacy clients compare them (like `tests/common::normalize`).
-fn normalize(fields: &Map<String, Value>) -> Value {
+pub(super) fn normalize(fields: &Map<String, Value>) -> Value {
     let mut fields = fields.clone();
     fields.remove("uuid");
     fields.remove("item_uuid");
@@ -457,24 +390,7 @@ impl Client {
 
     /// The JSON text the client sends for a command on `uuid` with its dict `fields`.
     fn command_text(&self, action: &str, uuid: &str, fields: &Map<String, Value>) -> String {
-        let mut data = fields.clone();
-        let item_type = data
-            .get("item_type")
-            .and_then(Value::as_str)
-            .unwrap_or("component")
-            .to_owned();
-        if action == "remove_item" {
-            data.clear();
-        } else {
-            data.insert("item_uuid".into(), json!(uuid));
-        }
-        json!({
-            "type": "command",
-            "command": {"action": action, "item_type": item_type, "item_id": uuid, "data": data},
-            "timestamp": "2026-11-25T19:22:01.123Z",
-            "user_id": self.name,
-        })
-        .to_string()
+        command_text(&self.name, action, uuid, fields)
     }
 
     /// Its canvas, asserting that it holds no uuid twice.
@@ -492,17 +408,200 @@ impl Client {
     }
 }
 
+/// A desktop client's new item `uuid`, from fixture item `template`, at (`x`, `y`).
+pub(super) fn new_item(uuid: &str, template_index: u8, x: i16, y: i16) -> Map<String, Value> {
+    let mut item = template(template_index);
+    item.insert("item_uuid".into(), json!(uuid));
+    item.insert("x_mm".into(), coordinate(x));
+    item.insert("y_mm".into(), coordinate(y));
+    let kind = item.get("_type").cloned().unwrap_or(json!("component"));
+    item.insert("item_type".into(), kind);
+    item
+}
+
+/// A desktop client drags an item of its dict `fields` to (`x`, `y`), maybe rotating it.
+pub(super) fn move_to(fields: &mut Map<String, Value>, x: i16, y: i16, angle: Option<u16>) {
+    fields.insert("x_mm".into(), coordinate(x));
+    fields.insert("y_mm".into(), coordinate(y));
+    if let Some(a) = angle {
+        fields.insert("angle_deg".into(), json!(f64::from(a % 360)));
+    }
+}
+
+/// A desktop client named `name` edits one field of its dict `fields`.
+pub(super) fn change_field(fields: &mut Map<String, Value>, name: &str, change: &Change) {
+    match change {
+        Change::Name(n) => drop(fields.insert("name".into(), json!(format!("{name} {n}")))),
+        Change::ZValue(z) => drop(fields.insert("z_value".into(), json!(z % 20))),
+        Change::Locked(l) => drop(fields.insert("locked".into(), json!(l))),
+        Change::Notes(n) => drop(fields.insert("notes".into(), json!(format!("note {n}")))),
+        Change::Interface { index, efl } => {
+            let mut list = fields
+                .get("interfaces")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            let at = usize::from(*index) % list.len().max(1);
+            match list.get_mut(at) {
+                Some(Value::Object(interface)) if index % 2 == 0 => {
+                    interface.insert("efl_mm".into(), coordinate(*efl));
+                }
+                _ => list.push(json!({"element_type": "mirror", "x1_mm": coordinate(*efl)})),
+            }
+            fields.insert("interfaces".into(), Value::Array(list));
+        }
+    }
+}
+
+/// The JSON text a desktop client named `user` sends for a command on `uuid` with its dict
+/// `fields`.
+pub(super) fn command_text(
+    user: &str,
+    action: &str,
+    uuid: &str,
+    fields: &Map<String, Value>,
+) -> String {
+    let mut data = fields.clone();
+    let item_type = data
+        .get("item_type")
+        .and_then(Value::as_str)
+        .unwrap_or("component")
+        .to_owned();
+    if action == "remove_item" {
+        data.clear();
+    } else {
+        data.insert("item_uuid".into(), json!(uuid));
+    }
+    json!({
+        "type": "command",
+        "command": {"action": action, "item_type": item_type, "item_id": uuid, "data": data},
+        "timestamp": "2026-11-25T19:22:01.123Z",
+        "user_id": user,
+    })
+    .to_string()
+}
+
 /// A Yjs client: a yrs replica syncing with the session.
-struct YjsClient {
-    doc: Doc,
-    items: MapRef,
-    user: Arc<str>,
+pub(super) struct YjsClient {
+    pub(super) doc: Doc,
+    pub(super) items: MapRef,
+    pub(super) user: Arc<str>,
     added: usize,
 }
 
-fn template(i: u8) -> Map<String, Value> {
+impl YjsClient {
+    pub(super) fn new(client_id: u64, user: &str) -> YjsClient {
+        let doc = Doc::with_client_id(client_id);
+        let items = doc.get_or_insert_map("items");
+        YjsClient {
+            doc,
+            items,
+            user: Arc::from(user),
+            added: 0,
+        }
+    }
+}
+
+pub(super) fn template(i: u8) -> Map<String, Value> {
     let items = fixture_items();
     items[usize::from(i) % items.len()].clone()
+}
+
+/// Applies `op` to a Yjs client's copy; returns the update it made (`[0, 0]` when none).
+pub(super) fn yjs_edit(y: &mut YjsClient, op: &YjsOp) -> Vec<u8> {
+    let mut txn = y.doc.transact_mut();
+    let item = |txn: &yrs::TransactionMut, uuid: &str| match y.items.get(txn, uuid) {
+        Some(Out::YMap(m)) => Some(m),
+        _ => None,
+    };
+    let uuids: Vec<String> = {
+        let mut u: Vec<String> = y.items.keys(&txn).map(str::to_owned).collect();
+        u.sort();
+        u
+    };
+    let pick = |p: u8| uuids.get(usize::from(p) % uuids.len().max(1)).cloned();
+    match op {
+        YjsOp::Set {
+            pick: p,
+            field,
+            value,
+        } => {
+            if let Some(m) = pick(*p).and_then(|u| item(&txn, &u)) {
+                let field = YJS_FIELDS[usize::from(*field) % YJS_FIELDS.len()];
+                let v = i64::from(*value);
+                let any = match field {
+                    "name" | "notes" => Any::from(format!("{field} {v}")),
+                    "z_value" => Any::Number(yrs::Number::Int(v % 20)),
+                    "locked" => Any::Bool(v % 2 == 0),
+                    _ => Any::Number(yrs::Number::Float(v as f64 / 4.0)),
+                };
+                m.insert(&mut txn, field, any);
+            }
+        }
+        YjsOp::Move { pick: p, x, y: yy } => {
+            if let Some(m) = pick(*p).and_then(|u| item(&txn, &u)) {
+                m.insert(&mut txn, "x_mm", f64::from(*x) / 4.0);
+                m.insert(&mut txn, "y_mm", f64::from(*yy) / 4.0);
+            }
+        }
+        YjsOp::Remove { pick: p } => {
+            if let Some(u) = pick(*p) {
+                y.items.remove(&mut txn, &u);
+            }
+        }
+        YjsOp::Add {
+            template: t,
+            x,
+            typed,
+        } => {
+            y.added += 1;
+            let uuid = format!("{}-{}", y.user, y.added);
+            let mut fields = template(*t);
+            fields.insert("x_mm".into(), coordinate(*x));
+            if *typed {
+                let kind = fields.get("_type").cloned().unwrap_or(json!("component"));
+                fields.insert("item_type".into(), kind);
+                fields.insert("item_uuid".into(), json!(uuid));
+            } else {
+                fields.remove("item_uuid");
+            }
+            put_item(&mut txn, &y.items, &uuid, &fields);
+        }
+        YjsOp::Replace {
+            pick: p,
+            template: t,
+        } => {
+            if let Some(u) = pick(*p) {
+                let mut fields = template(*t);
+                fields.insert("item_uuid".into(), json!(u));
+                put_item(&mut txn, &y.items, &u, &fields);
+            }
+        }
+        YjsOp::Nested {
+            pick: p,
+            key,
+            value,
+        } => {
+            if let Some(m) = pick(*p).and_then(|u| item(&txn, &u)) {
+                let k = format!("k{}", key % 4);
+                match m.get(&txn, "meta") {
+                    Some(Out::YMap(meta)) => {
+                        meta.insert(&mut txn, k, i64::from(*value));
+                    }
+                    _ => {
+                        m.insert(&mut txn, "meta", MapPrelim::from([(k, i64::from(*value))]));
+                    }
+                }
+            }
+        }
+        YjsOp::DeleteField { pick: p, field } => {
+            if let Some(m) = pick(*p).and_then(|u| item(&txn, &u)) {
+                m.remove(&mut txn, YJS_FIELDS[usize::from(*field) % YJS_FIELDS.len()]);
+            }
+        }
+    }
+    txn.commit();
+    txn.encode_update_v1()
 }
 
 /// Writes a new item map under `uuid`, field by field in key order (so which clock each
@@ -521,7 +620,8 @@ struct World {
     clients: Vec<Client>,
     yjs: Vec<YjsClient>,
     next_peer: PeerId,
-    held: Held,
+    /// The updates the scene gave to persist, applied in order, and what they held.
+    replica: Persisted,
 }
 
 impl World {
@@ -547,16 +647,7 @@ impl World {
             })
             .collect();
         let yjs = (0..usize::from(script.yjs % 3))
-            .map(|j| {
-                let doc = Doc::with_client_id(1000 + j as u64);
-                let items = doc.get_or_insert_map("items");
-                YjsClient {
-                    doc,
-                    items,
-                    user: Arc::from(format!("y{j}").as_str()),
-                    added: 0,
-                }
-            })
+            .map(|j| YjsClient::new(1000 + j as u64, &format!("y{j}")))
             .collect();
         World {
             scene: Scene::default(),
@@ -564,13 +655,16 @@ impl World {
             clients,
             yjs,
             next_peer: 1,
-            held: Held::default(),
+            replica: Persisted::default(),
         }
     }
 
-    /// Delivers each message to its connection's inbox, in order, and records what the
-    /// session now holds.
+    /// Learns what the scene's update held, and delivers each message to its connection's
+    /// inbox, in order.
     fn route(&mut self, effects: Effects) {
+        if let Some(update) = &effects.update {
+            self.replica.apply(update);
+        }
         for out in effects.messages {
             let client = self
                 .clients
@@ -600,8 +694,6 @@ impl World {
             }
             client.inbox.push_back(msg);
         }
-        let doc = doc_json(&mut self.scene);
-        self.held.record(&doc);
     }
 
     /// Connects client `i` as the desktop client does with `session/task.rs`: the session
@@ -668,7 +760,7 @@ impl World {
             ClientMessage::Command(command) => {
                 // An edit of an item the session removed meanwhile is dropped: a removal wins.
                 if command.action != Action::Add && self.scene.item(&command.item_id).is_none() {
-                    self.held.discard(&command.item_id, &command.data);
+                    self.replica.held().discard(&command.item_id, &command.data);
                 }
                 self.scene.apply_command(peer, &user, command, self.now)
             }
@@ -683,106 +775,7 @@ impl World {
     }
 
     fn yjs_edit(&mut self, j: usize, op: &YjsOp) {
-        let y = &mut self.yjs[j];
-        let update = {
-            let mut txn = y.doc.transact_mut();
-            let item = |txn: &yrs::TransactionMut, uuid: &str| match y.items.get(txn, uuid) {
-                Some(Out::YMap(m)) => Some(m),
-                _ => None,
-            };
-            let uuids: Vec<String> = {
-                let mut u: Vec<String> = y.items.keys(&txn).map(str::to_owned).collect();
-                u.sort();
-                u
-            };
-            let pick = |p: u8| uuids.get(usize::from(p) % uuids.len().max(1)).cloned();
-            match op {
-                YjsOp::Set {
-                    pick: p,
-                    field,
-                    value,
-                } => {
-                    if let Some(m) = pick(*p).and_then(|u| item(&txn, &u)) {
-                        let field = YJS_FIELDS[usize::from(*field) % YJS_FIELDS.len()];
-                        let v = i64::from(*value);
-                        let any = match field {
-                            "name" | "notes" => Any::from(format!("{field} {v}")),
-                            "z_value" => Any::Number(yrs::Number::Int(v % 20)),
-                            "locked" => Any::Bool(v % 2 == 0),
-                            _ => Any::Number(yrs::Number::Float(v as f64 / 4.0)),
-                        };
-                        m.insert(&mut txn, field, any);
-                    }
-                }
-                YjsOp::Move { pick: p, x, y: yy } => {
-                    if let Some(m) = pick(*p).and_then(|u| item(&txn, &u)) {
-                        m.insert(&mut txn, "x_mm", f64::from(*x) / 4.0);
-                        m.insert(&mut txn, "y_mm", f64::from(*yy) / 4.0);
-                    }
-                }
-                YjsOp::Remove { pick: p } => {
-                    if let Some(u) = pick(*p) {
-                        y.items.remove(&mut txn, &u);
-                    }
-                }
-                YjsOp::Add {
-                    template: t,
-                    x,
-                    typed,
-                } => {
-                    y.added += 1;
-                    let uuid = format!("{}-{}", y.user, y.added);
-                    let mut fields = template(*t);
-                    fields.insert("x_mm".into(), coordinate(*x));
-                    if *typed {
-                        let kind = fields.get("_type").cloned().unwrap_or(json!("component"));
-                        fields.insert("item_type".into(), kind);
-                        fields.insert("item_uuid".into(), json!(uuid));
-                    } else {
-                        fields.remove("item_uuid");
-                    }
-                    put_item(&mut txn, &y.items, &uuid, &fields);
-                }
-                YjsOp::Replace {
-                    pick: p,
-                    template: t,
-                } => {
-                    if let Some(u) = pick(*p) {
-                        let mut fields = template(*t);
-                        fields.insert("item_uuid".into(), json!(u));
-                        put_item(&mut txn, &y.items, &u, &fields);
-                    }
-                }
-                YjsOp::Nested {
-                    pick: p,
-                    key,
-                    value,
-                } => {
-                    if let Some(m) = pick(*p).and_then(|u| item(&txn, &u)) {
-                        let k = format!("k{}", key % 4);
-                        match m.get(&txn, "meta") {
-                            Some(Out::YMap(meta)) => {
-                                meta.insert(&mut txn, k, i64::from(*value));
-                            }
-                            _ => {
-                                m.insert(
-                                    &mut txn,
-                                    "meta",
-                                    MapPrelim::from([(k, i64::from(*value))]),
-                                );
-                            }
-                        }
-                    }
-                }
-                YjsOp::DeleteField { pick: p, field } => {
-                    if let Some(m) = pick(*p).and_then(|u| item(&txn, &u)) {
-                        m.remove(&mut txn, YJS_FIELDS[usize::from(*field) % YJS_FIELDS.len()]);
-                    }
-                }
-            }
-            txn.commit();
-            txn.encode_update_v1()
-        };
+        let update = yjs_edit(&mut self.yjs[j], op);
         if update == [0, 0] {
             return;
         }
@@ -829,7 +822,7 @@ impl World {
             LegacyOp::Apply { client, n } => {
                 let i = self.client(*client);
                 for _ in 0..=n % 16 {
-                    if !self.clients[i].apply_next(&self.held) {
+                    if !self.clients[i].apply_next(&self.replica.held()) {
                         break;
                     }
                 }
@@ -848,13 +841,7 @@ impl World {
                 }
                 c.added += 1;
                 let uuid = format!("{}-{}", c.name, c.added);
-                let mut data = template(*t);
-                data.insert("item_uuid".into(), json!(uuid));
-                data.insert("x_mm".into(), coordinate(*x));
-                data.insert("y_mm".into(), coordinate(*y));
-                let kind = data.get("_type").cloned().unwrap_or(json!("component"));
-                let mut local = data.clone();
-                local.insert("item_type".into(), kind);
+                let local = new_item(&uuid, *t, *x, *y);
                 c.objects.push((uuid.clone(), local.clone()));
                 let text = c.command_text("add_item", &uuid, &local);
                 self.send(i, text);
@@ -871,11 +858,7 @@ impl World {
                 let Some((uuid, mut fields)) = self.clients[i].pick(*pick) else {
                     return;
                 };
-                fields.insert("x_mm".into(), coordinate(*x));
-                fields.insert("y_mm".into(), coordinate(*y));
-                if let Some(a) = angle {
-                    fields.insert("angle_deg".into(), json!(f64::from(a % 360)));
-                }
+                move_to(&mut fields, *x, *y, *angle);
                 self.clients[i].set_local(&uuid, &fields);
                 let text = self.clients[i].command_text("move_item", &uuid, &fields);
                 self.send(i, text);
@@ -893,33 +876,7 @@ impl World {
                 let Some((uuid, mut fields)) = self.clients[i].pick(*pick) else {
                     return;
                 };
-                let name = self.clients[i].name.clone();
-                match change {
-                    Change::Name(n) => {
-                        drop(fields.insert("name".into(), json!(format!("{name} {n}"))))
-                    }
-                    Change::ZValue(z) => drop(fields.insert("z_value".into(), json!(z % 20))),
-                    Change::Locked(l) => drop(fields.insert("locked".into(), json!(l))),
-                    Change::Notes(n) => {
-                        drop(fields.insert("notes".into(), json!(format!("note {n}"))))
-                    }
-                    Change::Interface { index, efl } => {
-                        let mut list = fields
-                            .get("interfaces")
-                            .and_then(Value::as_array)
-                            .cloned()
-                            .unwrap_or_default();
-                        let at = usize::from(*index) % list.len().max(1);
-                        match list.get_mut(at) {
-                            Some(Value::Object(interface)) if index % 2 == 0 => {
-                                interface.insert("efl_mm".into(), coordinate(*efl));
-                            }
-                            _ => list
-                                .push(json!({"element_type": "mirror", "x1_mm": coordinate(*efl)})),
-                        }
-                        fields.insert("interfaces".into(), Value::Array(list));
-                    }
-                }
+                change_field(&mut fields, &self.clients[i].name, change);
                 self.clients[i].set_local(&uuid, &fields);
                 let text = self.clients[i].command_text("update_item", &uuid, &fields);
                 self.send(i, text);
@@ -973,10 +930,17 @@ impl World {
         for j in 0..self.yjs.len() {
             self.yjs_pull(j);
         }
+        let held = self.replica.held();
         for client in &mut self.clients {
-            client.apply_all(&self.held);
+            client.apply_all(&held);
         }
+        drop(held);
         let doc = doc_json(&mut self.scene);
+        assert_eq!(
+            self.replica.items(),
+            doc,
+            "the persisted updates give another document"
+        );
         assert_eq!(
             mirror_json(&mut self.scene),
             doc,

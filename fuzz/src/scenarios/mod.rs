@@ -6,7 +6,9 @@
 //! dependencies (`yrs`, `serde_json`), so both crates can compile it.
 
 pub mod frames;
+pub mod held;
 pub mod legacy;
 pub mod merge;
+pub mod session;
 pub mod untrusted;
 pub mod util;

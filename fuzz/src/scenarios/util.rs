@@ -41,15 +41,19 @@ pub fn fixture_items() -> &'static [Map<String, Value>] {
     })
 }
 
-/// The fixture scenes' `items` arrays, one per scene.
-pub fn fixture_scenes() -> Vec<Vec<Value>> {
-    FIXTURES
-        .iter()
-        .map(|text| {
-            let scene: Value = serde_json::from_str(text).expect("fixture is JSON");
-            scene["items"].as_array().cloned().unwrap_or_default()
-        })
-        .collect()
+/// The fixture scenes' `items` arrays, one per scene (parsed once: the session target starts
+/// its hosts from them on every input).
+pub fn fixture_scenes() -> &'static [Vec<Value>] {
+    static SCENES: OnceLock<Vec<Vec<Value>>> = OnceLock::new();
+    SCENES.get_or_init(|| {
+        FIXTURES
+            .iter()
+            .map(|text| {
+                let scene: Value = serde_json::from_str(text).expect("fixture is JSON");
+                scene["items"].as_array().cloned().unwrap_or_default()
+            })
+            .collect()
+    })
 }
 
 /// Every item of a document that is a map, read like `Scene` reads them.
@@ -219,8 +223,17 @@ pub const MAX_STEPS: usize = 512;
 pub fn steps<'a, T: arbitrary::Arbitrary<'a>>(
     u: &mut arbitrary::Unstructured<'a>,
 ) -> arbitrary::Result<Vec<T>> {
+    steps_up_to(u, MAX_STEPS)
+}
+
+/// [`steps`], at most `max` of them.
+#[cfg(not(test))]
+pub fn steps_up_to<'a, T: arbitrary::Arbitrary<'a>>(
+    u: &mut arbitrary::Unstructured<'a>,
+    max: usize,
+) -> arbitrary::Result<Vec<T>> {
     let mut steps = Vec::new();
-    while !u.is_empty() && steps.len() < MAX_STEPS {
+    while !u.is_empty() && steps.len() < max {
         steps.push(u.arbitrary()?);
     }
     Ok(steps)
