@@ -130,8 +130,12 @@ impl Registry {
             id: Arc::from(id),
             tx,
         };
-        self.tasks
-            .spawn(task::run(self.context.clone(), handle.clone(), rx));
+        self.tasks.spawn(task::run(
+            self.context.clone(),
+            handle.clone(),
+            rx,
+            self.tasks.clone(),
+        ));
         handle
     }
 

@@ -15,6 +15,7 @@ use collab_core::session::{
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, error, warn};
 
 use super::registry::SessionConfig;
@@ -72,6 +73,7 @@ pub(super) async fn run(
     context: Arc<TaskContext>,
     handle: SessionHandle,
     rx: mpsc::Receiver<SessionMsg>,
+    tasks: TaskTracker,
 ) {
     match load(&context, &handle.id).await {
         Ok((session, stored)) => {
@@ -87,9 +89,9 @@ pub(super) async fn run(
                 warnings: WarnLimiter::default(),
                 failed: false,
             };
-            // Served by a future of its own: what loading needed does not stay with every
-            // idle session.
-            Box::pin(task.serve(rx)).await;
+            // Served by a task of its own: a task keeps its future's whole size for its life,
+            // and what loading needed must not stay with every idle session.
+            tasks.spawn(task.serve(rx));
         }
         Err(e) => {
             error!(session = %handle.id, error = %e, "session could not be loaded");

@@ -25,7 +25,7 @@ use crate::protocol::json::{
 };
 use crate::protocol::yjs::{self, YjsMessage};
 pub use awareness::{AwarenessError, AwarenessStates, AWARENESS_TIMEOUT};
-pub use rate::{Rate, TokenBucket};
+pub use rate::{Buckets, Cost, Rate, Rates};
 
 /// User id written on changes that arrive through the HTTP API.
 pub const API_USER: &str = "api";
@@ -295,16 +295,7 @@ struct Member {
     kind: ConnKind,
     user: Option<Arc<str>>,
     connected_at: Arc<str>,
-    updates: TokenBucket,
-    requests: TokenBucket,
-}
-
-/// Which of a connection's buckets a message draws on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Cost {
-    Free,
-    Update,
-    Request,
+    buckets: Buckets,
 }
 
 /// The whole document as one SyncStep2 message, kept until the document changes: a fresh
@@ -326,8 +317,7 @@ pub struct Session {
     /// When awareness states are next checked for expiry (while there are any).
     awareness_check: Option<Instant>,
     whole_state: Option<WholeState>,
-    update_rate: Rate,
-    request_rate: Rate,
+    rates: Rates,
 }
 
 impl Session {
@@ -344,8 +334,10 @@ impl Session {
             ),
             awareness_check: None,
             whole_state: None,
-            update_rate: limits.update_rate,
-            request_rate: limits.request_rate,
+            rates: Rates {
+                update: limits.update_rate,
+                request: limits.request_rate,
+            },
         }
     }
 
@@ -489,8 +481,7 @@ impl Session {
                 kind,
                 user: user.clone(),
                 connected_at: now.timestamp.clone(),
-                updates: TokenBucket::new(self.update_rate, now.instant),
-                requests: TokenBucket::new(self.request_rate, now.instant),
+                buckets: Buckets::new(&self.rates, now.instant),
             },
         );
         self.joins += 1;
@@ -584,22 +575,13 @@ impl Session {
         let Some(member) = self.members.get_mut(&peer) else {
             return false;
         };
-        let (admitted, what, rate) = match cost {
-            Cost::Free => return true,
-            Cost::Update => (
-                member.updates.take(now.instant),
-                "changes",
-                self.update_rate,
-            ),
-            Cost::Request => (
-                member.requests.take(now.instant),
-                "state requests",
-                self.request_rate,
-            ),
-        };
-        if admitted {
+        if member.buckets.take(cost, &self.rates, now.instant) {
             return true;
         }
+        let (what, rate) = match cost {
+            Cost::Request => ("state requests", self.rates.request),
+            Cost::Update | Cost::Free => ("changes", self.rates.update),
+        };
         let message = format!(
             "more than {} {what} per second (bursts of {})",
             rate.per_second, rate.burst
