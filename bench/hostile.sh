@@ -65,21 +65,22 @@ free_port() {
   python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
-# Prints why the disk attacks cannot run here, or nothing (and mounts the image) when they can.
-disk_unavailable() {
-  [ "$(id -u)" = 0 ] || { echo "needs root (loop mount, fsfreeze, chattr)"; return; }
+# Mounts the ext4 image for the disk attacks, or sets $why to the reason it cannot. Called
+# directly, not in $(...): the mount must be known to the cleanup trap.
+mount_store() {
+  why=
+  [ -n "$mnt" ] && return
+  [ "$(id -u)" = 0 ] || { why="needs root (loop mount, fsfreeze, chattr)"; return; }
   local t
   for t in losetup mkfs.ext4 mount umount fsfreeze chattr; do
-    command -v "$t" >/dev/null 2>&1 || { echo "'$t' is missing"; return; }
+    command -v "$t" >/dev/null 2>&1 || { why="'$t' is missing"; return; }
   done
-  if [ -z "$mnt" ]; then
-    truncate -s 512M "$scratch/store.img" || { echo "cannot create a disk image"; return; }
-    mkfs.ext4 -q -F "$scratch/store.img" >/dev/null 2>&1 || { echo "mkfs.ext4 failed"; return; }
-    loopdev=$(losetup -f --show "$scratch/store.img" 2>/dev/null) || { loopdev=; echo "no loop device (losetup failed)"; return; }
-    mkdir -p "$scratch/mnt"
-    mount "$loopdev" "$scratch/mnt" 2>/dev/null || { echo "mount of a loop device is not allowed"; return; }
-    mnt="$scratch/mnt"
-  fi
+  truncate -s 512M "$scratch/store.img" || { why="cannot create a disk image"; return; }
+  mkfs.ext4 -q -F "$scratch/store.img" >/dev/null 2>&1 || { why="mkfs.ext4 failed"; return; }
+  loopdev=$(losetup -f --show "$scratch/store.img" 2>/dev/null) || { loopdev=; why="no loop device (losetup failed)"; return; }
+  mkdir -p "$scratch/mnt"
+  mount "$loopdev" "$scratch/mnt" 2>/dev/null || { why="mounting a loop device is not allowed"; return; }
+  mnt="$scratch/mnt"
 }
 
 start_server() { # attack data_dir port
@@ -124,7 +125,7 @@ for attack in $attacks; do
   mount_args=()
   case "$attack" in
     disk-freeze|immutable-store)
-      why=$(disk_unavailable)
+      mount_store
       if [ -n "$why" ]; then
         echo "   not measurable here: $why" >&2
         rows+=("| $attack | not measurable here | – | – | – | $why |")
@@ -150,6 +151,10 @@ for attack in $attacks; do
       # The next run starts from an empty, writable store.
       chattr -R -i "$mnt" 2>/dev/null || true ;;
   esac
+  if [ "$attack" = random-gets ] && [ "$store" = sqlite ]; then
+    # Rows written at eviction or shutdown show only now.
+    extra="${extra:+$extra; }rows in \`sessions\` after shutdown: $(sqlite3 "$data/collab.db" 'SELECT count(*) FROM sessions' 2>&1)"
+  fi
   if [ -n "$extra" ]; then row="${row% |}; $extra |"; fi
   echo "   $row" >&2
   rows+=("$row")

@@ -24,6 +24,13 @@ pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 #[derive(Debug, Clone, Copy)]
 pub struct Clock(Instant);
 
+impl Default for Clock {
+    /// A clock starting now.
+    fn default() -> Clock {
+        Clock::new()
+    }
+}
+
 impl Clock {
     pub fn new() -> Clock {
         Clock(Instant::now())

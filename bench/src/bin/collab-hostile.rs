@@ -30,16 +30,16 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Bytes, Message as WsMessage};
-use yrs::sync::{AwarenessUpdate, Message, SyncMessage};
 use yrs::sync::awareness::AwarenessUpdateEntry;
+use yrs::sync::{AwarenessUpdate, Message, SyncMessage};
 use yrs::updates::decoder::Decode;
 use yrs::updates::encoder::Encode;
-use yrs::{ClientID, Doc, Map as _, MapPrelim, Out, ReadTxn, Transact};
+use yrs::{ClientID, Doc, Map as _, MapPrelim, ReadTxn, Transact};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Attack {
@@ -289,10 +289,13 @@ fn record_awareness(map: &mut HashMap<u64, (u32, String)>, update: &AwarenessUpd
 }
 
 /// The honest Yjs client: items named `hy-N`, and an awareness state of its own.
+/// `announce`: when given, the awareness state is sent only once it is notified (after the
+/// attack), otherwise at once.
 async fn honest_yjs(
     url: String,
     mut phase: Phase,
     shared: Arc<Mutex<YjsReport>>,
+    announce: Option<Arc<Notify>>,
 ) -> Result<(), String> {
     let mut ws = connect_unlimited(&url).await?;
     let doc = Doc::new();
@@ -302,9 +305,13 @@ async fn honest_yjs(
     shared.lock().unwrap().client_id = me;
     let (mut sink, mut stream) = ws.split();
     let hello = awareness_message([(me, 1, r#"{"user":{"name":"honest-y"}}"#.to_owned())]);
-    sink.send(WsMessage::binary(hello))
-        .await
-        .map_err(|e| e.to_string())?;
+    let announced = async {
+        if let Some(n) = announce {
+            n.notified().await
+        }
+    };
+    tokio::pin!(announced);
+    let mut hello = Some(hello);
     let mut cmd = tokio::time::interval(Duration::from_millis(500));
     let mut alive = true;
     let mut n = 0u64;
@@ -315,6 +322,13 @@ async fn honest_yjs(
         }
         tokio::select! {
             _ = phase.changed() => {}
+            _ = &mut announced, if hello.is_some() => {
+                if let Some(bytes) = hello.take() {
+                    if sink.send(WsMessage::binary(bytes)).await.is_err() {
+                        alive = false;
+                    }
+                }
+            }
             _ = cmd.tick(), if p == 0 => {
                 n += 1;
                 shared.lock().unwrap().attempted += 1;
@@ -580,6 +594,8 @@ async fn run(args: &Args) -> Result<String, String> {
     let desktop = Arc::new(Mutex::new(DesktopReport::default()));
     let quiet = Arc::new(Mutex::new(DesktopReport::default()));
     let yjs = Arc::new(Mutex::new(YjsReport::default()));
+    // In the awareness flood the honest state comes after the attacker's, as in the issue.
+    let announce = (args.attack == Attack::AwarenessFlood).then(|| Arc::new(Notify::new()));
     let clients = [
         tokio::spawn(honest_desktop(
             ws_url(args, &format!("/ws/{honest_session}/honest-d")),
@@ -597,6 +613,7 @@ async fn run(args: &Args) -> Result<String, String> {
             ws_url(args, &format!("/yjs/{honest_session}?user=honest-y")),
             phase.clone(),
             yjs.clone(),
+            announce.clone(),
         )),
     ];
     // Warm up: the honest clients joined and exchanging before the attack starts.
@@ -610,6 +627,7 @@ async fn run(args: &Args) -> Result<String, String> {
         tag,
         yjs: yjs.clone(),
         desktop: desktop.clone(),
+        announce,
     };
     // Every attack ends by itself; this bound is for one that hangs on a dead server.
     let notes = match tokio::time::timeout(hold + Duration::from_secs(90), attack(&ctx)).await {
@@ -692,11 +710,7 @@ async fn run(args: &Args) -> Result<String, String> {
     });
     let lost_d = d.attempted.saturating_sub(yjs_seen.len() as u64);
     let lost_y = y.attempted.saturating_sub(d.seen.len() as u64);
-    let lost_col = format!(
-        "{} (of {})",
-        lost_d + lost_y,
-        d.attempted + y.attempted
-    );
+    let lost_col = format!("{} (of {})", lost_d + lost_y, d.attempted + y.attempted);
     for (name, closed) in [
         ("honest desktop", &d.closed),
         ("honest Yjs", &y.closed),
@@ -711,8 +725,7 @@ async fn run(args: &Args) -> Result<String, String> {
     }
     Ok(format!(
         "| {} | {rss_col} | {health_col} | {ping_honest} / {ping_quiet} | {lost_col} | {} |",
-        args
-            .attack
+        args.attack
             .to_possible_value()
             .map_or_else(String::new, |v| v.get_name().to_owned()),
         notes.join("; ").replace('|', "\\|")
@@ -741,6 +754,8 @@ struct Ctx<'a> {
     tag: u64,
     yjs: Arc<Mutex<YjsReport>>,
     desktop: Arc<Mutex<DesktopReport>>,
+    /// Tells the honest Yjs client to send its awareness state (awareness flood only).
+    announce: Option<Arc<Notify>>,
 }
 
 async fn attack(ctx: &Ctx<'_>) -> Result<Notes, String> {
@@ -810,7 +825,11 @@ async fn partial_messages(
             let ws = match connect_unlimited(&url).await {
                 Ok(ws) => ws,
                 Err(e) => {
-                    *codes.lock().unwrap().entry(format!("connect failed: {e}")).or_default() += 1;
+                    *codes
+                        .lock()
+                        .unwrap()
+                        .entry(format!("connect failed: {e}"))
+                        .or_default() += 1;
                     return;
                 }
             };
@@ -821,7 +840,9 @@ async fn partial_messages(
                     while let Some(frame) = stream.next().await {
                         match frame {
                             Ok(WsMessage::Close(c)) => {
-                                let code = c.map_or("close".into(), |c| format!("close {}", u16::from(c.code)));
+                                let code = c.map_or("close".into(), |c| {
+                                    format!("close {}", u16::from(c.code))
+                                });
                                 *codes.lock().unwrap().entry(code).or_default() += 1;
                                 return;
                             }
@@ -938,22 +959,24 @@ async fn slow_readers(
             Err(_) => failed += 1,
         }
     }
+    // Traffic on the document while they do not read: what their queues must hold.
+    let writer = spawn_writer(url, Instant::now() + hold);
     tokio::time::sleep(hold).await;
+    let written = writer.await.map_err(|e| e.to_string())?;
     drop(readers);
     Ok(vec![format!(
-        "{:.1} MB document; {} readers joined ({failed} failed), asked for the whole state, never read; held {:.0} s",
+        "{:.1} MB document; {} readers joined ({failed} failed), asked for the whole state, never read; held {:.0} s while a writer sent 20 small updates/s ({})",
         size as f64 / 1e6,
         n - failed,
-        hold.as_secs_f64()
+        hold.as_secs_f64(),
+        match written {
+            Ok(n) => format!("{n} sent"),
+            Err(e) => format!("writer: {e}"),
+        }
     )])
 }
 
-async fn big_posts(
-    ctx: &Ctx<'_>,
-    n: usize,
-    bytes: usize,
-    hold: Duration,
-) -> Result<Notes, String> {
+async fn big_posts(ctx: &Ctx<'_>, n: usize, bytes: usize, hold: Duration) -> Result<Notes, String> {
     let addr = ctx.args.addr.clone();
     let mut tasks = Vec::new();
     for i in 0..n {
@@ -1017,7 +1040,10 @@ async fn observe(url: &str, watch: Duration) -> (String, HashMap<u64, (u32, Stri
             Err(_) => {
                 break match synced {
                     Some(t) => format!("synced after {:.0} ms", t * 1e3),
-                    None => format!("not synced after {:.0} s ({bytes} bytes)", watch.as_secs_f64()),
+                    None => format!(
+                        "not synced after {:.0} s ({bytes} bytes)",
+                        watch.as_secs_f64()
+                    ),
                 }
             }
             Ok(f) => f,
@@ -1037,7 +1063,11 @@ async fn observe(url: &str, watch: Duration) -> (String, HashMap<u64, (u32, Stri
                 break format!(
                     "closed {} after {bytes} bytes{}",
                     c.map_or("without code".into(), |c| u16::from(c.code).to_string()),
-                    if synced.is_some() { " (had synced)" } else { ", never synced" }
+                    if synced.is_some() {
+                        " (had synced)"
+                    } else {
+                        ", never synced"
+                    }
                 )
             }
             Some(Ok(_)) => {}
@@ -1053,14 +1083,18 @@ async fn awareness_flood(ctx: &Ctx<'_>) -> Result<Notes, String> {
     let url = ws_url(ctx.args, &format!("/yjs/{}?user=atk", ctx.session));
     let mut ws = connect_unlimited(&url).await?;
     yjs_client::handshake(&mut ws, &Doc::new(), false).await?;
-    // 64 KiB less the few bytes of the JSON around the padding: at the per-state bound.
-    let pad = "x".repeat(64 * 1024 - 64);
+    // Each state exactly at the per-state bound (64 KiB of JSON).
+    let state = |id: u64| {
+        let head = format!(r#"{{"user":{{"name":"atk-{id}","pad":""#);
+        format!("{head}{}\"}}}}", "x".repeat(64 * 1024 - head.len() - 3))
+    };
     let mut refused = None;
-    for batch in 0..8u64 {
-        let entries = (0..128u64).map(|i| {
-            let id = 1_000_000 + batch * 128 + i;
-            (id, 1, format!(r#"{{"user":{{"name":"atk-{id}","pad":"{pad}"}}}}"#))
-        });
+    // Batches of 16 states, then single ones: a batch that would pass the session's count
+    // bound may be refused whole, and the attacker fills the session up to it.
+    let ids: Vec<u64> = (1_000_000..1_001_024).collect();
+    let batches = ids[..1008].chunks(16).chain(ids[1008..].chunks(1));
+    for batch in batches {
+        let entries = batch.iter().map(|&id| (id, 1, state(id)));
         if let Err(e) = ws.send(WsMessage::binary(awareness_message(entries))).await {
             refused = Some(e.to_string());
             break;
@@ -1077,9 +1111,20 @@ async fn awareness_flood(ctx: &Ctx<'_>) -> Result<Notes, String> {
         }
     })
     .await;
+    if let Some(n) = &ctx.announce {
+        n.notify_one();
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let joiner = ws_url(ctx.args, &format!("/yjs/{}?user=late", ctx.session));
     let (outcome, seen) = observe(&joiner, Duration::from_secs(15)).await;
-    let honest_bytes = ctx.yjs.lock().unwrap().awareness_bytes;
+    let (honest_bytes, honest_id) = {
+        let y = ctx.yjs.lock().unwrap();
+        (y.awareness_bytes, y.client_id)
+    };
+    let attackers = seen
+        .keys()
+        .filter(|id| (1_000_000..1_001_024).contains(*id))
+        .count();
     Ok(vec![
         format!(
             "1,024 states × 64 KiB sent{}; attacker: {}",
@@ -1087,8 +1132,9 @@ async fn awareness_flood(ctx: &Ctx<'_>) -> Result<Notes, String> {
             closed.unwrap_or_else(|| "kept".into())
         ),
         format!(
-            "later Yjs joiner: {outcome}, {} awareness states received",
-            seen.len()
+            "later Yjs joiner: {outcome}, {} awareness states received ({attackers} of the attacker's; the honest client's announced after the flood: {})",
+            seen.len(),
+            if seen.contains_key(&honest_id) { "present" } else { "**absent**" }
         ),
         format!(
             "honest Yjs client received {:.1} MB of awareness",
@@ -1121,7 +1167,11 @@ async fn awareness_not_json(ctx: &Ctx<'_>) -> Result<Notes, String> {
         ),
         format!(
             "in a later joiner's awareness: {} (joiner {outcome})",
-            if seen.contains_key(&id) { "**yes**" } else { "no" }
+            if seen.contains_key(&id) {
+                "**yes**"
+            } else {
+                "no"
+            }
         ),
     ])
 }
@@ -1156,17 +1206,17 @@ async fn awareness_overwrite(ctx: &Ctx<'_>) -> Result<Notes, String> {
         m.get(&victim)
             .map_or("absent".into(), |(clock, s)| format!("clock {clock} {s}"))
     };
-    let overwritten = after
-        .get(&victim)
-        .is_some_and(|(_, s)| s.contains("evil"));
-    let gone = removed
-        .get(&victim)
-        .is_none_or(|(_, s)| s == "null");
+    let overwritten = after.get(&victim).is_some_and(|(_, s)| s.contains("evil"));
+    let gone = removed.get(&victim).is_none_or(|(_, s)| s == "null");
     Ok(vec![
         format!("honest entry before: {}", show(&before)),
         format!(
             "after another client overwrote it: {} ({})",
-            if overwritten { "**overwritten**" } else { "kept" },
+            if overwritten {
+                "**overwritten**"
+            } else {
+                "kept"
+            },
             show(&after)
         ),
         format!(
@@ -1264,7 +1314,11 @@ async fn bad_fields(ctx: &Ctx<'_>) -> Result<Notes, String> {
         let stored = scene_field(ctx, &ctx.session, &item, "x_mm").await;
         notes.push(format!(
             "x_mm {x}: sender got {}; scene holds {stored}; honest desktop last got {desktop}",
-            if errors.is_empty() { "no error".into() } else { errors.join(",") },
+            if errors.is_empty() {
+                "no error".into()
+            } else {
+                errors.join(",")
+            },
         ));
     }
     let _ = ws.close(None).await;
@@ -1293,13 +1347,14 @@ async fn random_gets(
     let rows_before = count_rows(&db);
     let done = Arc::new(AtomicU64::new(0));
     let statuses = Arc::new(Mutex::new(BTreeMap::<String, usize>::new()));
-    let until = Instant::now() + hold;
+    let started = Instant::now();
+    let until = started + hold;
     let workers = 16;
     let mut tasks = Vec::new();
     for w in 0..workers {
         let (addr, done, statuses) = (ctx.args.addr.clone(), done.clone(), statuses.clone());
         tasks.push(tokio::spawn(async move {
-            let mut rng = Rng(seed() ^ (w as u64 + 1) * 0x9E37_79B9_7F4A_7C15);
+            let mut rng = Rng(seed() ^ ((w as u64 + 1) * 0x9E37_79B9_7F4A_7C15));
             let mut conn: Option<KeepAlive> = None;
             while Instant::now() < until {
                 if done.fetch_add(1, Ordering::Relaxed) >= gets as u64 {
@@ -1311,10 +1366,14 @@ async fn random_gets(
                 }
                 let path = format!("/api/sessions/rnd-{:016x}/update", rng.next());
                 let result = match conn.as_mut() {
-                    Some(c) => match tokio::time::timeout(Duration::from_secs(5), c.get(&addr, &path)).await {
-                        Ok(r) => r,
-                        Err(_) => Err("timeout".into()),
-                    },
+                    Some(c) => {
+                        match tokio::time::timeout(Duration::from_secs(5), c.get(&addr, &path))
+                            .await
+                        {
+                            Ok(r) => r,
+                            Err(_) => Err("timeout".into()),
+                        }
+                    }
                     None => Err("connect failed".into()),
                 };
                 let key = match result {
@@ -1331,7 +1390,7 @@ async fn random_gets(
     for t in tasks {
         let _ = t.await;
     }
-    let took = hold.saturating_sub(until.saturating_duration_since(Instant::now()));
+    let took = started.elapsed();
     let mut rng = Rng(seed());
     let mut joined = 0;
     for _ in 0..joins {
@@ -1368,7 +1427,7 @@ async fn random_gets(
             summary(&statuses.lock().unwrap())
         ),
         format!(
-            "then {joined} WS joins of random sessions; rows in `sessions`: {rows_before} → {}; sessions in memory: {in_memory}",
+            "then {joined} WS joins of random sessions; rows in `sessions`: {rows_before} → {} (live); sessions in memory: {in_memory}",
             count_rows(&db)
         ),
     ])
@@ -1409,7 +1468,9 @@ fn run_tool(program: &str, args: &[&str]) -> String {
         Ok(out) if out.status.success() => "ok".into(),
         Ok(out) => format!(
             "failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim().replace('\n', " ")
+            String::from_utf8_lossy(&out.stderr)
+                .trim()
+                .replace('\n', " ")
         ),
         Err(e) => format!("failed: {e}"),
     }
@@ -1472,7 +1533,11 @@ async fn immutable_store(ctx: &Ctx<'_>) -> Result<Notes, String> {
     let unset = run_tool("chattr", &chattr_args);
     let names: Vec<_> = files
         .iter()
-        .filter_map(|f| Path::new(f).file_name().map(|n| n.to_string_lossy().into_owned()))
+        .filter_map(|f| {
+            Path::new(f)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+        })
         .collect();
     Ok(vec![format!(
         "chattr +i {} ({set}; -i afterwards {unset}) while another session wrote 20 updates/s ({}); server alive after: {}",
@@ -1495,7 +1560,9 @@ async fn head_upgrade(args: &Args) -> Result<Notes, String> {
         Err(e) => e,
     };
     tokio::time::sleep(Duration::from_secs(2)).await;
-    Ok(vec![format!("`HEAD /yjs/x` with upgrade headers → {status}")])
+    Ok(vec![format!(
+        "`HEAD /yjs/x` with upgrade headers → {status}"
+    )])
 }
 
 async fn double_decode(ctx: &Ctx<'_>) -> Result<Notes, String> {
