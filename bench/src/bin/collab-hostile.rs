@@ -1513,10 +1513,8 @@ async fn disk_freeze(ctx: &Ctx<'_>) -> Result<Notes, String> {
 
 async fn immutable_store(ctx: &Ctx<'_>) -> Result<Notes, String> {
     let dir = ctx.args.data_dir.clone();
-    let writer = spawn_writer(
-        ws_url(ctx.args, &format!("/yjs/atk-w-{}", ctx.tag)),
-        Instant::now() + Duration::from_secs(15),
-    );
+    let until = Instant::now() + Duration::from_secs(15);
+    let writer = spawn_writer(ws_url(ctx.args, &format!("/yjs/atk-w-{}", ctx.tag)), until);
     tokio::time::sleep(Duration::from_secs(3)).await;
     let files: Vec<String> = std::fs::read_dir(&dir)
         .map_err(|e| format!("{}: {e}", dir.display()))?
@@ -1528,6 +1526,8 @@ async fn immutable_store(ctx: &Ctx<'_>) -> Result<Notes, String> {
     chattr_args.extend(files.iter().map(String::as_str));
     let set = run_tool("chattr", &chattr_args);
     let written = writer.await.map_err(|e| e.to_string())?;
+    // The writer may have been closed early: the honest clients are still measured to the end.
+    tokio::time::sleep_until(until.into()).await;
     let alive = server_alive(ctx.args.server_pid);
     chattr_args[0] = "-i";
     let unset = run_tool("chattr", &chattr_args);
