@@ -12,9 +12,7 @@
 //! With `--server-pid` the server's CPU seconds over the measured window (its threads' run
 //! time from `/proc/PID/task/*/schedstat`, in nanoseconds) are reported per delivered update.
 
-mod proc_stats;
-mod stats;
-mod yjs_client;
+use collab_load::{proc_stats, stats, yjs_client};
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};

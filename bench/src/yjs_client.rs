@@ -17,12 +17,19 @@ use yrs::{Any, Doc, Map as _, MapPrelim, MapRef, Out, ReadTxn, Transact, Update}
 
 use crate::stats::Latencies;
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// Time since the run started; every client shares it, so a send time written by one client
 /// is meaningful to another.
 #[derive(Debug, Clone, Copy)]
 pub struct Clock(Instant);
+
+impl Default for Clock {
+    /// A clock starting now.
+    fn default() -> Clock {
+        Clock::new()
+    }
+}
 
 impl Clock {
     pub fn new() -> Clock {
@@ -73,21 +80,21 @@ fn markers(bytes: &[u8], me: u32) -> impl Iterator<Item = Duration> + '_ {
 
 static NEXT_SENDER: AtomicU64 = AtomicU64::new(1);
 
-async fn connect(url: &str) -> Result<Ws, String> {
+pub async fn connect(url: &str) -> Result<Ws, String> {
     let (ws, _) = tokio_tungstenite::connect_async(url)
         .await
         .map_err(|e| format!("connect {url}: {e}"))?;
     Ok(ws)
 }
 
-async fn send_sync(ws: &mut Ws, msg: SyncMessage) -> Result<(), String> {
+pub async fn send_sync(ws: &mut Ws, msg: SyncMessage) -> Result<(), String> {
     let bytes = Message::Sync(msg).encode_v1();
     ws.send(WsMessage::binary(bytes))
         .await
         .map_err(|e| e.to_string())
 }
 
-fn apply(doc: &Doc, update: &[u8]) -> Result<(), String> {
+pub fn apply(doc: &Doc, update: &[u8]) -> Result<(), String> {
     let update = Update::decode_v1(update).map_err(|e| e.to_string())?;
     doc.transact_mut()
         .apply_update(update)
@@ -96,7 +103,7 @@ fn apply(doc: &Doc, update: &[u8]) -> Result<(), String> {
 
 /// The y-websocket handshake: answer the server's SyncStep1, send ours, apply its SyncStep2.
 /// Returns the size of the SyncStep2 payload.
-async fn handshake(ws: &mut Ws, doc: &Doc, apply_state: bool) -> Result<usize, String> {
+pub async fn handshake(ws: &mut Ws, doc: &Doc, apply_state: bool) -> Result<usize, String> {
     let sv = doc.transact().state_vector();
     send_sync(ws, SyncMessage::SyncStep1(sv)).await?;
     let (mut answered, mut synced) = (false, None);
