@@ -130,7 +130,10 @@ impl Server {
                     tracing::debug!(error = %e, "could not set TCP_NODELAY");
                 }
             });
-            let serve = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned());
+            // Each connection shares the one router: serving `Router` itself would rebuild its
+            // route table for every connection and keep it for the connection's life.
+            let serve = axum::serve(listener, app.into_make_service())
+                .with_graceful_shutdown(stop.cancelled_owned());
             if let Err(e) = serve.await {
                 tracing::error!(error = %e, "server error");
             }
