@@ -57,11 +57,9 @@ async fn ill_typed_positions_are_refused_and_change_nothing() {
     assert_eq!(items[0]["x_mm"], json!(1.5));
 }
 
-#[tokio::test]
-async fn every_endpoint_decodes_a_session_name_once() {
-    let server = TestServer::start().await;
-    // The WebSocket path `a%2541` names the session `a%41`.
-    let (mut alice, _) = server.legacy("a%2541", "alice").await;
+/// Joins `path_segment` as alice and adds one source; returns alice's connection.
+async fn session_with_a_source(server: &TestServer, path_segment: &str) -> common::Ws {
+    let (mut alice, _) = server.legacy(path_segment, "alice").await;
     let item = json!({"x_mm": 1.0, "y_mm": 2.0, "angle_deg": 0.0});
     send_json(
         &mut alice,
@@ -69,6 +67,14 @@ async fn every_endpoint_decodes_a_session_name_once() {
     )
     .await;
     ping_collect(&mut alice).await;
+    alice
+}
+
+#[tokio::test]
+async fn every_endpoint_decodes_a_session_name_once() {
+    let server = TestServer::start().await;
+    // The WebSocket path `a%2541` names the session `a%41`.
+    let _alice = session_with_a_source(&server, "a%2541").await;
 
     let same = server.scene("a%2541").await;
     assert_eq!(same["items"].as_array().map(Vec::len), Some(1));
@@ -79,14 +85,7 @@ async fn every_endpoint_decodes_a_session_name_once() {
 #[tokio::test]
 async fn names_are_nfc_and_format_characters_are_refused() {
     let server = TestServer::start().await;
-    let (mut alice, _) = server.legacy("caf%C3%A9", "alice").await;
-    let item = json!({"x_mm": 1.0, "y_mm": 2.0, "angle_deg": 0.0});
-    send_json(
-        &mut alice,
-        &command("add_item", "source", "s1", item, "alice"),
-    )
-    .await;
-    ping_collect(&mut alice).await;
+    let _alice = session_with_a_source(&server, "caf%C3%A9").await;
     // "café" with a combining accent is the same session.
     let decomposed = server.scene("cafe%CC%81").await;
     assert_eq!(decomposed["items"].as_array().map(Vec::len), Some(1));

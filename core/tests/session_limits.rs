@@ -7,7 +7,8 @@ use collab_core::doc::{CheckedStateVector, CheckedUpdate, Scene};
 use collab_core::protocol::json::parse_client_message;
 use collab_core::protocol::yjs::YjsMessage;
 use collab_core::session::{
-    ConnKind, Input, Now, Output, PayloadKind, Rate, Session, SessionLimits, CLOSE_RATE_LIMITED,
+    ConnKind, Input, Now, Output, PayloadKind, Rate, Rates, Session, SessionLimits,
+    CLOSE_RATE_LIMITED,
 };
 use serde_json::Value;
 use yrs::updates::decoder::Decode;
@@ -21,8 +22,10 @@ const RATE: Rate = Rate {
 
 fn session() -> Session {
     let limits = SessionLimits {
-        update_rate: RATE,
-        request_rate: RATE,
+        rates: Rates {
+            update: RATE,
+            request: RATE,
+        },
         ..SessionLimits::default()
     };
     Session::new(Arc::from("limits"), Scene::default(), &limits)

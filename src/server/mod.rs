@@ -16,7 +16,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::{any, get};
 use axum::serve::ListenerExt;
 use axum::Router;
-use collab_core::session::{Rate, SessionLimits};
+use collab_core::session::{Rate, Rates, SessionLimits};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -96,13 +96,15 @@ impl Server {
                 max_awareness_bytes: config.max_awareness_bytes,
                 max_awareness_states: config.max_awareness_states,
                 max_awareness_total_bytes: config.max_awareness_total_bytes,
-                update_rate: Rate {
-                    per_second: config.update_rate,
-                    burst: config.update_burst,
-                },
-                request_rate: Rate {
-                    per_second: config.request_rate,
-                    burst: config.request_burst,
+                rates: Rates {
+                    update: Rate {
+                        per_second: config.update_rate,
+                        burst: config.update_burst,
+                    },
+                    request: Rate {
+                        per_second: config.request_rate,
+                        burst: config.request_burst,
+                    },
                 },
             },
             ..SessionConfig::default()

@@ -66,10 +66,7 @@ pub trait Store: Send + Sync + 'static {
     /// The session's stored updates, or `None` when it was never stored.
     fn load(&self, session: &str) -> StoreFuture<'_, Option<StoredSession>>;
     /// Whether the session was ever stored (without reading its document).
-    fn contains(&self, session: &str) -> StoreFuture<'_, bool> {
-        let loaded = self.load(session);
-        Box::pin(async move { Ok(loaded.await?.is_some()) })
-    }
+    fn contains(&self, session: &str) -> StoreFuture<'_, bool>;
     /// Appends updates (durably, per the store's setting) and writes the metadata; returns
     /// the position of the last stored update. Positions only grow.
     fn append(

@@ -204,26 +204,16 @@ async fn honest_desktop(
                 }
             }
             frame = stream.next(), if alive => {
-                let text = match frame {
+                let text = match &frame {
                     Some(Ok(WsMessage::Text(t))) => t,
-                    Some(Ok(WsMessage::Close(c))) => {
-                        shared.lock().unwrap().closed = Some(c.map_or("close without code".into(), |c| format!("close {}", u16::from(c.code))));
+                    Some(Ok(WsMessage::Close(_)) | Err(_)) | None => {
+                        record_end(&mut shared.lock().unwrap().closed, frame);
                         alive = false;
                         continue;
                     }
                     Some(Ok(_)) => continue,
-                    Some(Err(e)) => {
-                        shared.lock().unwrap().closed.get_or_insert(format!("error: {e}"));
-                        alive = false;
-                        continue;
-                    }
-                    None => {
-                        shared.lock().unwrap().closed.get_or_insert("closed".into());
-                        alive = false;
-                        continue;
-                    }
                 };
-                let Ok(msg) = serde_json::from_str::<Value>(&text) else { continue };
+                let Ok(msg) = serde_json::from_str::<Value>(text) else { continue };
                 let mut r = shared.lock().unwrap();
                 match msg["type"].as_str() {
                     Some("pong") => {
@@ -347,26 +337,16 @@ async fn honest_yjs(
                 }
             }
             frame = stream.next(), if alive => {
-                let bytes = match frame {
+                let bytes = match &frame {
                     Some(Ok(WsMessage::Binary(b))) => b,
-                    Some(Ok(WsMessage::Close(c))) => {
-                        shared.lock().unwrap().closed = Some(c.map_or("close without code".into(), |c| format!("close {}", u16::from(c.code))));
+                    Some(Ok(WsMessage::Close(_)) | Err(_)) | None => {
+                        record_end(&mut shared.lock().unwrap().closed, frame);
                         alive = false;
                         continue;
                     }
                     Some(Ok(_)) => continue,
-                    Some(Err(e)) => {
-                        shared.lock().unwrap().closed.get_or_insert(format!("error: {e}"));
-                        alive = false;
-                        continue;
-                    }
-                    None => {
-                        shared.lock().unwrap().closed.get_or_insert("closed".into());
-                        alive = false;
-                        continue;
-                    }
                 };
-                match Message::decode_v1(&bytes) {
+                match Message::decode_v1(bytes) {
                     Ok(Message::Sync(SyncMessage::Update(u) | SyncMessage::SyncStep2(u))) => {
                         yjs_client::apply(&doc, &u)?;
                     }
@@ -1581,4 +1561,25 @@ async fn double_decode(ctx: &Ctx<'_>) -> Result<Notes, String> {
         ctx.tag,
         if same { "same session" } else { "**another session**" }
     )])
+}
+
+/// Records why an honest client's stream ended: a close frame's code wins over an error or the
+/// end of the stream that follows it.
+fn record_end(
+    closed: &mut Option<String>,
+    frame: Option<Result<WsMessage, tokio_tungstenite::tungstenite::Error>>,
+) {
+    match frame {
+        Some(Ok(WsMessage::Close(c))) => {
+            *closed = Some(c.map_or("close without code".into(), |c| {
+                format!("close {}", u16::from(c.code))
+            }));
+        }
+        Some(Err(e)) => {
+            closed.get_or_insert(format!("error: {e}"));
+        }
+        _ => {
+            closed.get_or_insert("closed".into());
+        }
+    }
 }

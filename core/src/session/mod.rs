@@ -263,11 +263,8 @@ pub struct SessionLimits {
     pub max_awareness_bytes: usize,
     pub max_awareness_states: usize,
     pub max_awareness_total_bytes: usize,
-    /// Document changes (commands, uploads, Yjs updates, awareness) one connection may send.
-    pub update_rate: Rate,
-    /// Requests for the whole scene or a diff (`sync:request`, a Yjs SyncStep1 or awareness
-    /// query) one connection may send: each costs the document's size.
-    pub request_rate: Rate,
+    /// What each connection may send (see [`Rates`]).
+    pub rates: Rates,
 }
 
 impl Default for SessionLimits {
@@ -276,13 +273,15 @@ impl Default for SessionLimits {
             max_awareness_bytes: 64 * 1024,
             max_awareness_states: 1024,
             max_awareness_total_bytes: 1024 * 1024,
-            update_rate: Rate {
-                per_second: 500.0,
-                burst: 1000.0,
-            },
-            request_rate: Rate {
-                per_second: 2.0,
-                burst: 20.0,
+            rates: Rates {
+                update: Rate {
+                    per_second: 500.0,
+                    burst: 1000.0,
+                },
+                request: Rate {
+                    per_second: 2.0,
+                    burst: 20.0,
+                },
             },
         }
     }
@@ -334,10 +333,7 @@ impl Session {
             ),
             awareness_check: None,
             whole_state: None,
-            rates: Rates {
-                update: limits.update_rate,
-                request: limits.request_rate,
-            },
+            rates: limits.rates,
         }
     }
 

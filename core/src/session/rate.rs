@@ -25,7 +25,10 @@ pub enum Cost {
 /// The rates one session applies to each of its members.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Rates {
+    /// Document changes (commands, uploads, Yjs updates, awareness).
     pub update: Rate,
+    /// Requests for the whole scene or a diff (`sync:request`, a Yjs SyncStep1 or awareness
+    /// query): each costs the document's size.
     pub request: Rate,
 }
 
