@@ -111,6 +111,18 @@ impl TestServer {
         (ws, ack)
     }
 
+    /// Connects a legacy client and completes its first exchange as a host with an empty canvas
+    /// does (it uploads it), so that it is told of changes as they come (until a desktop
+    /// connection uploads or asks, it gets `update_item` only; README "Choices"). Returns it
+    /// with its ack, once what its upload brought (the scene's items) has arrived.
+    pub async fn settled(&self, session: &str, user: &str) -> (Ws, Value) {
+        let (mut ws, ack) = self.legacy(session, user).await;
+        let empty = json!({"type": "sync:full_state", "state": {"items": []}});
+        send_json(&mut ws, &empty).await;
+        ping_collect(&mut ws).await;
+        (ws, ack)
+    }
+
     /// Connects a legacy client as the desktop client's "Connect to server" does: after the
     /// ack it sends `sync:request`. Returns it with its ack and, when the scene is
     /// initialized, the full state it got (with the `update_item`s that follow it).
