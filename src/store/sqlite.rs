@@ -38,6 +38,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::thread;
 
+use rusqlite::config::DbConfig;
 use rusqlite::{params, Connection, OptionalExtension};
 use rustix::fs::{AtFlags, StatxAttributes, StatxFlags, CWD};
 use tokio::sync::oneshot;
@@ -349,6 +350,7 @@ impl Writer {
             }
             self.commit(&mut writes, &mut replies);
         }
+        close(self.conn, &self.files);
     }
 
     /// Commits `writes` together and answers each (draining both).
@@ -402,6 +404,21 @@ fn serve_reads(conn: Connection, files: StoreFiles, rx: mpsc::Receiver<ReadReque
                 warn!(error = %e, "WAL checkpoint failed");
             }
         }
+    }
+    close(conn, &files);
+}
+
+/// Closes a store connection. The last one to close checkpoints, through the WAL index's
+/// mapping: not when the files are unusable (the module's comment); the WAL keeps its commits.
+fn close(conn: Connection, files: &StoreFiles) {
+    if let Err(unusable) = files.check() {
+        warn!(error = %unusable, "closing the store without a checkpoint");
+        if let Err(e) = conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true) {
+            warn!(error = %e, "the store's connection would checkpoint on close");
+        }
+    }
+    if let Err((_, e)) = conn.close() {
+        warn!(error = %e, "closing the store's connection failed");
     }
 }
 
