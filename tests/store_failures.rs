@@ -164,3 +164,55 @@ async fn immutable_store_files_close_the_writers_1011_without_a_signal() {
     stop(server).await;
     drop(immutable);
 }
+
+/// A small tmpfs mounted for a test, unmounted whatever its outcome.
+struct SmallDisk(PathBuf);
+
+impl SmallDisk {
+    fn mount(at: &Path, size: &str) -> SmallDisk {
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .expect("mount runs");
+        assert!(
+            status.success(),
+            "mounting a tmpfs failed: this test needs root"
+        );
+        SmallDisk(at.to_path_buf())
+    }
+
+    /// Writes a file until the file system is full.
+    fn fill(&self) {
+        use std::io::Write as _;
+        let mut filler = std::fs::File::create(self.0.join("filler")).unwrap();
+        let chunk = vec![0u8; 4096];
+        while filler.write_all(&chunk).is_ok() {}
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        // Lazily: the store's files may still be open when a failing test unwinds.
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_full_disk_closes_the_writers_1011() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let disk = SmallDisk::mount(dir.path(), "4m");
+    let data = dir.path().join("data");
+    let server = start_sqlite(sqlite_config(&data)).await;
+    let (mut alice, mut bob, mut carol) = clients(&server, "busy").await;
+    add_item(&mut alice, 0).await;
+    ping_collect(&mut alice).await;
+    disk.fill();
+
+    add_item(&mut alice, 1).await;
+    assert_eq!(close_code(&mut alice).await, 1011);
+    assert_eq!(close_code(&mut bob).await, 1011);
+    the_rest_is_served(&server, &mut carol, "busy-quiet").await;
+    stop(server).await;
+    drop(disk);
+}
