@@ -52,8 +52,8 @@ pub enum StoreError {
     /// The database refused an operation.
     #[error("database error: {0}")]
     Database(#[from] rusqlite::Error),
-    /// The store's thread is gone.
-    #[error("the store thread has stopped")]
+    /// A thread of the store is gone.
+    #[error("a store thread has stopped")]
     Stopped,
     /// A file of the store was removed, replaced or made unwritable under the server.
     #[error(transparent)]

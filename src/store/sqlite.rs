@@ -8,7 +8,10 @@
 //!   is sent to it and answered through a oneshot once its transaction has committed (the
 //!   session delivers only then: ARCHITECTURE.md, invariant 1). It commits in groups: the
 //!   writes of every session that arrived while the previous transaction ran go into the
-//!   next one, so busy sessions share a commit (and with `--fsync always`, an fsync).
+//!   next one, so busy sessions share a commit (and with `--fsync always`, an fsync). At low
+//!   rates a lone update pays two cross-thread wake-ups that an inline commit did not
+//!   (BENCHMARKS.md, "Issue 13: the store off the runtime"): the price of a runtime that a
+//!   stalled disk cannot hold.
 //! * **The reader thread** has a connection of its own (WAL readers never wait for the
 //!   writer): loads, lists, flushes and checkpoints. Commits never checkpoint (an automatic
 //!   checkpoint copies up to 1000 pages while writers wait); the writer asks the reader thread
