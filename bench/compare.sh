@@ -29,7 +29,8 @@ results="$out/results.jsonl"
 servers=${SERVERS:-reference memory sqlite}
 port=${PORT:-8791}
 if [ "${QUICK:-0}" = 1 ]; then window=(--warmup 1 --duration 3 --drain 1); else window=(--warmup 2 --duration 8 --drain 2); fi
-# 5,000 connections need as many descriptors in the server and in the generator.
+# 5,000 connections need as many descriptors in the server and in the generator, and (all
+# from one address) the server's connection limits raised above them (flags below).
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
 echo "== installing the reference server (npm)" >&2
@@ -58,7 +59,8 @@ start() { # server
     memory|sqlite)
       rm -rf "$scratch/data"
       "$repo/target/release/optiverse-collab" --host 127.0.0.1 --port "$port" --store "$1" \
-        --data-dir "$scratch/data" --workers "${WORKERS:-1}" --log-level warn >"$scratch/server.log" 2>&1 &
+        --data-dir "$scratch/data" --workers "${WORKERS:-1}" --log-level warn \
+        --max-connections 20000 --max-connections-per-ip 10000 >"$scratch/server.log" 2>&1 &
       pid=$!; path='/yjs/{room}'; probe="http://127.0.0.1:$port/health" ;;
     *) echo "error: unknown server $1" >&2; exit 1 ;;
   esac

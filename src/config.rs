@@ -133,7 +133,7 @@ pub struct Config {
 
     /// Open TCP connections (HTTP and WebSocket), in total; at most the process's file
     /// descriptor limit less 96. Over it, a new connection is answered 503 and closed.
-    #[arg(long, env = "COLLAB_MAX_CONNECTIONS", default_value_t = 4096, value_parser = parse_count)]
+    #[arg(long, env = "COLLAB_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = parse_count)]
     pub max_connections: usize,
 
     /// Open TCP connections from one client address (IPv4 address, IPv6 /64); at most half

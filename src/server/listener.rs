@@ -13,7 +13,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ConnectInfo;
 use axum::http::{Request, Response, StatusCode, Version};
 use axum::Router;
 use dashmap::DashMap;
@@ -273,7 +272,6 @@ async fn serve_connection(
                 return Either::Left(std::future::ready(Ok(refused)));
             }
             request.extensions_mut().insert(slot.clone());
-            request.extensions_mut().insert(ConnectInfo(peer));
             // A clone of the router shares its route table.
             Either::Right(app.clone().call(request))
         })
