@@ -12,6 +12,7 @@ use axum::extract::{Query, State};
 use axum::http::Uri;
 use axum::response::Response;
 use axum::Extension;
+use futures_util::FutureExt;
 use tracing::{info, warn};
 
 use collab_core::protocol::json::{self, ErrorCode, ProtocolError};
@@ -94,10 +95,9 @@ fn upgrade(
     let tracker = connections.clone();
     tracker.spawn(async move {
         if let Some((connection, socket)) = join(upgrading, state, target).await {
-            connections.spawn(async move {
-                connection.serve(socket).await;
-                drop(slot);
-            });
+            // A combinator, not an `async` block: that would store the serving future twice
+            // (rust-lang/rust#62958), in every idle connection's task.
+            connections.spawn(connection.serve(socket).map(move |()| drop(slot)));
         }
     });
     response
