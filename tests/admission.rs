@@ -228,3 +228,18 @@ async fn the_api_rate_is_per_client_and_recovers() {
     );
     await_status(ATTACKER, server.addr, "/api/sessions", 200).await;
 }
+
+#[tokio::test]
+async fn an_http2_connection_is_closed_after_its_first_request() {
+    let server = start(|c| c.http_header_timeout = Duration::from_millis(300)).await;
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    let mut h2 = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    // An empty SETTINGS frame, then HEADERS (END_STREAM | END_HEADERS) on stream 1 for
+    // `GET http://x/` in HPACK: :method GET, :scheme http, :path /, :authority "x".
+    h2.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+    h2.extend_from_slice(&[0, 0, 6, 1, 5, 0, 0, 0, 1, 0x82, 0x86, 0x84, 0x41, 1, b'x']);
+    stream.write_all(&h2).await.unwrap();
+    // Served by hyper's HTTP/2 with no head timer, it would stay open.
+    let answered = read_until_closed(&mut stream).await;
+    assert!(!answered.is_empty());
+}

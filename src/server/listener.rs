@@ -247,7 +247,8 @@ async fn refuse(mut stream: TcpStream, refusal: Refusal) {
 }
 
 /// Serves one admitted connection: HTTP/1.1 with upgrades, until it closes, its first
-/// request head is late, or the server stops (then after the request in progress).
+/// request head is late, or the server stops (then after the request in progress, within
+/// the head timeout).
 async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
@@ -282,6 +283,10 @@ async fn serve_connection(
     // this one covers a socket that sends nothing.
     let first_head = tokio::time::sleep(header_timeout);
     tokio::pin!(first_head);
+    // Once asked to close, the connection has as long to finish as a head has to arrive (an
+    // HTTP/2 peer that never acknowledges the shutdown would otherwise keep it).
+    let closing_grace = tokio::time::sleep(header_timeout);
+    tokio::pin!(closing_grace);
     let (mut awaiting_first, mut closing) = (true, false);
     loop {
         tokio::select! {
@@ -300,7 +305,14 @@ async fn serve_connection(
             }
             () = close.cancelled(), if !closing => {
                 closing = true;
+                closing_grace
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + header_timeout);
                 connection.as_mut().graceful_shutdown();
+            }
+            () = &mut closing_grace, if closing => {
+                debug!(%peer, "connection not closed in time: dropped");
+                break;
             }
         }
     }
