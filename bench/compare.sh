@@ -34,7 +34,8 @@ scenarios=" ${SCENARIOS:-saturation fanout join idle} "
 bin=${BIN_DIR:-$repo/target/release}
 port=${PORT:-8791}
 if [ "${QUICK:-0}" = 1 ]; then window=(--warmup 1 --duration 3 --drain 1); else window=(--warmup 2 --duration 8 --drain 2); fi
-# 5,000 connections need as many descriptors in the server and in the generator.
+# 5,000 connections need as many descriptors in the server and in the generator, and (all
+# from one address) the server's connection limits raised above them (flags below).
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
 ref=$(mktemp -d)
@@ -69,8 +70,14 @@ start() { # server
       pid=$!; path='/{room}'; probe="http://127.0.0.1:$port/" ;;
     memory|sqlite)
       rm -rf "$scratch/data"
+      # Builds before the connection limits (BIN_DIR) have no such flags.
+      limits=()
+      if "$bin/optiverse-collab" --help | grep -q -- --max-connections-per-ip; then
+        limits=(--max-connections 20000 --max-connections-per-ip 10000)
+      fi
       "$bin/optiverse-collab" --host 127.0.0.1 --port "$port" --store "$1" \
-        --data-dir "$scratch/data" --workers "${WORKERS:-1}" --log-level warn >"$scratch/server.log" 2>&1 &
+        --data-dir "$scratch/data" --workers "${WORKERS:-1}" --log-level warn \
+        "${limits[@]}" >"$scratch/server.log" 2>&1 &
       pid=$!; path='/yjs/{room}'; probe="http://127.0.0.1:$port/health" ;;
     *) echo "error: unknown server $1" >&2; exit 1 ;;
   esac

@@ -11,15 +11,18 @@ use std::sync::Arc;
 use axum::extract::{Query, State};
 use axum::http::Uri;
 use axum::response::Response;
+use axum::Extension;
+use futures_util::FutureExt;
 use tracing::{info, warn};
 
 use collab_core::protocol::json::{self, ErrorCode, ProtocolError};
-use collab_core::session::{ConnKind, CLOSE_INTERNAL, CLOSE_INVALID_PATH};
+use collab_core::session::{ConnKind, CLOSE_INTERNAL, CLOSE_INVALID_PATH, CLOSE_SERVER_FULL};
 
 use super::connection::{Connection, ConnectionTarget};
+use super::listener::ConnectionSlot;
 use super::path::{normalize_name, parse_segments};
 use super::AppState;
-use crate::session::JoinRequest;
+use crate::session::{JoinError, JoinRequest};
 use crate::transport::{Frame, Socket, SocketConfig, Upgrade, Upgrading};
 
 fn flag(params: &HashMap<String, String>, name: &str) -> bool {
@@ -34,6 +37,7 @@ pub async fn legacy(
     uri: Uri,
     Query(params): Query<HashMap<String, String>>,
     State(state): State<AppState>,
+    slot: Option<Extension<ConnectionSlot>>,
 ) -> Response {
     let kind = if flag(&params, "yjs") {
         ConnKind::LegacyYjs
@@ -48,7 +52,7 @@ pub async fn legacy(
             kind,
         }
     });
-    upgrade(ws, state, target)
+    upgrade(ws, state, target, slot)
 }
 
 /// `/yjs/...` (as `/ws/...`)
@@ -57,6 +61,7 @@ pub async fn yjs(
     uri: Uri,
     Query(params): Query<HashMap<String, String>>,
     State(state): State<AppState>,
+    slot: Option<Extension<ConnectionSlot>>,
 ) -> Response {
     let user = match params.get("user") {
         None => Ok(None),
@@ -71,11 +76,18 @@ pub async fn yjs(
         }),
         _ => None,
     };
-    upgrade(ws, state, target)
+    upgrade(ws, state, target, slot)
 }
 
 /// Answers the upgrade (101) and, in a set-up task, opens the socket and joins the session.
-fn upgrade(upgrade: Upgrade, state: AppState, target: Option<ConnectionTarget>) -> Response {
+/// The connection's admission slot (`listener`) goes with the socket: the WebSocket counts
+/// as an open connection until it closes.
+fn upgrade(
+    upgrade: Upgrade,
+    state: AppState,
+    target: Option<ConnectionTarget>,
+    slot: Option<Extension<ConnectionSlot>>,
+) -> Response {
     let (response, upgrading) = upgrade.accept();
     // Two tasks: the set-up's futures are large and done with once joined, and thousands of
     // connections sit idle in the second task, which holds only what serving needs.
@@ -83,14 +95,17 @@ fn upgrade(upgrade: Upgrade, state: AppState, target: Option<ConnectionTarget>) 
     let tracker = connections.clone();
     tracker.spawn(async move {
         if let Some((connection, socket)) = join(upgrading, state, target).await {
-            connections.spawn(connection.serve(socket));
+            // A combinator, not an `async` block: that would store the serving future twice
+            // (rust-lang/rust#62958), in every idle connection's task.
+            connections.spawn(connection.serve(socket).map(move |()| drop(slot)));
         }
     });
     response
 }
 
 /// Opens the socket and joins the session. An invalid path is closed with 1008; a session
-/// that cannot be joined, with 1011 (JSON clients are told why first).
+/// that cannot be joined, with 1011, or 1013 when there is no room for it in memory (JSON
+/// clients are told why first).
 async fn join(
     upgrading: Upgrading,
     state: AppState,
@@ -115,13 +130,21 @@ async fn join(
     let session = match state.registry.join(&target.session, request).await {
         Ok(handle) => handle,
         Err(e) => {
-            warn!(session = %target.session, error = ?e, "join failed");
+            if state.rejected_warnings.allow() {
+                warn!(session = %target.session, error = ?e, "join failed");
+            }
+            let (message, close) = match e {
+                JoinError::Full => (
+                    "the server holds as many sessions as it may; try again later",
+                    CLOSE_SERVER_FULL,
+                ),
+                _ => ("the session could not be loaded", CLOSE_INTERNAL),
+            };
             if target.kind.speaks_json() {
-                let error =
-                    ProtocolError::new(ErrorCode::Unavailable, "the session could not be loaded");
+                let error = ProtocolError::new(ErrorCode::Unavailable, message);
                 let _ = outbox.send(&Frame::text(&json::encode_error(&error)));
             }
-            socket.close(CLOSE_INTERNAL).await;
+            socket.close(close).await;
             return None;
         }
     };

@@ -203,7 +203,38 @@ pub async fn http(
     path: &str,
     body: &[u8],
 ) -> (u16, Vec<u8>) {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let stream = TcpStream::connect(addr).await.unwrap();
+    http_on(stream, addr, method, path, body).await
+}
+
+/// A TCP connection to `addr` from the loopback address `source` (any of 127.0.0.0/8), so
+/// that the server sees distinct clients.
+pub async fn connect_from(source: std::net::IpAddr, addr: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(source, 0)).unwrap();
+    socket.connect(addr).await.unwrap()
+}
+
+/// [`http`] from the loopback address `source`.
+pub async fn http_from(
+    source: std::net::IpAddr,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> (u16, Vec<u8>) {
+    let stream = connect_from(source, addr).await;
+    http_on(stream, addr, method, path, body).await
+}
+
+/// One request on `stream`, read to the end of the connection.
+pub async fn http_on(
+    mut stream: TcpStream,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> (u16, Vec<u8>) {
     let head = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\nContent-Type: application/octet-stream\r\n\r\n",
         body.len()
