@@ -72,6 +72,11 @@ pub struct Config {
     #[arg(long, env = "COLLAB_FSYNC", value_enum, default_value_t = FsyncMode::Normal)]
     pub fsync: FsyncMode,
 
+    /// Share sessions with other nodes through this Redis (`redis://HOST:PORT`): sessions
+    /// are kept there instead of the embedded store, and every node serves every session.
+    #[arg(long, env = "COLLAB_CLUSTER", value_name = "REDIS_URL")]
+    pub cluster: Option<String>,
+
     /// Seconds a session stays in memory without connections.
     #[arg(long, env = "COLLAB_EVICT_AFTER", default_value = "60", value_parser = parse_seconds)]
     pub evict_after: Duration,

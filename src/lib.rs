@@ -17,7 +17,15 @@ use config::{Config, StoreKind};
 use store::memory::MemoryStore;
 use store::Store;
 
-/// The store `config` asks for.
+/// The store `config` asks for: Redis with `--cluster`, else the embedded one.
+pub async fn open_configured_store(config: &Config) -> Result<Arc<dyn Store>, store::StoreError> {
+    match &config.cluster {
+        Some(url) => Ok(Arc::new(store::redis::RedisStore::connect(url).await?)),
+        None => open_store(config),
+    }
+}
+
+/// The embedded store `config` asks for.
 pub fn open_store(config: &Config) -> Result<Arc<dyn Store>, store::StoreError> {
     match config.store {
         StoreKind::Memory => Ok(Arc::new(MemoryStore::new())),

@@ -33,7 +33,7 @@ async fn run(config: Config) -> ExitCode {
         Ok(limit) => tracing::debug!(limit, "file descriptor limit"),
         Err(e) => tracing::warn!(error = %e, "cannot raise the file descriptor limit"),
     }
-    let store = match optiverse_collab::open_store(&config) {
+    let store = match optiverse_collab::open_configured_store(&config).await {
         Ok(store) => store,
         Err(e) => {
             tracing::error!(error = %e, "cannot open the store");

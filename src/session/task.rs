@@ -20,7 +20,7 @@ use tracing::{debug, error, warn};
 
 use super::registry::SessionConfig;
 use super::{ApiUpdate, JoinError, JoinRequest, SessionHandle, SessionMsg, SessionTable};
-use crate::store::{SessionMeta, Store, StoreError, StoredSession};
+use crate::store::{Following, RemoteBatch, SessionMeta, Store, StoreError, StoredSession};
 use crate::transport::{Frame, Outbox};
 use crate::warn_limit::WarnLimiter;
 
@@ -49,6 +49,10 @@ struct StoredLog {
     last_seq: u64,
     /// The metadata last written.
     meta: SessionMeta,
+    /// In a cluster: the position up to which the document holds every stream entry (the
+    /// feed's, this node's own included); a compaction covers only that far, not up to
+    /// `last_seq`, since other nodes' entries before it may still be on their way.
+    covered_by_feed: Option<u64>,
 }
 
 /// Where the outcome of an HTTP update goes.
@@ -80,8 +84,20 @@ pub(super) async fn run(
     tasks: TaskTracker,
     slot: OwnedSemaphorePermit,
 ) {
-    match load(&context, &handle.id).await {
-        Ok((session, stored)) => {
+    let loaded = match load(&context, &handle.id).await {
+        Ok((session, mut stored)) => {
+            match context.store.follow(&handle.id, stored.last_seq).await {
+                Ok(following) => {
+                    stored.covered_by_feed = following.as_ref().map(|_| stored.last_seq);
+                    Ok((session, stored, following))
+                }
+                Err(e) => Err(e),
+            }
+        }
+        Err(e) => Err(e),
+    };
+    match loaded {
+        Ok((session, stored, following)) => {
             let task = SessionTask {
                 session,
                 context,
@@ -98,7 +114,7 @@ pub(super) async fn run(
             task.publish_idle();
             // Served by a task of its own: a task keeps its future's whole size for its life,
             // and what loading needed must not stay with every idle session.
-            tasks.spawn(task.serve(rx));
+            tasks.spawn(task.serve(rx, following));
         }
         Err(e) => {
             error!(session = %handle.id, error = %e, "session could not be loaded");
@@ -129,6 +145,7 @@ async fn load(context: &TaskContext, id: &str) -> Result<(Session, StoredLog), S
         bytes: stored.updates.iter().map(Vec::len).sum(),
         last_seq: stored.last_seq,
         meta: stored.meta.clone(),
+        covered_by_feed: None,
     };
     let config = &context.config;
     let scene =
@@ -155,7 +172,11 @@ impl SessionTask {
     /// Not an `async fn`: its arguments would be stored twice in every session's task
     /// (rust-lang/rust#62958); the block uses what it captured in place.
     #[allow(clippy::manual_async_fn)] // see above: an `async fn` would be larger
-    fn serve(mut self, mut rx: mpsc::Receiver<SessionMsg>) -> impl Future<Output = ()> + Send {
+    fn serve(
+        mut self,
+        mut rx: mpsc::Receiver<SessionMsg>,
+        mut following: Option<Following>,
+    ) -> impl Future<Output = ()> + Send {
         async move {
             let context = self.context.clone();
             let status = self.handle.status.clone();
@@ -193,6 +214,10 @@ impl SessionTask {
                         batch.clear();
                         batch.shrink_to(IDLE_BATCH_CAPACITY);
                         handled
+                    }
+                    Some(batch) = recv_remote(&mut following) => {
+                        let now = now();
+                        catch_unwind(AssertUnwindSafe(|| self.remote(batch, &now)))
                     }
                     _ = sleep_until_opt(deadline) => {
                         let now = now();
@@ -292,6 +317,30 @@ impl SessionTask {
                 let _ = reply.send(self.session.summary());
             }
         }
+    }
+
+    /// Applies what other nodes stored (`--cluster`) like HTTP updates: through the guard, to
+    /// this node's members as Yjs updates and derived commands. They are in the stream
+    /// already, so what they change here is not appended again.
+    fn remote(&mut self, batch: RemoteBatch, now: &Now) {
+        let stored_before = self.out.persist.len();
+        for update in batch.updates {
+            let applied = CheckedUpdate::check(update)
+                .map_err(|e| e.to_string())
+                .and_then(|update| {
+                    self.session
+                        .handle(Input::ApiUpdate(update), now, &mut self.out)
+                        .map_err(|e| e.to_string())
+                });
+            if let Err(e) = applied {
+                metrics::counter!("collab_rejected_input_total").increment(1);
+                if self.warnings.allow() {
+                    warn!(session = %self.handle.id, error = %e, "an update from another node was refused");
+                }
+            }
+        }
+        self.out.persist.truncate(stored_before);
+        self.stored.covered_by_feed = Some(batch.upto);
     }
 
     /// Feeds the session an input whose only refusals go to clients (in `out`).
@@ -440,9 +489,10 @@ impl SessionTask {
         let meta = SessionMeta {
             initialized: self.session.initialized(),
         };
+        let upto = self.stored.covered_by_feed.unwrap_or(self.stored.last_seq);
         self.context
             .store
-            .compact(&self.handle.id, snapshot, self.stored.last_seq, meta)
+            .compact(&self.handle.id, snapshot, upto, meta)
             .await?;
         self.stored.updates = 0;
         self.stored.bytes = 0;
@@ -472,6 +522,14 @@ impl SessionTask {
             outbox.close(CLOSE_INTERNAL);
             metrics::gauge!("collab_connections").decrement(1.0);
         }
+    }
+}
+
+/// The next batch of other nodes' updates; never, without a feed.
+async fn recv_remote(following: &mut Option<Following>) -> Option<RemoteBatch> {
+    match following {
+        Some(following) => following.rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -7,6 +7,7 @@
 //! waiting for it).
 
 pub mod memory;
+pub mod redis;
 pub mod sqlite;
 
 use std::future::Future;
@@ -61,6 +62,27 @@ pub enum StoreError {
     /// What is stored cannot be read back as a session document.
     #[error("the stored document is unreadable: {0}")]
     Unreadable(String),
+    /// Redis (`--cluster`) failed or answered what this server does not write.
+    #[error("cluster store: {0}")]
+    Cluster(String),
+}
+
+/// What other nodes appended to a followed session, in stream order.
+#[derive(Debug)]
+pub struct RemoteBatch {
+    /// v1 updates (a snapshot first when the follower missed trimmed entries); already
+    /// stored: they are applied, never appended again.
+    pub updates: Vec<Vec<u8>>,
+    /// Position of the last entry read, this node's own included: the follower's document
+    /// holds every entry up to it once it applied `updates`.
+    pub upto: u64,
+}
+
+/// A session's feed of other nodes' updates, while its task holds it.
+pub struct Following {
+    pub rx: tokio::sync::mpsc::Receiver<RemoteBatch>,
+    /// Stops the feed when dropped.
+    _unfollow: Box<dyn Send + Sync>,
 }
 
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
@@ -100,4 +122,9 @@ pub trait Store: Send + Sync + 'static {
         cutoff: std::time::SystemTime,
         keep: Vec<String>,
     ) -> StoreFuture<'_, Vec<String>>;
+    /// For a store other servers append to (`--cluster`): the session's feed of what they
+    /// append after position `after`. `None` for a store only this process writes.
+    fn follow(&self, _session: &str, _after: u64) -> StoreFuture<'_, Option<Following>> {
+        Box::pin(std::future::ready(Ok(None)))
+    }
 }

@@ -1,0 +1,669 @@
+//! `--cluster redis://…`: several server nodes share their sessions through Redis.
+//!
+//! Each session is a Redis stream, the shared log: a node appends what its session task
+//! accepted (before delivering it, as with every store), and every node holding the session
+//! follows the stream for what the *other* nodes appended ([`Store::follow`]), which its task
+//! applies like an HTTP update. A compaction appends a snapshot entry to the stream, saying up
+//! to which entry it covers the document, and trims the entries it covers; loading is the
+//! stream read whole (snapshots first). Keys (the session id in braces, a hash tag):
+//!
+//! - `collab:{s}:updates`: the stream. An update entry is `n` (the node that appended it) and
+//!   `u` (a v1 update); a snapshot entry is `n`, `s` (the whole document, v1) and `c` (the
+//!   position of the last entry it covers).
+//! - `collab:{s}:meta`: a hash, `initialized` (`0`/`1`) and `changed` (milliseconds since the
+//!   epoch of the last appended update, for the dashboard and `--retain-days`).
+//! - `collab:{s}:lease`: the compaction lease (`SET NX PX`): one node compacts at a time.
+//! - `collab:sessions`: the set of stored session ids.
+//! - `collab:nodes`: a counter that gives each node its id at start.
+//! - `collab:node:{n}:wake`: a one-entry stream a node writes to wake its own feed, which is
+//!   blocked reading the streams it follows, when it follows one more.
+//!
+//! A stream entry id `ms-seq` is a position `ms << 20 | seq` (Redis gives at most one entry
+//! id per sequence number; a million within one millisecond is refused as out of range).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use collab_core::protocol::json::timestamp;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::streams::{StreamId, StreamRangeReply, StreamReadReply};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::{
+    Following, RemoteBatch, SessionMeta, Store, StoreError, StoreFuture, StoredSession,
+    StoredSummary,
+};
+use crate::warn_limit::WarnLimiter;
+
+/// Bits of a position that hold the entry id's sequence number.
+const SEQ_BITS: u32 = 20;
+/// How long a node's feed blocks in one read before it reads again (a bound, so that a
+/// connection lost silently is noticed).
+const FEED_BLOCK: Duration = Duration::from_secs(5);
+/// Most entries the feed reads per stream at once.
+const FEED_COUNT: usize = 512;
+/// Remote batches waiting for a session task.
+const FEED_QUEUE: usize = 16;
+/// How long a compaction lease holds: at most one compaction per session and lease time.
+const LEASE: Duration = Duration::from_secs(10);
+/// A command's answer: appends wait for Redis' own `fsync` (`appendfsync always`).
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+const SESSIONS: &str = "collab:sessions";
+
+fn stream_key(session: &str) -> String {
+    format!("collab:{{{session}}}:updates")
+}
+
+fn meta_key(session: &str) -> String {
+    format!("collab:{{{session}}}:meta")
+}
+
+fn lease_key(session: &str) -> String {
+    format!("collab:{{{session}}}:lease")
+}
+
+fn wake_key(node: u64) -> String {
+    format!("collab:node:{node}:wake")
+}
+
+/// `ms-seq` as a position.
+fn position(id: &str) -> Result<u64, StoreError> {
+    let bad = || StoreError::Cluster(format!("unexpected stream entry id {id:?}"));
+    let (ms, seq) = id.split_once('-').ok_or_else(bad)?;
+    let ms: u64 = ms.parse().map_err(|_| bad())?;
+    let seq: u64 = seq.parse().map_err(|_| bad())?;
+    if seq >= 1 << SEQ_BITS || ms >= 1 << (64 - SEQ_BITS) {
+        return Err(bad());
+    }
+    Ok(ms << SEQ_BITS | seq)
+}
+
+/// A position as the stream entry id it stands for.
+fn entry_id(position: u64) -> String {
+    format!(
+        "{}-{}",
+        position >> SEQ_BITS,
+        position & ((1 << SEQ_BITS) - 1)
+    )
+}
+
+/// The smallest entry id after `position` (for `XTRIM MINID`).
+fn id_after(position: u64) -> String {
+    format!(
+        "{}-{}",
+        position >> SEQ_BITS,
+        (position & ((1 << SEQ_BITS) - 1)) + 1
+    )
+}
+
+fn redis_error(e: redis::RedisError) -> StoreError {
+    StoreError::Cluster(e.to_string())
+}
+
+fn millis(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// One stream entry, read.
+enum Entry {
+    Update { node: u64, update: Vec<u8> },
+    Snapshot { covers: u64, snapshot: Vec<u8> },
+}
+
+fn entry(id: &StreamId) -> Result<Entry, StoreError> {
+    let bad = || StoreError::Unreadable(format!("stream entry {} has no update", id.id));
+    if let Some(snapshot) = id.get::<Vec<u8>>("s") {
+        let covers = id.get::<u64>("c").ok_or_else(bad)?;
+        return Ok(Entry::Snapshot { covers, snapshot });
+    }
+    Ok(Entry::Update {
+        node: id.get::<u64>("n").ok_or_else(bad)?,
+        update: id.get::<Vec<u8>>("u").ok_or_else(bad)?,
+    })
+}
+
+/// A session this node follows: where its task's feed goes, and how far it has read.
+struct Follower {
+    /// Tells this follower from a later one of the same session.
+    token: u64,
+    after: u64,
+    tx: mpsc::Sender<RemoteBatch>,
+}
+
+#[derive(Default)]
+struct Followers {
+    next_token: u64,
+    /// By stream key.
+    by_key: HashMap<String, Follower>,
+}
+
+struct Shared {
+    node: u64,
+    followers: Mutex<Followers>,
+}
+
+impl Shared {
+    fn followers(&self) -> std::sync::MutexGuard<'_, Followers> {
+        self.followers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Stops following a session when its task lets go of it.
+struct Unfollow {
+    shared: Arc<Shared>,
+    key: String,
+    token: u64,
+}
+
+impl Drop for Unfollow {
+    fn drop(&mut self) {
+        let mut followers = self.shared.followers();
+        if followers
+            .by_key
+            .get(&self.key)
+            .is_some_and(|f| f.token == self.token)
+        {
+            followers.by_key.remove(&self.key);
+        }
+    }
+}
+
+/// The sessions of every node, in one Redis.
+pub struct RedisStore {
+    conn: ConnectionManager,
+    shared: Arc<Shared>,
+    /// Stops the feed when the store is dropped.
+    stop: CancellationToken,
+}
+
+impl Drop for RedisStore {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl RedisStore {
+    /// Connects to Redis at `url`, takes a node id, and starts this node's feed.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let client = redis::Client::open(url).map_err(redis_error)?;
+        let config = ConnectionManagerConfig::new().set_response_timeout(Some(RESPONSE_TIMEOUT));
+        let mut conn = ConnectionManager::new_with_config(client.clone(), config)
+            .await
+            .map_err(redis_error)?;
+        // The feed blocks in its reads: it has a connection of its own.
+        let feed_config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(FEED_BLOCK + RESPONSE_TIMEOUT));
+        let feed_conn = ConnectionManager::new_with_config(client, feed_config)
+            .await
+            .map_err(redis_error)?;
+        let node: u64 = redis::cmd("INCR")
+            .arg("collab:nodes")
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_error)?;
+        let wake: String = wake(&mut conn, node).await?;
+        let shared = Arc::new(Shared {
+            node,
+            followers: Mutex::default(),
+        });
+        let stop = CancellationToken::new();
+        tokio::spawn(feed(
+            feed_conn,
+            shared.clone(),
+            position(&wake)?,
+            stop.clone(),
+        ));
+        debug!(node, "joined the cluster");
+        Ok(Self { conn, shared, stop })
+    }
+
+    /// This node's id in the cluster.
+    pub fn node(&self) -> u64 {
+        self.shared.node
+    }
+}
+
+/// Wakes `node`'s feed; returns the wake entry's id.
+async fn wake(conn: &mut ConnectionManager, node: u64) -> Result<String, StoreError> {
+    let key = wake_key(node);
+    let (id,): (String,) = redis::pipe()
+        .cmd("XADD")
+        .arg(&key)
+        .arg("MAXLEN")
+        .arg(1)
+        .arg("*")
+        .arg("w")
+        .arg(1)
+        .cmd("EXPIRE")
+        .arg(&key)
+        .arg(3600)
+        .ignore()
+        .query_async(conn)
+        .await
+        .map_err(redis_error)?;
+    Ok(id)
+}
+
+/// Reads every followed stream from where its follower stands, and hands each follower what
+/// the other nodes appended. Runs until the store is dropped; a failed read is logged and
+/// retried (the connection reconnects by itself).
+async fn feed(
+    mut conn: ConnectionManager,
+    shared: Arc<Shared>,
+    mut wake_after: u64,
+    stop: CancellationToken,
+) {
+    let warnings = WarnLimiter::default();
+    let wake = wake_key(shared.node);
+    loop {
+        let (keys, ids): (Vec<String>, Vec<String>) = {
+            let followers = shared.followers();
+            std::iter::once((wake.clone(), entry_id(wake_after)))
+                .chain(
+                    followers
+                        .by_key
+                        .iter()
+                        .map(|(key, f)| (key.clone(), entry_id(f.after))),
+                )
+                .unzip()
+        };
+        let mut read = redis::cmd("XREAD");
+        read.arg("COUNT")
+            .arg(FEED_COUNT)
+            .arg("BLOCK")
+            .arg(u64::try_from(FEED_BLOCK.as_millis()).unwrap_or(u64::MAX))
+            .arg("STREAMS")
+            .arg(&keys)
+            .arg(&ids);
+        let reply = tokio::select! {
+            reply = read.query_async::<Option<StreamReadReply>>(&mut conn) => reply,
+            _ = stop.cancelled() => return,
+        };
+        let reply = match reply {
+            Ok(reply) => reply.unwrap_or_default(),
+            Err(e) => {
+                if warnings.allow() {
+                    warn!(node = shared.node, error = %e, "cluster feed: read failed, retrying");
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
+                    _ = stop.cancelled() => return,
+                }
+            }
+        };
+        for stream in reply.keys {
+            let Some(last) = stream.ids.last() else {
+                continue;
+            };
+            let Ok(upto) = position(&last.id) else {
+                if warnings.allow() {
+                    warn!(node = shared.node, id = %last.id, "cluster feed: unexpected entry id");
+                }
+                continue;
+            };
+            if stream.key == wake {
+                wake_after = upto;
+                continue;
+            }
+            let (token, after, tx) = {
+                let followers = shared.followers();
+                let Some(f) = followers.by_key.get(&stream.key) else {
+                    continue;
+                };
+                (f.token, f.after, f.tx.clone())
+            };
+            let batch = match remote_batch(&stream.ids, shared.node, after, upto) {
+                Ok(batch) => batch,
+                Err(e) => {
+                    if warnings.allow() {
+                        warn!(node = shared.node, key = %stream.key, error = %e, "cluster feed: unreadable entry skipped");
+                    }
+                    RemoteBatch {
+                        updates: Vec::new(),
+                        upto,
+                    }
+                }
+            };
+            // Awaited: a session task that is behind holds its stream's feed back (and
+            // this node's other sessions with it), and nothing is dropped.
+            if tx.send(batch).await.is_err() {
+                continue;
+            }
+            if let Some(f) = shared.followers().by_key.get_mut(&stream.key) {
+                if f.token == token {
+                    f.after = upto;
+                }
+            }
+        }
+    }
+}
+
+/// What a follower that has read up to `after` takes of these entries: the other nodes'
+/// updates, and a snapshot only when it covers entries the follower never read (trimmed
+/// before it read them), first.
+fn remote_batch(
+    ids: &[StreamId],
+    node: u64,
+    after: u64,
+    upto: u64,
+) -> Result<RemoteBatch, StoreError> {
+    let mut updates = Vec::new();
+    for id in ids {
+        match entry(id)? {
+            Entry::Update { node: from, update } if from != node => updates.push(update),
+            Entry::Update { .. } => {}
+            Entry::Snapshot { covers, snapshot } if covers > after => {
+                updates.insert(0, snapshot);
+            }
+            Entry::Snapshot { .. } => {}
+        }
+    }
+    Ok(RemoteBatch { updates, upto })
+}
+
+impl Store for RedisStore {
+    fn load(&self, session: &str) -> StoreFuture<'_, Option<StoredSession>> {
+        let session = session.to_owned();
+        let mut conn = self.conn.clone();
+        Box::pin(async move {
+            let (range, meta): (StreamRangeReply, HashMap<String, String>) = redis::pipe()
+                .cmd("XRANGE")
+                .arg(stream_key(&session))
+                .arg("-")
+                .arg("+")
+                .cmd("HGETALL")
+                .arg(meta_key(&session))
+                .query_async(&mut conn)
+                .await
+                .map_err(redis_error)?;
+            if range.ids.is_empty() && meta.is_empty() {
+                return Ok(None);
+            }
+            let mut snapshots = Vec::new();
+            let mut updates = Vec::new();
+            for id in &range.ids {
+                match entry(id)? {
+                    Entry::Update { update, .. } => updates.push(update),
+                    Entry::Snapshot { snapshot, .. } => snapshots.push(snapshot),
+                }
+            }
+            let last_seq = match range.ids.last() {
+                Some(last) => position(&last.id)?,
+                None => 0,
+            };
+            // Snapshots first, the newest first: an update's blocks then continue what the
+            // document holds.
+            snapshots.reverse();
+            snapshots.extend(updates);
+            Ok(Some(StoredSession {
+                updates: snapshots,
+                meta: SessionMeta {
+                    initialized: meta.get("initialized").is_some_and(|v| v == "1"),
+                },
+                last_seq,
+            }))
+        })
+    }
+
+    fn contains(&self, session: &str) -> StoreFuture<'_, bool> {
+        let session = session.to_owned();
+        let mut conn = self.conn.clone();
+        Box::pin(async move {
+            redis::cmd("SISMEMBER")
+                .arg(SESSIONS)
+                .arg(&session)
+                .query_async(&mut conn)
+                .await
+                .map_err(redis_error)
+        })
+    }
+
+    fn append(
+        &self,
+        session: &str,
+        updates: Vec<Vec<u8>>,
+        meta: SessionMeta,
+    ) -> StoreFuture<'_, u64> {
+        let session = session.to_owned();
+        let mut conn = self.conn.clone();
+        let node = self.shared.node;
+        Box::pin(async move {
+            let key = stream_key(&session);
+            let mut pipe = redis::pipe();
+            pipe.atomic();
+            for update in &updates {
+                pipe.cmd("XADD")
+                    .arg(&key)
+                    .arg("*")
+                    .arg("n")
+                    .arg(node)
+                    .arg("u")
+                    .arg(update.as_slice());
+            }
+            pipe.cmd("HSET")
+                .arg(meta_key(&session))
+                .arg("initialized")
+                .arg(u8::from(meta.initialized))
+                .ignore();
+            if updates.is_empty() {
+                // Only the metadata changed: the position is the stream's last entry.
+                pipe.cmd("XREVRANGE")
+                    .arg(&key)
+                    .arg("+")
+                    .arg("-")
+                    .arg("COUNT")
+                    .arg(1);
+            } else {
+                pipe.cmd("HSET")
+                    .arg(meta_key(&session))
+                    .arg("changed")
+                    .arg(millis(SystemTime::now()))
+                    .ignore();
+            }
+            pipe.cmd("SADD").arg(SESSIONS).arg(&session).ignore();
+            if updates.is_empty() {
+                let (last,): (StreamRangeReply,) =
+                    pipe.query_async(&mut conn).await.map_err(redis_error)?;
+                return last.ids.first().map_or(Ok(0), |id| position(&id.id));
+            }
+            let ids: Vec<String> = pipe.query_async(&mut conn).await.map_err(redis_error)?;
+            ids.last().map_or(Ok(0), |id| position(id))
+        })
+    }
+
+    fn compact(
+        &self,
+        session: &str,
+        snapshot: Vec<u8>,
+        upto: u64,
+        meta: SessionMeta,
+    ) -> StoreFuture<'_, ()> {
+        let session = session.to_owned();
+        let mut conn = self.conn.clone();
+        let node = self.shared.node;
+        Box::pin(async move {
+            let leased: Option<String> = redis::cmd("SET")
+                .arg(lease_key(&session))
+                .arg(node)
+                .arg("NX")
+                .arg("PX")
+                .arg(u64::try_from(LEASE.as_millis()).unwrap_or(u64::MAX))
+                .query_async(&mut conn)
+                .await
+                .map_err(redis_error)?;
+            if leased.is_none() {
+                debug!(session = %session, node, "another node holds the compaction lease");
+                return Ok(());
+            }
+            let key = stream_key(&session);
+            redis::pipe()
+                .atomic()
+                .cmd("XADD")
+                .arg(&key)
+                .arg("*")
+                .arg("n")
+                .arg(node)
+                .arg("c")
+                .arg(upto)
+                .arg("s")
+                .arg(snapshot)
+                .ignore()
+                .cmd("XTRIM")
+                .arg(&key)
+                .arg("MINID")
+                .arg(id_after(upto))
+                .ignore()
+                .cmd("HSET")
+                .arg(meta_key(&session))
+                .arg("initialized")
+                .arg(u8::from(meta.initialized))
+                .ignore()
+                .query_async::<()>(&mut conn)
+                .await
+                .map_err(redis_error)
+        })
+    }
+
+    fn list(&self) -> StoreFuture<'_, Vec<StoredSummary>> {
+        let mut conn = self.conn.clone();
+        Box::pin(async move {
+            let mut ids: Vec<String> = redis::cmd("SMEMBERS")
+                .arg(SESSIONS)
+                .query_async(&mut conn)
+                .await
+                .map_err(redis_error)?;
+            ids.sort_unstable();
+            if ids.is_empty() {
+                return Ok(Vec::new());
+            }
+            let mut pipe = redis::pipe();
+            for id in &ids {
+                pipe.cmd("MEMORY")
+                    .arg("USAGE")
+                    .arg(stream_key(id))
+                    .arg("SAMPLES")
+                    .arg(0)
+                    .cmd("HGET")
+                    .arg(meta_key(id))
+                    .arg("changed");
+            }
+            let facts: Vec<(Option<u64>, Option<u64>)> =
+                pipe.query_async(&mut conn).await.map_err(redis_error)?;
+            Ok(ids
+                .into_iter()
+                .zip(facts)
+                .map(|(id, (bytes, changed))| StoredSummary {
+                    id,
+                    stored_bytes: bytes.unwrap_or(0),
+                    last_change: changed
+                        .map(|ms| timestamp(UNIX_EPOCH + Duration::from_millis(ms))),
+                })
+                .collect())
+        })
+    }
+
+    /// Redis persists by its own settings (`appendfsync`): an append is as durable as Redis
+    /// made it when it answered.
+    fn flush(&self) -> StoreFuture<'_, ()> {
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn remove_untouched(
+        &self,
+        cutoff: SystemTime,
+        keep: Vec<String>,
+    ) -> StoreFuture<'_, Vec<String>> {
+        let mut conn = self.conn.clone();
+        Box::pin(async move {
+            let ids: Vec<String> = redis::cmd("SMEMBERS")
+                .arg(SESSIONS)
+                .query_async(&mut conn)
+                .await
+                .map_err(redis_error)?;
+            let cutoff = millis(cutoff);
+            let mut removed = Vec::new();
+            for id in ids.into_iter().filter(|id| !keep.contains(id)) {
+                let changed: Option<u64> = redis::cmd("HGET")
+                    .arg(meta_key(&id))
+                    .arg("changed")
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(redis_error)?;
+                if changed.is_some_and(|ms| ms >= cutoff) {
+                    continue;
+                }
+                redis::pipe()
+                    .atomic()
+                    .cmd("DEL")
+                    .arg(stream_key(&id))
+                    .arg(meta_key(&id))
+                    .arg(lease_key(&id))
+                    .ignore()
+                    .cmd("SREM")
+                    .arg(SESSIONS)
+                    .arg(&id)
+                    .ignore()
+                    .query_async::<()>(&mut conn)
+                    .await
+                    .map_err(redis_error)?;
+                removed.push(id);
+            }
+            Ok(removed)
+        })
+    }
+
+    fn follow(&self, session: &str, after: u64) -> StoreFuture<'_, Option<Following>> {
+        let key = stream_key(session);
+        let mut conn = self.conn.clone();
+        Box::pin(async move {
+            let (tx, rx) = mpsc::channel(FEED_QUEUE);
+            let token = {
+                let mut followers = self.shared.followers();
+                followers.next_token += 1;
+                let token = followers.next_token;
+                followers
+                    .by_key
+                    .insert(key.clone(), Follower { token, after, tx });
+                token
+            };
+            let unfollow = Unfollow {
+                shared: self.shared.clone(),
+                key,
+                token,
+            };
+            wake(&mut conn, self.shared.node).await?;
+            Ok(Some(Following {
+                rx,
+                _unfollow: Box::new(unfollow),
+            }))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_keep_the_order_of_entry_ids() {
+        let ids = ["0-0", "0-1", "1-0", "1733356800000-7", "1733356800001-0"];
+        let positions: Vec<u64> = ids.iter().map(|id| position(id).unwrap()).collect();
+        assert!(positions.windows(2).all(|w| w[0] < w[1]), "{positions:?}");
+        for (id, p) in ids.iter().zip(&positions) {
+            assert_eq!(entry_id(*p), *id);
+        }
+        assert_eq!(id_after(position("5-9").unwrap()), "5-10");
+        assert!(
+            position("1-1048576").is_err(),
+            "a sequence number out of range"
+        );
+        assert!(position("12").is_err());
+    }
+}

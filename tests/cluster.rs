@@ -1,0 +1,331 @@
+//! `--cluster`: three in-process nodes sharing their sessions through a real `redis-server`
+//! (on a free port, AOF on with `appendfsync always`, no RDB snapshots, in a temporary
+//! directory). Yjs clients spread over the nodes converge, on every node and in Redis; a
+//! desktop client sees a Yjs client's change made on another node as a command, and the other
+//! way round; a late joiner on a third node gets the whole state; a node that restarts loads
+//! the session from Redis and follows it again.
+//!
+//! No sleeps: every wait is for an event (a frame, Redis' "ready" line), bounded by
+//! `PATIENCE`.
+
+mod common;
+
+use std::process::Stdio;
+use std::sync::Arc;
+
+use common::*;
+use optiverse_collab::store::redis::RedisStore;
+use optiverse_collab::store::Store;
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use yrs::sync::{Message, SyncMessage};
+use yrs::{Doc, Map, ReadTxn, StateVector, Transact};
+
+/// A `redis-server` of this test's own, stopped when dropped.
+struct Redis {
+    _child: Child,
+    _dir: tempfile::TempDir,
+    url: String,
+}
+
+impl Redis {
+    /// Starts `redis-server` (the `REDIS_SERVER` binary, else the one on `PATH`) and waits
+    /// for its "Ready to accept connections".
+    async fn start() -> Redis {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let binary = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
+        let mut child = Command::new(&binary)
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args([
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+            ])
+            .arg("--dir")
+            .arg(dir.path())
+            .args(["--logfile", "", "--daemonize", "no"])
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot run {binary} (Debian package redis-server; .ci/test installs it): {e}"
+                )
+            });
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        tokio::time::timeout(PATIENCE, async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                if line.contains("Ready to accept connections") {
+                    return;
+                }
+            }
+            panic!("redis-server stopped before it was ready");
+        })
+        .await
+        .expect("redis-server became ready");
+        // Keep reading its log, so that it never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Redis {
+            _child: child,
+            _dir: dir,
+            url: format!("redis://127.0.0.1:{port}"),
+        }
+    }
+
+    /// A node of the cluster, in process.
+    async fn node(&self) -> TestServer {
+        let mut config = test_config();
+        config.cluster = Some(self.url.clone());
+        let store: Arc<dyn Store> = Arc::new(RedisStore::connect(&self.url).await.unwrap());
+        TestServer::start_with(config, store).await
+    }
+
+    /// The session's items as Redis holds them (a store of its own reads them).
+    async fn stored_items(&self, session: &str) -> std::collections::BTreeMap<String, Value> {
+        let store = RedisStore::connect(&self.url).await.unwrap();
+        let stored = store.load(session).await.unwrap().expect("stored in Redis");
+        let doc = Doc::new();
+        items(&doc);
+        for update in &stored.updates {
+            apply_update(&doc, update);
+        }
+        doc_items(&doc)
+    }
+}
+
+/// Reads Updates until the client's document holds everything `targets` hold.
+async fn await_covering(client: &mut YClient, targets: &[StateVector]) {
+    let covered = |client: &YClient| {
+        let have = client.doc.transact().state_vector();
+        targets
+            .iter()
+            .all(|target| target.iter().all(|(id, clock)| have.get(id) >= *clock))
+    };
+    while !covered(client) {
+        if let Message::Sync(SyncMessage::Update(update) | SyncMessage::SyncStep2(update)) =
+            client.recv().await
+        {
+            client.apply(&update);
+        }
+    }
+}
+
+fn state_vector_of(client: &YClient) -> StateVector {
+    client.doc.transact().state_vector()
+}
+
+/// Reads messages until a `command` comes; returns it.
+async fn next_command(ws: &mut Ws) -> Value {
+    loop {
+        let msg = recv_json(ws).await;
+        if msg["type"] == "command" {
+            return msg;
+        }
+    }
+}
+
+fn ruler(uuid: &str, name: &str) -> Value {
+    json!({"item_uuid": uuid, "x_mm": 1.5, "y_mm": -2.0, "angle_deg": 0.0, "name": name,
+        "points": [[0.0, 0.0], [25.4, 0.0]], "z_value": 2, "locked": false})
+}
+
+#[tokio::test]
+async fn yjs_clients_on_three_nodes_converge_on_every_node_and_in_redis() {
+    let redis = Redis::start().await;
+    let nodes = [redis.node().await, redis.node().await, redis.node().await];
+    let session = "cluster-yjs";
+    let mut clients = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        let (client, _) = YClient::join(node, &format!("/yjs/{session}?user=y{i}")).await;
+        clients.push(client);
+    }
+    // Each adds an item, all at once; then each renames the first client's item, at once.
+    let uuids: Vec<String> = (0..3)
+        .map(|i| format!("0e7d3c1b-2a49-4f5e-9d8c-7b6a5f4e3d2{i}"))
+        .collect();
+    for (i, client) in clients.iter_mut().enumerate() {
+        let data = ruler(&uuids[i], &format!("ruler {i}"));
+        client
+            .edit_and_send(|txn, items| {
+                items.insert(txn, uuids[i].as_str(), item_prelim("ruler", &data));
+            })
+            .await;
+    }
+    let targets: Vec<StateVector> = clients.iter().map(state_vector_of).collect();
+    for client in &mut clients {
+        await_covering(client, &targets).await;
+    }
+    for (i, client) in clients.iter_mut().enumerate() {
+        client
+            .edit_and_send(|txn, items| {
+                set_fields(
+                    txn,
+                    items,
+                    &uuids[0],
+                    &[("name", json!(format!("renamed by {i}")))],
+                );
+            })
+            .await;
+    }
+    let targets: Vec<StateVector> = clients.iter().map(state_vector_of).collect();
+    for client in &mut clients {
+        await_covering(client, &targets).await;
+    }
+
+    let expected = doc_items(&clients[0].doc);
+    assert_eq!(expected.len(), 3, "{expected:#?}");
+    for (i, client) in clients.iter().enumerate() {
+        assert_eq!(doc_items(&client.doc), expected, "client on node {i}");
+    }
+    // Each node's own document: a fresh client's SyncStep2 from every node.
+    for (i, node) in nodes.iter().enumerate() {
+        let (fresh, _) = YClient::join(node, &format!("/yjs/{session}")).await;
+        assert_eq!(doc_items(&fresh.doc), expected, "the document of node {i}");
+    }
+    assert_eq!(
+        redis.stored_items(session).await,
+        expected,
+        "what Redis holds"
+    );
+}
+
+#[tokio::test]
+async fn desktop_and_yjs_clients_on_different_nodes_see_each_other_and_late_joiners_get_everything()
+{
+    let redis = Redis::start().await;
+    let (node_a, node_b, node_c) = (redis.node().await, redis.node().await, redis.node().await);
+    let session = "cluster-mixed";
+    let (mut alice, _) = node_a.settled(session, "alice").await;
+    let (mut bob, _) = YClient::join(&node_b, &format!("/yjs/{session}?user=bob")).await;
+
+    // Bob's item, made on node B, reaches alice on node A as a command.
+    let uuid_b = "1e7d3c1b-2a49-4f5e-9d8c-7b6a5f4e3d2c";
+    let data_b = ruler(uuid_b, "bob's ruler");
+    bob.edit_and_send(|txn, items| {
+        items.insert(txn, uuid_b, item_prelim("ruler", &data_b));
+    })
+    .await;
+    let add = next_command(&mut alice).await;
+    assert_eq!(add["command"]["action"], "add_item", "{add:#?}");
+    assert_eq!(add["command"]["item_id"], uuid_b, "{add:#?}");
+    assert_same(
+        &add["command"]["data"],
+        &with_type(&data_b, "ruler"),
+        "bob's item as alice got it",
+    );
+
+    // Alice's item, made on node A, reaches bob on node B as an Update.
+    let (type_a, uuid_a, data_a) = fixture_item(1);
+    send_json(
+        &mut alice,
+        &command("add_item", &type_a, &uuid_a, data_a.clone(), "alice"),
+    )
+    .await;
+    while bob.item(&uuid_a).is_none() {
+        if let Message::Sync(SyncMessage::Update(update)) = bob.recv().await {
+            bob.apply(&update);
+        }
+    }
+    assert_same(
+        &bob.item(&uuid_a).unwrap(),
+        &with_type(&data_a, &type_a),
+        "alice's item as bob got it",
+    );
+    // And an edit of bob's item by alice, as the desktop app sends it.
+    let mut moved = data_b.clone();
+    moved["x_mm"] = json!(42.0);
+    send_json(
+        &mut alice,
+        &command("update_item", "ruler", uuid_b, moved.clone(), "alice"),
+    )
+    .await;
+    while bob
+        .item(uuid_b)
+        .is_some_and(|item| item["x_mm"].as_f64() != Some(42.0))
+    {
+        if let Message::Sync(SyncMessage::Update(update)) = bob.recv().await {
+            bob.apply(&update);
+        }
+    }
+
+    // Late joiners on node C: a Yjs client's SyncStep2 and a desktop client's full state
+    // hold both items as they are now.
+    let (late, _) = YClient::join(&node_c, &format!("/yjs/{session}")).await;
+    assert_eq!(doc_items(&late.doc), doc_items(&bob.doc));
+    let (_carol, _, got) = node_c.joiner(session, "carol").await;
+    let full = got
+        .iter()
+        .find(|m| m["type"] == "sync:full_state")
+        .unwrap_or_else(|| panic!("no full state: {got:#?}"));
+    let scene = scene_by_uuid(&full["state"]);
+    assert_eq!(scene.len(), 2, "{scene:#?}");
+    assert_eq!(scene[uuid_b]["x_mm"].as_f64(), Some(42.0), "{scene:#?}");
+    assert_same(
+        &normalize(&scene[uuid_a.as_str()]),
+        &normalize(&with_type(&data_a, &type_a)),
+        "alice's item in carol's full state",
+    );
+}
+
+#[tokio::test]
+async fn a_restarted_node_loads_the_session_from_redis_and_follows_it_again() {
+    let redis = Redis::start().await;
+    let mut node_a = redis.node().await;
+    let node_b = redis.node().await;
+    let session = "cluster-restart";
+    let (mut on_a, _) = YClient::join(&node_a, &format!("/yjs/{session}?user=a")).await;
+    let (mut on_b, _) = YClient::join(&node_b, &format!("/yjs/{session}?user=b")).await;
+    for i in 0..5 {
+        let uuid = format!("2e7d3c1b-2a49-4f5e-9d8c-7b6a5f4e3d2{i}");
+        let data = ruler(&uuid, &format!("ruler {i}"));
+        on_a.edit_and_send(|txn, items| {
+            items.insert(txn, uuid.as_str(), item_prelim("ruler", &data));
+        })
+        .await;
+    }
+    let target = [state_vector_of(&on_a)];
+    await_covering(&mut on_b, &target).await;
+    drop(on_a);
+    // Shut down: node A's session writes what it has and compacts (it holds the lease).
+    node_a.shutdown().await;
+    drop(node_a);
+
+    let node_a = redis.node().await;
+    let (mut again, _) = YClient::join(&node_a, &format!("/yjs/{session}?user=a")).await;
+    assert_eq!(doc_items(&again.doc), doc_items(&on_b.doc));
+    assert_eq!(doc_items(&again.doc).len(), 5);
+    // The restarted node follows the session: an edit on B reaches its client, and one made
+    // on it reaches B.
+    on_b.edit_and_send(|txn, items| {
+        set_fields(
+            txn,
+            items,
+            "2e7d3c1b-2a49-4f5e-9d8c-7b6a5f4e3d20",
+            &[("name", json!("from b"))],
+        );
+    })
+    .await;
+    await_covering(&mut again, &[state_vector_of(&on_b)]).await;
+    again
+        .edit_and_send(|txn, items| {
+            set_fields(
+                txn,
+                items,
+                "2e7d3c1b-2a49-4f5e-9d8c-7b6a5f4e3d21",
+                &[("name", json!("from a"))],
+            );
+        })
+        .await;
+    await_covering(&mut on_b, &[state_vector_of(&again)]).await;
+    assert_eq!(doc_items(&again.doc), doc_items(&on_b.doc));
+    assert_eq!(redis.stored_items(session).await, doc_items(&on_b.doc));
+}
