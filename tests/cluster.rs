@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use common::*;
 use optiverse_collab::store::redis::RedisStore;
-use optiverse_collab::store::Store;
+use optiverse_collab::store::{SessionMeta, Store};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -87,6 +87,24 @@ impl Redis {
         config.cluster = Some(self.url.clone());
         let store: Arc<dyn Store> = Arc::new(RedisStore::connect(&self.url).await.unwrap());
         TestServer::start_with(config, store).await
+    }
+
+    /// A connection of the test's own.
+    async fn conn(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+
+    /// How many entries the session's stream holds.
+    async fn stream_len(&self, session: &str) -> u64 {
+        redis::cmd("XLEN")
+            .arg(format!("collab:{{{session}}}:updates"))
+            .query_async(&mut self.conn().await)
+            .await
+            .unwrap()
     }
 
     /// The session's items as Redis holds them (a store of its own reads them).
@@ -196,6 +214,103 @@ async fn yjs_clients_on_three_nodes_converge_on_every_node_and_in_redis() {
         expected,
         "what Redis holds"
     );
+    // One entry per edit: what a node applied from the stream was not appended again.
+    assert_eq!(redis.stream_len(session).await, 6);
+}
+
+/// The store alone: a compaction appends a snapshot saying what it covers and trims exactly
+/// that; another compaction within the lease is skipped; a follower that had not read the
+/// trimmed entries gets the snapshot first, one that had read them gets only its progress.
+#[tokio::test]
+async fn compaction_trims_what_its_snapshot_covers_and_lagging_followers_get_the_snapshot() {
+    let redis = Redis::start().await;
+    let writer = RedisStore::connect(&redis.url).await.unwrap();
+    let reader = RedisStore::connect(&redis.url).await.unwrap();
+    let session = "cluster-compaction";
+    let doc = Doc::new();
+    let updates: Vec<Vec<u8>> = (0..3)
+        .map(|i| {
+            let uuid = format!("3e7d3c1b-2a49-4f5e-9d8c-7b6a5f4e3d2{i}");
+            let data = ruler(&uuid, "r");
+            edit(&doc, |txn, items| {
+                items.insert(txn, uuid.as_str(), item_prelim("ruler", &data));
+            })
+        })
+        .collect();
+    let meta = SessionMeta { initialized: true };
+    let mut positions = Vec::new();
+    for update in &updates {
+        let position = writer
+            .append(session, vec![update.clone()], meta.clone())
+            .await
+            .unwrap();
+        positions.push(position);
+    }
+    assert!(positions.windows(2).all(|w| w[0] < w[1]), "{positions:?}");
+
+    // A snapshot of the first two updates, covering up to the second.
+    let snapshot_doc = Doc::new();
+    items(&snapshot_doc);
+    apply_update(&snapshot_doc, &updates[0]);
+    apply_update(&snapshot_doc, &updates[1]);
+    let snapshot = snapshot_doc
+        .transact()
+        .encode_state_as_update_v1(&StateVector::default());
+    writer
+        .compact(session, snapshot.clone(), positions[1], meta.clone())
+        .await
+        .unwrap();
+    // The first two entries went; the third and the snapshot stay.
+    assert_eq!(redis.stream_len(session).await, 2);
+    writer
+        .compact(session, snapshot.clone(), positions[2], meta.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        redis.stream_len(session).await,
+        2,
+        "within the lease: skipped"
+    );
+
+    let loaded = reader.load(session).await.unwrap().expect("stored");
+    assert_eq!(loaded.updates, [snapshot.clone(), updates[2].clone()]);
+    assert!(loaded.last_seq > positions[2]);
+    assert!(loaded.meta.initialized);
+
+    // A follower that read nothing missed the trimmed entries: the snapshot first, then the
+    // update after what it covers (another node's, for this reader).
+    let mut lagging = reader.follow(session, 0).await.unwrap().expect("a feed");
+    let batch = tokio::time::timeout(PATIENCE, lagging.rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(batch.updates, [snapshot.clone(), updates[2].clone()]);
+    assert_eq!(batch.upto, loaded.last_seq);
+    drop(lagging);
+    // A follower that had read up to the third update gets only its progress.
+    let mut current = reader
+        .follow(session, positions[2])
+        .await
+        .unwrap()
+        .expect("a feed");
+    let batch = tokio::time::timeout(PATIENCE, current.rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(batch.updates.is_empty(), "{} updates", batch.updates.len());
+    assert_eq!(batch.upto, loaded.last_seq);
+    // The writer's own entries never come back to it.
+    let mut own = writer.follow(session, 0).await.unwrap().expect("a feed");
+    let batch = tokio::time::timeout(PATIENCE, own.rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(batch.updates, [snapshot.clone()], "only the missed snapshot");
+
+    let listed = reader.list().await.unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0].id, session);
+    assert!(listed[0].stored_bytes > 0 && listed[0].last_change.is_some());
 }
 
 #[tokio::test]
