@@ -305,7 +305,11 @@ async fn compaction_trims_what_its_snapshot_covers_and_lagging_followers_get_the
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(batch.updates, [snapshot.clone()], "only the missed snapshot");
+    assert_eq!(
+        batch.updates,
+        [snapshot],
+        "only the missed snapshot"
+    );
 
     let listed = reader.list().await.unwrap();
     assert_eq!(listed.len(), 1, "{listed:?}");
@@ -443,4 +447,45 @@ async fn a_restarted_node_loads_the_session_from_redis_and_follows_it_again() {
     await_covering(&mut on_b, &[state_vector_of(&again)]).await;
     assert_eq!(doc_items(&again.doc), doc_items(&on_b.doc));
     assert_eq!(redis.stored_items(session).await, doc_items(&on_b.doc));
+}
+
+/// A client whose earlier change reaches a node only through the stream (it reconnected
+/// there first): the node holds its new blocks back until the earlier change comes from the
+/// feed, and then stores them, so the other nodes get them too.
+#[tokio::test]
+async fn blocks_a_node_held_back_for_a_change_from_the_stream_are_stored_once_let_in() {
+    let redis = Redis::start().await;
+    let (node_b, node_c) = (redis.node().await, redis.node().await);
+    let session = "cluster-held";
+    let (mut watcher, _) = YClient::join(&node_c, &format!("/yjs/{session}")).await;
+
+    let writer = Doc::new();
+    let uuid = "4e7d3c1b-2a49-4f5e-9d8c-7b6a5f4e3d2c";
+    let data = ruler(uuid, "first");
+    let earlier = edit(&writer, |txn, items| {
+        items.insert(txn, uuid, item_prelim("ruler", &data));
+    });
+    let later = edit(&writer, |txn, items| {
+        set_fields(txn, items, uuid, &[("name", json!("second"))]);
+    });
+    // The later change reaches node B first; once B answered a SyncStep1 sent after it, B
+    // has handled it (and held it back: what it follows is missing).
+    let mut reconnected =
+        YClient::connect_with(&node_b, &format!("/yjs/{session}?user=w"), Doc::new()).await;
+    reconnected.handshake().await;
+    reconnected
+        .send(Message::Sync(SyncMessage::Update(later)))
+        .await;
+    reconnected.sync().await;
+    // The earlier change, as another node stored it.
+    let other_node = RedisStore::connect(&redis.url).await.unwrap();
+    other_node
+        .append(session, vec![earlier], SessionMeta { initialized: true })
+        .await
+        .unwrap();
+    // Node C's client gets both: the earlier from the other node's entry, the later from
+    // what node B stored once it let it in.
+    await_covering(&mut watcher, &[writer.transact().state_vector()]).await;
+    assert_eq!(watcher.item(uuid).unwrap()["name"], "second");
+    assert_eq!(redis.stored_items(session).await[uuid]["name"], "second");
 }

@@ -321,10 +321,14 @@ impl SessionTask {
 
     /// Applies what other nodes stored (`--cluster`) like HTTP updates: through the guard, to
     /// this node's members as Yjs updates and derived commands. They are in the stream
-    /// already, so what they change here is not appended again.
+    /// already, so what they change here is not appended again, unless this node's document
+    /// held blocks of its own clients back (a client that reconnected here before its earlier
+    /// changes did): what an update lets in is then stored with it, repeating it.
     fn remote(&mut self, batch: RemoteBatch, now: &Now) {
-        let stored_before = self.out.persist.len();
+        metrics::counter!("collab_remote_updates_total").increment(batch.updates.len() as u64);
         for update in batch.updates {
+            let stored_before = self.out.persist.len();
+            let held_own = self.session.held_bytes() > 0;
             let applied = CheckedUpdate::check(update)
                 .map_err(|e| e.to_string())
                 .and_then(|update| {
@@ -338,8 +342,10 @@ impl SessionTask {
                     warn!(session = %self.handle.id, error = %e, "an update from another node was refused");
                 }
             }
+            if !held_own {
+                self.out.persist.truncate(stored_before);
+            }
         }
-        self.out.persist.truncate(stored_before);
         self.stored.covered_by_feed = Some(batch.upto);
     }
 

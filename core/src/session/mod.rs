@@ -401,6 +401,12 @@ impl Session {
         doc.encode_state_v1().or_else(|_| doc.encode_state_v1())
     }
 
+    /// Bytes of blocks the document holds back until what they follow arrives (they are
+    /// stored with the change that lets them in).
+    pub fn held_bytes(&self) -> usize {
+        self.scene.doc().held_bytes()
+    }
+
     pub fn summary(&mut self) -> Summary {
         Summary {
             id: self.id.to_string(),
