@@ -74,7 +74,7 @@ pub struct Config {
 
     /// Share sessions with other nodes through this Redis (`redis://HOST:PORT`): sessions
     /// are kept there instead of the embedded store, and every node serves every session.
-    #[arg(long, env = "COLLAB_CLUSTER", value_name = "REDIS_URL")]
+    #[arg(long, env = "COLLAB_CLUSTER", value_name = "REDIS_URL", value_parser = parse_redis_url)]
     pub cluster: Option<String>,
 
     /// Seconds a session stays in memory without connections.
@@ -168,6 +168,14 @@ impl Config {
     }
 }
 
+fn parse_redis_url(s: &str) -> Result<String, String> {
+    if s.starts_with("redis://") {
+        Ok(s.to_owned())
+    } else {
+        Err("must be a redis://HOST:PORT URL".to_owned())
+    }
+}
+
 fn parse_days(s: &str) -> Result<Duration, String> {
     let days: f64 = s
         .parse()
@@ -221,6 +229,14 @@ mod tests {
         assert_eq!(c.evict_after, Duration::from_secs(60));
         assert_eq!(c.yjs_ping_interval, Duration::from_secs(30));
         assert_eq!(c.correction_delay, Duration::from_millis(250));
+        assert_eq!(c.cluster, None, "single-node unless asked");
+    }
+
+    #[test]
+    fn cluster_takes_a_redis_url() {
+        let c = Config::parse_from(["x", "--cluster", "redis://127.0.0.1:6379"]);
+        assert_eq!(c.cluster.as_deref(), Some("redis://127.0.0.1:6379"));
+        assert!(Config::try_parse_from(["x", "--cluster", "127.0.0.1:6379"]).is_err());
     }
 
     #[test]

@@ -305,11 +305,7 @@ async fn compaction_trims_what_its_snapshot_covers_and_lagging_followers_get_the
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(
-        batch.updates,
-        [snapshot],
-        "only the missed snapshot"
-    );
+    assert_eq!(batch.updates, [snapshot], "only the missed snapshot");
 
     let listed = reader.list().await.unwrap();
     assert_eq!(listed.len(), 1, "{listed:?}");
