@@ -24,14 +24,14 @@ use yrs::{Doc, Map, ReadTxn, StateVector, Transact};
 
 /// A `redis-server` of this test's own, stopped when dropped.
 struct Redis {
-    _child: Child,
-    _dir: tempfile::TempDir,
+    child: Child,
+    dir: tempfile::TempDir,
+    port: u16,
     url: String,
 }
 
 impl Redis {
-    /// Starts `redis-server` (the `REDIS_SERVER` binary, else the one on `PATH`) and waits
-    /// for its "Ready to accept connections".
+    /// Starts `redis-server` on a free port in a temporary directory.
     async fn start() -> Redis {
         let dir = tempfile::tempdir().unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -39,46 +39,19 @@ impl Redis {
             .local_addr()
             .unwrap()
             .port();
-        let binary = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
-        let mut child = Command::new(&binary)
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args([
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--save",
-                "",
-            ])
-            .arg("--dir")
-            .arg(dir.path())
-            .args(["--logfile", "", "--daemonize", "no"])
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot run {binary} (Debian package redis-server; .ci/test installs it): {e}"
-                )
-            });
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        tokio::time::timeout(PATIENCE, async {
-            while let Some(line) = lines.next_line().await.unwrap() {
-                if line.contains("Ready to accept connections") {
-                    return;
-                }
-            }
-            panic!("redis-server stopped before it was ready");
-        })
-        .await
-        .expect("redis-server became ready");
-        // Keep reading its log, so that it never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         Redis {
-            _child: child,
-            _dir: dir,
+            child: spawn_redis(port, dir.path()).await,
+            dir,
+            port,
             url: format!("redis://127.0.0.1:{port}"),
         }
+    }
+
+    /// Kills Redis (SIGKILL: only what its AOF holds survives) and starts it again on the
+    /// same port and directory.
+    async fn kill_and_restart(&mut self) {
+        self.child.kill().await.unwrap();
+        self.child = spawn_redis(self.port, self.dir.path()).await;
     }
 
     /// A node of the cluster, in process.
@@ -118,6 +91,45 @@ impl Redis {
         }
         doc_items(&doc)
     }
+}
+
+/// Runs `redis-server` (the `REDIS_SERVER` binary, else the one on `PATH`) with AOF on and
+/// `appendfsync always`, and waits for its "Ready to accept connections".
+async fn spawn_redis(port: u16, dir: &std::path::Path) -> Child {
+    let binary = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
+    let mut child = Command::new(&binary)
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args([
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--save",
+            "",
+        ])
+        .arg("--dir")
+        .arg(dir)
+        .args(["--logfile", "", "--daemonize", "no"])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("cannot run {binary} (Debian package redis-server; .ci/test installs it): {e}")
+        });
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    tokio::time::timeout(PATIENCE, async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains("Ready to accept connections") {
+                return;
+            }
+        }
+        panic!("redis-server stopped before it was ready");
+    })
+    .await
+    .expect("redis-server became ready");
+    // Keep reading its log, so that it never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    child
 }
 
 /// Reads Updates until the client's document holds everything `targets` hold.
@@ -484,4 +496,40 @@ async fn blocks_a_node_held_back_for_a_change_from_the_stream_are_stored_once_le
     await_covering(&mut watcher, &[writer.transact().state_vector()]).await;
     assert_eq!(watcher.item(uuid).unwrap()["name"], "second");
     assert_eq!(redis.stored_items(session).await[uuid]["name"], "second");
+}
+
+/// Redis killed and started again: what clients on other nodes had received is still there,
+/// and the nodes reconnect (their appends and feeds) and go on, their clients still connected.
+#[tokio::test]
+async fn nodes_resume_after_redis_is_killed_and_restarted_and_keep_what_was_acknowledged() {
+    let mut redis = Redis::start().await;
+    let (node_a, node_b) = (redis.node().await, redis.node().await);
+    let session = "cluster-redis-restart";
+    let (mut on_a, _) = YClient::join(&node_a, &format!("/yjs/{session}?user=a")).await;
+    let (mut on_b, _) = YClient::join(&node_b, &format!("/yjs/{session}?user=b")).await;
+    let add = |i: usize| {
+        let uuid = format!("5e7d3c1b-2a49-4f5e-9d8c-7b6a5f4e3d2{i}");
+        let data = ruler(&uuid, &format!("ruler {i}"));
+        move |txn: &mut yrs::TransactionMut, items: &yrs::MapRef| {
+            items.insert(txn, uuid.as_str(), item_prelim("ruler", &data));
+        }
+    };
+    for i in 0..3 {
+        on_a.edit_and_send(add(i)).await;
+    }
+    // Acknowledged: a client of another node has it, so it went through Redis.
+    await_covering(&mut on_b, &[state_vector_of(&on_a)]).await;
+    let acknowledged = doc_items(&on_b.doc);
+
+    redis.kill_and_restart().await;
+    assert_eq!(redis.stored_items(session).await, acknowledged);
+
+    // Both ways again, on the same connections.
+    on_a.edit_and_send(add(3)).await;
+    await_covering(&mut on_b, &[state_vector_of(&on_a)]).await;
+    on_b.edit_and_send(add(4)).await;
+    await_covering(&mut on_a, &[state_vector_of(&on_b)]).await;
+    assert_eq!(doc_items(&on_a.doc), doc_items(&on_b.doc));
+    assert_eq!(doc_items(&on_a.doc).len(), 5);
+    assert_eq!(redis.stored_items(session).await, doc_items(&on_a.doc));
 }
