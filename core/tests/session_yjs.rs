@@ -166,8 +166,9 @@ fn a_json_change_reaches_yjs_speakers_as_one_update_and_never_as_json() {
     assert!(world.ping(jay).is_empty(), "no echo to the desktop client");
 }
 
-#[test]
-fn a_yjs_update_reaches_desktop_clients_as_commands_and_other_yjs_speakers_as_itself() {
+/// Desktop client `jay` has added fixture item 1; `yuki` (`?yjs=1`) has synced it into its
+/// document. Returns them with the item (type, uuid, data).
+fn desktop_and_yjs_on_an_item() -> (World, u64, u64, Doc, (String, String, Value)) {
     let mut world = World::new();
     let (jay, _) = world.settled("jay");
     let (t1, u1, d1) = fixture_item(1);
@@ -175,6 +176,12 @@ fn a_yjs_update_reaches_desktop_clients_as_commands_and_other_yjs_speakers_as_it
     let yuki = world.join(ConnKind::LegacyYjs, Some("yuki"));
     let (_, first) = split(world.take(yuki));
     let doc = yjs_client(&mut world, yuki, &first, Doc::new());
+    (world, jay, yuki, doc, (t1, u1, d1))
+}
+
+#[test]
+fn a_yjs_update_reaches_desktop_clients_as_commands_and_other_yjs_speakers_as_itself() {
+    let (mut world, jay, yuki, doc, (t1, u1, d1)) = desktop_and_yjs_on_an_item();
     let (watcher, first) = world.yjs(None);
     let watcher_doc = yjs_client(&mut world, watcher, &first, Doc::new());
     let (anon, first) = world.yjs(None);
@@ -512,13 +519,7 @@ fn an_oversize_awareness_state_is_refused_and_not_broadcast() {
 /// document keeps what the Yjs client wrote, and Yjs clients get it.
 #[test]
 fn an_ill_typed_field_written_by_yjs_is_left_out_for_desktop_clients() {
-    let mut world = World::new();
-    let (jay, _) = world.settled("jay");
-    let (t1, u1, d1) = fixture_item(1);
-    world.send(jay, command("add_item", &t1, &u1, d1.clone(), "jay"));
-    let yuki = world.join(ConnKind::LegacyYjs, Some("yuki"));
-    let (_, first) = split(world.take(yuki));
-    let doc = yjs_client(&mut world, yuki, &first, Doc::new());
+    let (mut world, jay, yuki, doc, (_, u1, d1)) = desktop_and_yjs_on_an_item();
     world.ping(jay);
 
     let update = edit(&doc, |txn, items| {
