@@ -13,15 +13,16 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{any, get};
+use axum::routing::{any, get, post};
 use axum::serve::ListenerExt;
 use axum::Router;
 use collab_core::session::{Rate, Rates, SessionLimits};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::info;
+use tracing::{info, warn};
 
+use crate::auth::AccessControl;
 use crate::config::Config;
 use crate::session::registry::SessionConfig;
 use crate::session::Registry;
@@ -40,6 +41,8 @@ pub struct AppState {
     pub connections: TaskTracker,
     pub metrics: Option<PrometheusHandle>,
     pub rejected_warnings: Arc<WarnLimiter>,
+    /// Tokens, revocations and origins (`crate::auth`).
+    pub access: Arc<AccessControl>,
 }
 
 /// The Prometheus recorder is process-global: installed once, shared by every server.
@@ -65,6 +68,11 @@ pub fn router(state: AppState) -> Router {
             "/api/sessions/{session}/update",
             get(api::get_update).post(api::post_update),
         )
+        .route("/api/tokens", post(crate::auth::api::mint))
+        .route(
+            "/api/sessions/{session}/revoke",
+            post(crate::auth::api::revoke),
+        )
         .route("/ws", any(ws::legacy))
         .route("/ws/", any(ws::legacy))
         .route("/ws/{*rest}", any(ws::legacy))
@@ -86,6 +94,10 @@ pub struct Server {
 impl Server {
     /// Binds, and serves in the background until [`Server::shutdown`].
     pub async fn start(config: Config, store: Arc<dyn Store>) -> std::io::Result<Server> {
+        let access = Arc::new(AccessControl::from_config(&config).map_err(std::io::Error::other)?);
+        if !access.enabled() && !config.host.is_loopback() {
+            warn!(host = %config.host, "no --auth-key: anyone who can reach this address can read and change every session (README, \"Securing a server\")");
+        }
         let listener = tokio::net::TcpListener::bind((config.host, config.port)).await?;
         let addr = listener.local_addr()?;
         let shutdown = CancellationToken::new();
@@ -119,10 +131,16 @@ impl Server {
             connections: TaskTracker::new(),
             metrics: metrics_handle(),
             rejected_warnings: Arc::default(),
+            access: access.clone(),
         };
         let connections = state.connections.clone();
         let registry = state.registry.clone();
-        let app = router(state);
+        // Around the router, not a route layer: the `/t/{token}` prefix is stripped before
+        // routing.
+        let app = tower::Layer::layer(
+            &axum::middleware::from_fn_with_state(access, crate::auth::http::guard),
+            router(state),
+        );
         let stop = shutdown.clone();
         let task = tokio::spawn(async move {
             // Small frames must leave at once: with Nagle's algorithm on, a frame written
@@ -134,8 +152,11 @@ impl Server {
             });
             // Each connection shares the one router: serving `Router` itself would rebuild its
             // route table for every connection and keep it for the connection's life.
-            let serve = axum::serve(listener, app.into_make_service())
-                .with_graceful_shutdown(stop.cancelled_owned());
+            let serve = axum::serve(
+                listener,
+                axum::ServiceExt::<axum::extract::Request>::into_make_service(app),
+            )
+            .with_graceful_shutdown(stop.cancelled_owned());
             if let Err(e) = serve.await {
                 tracing::error!(error = %e, "server error");
             }

@@ -11,15 +11,20 @@ use std::sync::Arc;
 use axum::extract::{Query, State};
 use axum::http::Uri;
 use axum::response::Response;
+use axum::Extension;
 use tracing::{info, warn};
 
 use collab_core::protocol::json::{self, ErrorCode, ProtocolError};
-use collab_core::session::{ConnKind, CLOSE_INTERNAL, CLOSE_INVALID_PATH};
+use collab_core::session::{
+    Access, ConnKind, CLOSE_INTERNAL, CLOSE_INVALID_PATH, CLOSE_NAME_NOT_YOURS, CLOSE_TOKEN_REVOKED,
+};
 
 use super::connection::{Connection, ConnectionTarget};
 use super::path::{normalize_name, parse_segments};
 use super::AppState;
-use crate::session::JoinRequest;
+use crate::auth::http::Grant;
+use crate::auth::LiveGrant;
+use crate::session::{JoinError, JoinRequest};
 use crate::transport::{Frame, Socket, SocketConfig, Upgrade, Upgrading};
 
 fn flag(params: &HashMap<String, String>, name: &str) -> bool {
@@ -34,6 +39,7 @@ pub async fn legacy(
     uri: Uri,
     Query(params): Query<HashMap<String, String>>,
     State(state): State<AppState>,
+    grant: Option<Extension<Grant>>,
 ) -> Response {
     let kind = if flag(&params, "yjs") {
         ConnKind::LegacyYjs
@@ -48,7 +54,7 @@ pub async fn legacy(
             kind,
         }
     });
-    upgrade(ws, state, target)
+    upgrade(ws, state, target, grant)
 }
 
 /// `/yjs/...` (as `/ws/...`)
@@ -57,11 +63,15 @@ pub async fn yjs(
     uri: Uri,
     Query(params): Query<HashMap<String, String>>,
     State(state): State<AppState>,
+    grant: Option<Extension<Grant>>,
 ) -> Response {
-    let user = match params.get("user") {
-        None => Ok(None),
+    // A token that binds a name names an unnamed connection.
+    let bound = grant.as_ref().and_then(|g| g.0 .0.user.as_deref());
+    let user = match (params.get("user"), bound) {
+        (None, None) => Ok(None),
+        (None, Some(bound)) => Ok(Some(Arc::from(bound))),
         // `Query` already percent-decoded the value.
-        Some(name) => normalize_name(name).map(|n| Some(Arc::from(n))).ok_or(()),
+        (Some(name), _) => normalize_name(name).map(|n| Some(Arc::from(n))).ok_or(()),
     };
     let target = match (parse_segments(uri.path(), "/yjs/", 1), user) {
         (Some(mut segments), Ok(user)) => Some(ConnectionTarget {
@@ -71,18 +81,24 @@ pub async fn yjs(
         }),
         _ => None,
     };
-    upgrade(ws, state, target)
+    upgrade(ws, state, target, grant)
 }
 
 /// Answers the upgrade (101) and, in a set-up task, opens the socket and joins the session.
-fn upgrade(upgrade: Upgrade, state: AppState, target: Option<ConnectionTarget>) -> Response {
+fn upgrade(
+    upgrade: Upgrade,
+    state: AppState,
+    target: Option<ConnectionTarget>,
+    grant: Option<Extension<Grant>>,
+) -> Response {
+    let grant = grant.map(|Extension(Grant(claims))| claims);
     let (response, upgrading) = upgrade.accept();
     // Two tasks: the set-up's futures are large and done with once joined, and thousands of
     // connections sit idle in the second task, which holds only what serving needs.
     let connections = state.connections.clone();
     let tracker = connections.clone();
     tracker.spawn(async move {
-        if let Some((connection, socket)) = join(upgrading, state, target).await {
+        if let Some((connection, socket)) = join(upgrading, state, target, grant).await {
             connections.spawn(connection.serve(socket));
         }
     });
@@ -95,6 +111,7 @@ async fn join(
     upgrading: Upgrading,
     state: AppState,
     target: Option<ConnectionTarget>,
+    grant: Option<Arc<crate::auth::Claims>>,
 ) -> Option<(Connection, Socket)> {
     let config = SocketConfig {
         max_message_bytes: state.config.max_message_bytes,
@@ -105,15 +122,42 @@ async fn join(
         socket.close(CLOSE_INVALID_PATH).await;
         return None;
     };
+    // A token that binds a name allows no other (the middleware checked the session).
+    let (access, mut live) = match (&grant, &state.access.revocations) {
+        (Some(claims), Some(revocations)) => {
+            if claims
+                .user
+                .as_deref()
+                .is_some_and(|bound| target.user.as_deref() != Some(bound))
+            {
+                socket.close(CLOSE_NAME_NOT_YOURS).await;
+                return None;
+            }
+            let live = LiveGrant::new(&target.session, (**claims).clone(), revocations);
+            (claims.access(), Some(Box::new(live)))
+        }
+        _ => (Access::OPEN, None),
+    };
+    // Revoked between the middleware's check and this connection's watch.
+    if live.as_mut().is_some_and(|live| live.is_revoked()) {
+        socket.close(CLOSE_TOKEN_REVOKED).await;
+        return None;
+    }
     let peer = state.registry.next_peer_id();
     let request = JoinRequest {
         peer,
         kind: target.kind,
         user: target.user.clone(),
+        access,
         outbox: outbox.clone(),
     };
     let session = match state.registry.join(&target.session, request).await {
         Ok(handle) => handle,
+        Err(JoinError::NameHeld) => {
+            warn!(session = %target.session, user = target.user.as_deref().unwrap_or("-"), "refused: the user name is held by another connection");
+            socket.close(CLOSE_NAME_NOT_YOURS).await;
+            return None;
+        }
         Err(e) => {
             warn!(session = %target.session, error = ?e, "join failed");
             if target.kind.speaks_json() {
@@ -134,6 +178,7 @@ async fn join(
         user,
         kind: target.kind,
         outbox,
+        live,
     };
     Some((connection, socket))
 }
