@@ -96,6 +96,27 @@ impl TestServer {
         serde_json::from_slice(&body).unwrap()
     }
 
+    /// Opens a WebSocket with extra request headers: the socket, or the HTTP status that
+    /// refused the upgrade.
+    pub async fn try_connect(&self, path: &str, headers: &[(&str, &str)]) -> Result<Ws, u16> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut request = self.url(path).into_client_request().expect("a valid URL");
+        for (name, value) in headers {
+            request.headers_mut().insert(
+                tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(name.as_bytes())
+                    .expect("a header name"),
+                value.parse().expect("a header value"),
+            );
+        }
+        match tokio_tungstenite::connect_async(request).await {
+            Ok((ws, _)) => Ok(ws),
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                Err(response.status().as_u16())
+            }
+            Err(e) => panic!("websocket failed without an HTTP answer: {e}"),
+        }
+    }
+
     pub async fn connect(&self, path: &str) -> Ws {
         let (ws, _) = tokio_tungstenite::connect_async(self.url(path))
             .await
@@ -191,9 +212,24 @@ pub async fn http(
     path: &str,
     body: &[u8],
 ) -> (u16, Vec<u8>) {
+    http_with(addr, method, path, &[], body).await
+}
+
+/// [`http`] with extra request headers.
+pub async fn http_with(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, Vec<u8>) {
     let mut stream = TcpStream::connect(addr).await.unwrap();
+    let extra: String = headers
+        .iter()
+        .map(|(name, value)| format!("{name}: {value}\r\n"))
+        .collect();
     let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\nContent-Type: application/octet-stream\r\n\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{extra}Content-Length: {}\r\nContent-Type: application/octet-stream\r\n\r\n",
         body.len()
     );
     stream.write_all(head.as_bytes()).await.unwrap();
