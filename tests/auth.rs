@@ -302,7 +302,9 @@ async fn a_view_token_changes_nothing_through_any_endpoint() {
     assert_eq!(scene_items(&server).await, before, "the scene is unchanged");
     let heard = ping_collect(&mut host).await;
     assert!(
-        heard.iter().all(|m| m["type"].as_str().is_some_and(|t| t.starts_with("user:"))),
+        heard
+            .iter()
+            .all(|m| m["type"].as_str().is_some_and(|t| t.starts_with("user:"))),
         "the host heard of nothing but presence: {heard:#?}"
     );
     let (_, metrics) = get_as(&server, "/metrics", &admin()).await;
