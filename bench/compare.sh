@@ -14,7 +14,9 @@
 # generator needs the other core, and the reference runs its JavaScript on one thread too.
 #
 # Usage: bash bench/compare.sh [OUT_DIR]   (prints a Markdown table; raw JSON in OUT_DIR)
-# Env: SERVERS="reference memory sqlite" (default), QUICK=1 (short windows, for a smoke run).
+# Env: SERVERS="reference memory sqlite" (default; `memory+auth`: the memory store with
+# --auth-key, every client carrying a token as `?token=`, README "Securing a server"),
+# QUICK=1 (short windows, for a smoke run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
@@ -55,11 +57,22 @@ start() { # server
     reference)
       HOST=127.0.0.1 PORT=$port node "$ref_server" >"$scratch/server.log" 2>&1 &
       pid=$!; path='/{room}'; probe="http://127.0.0.1:$port/" ;;
-    memory|sqlite)
+    memory|sqlite|memory+auth)
       rm -rf "$scratch/data"
-      "$repo/target/release/optiverse-collab" --host 127.0.0.1 --port "$port" --store "$1" \
+      local store=${1%+auth}
+      path='/yjs/{room}'
+      if [ "$1" = memory+auth ]; then
+        export COLLAB_AUTH_KEY=compare-sh-benchmark-key-of-32-bytes-or-more
+        # One edit token for every room, minted with the server's own command.
+        local token
+        token=$("$repo/target/release/optiverse-collab" token --session '*' --role edit --ttl 1d | sed -n 2p | tr -d ' ')
+        path="/yjs/{room}?token=$token"
+      else
+        unset COLLAB_AUTH_KEY
+      fi
+      "$repo/target/release/optiverse-collab" --host 127.0.0.1 --port "$port" --store "$store" \
         --data-dir "$scratch/data" --workers "${WORKERS:-1}" --log-level warn >"$scratch/server.log" 2>&1 &
-      pid=$!; path='/yjs/{room}'; probe="http://127.0.0.1:$port/health" ;;
+      pid=$!; probe="http://127.0.0.1:$port/health" ;;
     *) echo "error: unknown server $1" >&2; exit 1 ;;
   esac
   for _ in $(seq 100); do

@@ -139,6 +139,7 @@ class Driver(QtCore.QObject):
             "type": msg.get("type"),
             "action": cmd.get("action"),
             "item_id": cmd.get("item_id"),
+            "code": msg.get("code"),
             "bytes": len(text),
         }
         self.frames.append(frame)
