@@ -324,7 +324,7 @@ async fn a_connection_is_closed_when_its_token_expires() {
         SESSION,
         Role::Edit,
         None,
-        Duration::from_secs(1),
+        Duration::from_secs(2),
         SystemTime::now(),
     );
     let mut ws = server
@@ -341,7 +341,7 @@ async fn a_connection_is_closed_when_its_token_expires() {
                     SESSION,
                     Role::View,
                     None,
-                    Duration::from_secs(1),
+                    Duration::from_secs(2),
                     SystemTime::now()
                 )
             ),
