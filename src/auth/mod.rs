@@ -202,7 +202,7 @@ impl Revocations {
     /// Whether a token with these claims was revoked for `session`. Tokens for every session
     /// (`*`) are not affected (a leaked one is revoked by changing the key).
     pub fn is_revoked(map: &HashMap<String, u64>, session: &str, claims: &Claims) -> bool {
-        claims.session == session && map.get(session).is_some_and(|&at| claims.iat_ms < at)
+        revokes(map, session, claims.session == session, claims.iat_ms)
     }
 
     pub fn check(&self, session: &str, claims: &Claims) -> bool {
@@ -236,6 +236,12 @@ impl Revocations {
         self.current.send_replace(Arc::new(map));
         Ok(())
     }
+}
+
+/// Whether `map` revokes, for `session`, a token issued at `iat_ms` (`named`: the token names
+/// the session, rather than `*`).
+fn revokes(map: &HashMap<String, u64>, session: &str, named: bool, iat_ms: u64) -> bool {
+    named && map.get(session).is_some_and(|&at| iat_ms < at)
 }
 
 fn write_atomically(file: &Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -303,35 +309,35 @@ pub fn normalize_origin(origin: &str) -> String {
 }
 
 /// A token's life as its connection watches it: closed at expiry (4401) or when the session's
-/// tokens are revoked (4403).
+/// tokens are revoked (4403). Only what those need is kept (every live connection holds one).
 pub struct LiveGrant {
-    pub session: String,
-    pub claims: Claims,
+    session: String,
+    /// The token names this session (not `*`): a revocation of the session covers it.
+    revocable: bool,
+    iat_ms: u64,
     pub expires: tokio::time::Instant,
-    pub revocations: watch::Receiver<RevocationMap>,
+    revocations: watch::Receiver<RevocationMap>,
 }
 
 impl LiveGrant {
-    pub fn new(session: &str, claims: Claims, revocations: &Revocations) -> LiveGrant {
+    pub fn new(session: &str, claims: &Claims, revocations: &Revocations) -> LiveGrant {
         let left = claims
             .expires_at()
             .duration_since(SystemTime::now())
             .unwrap_or_default();
         LiveGrant {
             session: session.to_owned(),
+            revocable: claims.session == session,
+            iat_ms: claims.iat_ms,
             expires: tokio::time::Instant::now() + left,
             revocations: revocations.subscribe(),
-            claims,
         }
     }
 
     /// Whether the token is revoked now.
     pub fn is_revoked(&mut self) -> bool {
-        Revocations::is_revoked(
-            &self.revocations.borrow_and_update(),
-            &self.session,
-            &self.claims,
-        )
+        let map = self.revocations.borrow_and_update();
+        revokes(&map, &self.session, self.revocable, self.iat_ms)
     }
 
     /// Waits for a revocation of this token.

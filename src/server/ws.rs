@@ -133,7 +133,7 @@ async fn join(
                 socket.close(CLOSE_NAME_NOT_YOURS).await;
                 return None;
             }
-            let live = LiveGrant::new(&target.session, (**claims).clone(), revocations);
+            let live = LiveGrant::new(&target.session, claims, revocations);
             (claims.access(), Some(Box::new(live)))
         }
         _ => (Access::OPEN, None),
