@@ -324,6 +324,12 @@ def test_h_clients_join_through_token_urls_and_a_view_token_changes_nothing(worl
     assert_document_holds(world, expected, "the teacher's item and both students'")
     world.assert_windows_equal_document([first, second])
 
+    # Without a valid token the upgrade is refused (401): the app's status bar shows an error
+    # (Qt's words for a 401: "Unsupported WWW-Authenticate challenges encountered").
+    mark = len(viewer.call("status"))
+    viewer.call("join", url=f"{world.backend.url}/t/not-a-token", session=s, user=viewer.name)
+    viewer.call("wait_status", contains="Error: ", since=mark, timeout=20)
+
     # A view token: the client follows the bench, its own edits are refused (`forbidden`).
     viewer.join(world.backend.token(s, "view")["desktop"], s, viewer.name)
     world.quiesce([first, second, viewer])
