@@ -14,9 +14,12 @@
 # generator needs the other core, and the reference runs its JavaScript on one thread too.
 #
 # Usage: bash bench/compare.sh [OUT_DIR]   (prints a Markdown table; raw JSON in OUT_DIR)
-# Env: SERVERS="reference memory sqlite" (default; `memory+auth`: the memory store with
-# --auth-key, every client carrying a token as `?token=`, README "Securing a server"),
-# QUICK=1 (short windows, for a smoke run).
+# Env: SERVERS="reference memory sqlite" (default; `memory+auth`: the memory store with a key,
+#      every client carrying a token as `?token=`, README "Securing a server"),
+#      QUICK=1 (short windows, for a smoke run),
+#      SCENARIOS="saturation fanout join idle" (default: all), BIN_DIR=DIR (run the
+#      optiverse-collab and collab-load binaries in DIR instead of building this tree: to
+#      compare two builds with the same script).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
@@ -29,12 +32,14 @@ mkdir -p "$out"
 results="$out/results.jsonl"
 : >"$results"
 servers=${SERVERS:-reference memory sqlite}
+scenarios=" ${SCENARIOS:-saturation fanout join idle} "
+bin=${BIN_DIR:-$repo/target/release}
 port=${PORT:-8791}
 if [ "${QUICK:-0}" = 1 ]; then window=(--warmup 1 --duration 3 --drain 1); else window=(--warmup 2 --duration 8 --drain 2); fi
-# 5,000 connections need as many descriptors in the server and in the generator.
+# 5,000 connections need as many descriptors in the server and in the generator, and (all
+# from one address) the server's connection limits raised above them (flags below).
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
-echo "== installing the reference server (npm)" >&2
 ref=$(mktemp -d)
 scratch=$(mktemp -d)
 pid=
@@ -43,14 +48,22 @@ cleanup() {
   rm -rf "$ref" "$scratch"
 }
 trap cleanup EXIT
-echo '{"private": true}' >"$ref/package.json"
-npm install --prefix "$ref" --no-audit --no-fund --loglevel=error \
-  @y/websocket-server@0.1.1 yjs@13.6.33 >&2
-ref_server="$ref/node_modules/@y/websocket-server/src/server.js"
-[ -f "$ref_server" ] || { echo "error: $ref_server is missing after npm install" >&2; exit 1; }
+if [[ " $servers " == *" reference "* ]]; then
+  echo "== installing the reference server (npm)" >&2
+  echo '{"private": true}' >"$ref/package.json"
+  npm install --prefix "$ref" --no-audit --no-fund --loglevel=error \
+    @y/websocket-server@0.1.1 yjs@13.6.33 >&2
+  ref_server="$ref/node_modules/@y/websocket-server/src/server.js"
+  [ -f "$ref_server" ] || { echo "error: $ref_server is missing after npm install" >&2; exit 1; }
+fi
 
-echo "== building this server and collab-load (release)" >&2
-cargo build --release -q --workspace --bins
+if [ -z "${BIN_DIR:-}" ]; then
+  echo "== building this server and collab-load (release)" >&2
+  cargo build --release -q --workspace --bins
+fi
+for binary in optiverse-collab collab-load; do
+  [ -x "$bin/$binary" ] || { echo "error: $bin/$binary is missing" >&2; exit 1; }
+done
 
 start() { # server
   case "$1" in
@@ -59,19 +72,24 @@ start() { # server
       pid=$!; path='/{room}'; probe="http://127.0.0.1:$port/" ;;
     memory|sqlite|memory+auth)
       rm -rf "$scratch/data"
-      local store=${1%+auth}
+      # Builds before the connection limits (BIN_DIR) have no such flags.
+      limits=()
+      if "$bin/optiverse-collab" --help | grep -q -- --max-connections-per-ip; then
+        limits=(--max-connections 20000 --max-connections-per-ip 10000)
+      fi
       path='/yjs/{room}'
       if [ "$1" = memory+auth ]; then
         export COLLAB_AUTH_KEY=compare-sh-benchmark-key-of-32-bytes-or-more
         # One edit token for every room, minted with the server's own command.
         local token
-        token=$("$repo/target/release/optiverse-collab" token --session '*' --role edit --ttl 1d | sed -n 2p | tr -d ' ')
+        token=$("$bin/optiverse-collab" token --session '*' --role edit --ttl 1d | sed -n 2p | tr -d ' ')
         path="/yjs/{room}?token=$token"
       else
         unset COLLAB_AUTH_KEY
       fi
-      "$repo/target/release/optiverse-collab" --host 127.0.0.1 --port "$port" --store "$store" \
-        --data-dir "$scratch/data" --workers "${WORKERS:-1}" --log-level warn >"$scratch/server.log" 2>&1 &
+      "$bin/optiverse-collab" --host 127.0.0.1 --port "$port" --store "${1%+auth}" \
+        --data-dir "$scratch/data" --workers "${WORKERS:-1}" --log-level warn \
+        "${limits[@]}" >"$scratch/server.log" 2>&1 &
       pid=$!; probe="http://127.0.0.1:$port/health" ;;
     *) echo "error: unknown server $1" >&2; exit 1 ;;
   esac
@@ -92,7 +110,7 @@ load() { # server label args...
   local server=$1 label=$2; shift 2
   start "$server"
   local line
-  if ! line=$("$repo/target/release/collab-load" --url "ws://127.0.0.1:$port" --path-template "$path" \
+  if ! line=$("$bin/collab-load" --url "ws://127.0.0.1:$port" --path-template "$path" \
       --server-pid "$pid" --room-prefix "r$RANDOM" --json "$@" 2>"$scratch/load.log"); then
     echo "error: collab-load failed against $server ($label):" >&2; cat "$scratch/load.log" >&2; exit 1
   fi
@@ -104,17 +122,25 @@ load() { # server label args...
 
 for server in $servers; do
   echo "== $server" >&2
-  for rate in 2 5 10 20 40 80; do
-    load "$server" "saturation@$rate" --rooms 1 --clients 50 --rate "$rate" --no-apply "${window[@]}"
-    if ! python3 -c 'import json,sys; r=json.loads(sys.argv[1]); sys.exit(0 if r["lost"] == 0 and r["client_failures"] == 0 and r["latency_ms"]["p99"] <= 100 else 1)' "$last"; then
-      break
-    fi
-  done
-  load "$server" "fanout 1x50x2" --rooms 1 --clients 50 --rate 2 "${window[@]}"
-  load "$server" "fanout 1x200x1" --rooms 1 --clients 200 --rate 1 "${window[@]}"
-  load "$server" "fanout 100x5x2" --rooms 100 --clients 5 --rate 2 "${window[@]}"
-  load "$server" "join 10000" --scenario join --items 10000 --joiners 10
-  load "$server" "idle 1000x5" --scenario idle --rooms 1000 --clients 5 --warmup 2
+  if [[ $scenarios == *" saturation "* ]]; then
+    for rate in 2 5 10 20 40 80; do
+      load "$server" "saturation@$rate" --rooms 1 --clients 50 --rate "$rate" --no-apply "${window[@]}"
+      if ! python3 -c 'import json,sys; r=json.loads(sys.argv[1]); sys.exit(0 if r["lost"] == 0 and r["client_failures"] == 0 and r["latency_ms"]["p99"] <= 100 else 1)' "$last"; then
+        break
+      fi
+    done
+  fi
+  if [[ $scenarios == *" fanout "* ]]; then
+    load "$server" "fanout 1x50x2" --rooms 1 --clients 50 --rate 2 "${window[@]}"
+    load "$server" "fanout 1x200x1" --rooms 1 --clients 200 --rate 1 "${window[@]}"
+    load "$server" "fanout 100x5x2" --rooms 100 --clients 5 --rate 2 "${window[@]}"
+  fi
+  if [[ $scenarios == *" join "* ]]; then
+    load "$server" "join 10000" --scenario join --items 10000 --joiners 10
+  fi
+  if [[ $scenarios == *" idle "* ]]; then
+    load "$server" "idle 1000x5" --scenario idle --rooms 1000 --clients 5 --warmup 2
+  fi
 done
 
 echo "== machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -sr); raw results: $results" >&2

@@ -121,6 +121,39 @@ pub struct Config {
     #[arg(long, env = "COLLAB_WORKERS", default_value_t = 0)]
     pub workers: usize,
 
+    /// Seconds a client has to send a request head, from its connection's start and between
+    /// requests on a kept-alive connection; then the connection is closed.
+    #[arg(long, env = "COLLAB_HTTP_HEADER_TIMEOUT", default_value = "10", value_parser = parse_positive_seconds)]
+    pub http_header_timeout: Duration,
+
+    /// Seconds a client has to send a whole request body (`POST .../update`); then it is
+    /// answered 408 and the connection is closed.
+    #[arg(long, env = "COLLAB_HTTP_BODY_TIMEOUT", default_value = "30", value_parser = parse_positive_seconds)]
+    pub http_body_timeout: Duration,
+
+    /// Open TCP connections (HTTP and WebSocket), in total; at most the process's file
+    /// descriptor limit less 96. Over it, a new connection is answered 503 and closed.
+    #[arg(long, env = "COLLAB_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = parse_count)]
+    pub max_connections: usize,
+
+    /// Open TCP connections from one client address (IPv4 address, IPv6 /64); at most half
+    /// of `--max-connections`. Over it, a new connection is answered 503 and closed.
+    #[arg(long, env = "COLLAB_MAX_CONNECTIONS_PER_IP", default_value_t = 256, value_parser = parse_count)]
+    pub max_connections_per_ip: usize,
+
+    /// Sessions in memory. A session that would be one more replaces the one idle longest
+    /// (no members); when none is idle it is refused (503, or 1013 on a WebSocket).
+    #[arg(long, env = "COLLAB_MAX_SESSIONS", default_value_t = 1000, value_parser = parse_count)]
+    pub max_sessions: usize,
+
+    /// HTTP API (`/api/...`) requests per second from one client address, sustained. Over it,
+    /// 429 with `Retry-After`.
+    #[arg(long, env = "COLLAB_API_RATE", default_value_t = 50.0, value_parser = parse_rate)]
+    pub api_rate: f64,
+
+    /// HTTP API requests one client address may send at once above `--api-rate`.
+    #[arg(long, env = "COLLAB_API_BURST", default_value_t = 100.0, value_parser = parse_rate)]
+    pub api_burst: f64,
     /// The signing key: with one, every endpoint but `/health` needs a token (README,
     /// "Securing a server"); without, the server is open.
     #[command(flatten)]
@@ -195,6 +228,13 @@ fn parse_rate(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(rate) if rate.is_finite() && rate >= 1.0 => Ok(rate),
         _ => Err(format!("{s:?} is not a number of at least 1")),
+    }
+}
+
+fn parse_count(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("{s:?} is not a whole number of at least 1")),
     }
 }
 

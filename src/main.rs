@@ -69,6 +69,12 @@ async fn run(config: Config) -> ExitCode {
             EnvFilter::try_new(&config.log_level).unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .init();
+    // Every connection is a descriptor: take what the hard limit allows (the soft limit is
+    // often 1024). `--max-connections` is then clamped to it.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::debug!(limit, "file descriptor limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the file descriptor limit"),
+    }
     let store = match optiverse_collab::open_store(&config) {
         Ok(store) => store,
         Err(e) => {

@@ -44,8 +44,8 @@ fn doc_bits(doc: &Doc, uuid: &str, n: usize) -> Vec<u64> {
 }
 
 async fn desktop_to_everywhere(server: &TestServer, session: &str, values: &[f64]) {
-    let (mut sender, _) = server.legacy(session, "sender").await;
-    let (mut receiver, _) = server.legacy(session, "receiver").await;
+    let (mut sender, _) = server.settled(session, "sender").await;
+    let (mut receiver, _) = server.settled(session, "receiver").await;
     let mut data = Map::new();
     for (i, v) in values.iter().enumerate() {
         data.insert(format!("v{i}"), json!(v));
@@ -82,7 +82,7 @@ async fn desktop_to_everywhere(server: &TestServer, session: &str, values: &[f64
 }
 
 async fn yjs_to_desktop(server: &TestServer, session: &str, values: &[f64]) {
-    let (mut receiver, _) = server.legacy(session, "receiver").await;
+    let (mut receiver, _) = server.settled(session, "receiver").await;
     let fields: Vec<(String, Any)> = values
         .iter()
         .enumerate()

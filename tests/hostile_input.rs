@@ -9,8 +9,8 @@ use serde_json::json;
 #[tokio::test]
 async fn ill_typed_positions_are_refused_and_change_nothing() {
     let server = TestServer::start().await;
-    let (mut alice, _) = server.legacy("typed", "alice").await;
-    let (mut bob, _) = server.legacy("typed", "bob").await;
+    let (mut alice, _) = server.settled("typed", "alice").await;
+    let (mut bob, _) = server.settled("typed", "bob").await;
     ping_collect(&mut alice).await;
     let lens = json!({"x_mm": 1.5, "y_mm": 2.0, "angle_deg": 0.0, "name": "L1"});
     send_json(

@@ -196,7 +196,7 @@ async fn next_json(ws: &mut Ws) -> Option<Value> {
 /// that the JSON client's canvas, built from what it received, equals the scene.
 async fn providers_with_json_observer(script: &str, session: &str) {
     let server = TestServer::start().await;
-    let (mut observer, _ack) = server.legacy(session, "observer").await;
+    let (mut observer, _ack) = server.settled(session, "observer").await;
     run_script(&server, script, session, &[]).await;
     let mut canvas = Canvas::default();
     for msg in ping_collect(&mut observer).await {
@@ -256,7 +256,7 @@ fn item_arg(item_type: &str, uuid: &str, data: &Value) -> String {
 async fn mixed_session_json_client_and_yjs_providers() {
     let session = "interop-mixed";
     let server = TestServer::start().await;
-    let (mut alice, _ack) = server.legacy(session, "alice").await;
+    let (mut alice, _ack) = server.settled(session, "alice").await;
     let (type1, uuid1, data1) = fixture_item(1);
     let (type2, uuid2, data2) = fixture_item(0);
     assert_ne!(uuid1, uuid2);
@@ -372,7 +372,7 @@ async fn http_update_with_yjs_client() {
     let session = "interop-http";
     let posted = "9c4f1e2a-5b6d-4e7f-8a9b-0c1d2e3f4a5b";
     let server = TestServer::start().await;
-    let (mut alice, _ack) = server.legacy(session, "alice").await;
+    let (mut alice, _ack) = server.settled(session, "alice").await;
     for i in 0..4 {
         let (item_type, uuid, data) = fixture_item(i);
         send_json(

@@ -21,7 +21,7 @@ use yrs::{Doc, Map, ReadTxn, Transact};
 async fn sync_handshake_and_updates_both_ways() {
     let session = "yjs-sync";
     let server = TestServer::start().await;
-    let (mut alice, _) = server.legacy(session, "alice").await;
+    let (mut alice, _) = server.settled(session, "alice").await;
     let (type1, uuid1, data1) = fixture_item(1);
     send_json(
         &mut alice,
@@ -214,7 +214,7 @@ async fn sync_handshake_and_updates_both_ways() {
 async fn user_param_puts_the_connection_in_the_user_list() {
     let session = "yjs-users";
     let server = TestServer::start().await;
-    let (mut alice, _) = server.legacy(session, "alice").await;
+    let (mut alice, _) = server.settled(session, "alice").await;
 
     let (named, _) = YClient::join(&server, &format!("/yjs/{session}?user=bob%20yjs")).await;
     let received = ping_collect(&mut alice).await;
@@ -280,7 +280,7 @@ async fn user_param_puts_the_connection_in_the_user_list() {
 async fn malformed_frames_leave_the_connection_usable_and_the_document_unchanged() {
     let session = "yjs-malformed";
     let server = TestServer::start().await;
-    let (mut alice, _) = server.legacy(session, "alice").await;
+    let (mut alice, _) = server.settled(session, "alice").await;
     let (item_type, uuid, data) = fixture_item(2);
     send_json(
         &mut alice,
@@ -338,7 +338,7 @@ async fn user_param_is_percent_decoded_exactly_once() {
     // `ben%2541` and must arrive as "ben%41", not "benA"; "x%FF" must not be refused.
     let session = "yjs-user-decoding";
     let server = TestServer::start().await;
-    let (mut alice, _) = server.legacy(session, "alice").await;
+    let (mut alice, _) = server.settled(session, "alice").await;
     for (encoded, name) in [
         ("ben%2541", "ben%41"),
         ("x%25FF", "x%FF"),

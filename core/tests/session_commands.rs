@@ -11,11 +11,11 @@ use collab_core::doc::scene::CORRECTION_DELAY;
 use common::*;
 use serde_json::{json, Value};
 
-/// A session with desktop clients `a` and `b`, both past their acks.
+/// A session with desktop clients `a` and `b`, both past their first exchange.
 fn two_clients() -> (World, u64, u64) {
     let mut world = World::new();
-    let (a, _) = world.legacy("a");
-    let (b, _) = world.legacy("b");
+    let (a, _) = world.settled("a");
+    let (b, _) = world.settled("b");
     world.ping(a);
     (world, a, b)
 }

@@ -223,7 +223,7 @@ fn the_others_hear_user_joined_and_user_left() {
 fn a_newer_ws_connection_of_a_user_replaces_the_older_with_4000_and_no_user_events() {
     let mut world = World::new();
     let (old, _) = world.legacy("dana");
-    let (walt, _) = world.legacy("walt");
+    let (walt, _) = world.settled("walt");
     world.ping(old);
     world.advance(Duration::from_secs(5));
     let (new, ack) = world.legacy("dana");

@@ -92,7 +92,8 @@ fn a_request_before_the_scene_exists_is_answered_as_soon_as_it_does() {
     let (host, ack) = world.legacy("host");
     assert_eq!(ack["is_host"], true);
     let (guest, _) = world.legacy("guest");
-    // A connection that never asks gets commands as they come.
+    // A connection that has neither asked nor uploaded may be a host whose upload is on its
+    // way, holding any item: it is told of changes by update_item only (README "Choices").
     let (silent, _) = world.legacy("silent");
     world.ping(host);
     world.ping(guest);
@@ -121,8 +122,8 @@ fn a_request_before_the_scene_exists_is_answered_as_soon_as_it_does() {
     assert_eq!(
         commands(&relayed),
         [
-            ("add_item".into(), u.clone(), "host".into()),
-            ("add_item".into(), u2.clone(), "host".into())
+            ("update_item".into(), u.clone(), "host".into()),
+            ("update_item".into(), u2.clone(), "host".into())
         ]
     );
 
@@ -213,16 +214,13 @@ fn a_host_upload_becomes_the_scene_and_reaches_the_others_as_commands() {
         to_guest.iter().all(|m| m["type"] == "command"),
         "the upload is not relayed verbatim: {to_guest:?}"
     );
-    assert_eq!(
-        to_guest.len(),
-        6,
-        "add_item and its placeholder fix per item"
-    );
-    let to_guest = fold_fixes(&to_guest);
+    // The guest has neither asked nor uploaded: it may hold these items, so it is told
+    // by update_item (README "Choices"); it gets them whole when it asks.
+    assert_eq!(to_guest.len(), 3, "one update_item per item");
     let added: BTreeMap<String, Value> = to_guest
         .iter()
         .map(|m| {
-            assert_eq!(m["command"]["action"], "add_item", "{m}");
+            assert_eq!(m["command"]["action"], "update_item", "{m}");
             assert_eq!(m["user_id"], "host");
             assert_eq!(m["command"]["item_type"], m["command"]["data"]["item_type"]);
             (
@@ -267,7 +265,8 @@ fn an_upload_from_any_connection_is_merged() {
         msg["type"], "command",
         "target_user gets commands, not the upload"
     );
-    assert_eq!(msg["command"]["action"], "add_item");
+    // `first` has neither asked nor uploaded (README "Choices").
+    assert_eq!(msg["command"]["action"], "update_item");
     assert_eq!(msg["command"]["item_id"], json!(u6));
     assert_eq!(msg["user_id"], "host");
     assert!(
@@ -306,7 +305,8 @@ fn an_upload_from_any_connection_is_merged() {
     // A third connection, told the item's name twice, uploads a canvas holding the older
     // name and lacking the other item: the stale name is not written (it is a value this
     // connection was told), so it gets the document's state of that item, and the item it
-    // lacks as add_item.
+    // lacks as add_item. Before it uploads or asks, it may hold any item that existed (a
+    // host reconnecting): it is told of changes by update_item.
     let (third, _) = world.legacy("third");
     world.ping(first);
     world.ping(host);
@@ -327,7 +327,7 @@ fn an_upload_from_any_connection_is_merged() {
     assert_eq!(
         told,
         [
-            (&json!("add_item"), &json!("N2")),
+            (&json!("update_item"), &json!("N2")),
             (&json!("update_item"), &json!("N3"))
         ]
     );

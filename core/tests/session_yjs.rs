@@ -73,7 +73,7 @@ fn yjs_client(world: &mut World, peer: u64, first: &[Message], doc: Doc) -> Doc 
 #[test]
 fn a_ws_yjs_joiner_gets_the_ack_with_the_document_then_sync_step1() {
     let mut world = World::new();
-    let (jay, _) = world.legacy("jay");
+    let (jay, _) = world.settled("jay");
     let (t1, u1, d1) = fixture_item(1);
     let (t0, u0, d0) = fixture_item(0);
     world.send(jay, command("add_item", &t1, &u1, d1.clone(), "jay"));
@@ -131,7 +131,7 @@ fn a_ws_yjs_joiner_gets_the_ack_with_the_document_then_sync_step1() {
 #[test]
 fn a_json_change_reaches_yjs_speakers_as_one_update_and_never_as_json() {
     let mut world = World::new();
-    let (jay, _) = world.legacy("jay");
+    let (jay, _) = world.settled("jay");
     let (t3, u3, d3) = fixture_item(3);
     world.send(jay, command("add_item", &t3, &u3, d3, "jay"));
     let yuki = world.join(ConnKind::LegacyYjs, Some("yuki"));
@@ -169,7 +169,7 @@ fn a_json_change_reaches_yjs_speakers_as_one_update_and_never_as_json() {
 #[test]
 fn a_yjs_update_reaches_desktop_clients_as_commands_and_other_yjs_speakers_as_itself() {
     let mut world = World::new();
-    let (jay, _) = world.legacy("jay");
+    let (jay, _) = world.settled("jay");
     let (t1, u1, d1) = fixture_item(1);
     world.send(jay, command("add_item", &t1, &u1, d1.clone(), "jay"));
     let yuki = world.join(ConnKind::LegacyYjs, Some("yuki"));
@@ -241,7 +241,7 @@ fn a_yjs_update_reaches_desktop_clients_as_commands_and_other_yjs_speakers_as_it
 #[test]
 fn an_offline_edit_travels_in_the_clients_sync_step2() {
     let mut world = World::new();
-    let (alice, _) = world.legacy("alice");
+    let (alice, _) = world.settled("alice");
     let (t0, u0, d0) = fixture_item(0);
     let offline = Doc::new();
     items(&offline).insert(
@@ -504,4 +504,43 @@ fn an_oversize_awareness_state_is_refused_and_not_broadcast() {
         "only a's state at the bound: {:?}",
         all[0].keys()
     );
+}
+
+/// A Yjs client may write anything into a field the desktop client reads as a number or a
+/// boolean; desktop clients are not sent such a value (it would raise in their handler and lose
+/// the item there): the field is left out of what they get, and they show its default. The
+/// document keeps what the Yjs client wrote, and Yjs clients get it.
+#[test]
+fn an_ill_typed_field_written_by_yjs_is_left_out_for_desktop_clients() {
+    let mut world = World::new();
+    let (jay, _) = world.settled("jay");
+    let (t1, u1, d1) = fixture_item(1);
+    world.send(jay, command("add_item", &t1, &u1, d1.clone(), "jay"));
+    let yuki = world.join(ConnKind::LegacyYjs, Some("yuki"));
+    let (_, first) = split(world.take(yuki));
+    let doc = yjs_client(&mut world, yuki, &first, Doc::new());
+    world.ping(jay);
+
+    let update = edit(&doc, |txn, items| {
+        set_fields(
+            txn,
+            items,
+            &u1,
+            &[("x_mm", json!("abc")), ("name", json!("renamed"))],
+        )
+    });
+    world.send_yjs(yuki, Message::Sync(SyncMessage::Update(update)));
+    let to_jay = world.ping(jay);
+    let msg = only(&to_jay);
+    assert_eq!(msg["command"]["action"], "update_item", "{msg}");
+    let data = &msg["command"]["data"];
+    assert_eq!(data["name"], "renamed");
+    assert!(data.get("x_mm").is_none(), "x_mm left out: {data}");
+    assert_eq!(data["y_mm"], d1["y_mm"], "the other fields are sent");
+
+    let (_, got) = world.joiner("late");
+    let full = fold_fixes(&got);
+    let state = scene_by_uuid(&full[0]["state"]);
+    assert!(state[&u1].get("x_mm").is_none(), "nor in a full state");
+    assert_eq!(doc_items(&world.doc())[&u1]["x_mm"], json!("abc"));
 }

@@ -3,9 +3,9 @@
 
 use std::time::SystemTime;
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::{header, StatusCode, Uri};
+use axum::http::{header, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
@@ -26,8 +26,13 @@ fn invalid_session() -> Response {
     error(StatusCode::BAD_REQUEST, "invalid session id")
 }
 
+/// 503: the session failed, or there is no room for it in memory (`--max-sessions`).
 fn unavailable() -> Response {
-    error(StatusCode::SERVICE_UNAVAILABLE, "session unavailable")
+    let mut response = error(StatusCode::SERVICE_UNAVAILABLE, "session unavailable");
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    response
 }
 
 fn not_found() -> Response {
@@ -121,10 +126,52 @@ pub async fn get_update(State(state): State<AppState>, uri: Uri) -> Response {
     }
 }
 
+/// The whole request body, read within `--http-body-timeout` (else 408, and the connection
+/// closes) and `--max-message-bytes` (else 413).
+async fn read_body(state: &AppState, body: Body) -> Result<Bytes, Response> {
+    let limit = state.config.max_message_bytes;
+    let read = axum::body::to_bytes(body, limit);
+    match tokio::time::timeout(state.config.http_body_timeout, read).await {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(e)) => {
+            let too_large = std::error::Error::source(&e)
+                .is_some_and(|source| source.is::<http_body_util::LengthLimitError>());
+            Err(if too_large {
+                error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("the body is larger than {limit} bytes"),
+                )
+            } else {
+                error(
+                    StatusCode::BAD_REQUEST,
+                    format!("cannot read the body: {e}"),
+                )
+            })
+        }
+        Err(_) => {
+            if state.rejected_warnings.allow() {
+                tracing::warn!("request body not received in time: 408");
+            }
+            let mut response = error(
+                StatusCode::REQUEST_TIMEOUT,
+                "the request body did not arrive in time",
+            );
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            Err(response)
+        }
+    }
+}
+
 /// `POST /api/sessions/{session}/update`: applies a v1 update like any client's.
-pub async fn post_update(State(state): State<AppState>, uri: Uri, body: Bytes) -> Response {
+pub async fn post_update(State(state): State<AppState>, uri: Uri, body: Body) -> Response {
     let Some(id) = api_session(uri.path()) else {
         return invalid_session();
+    };
+    let body = match read_body(&state, body).await {
+        Ok(body) => body,
+        Err(response) => return response,
     };
     let update = match CheckedUpdate::check(body.to_vec()) {
         Ok(update) => update,

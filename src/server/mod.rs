@@ -2,7 +2,9 @@
 //! server's life cycle (start, graceful shutdown).
 
 mod api;
+mod api_rate;
 pub mod connection;
+pub mod listener;
 pub mod path;
 mod retention;
 mod web;
@@ -13,8 +15,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
+use axum::middleware;
 use axum::routing::{any, get, post};
-use axum::serve::ListenerExt;
 use axum::Router;
 use collab_core::session::{Rate, Rates, SessionLimits};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -23,6 +25,9 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::auth::AccessControl;
+use api_rate::ApiRate;
+use listener::ListenerLimits;
+
 use crate::config::Config;
 use crate::session::registry::SessionConfig;
 use crate::session::Registry;
@@ -31,6 +36,10 @@ use crate::warn_limit::WarnLimiter;
 
 /// How long shutdown waits for connections to close before it gives up on them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(4);
+
+/// File descriptors kept for what is not a connection: the listener, the store's files,
+/// refused sockets being answered, standard streams.
+const RESERVED_FDS: u64 = 96;
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -43,6 +52,8 @@ pub struct AppState {
     pub rejected_warnings: Arc<WarnLimiter>,
     /// Tokens, revocations and origins (`crate::auth`).
     pub access: Arc<AccessControl>,
+    /// `/api` requests per client address.
+    pub api_rate: Arc<ApiRate>,
 }
 
 /// The Prometheus recorder is process-global: installed once, shared by every server.
@@ -58,9 +69,7 @@ fn metrics_handle() -> Option<PrometheusHandle> {
 }
 
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/health", get(api::health))
-        .route("/metrics", get(api::metrics))
+    let api = Router::new()
         .route("/api/sessions", get(api::sessions))
         .route("/api/store/sessions", get(api::stored_sessions))
         .route("/api/sessions/{session}/scene", get(api::scene))
@@ -73,6 +82,14 @@ pub fn router(state: AppState) -> Router {
             "/api/sessions/{session}/revoke",
             post(crate::auth::api::revoke),
         )
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            api_rate::limit,
+        ));
+    Router::new()
+        .route("/health", get(api::health))
+        .route("/metrics", get(api::metrics))
+        .merge(api)
         .route("/ws", any(ws::legacy))
         .route("/ws/", any(ws::legacy))
         .route("/ws/{*rest}", any(ws::legacy))
@@ -82,6 +99,23 @@ pub fn router(state: AppState) -> Router {
         .merge(web::routes())
         .layer(DefaultBodyLimit::max(state.config.max_message_bytes))
         .with_state(state)
+}
+
+/// The accept loop's limits: as configured, within what the process's file descriptor limit
+/// allows (total), and at most half of the total per client, so that one address cannot take
+/// every connection.
+fn listener_limits(config: &Config) -> ListenerLimits {
+    let fds = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(u64::MAX, |(soft, _)| soft);
+    let by_fds = usize::try_from(fds.saturating_sub(RESERVED_FDS)).unwrap_or(usize::MAX);
+    let max_connections = config.max_connections.min(by_fds).max(1);
+    ListenerLimits {
+        max_connections,
+        max_connections_per_client: config
+            .max_connections_per_ip
+            .min(max_connections / 2)
+            .max(1),
+        header_timeout: config.http_header_timeout,
+    }
 }
 
 /// A running server.
@@ -119,6 +153,7 @@ impl Server {
                     },
                 },
             },
+            max_sessions: config.max_sessions,
             ..SessionConfig::default()
         };
         let registry = Registry::new(store.clone(), session_config, shutdown.clone());
@@ -126,43 +161,44 @@ impl Server {
             tokio::spawn(retention::run(registry.clone(), retain, shutdown.clone()));
         }
         let state = AppState {
-            config: Arc::new(config),
             registry,
             connections: TaskTracker::new(),
             metrics: metrics_handle(),
             rejected_warnings: Arc::default(),
             access: access.clone(),
+            api_rate: Arc::new(ApiRate::new(Rate {
+                per_second: config.api_rate,
+                burst: config.api_burst,
+            })),
+            config: Arc::new(config),
         };
+        let limits = listener_limits(&state.config);
+        info!(
+            max_connections = limits.max_connections,
+            per_client = limits.max_connections_per_client,
+            "connection limits"
+        );
         let connections = state.connections.clone();
         let registry = state.registry.clone();
-        // Around the router, not a route layer: the `/t/{token}` prefix is stripped before
-        // routing.
-        let app = tower::Layer::layer(
-            &axum::middleware::from_fn_with_state(access, crate::auth::http::guard),
-            router(state),
-        );
+        // Each connection shares the one router (a clone shares its route table). Access
+        // control wraps it whole (its routes are the fallback), so that it runs before routing:
+        // the `/t/{token}` prefix is stripped first.
+        let app =
+            Router::new()
+                .fallback_service(router(state))
+                .layer(middleware::from_fn_with_state(
+                    access,
+                    crate::auth::http::guard,
+                ));
         let stop = shutdown.clone();
         let task = tokio::spawn(async move {
-            // Small frames must leave at once: with Nagle's algorithm on, a frame written
-            // while the previous one is unacknowledged waits for the peer's delayed ACK (40 ms).
-            let listener = listener.tap_io(|stream| {
-                if let Err(e) = stream.set_nodelay(true) {
-                    tracing::debug!(error = %e, "could not set TCP_NODELAY");
-                }
-            });
-            // Each connection shares the one router: serving `Router` itself would rebuild its
-            // route table for every connection and keep it for the connection's life.
-            let serve = axum::serve(
-                listener,
-                axum::ServiceExt::<axum::extract::Request>::into_make_service(app),
-            )
-            .with_graceful_shutdown(stop.cancelled_owned());
-            if let Err(e) = serve.await {
-                tracing::error!(error = %e, "server error");
-            }
+            let http = TaskTracker::new();
+            listener::serve(listener, app, limits, stop, http.clone()).await;
             // Sessions close their members (1001) as they stop.
+            http.close();
             connections.close();
             let drained = async {
+                http.wait().await;
                 connections.wait().await;
                 registry.wait_stopped().await;
             };

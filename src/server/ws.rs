@@ -12,14 +12,17 @@ use axum::extract::{Query, State};
 use axum::http::Uri;
 use axum::response::Response;
 use axum::Extension;
+use futures_util::FutureExt;
 use tracing::{info, warn};
 
 use collab_core::protocol::json::{self, ErrorCode, ProtocolError};
 use collab_core::session::{
-    Access, ConnKind, CLOSE_INTERNAL, CLOSE_INVALID_PATH, CLOSE_NAME_NOT_YOURS, CLOSE_TOKEN_REVOKED,
+    Access, ConnKind, CLOSE_INTERNAL, CLOSE_INVALID_PATH, CLOSE_NAME_NOT_YOURS, CLOSE_SERVER_FULL,
+    CLOSE_TOKEN_REVOKED,
 };
 
 use super::connection::{Connection, ConnectionTarget};
+use super::listener::ConnectionSlot;
 use super::path::{normalize_name, parse_segments};
 use super::AppState;
 use crate::auth::http::Grant;
@@ -39,6 +42,7 @@ pub async fn legacy(
     uri: Uri,
     Query(params): Query<HashMap<String, String>>,
     State(state): State<AppState>,
+    slot: Option<Extension<ConnectionSlot>>,
     grant: Option<Extension<Grant>>,
 ) -> Response {
     let kind = if flag(&params, "yjs") {
@@ -54,7 +58,7 @@ pub async fn legacy(
             kind,
         }
     });
-    upgrade(ws, state, target, grant)
+    upgrade(ws, state, target, slot, grant)
 }
 
 /// `/yjs/...` (as `/ws/...`)
@@ -63,6 +67,7 @@ pub async fn yjs(
     uri: Uri,
     Query(params): Query<HashMap<String, String>>,
     State(state): State<AppState>,
+    slot: Option<Extension<ConnectionSlot>>,
     grant: Option<Extension<Grant>>,
 ) -> Response {
     // A token that binds a name names an unnamed connection.
@@ -81,14 +86,17 @@ pub async fn yjs(
         }),
         _ => None,
     };
-    upgrade(ws, state, target, grant)
+    upgrade(ws, state, target, slot, grant)
 }
 
 /// Answers the upgrade (101) and, in a set-up task, opens the socket and joins the session.
+/// The connection's admission slot (`listener`) goes with the socket: the WebSocket counts
+/// as an open connection until it closes.
 fn upgrade(
     upgrade: Upgrade,
     state: AppState,
     target: Option<ConnectionTarget>,
+    slot: Option<Extension<ConnectionSlot>>,
     grant: Option<Extension<Grant>>,
 ) -> Response {
     let grant = grant.map(|Extension(Grant(claims))| claims);
@@ -99,14 +107,17 @@ fn upgrade(
     let tracker = connections.clone();
     tracker.spawn(async move {
         if let Some((connection, socket)) = join(upgrading, state, target, grant).await {
-            connections.spawn(connection.serve(socket));
+            // A combinator, not an `async` block: that would store the serving future twice
+            // (rust-lang/rust#62958), in every idle connection's task.
+            connections.spawn(connection.serve(socket).map(move |()| drop(slot)));
         }
     });
     response
 }
 
 /// Opens the socket and joins the session. An invalid path is closed with 1008; a session
-/// that cannot be joined, with 1011 (JSON clients are told why first).
+/// that cannot be joined, with 1011, or 1013 when there is no room for it in memory (JSON
+/// clients are told why first).
 async fn join(
     upgrading: Upgrading,
     state: AppState,
@@ -154,18 +165,28 @@ async fn join(
     let session = match state.registry.join(&target.session, request).await {
         Ok(handle) => handle,
         Err(JoinError::NameHeld) => {
-            warn!(session = %target.session, user = target.user.as_deref().unwrap_or("-"), "refused: the user name is held by another connection");
+            if state.rejected_warnings.allow() {
+                warn!(session = %target.session, user = target.user.as_deref().unwrap_or("-"), "refused: the user name is held by another connection");
+            }
             socket.close(CLOSE_NAME_NOT_YOURS).await;
             return None;
         }
         Err(e) => {
-            warn!(session = %target.session, error = ?e, "join failed");
+            if state.rejected_warnings.allow() {
+                warn!(session = %target.session, error = ?e, "join failed");
+            }
+            let (message, close) = match e {
+                JoinError::Full => (
+                    "the server holds as many sessions as it may; try again later",
+                    CLOSE_SERVER_FULL,
+                ),
+                _ => ("the session could not be loaded", CLOSE_INTERNAL),
+            };
             if target.kind.speaks_json() {
-                let error =
-                    ProtocolError::new(ErrorCode::Unavailable, "the session could not be loaded");
+                let error = ProtocolError::new(ErrorCode::Unavailable, message);
                 let _ = outbox.send(&Frame::text(&json::encode_error(&error)));
             }
-            socket.close(CLOSE_INTERNAL).await;
+            socket.close(close).await;
             return None;
         }
     };

@@ -11,6 +11,7 @@ mod task;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use collab_core::doc::{CheckedUpdate, PeerId};
@@ -18,7 +19,7 @@ use collab_core::protocol::json::ClientMessage;
 use collab_core::protocol::yjs::YjsMessage;
 use collab_core::session::{Access, ConnKind, Summary};
 use dashmap::DashMap;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::transport::Outbox;
 pub use registry::Registry;
@@ -47,6 +48,10 @@ pub enum JoinError {
     /// A member holding the user name is present, and the joiner does not hold it.
     #[error("the user name is held by another connection")]
     NameHeld,
+    /// The session is not in memory, and there is no room for it (`--max-sessions`, every
+    /// session has members).
+    #[error("the server holds as many sessions as it may")]
+    Full,
 }
 
 /// What a session's task can be asked.
@@ -86,6 +91,44 @@ pub struct ApiUpdate {
 pub struct SessionHandle {
     pub id: Arc<str>,
     tx: mpsc::Sender<SessionMsg>,
+    status: Arc<SessionStatus>,
+}
+
+/// What the registry reads of a session without asking its task: since when it has been idle
+/// (no members), to pick the one to evict when memory is full, and the request to leave.
+#[derive(Debug, Default)]
+pub struct SessionStatus {
+    /// Milliseconds from the registry's epoch at which the session became idle, plus one;
+    /// [`SessionStatus::BUSY`] while it has members or has been asked to leave.
+    idle_since: AtomicU64,
+    evict: Notify,
+}
+
+impl SessionStatus {
+    const BUSY: u64 = 0;
+
+    fn idle_since(&self) -> u64 {
+        self.idle_since.load(Ordering::Relaxed)
+    }
+
+    /// Set by the session's task.
+    fn set_idle_since(&self, millis: Option<u64>) {
+        let value = millis.map_or(Self::BUSY, |m| m.saturating_add(1));
+        self.idle_since.store(value, Ordering::Relaxed);
+    }
+
+    /// Asks an idle session to leave memory, if it is still idle since `since` and no one
+    /// else asked it; true when this call asked.
+    fn claim_eviction(&self, since: u64) -> bool {
+        let claimed = self
+            .idle_since
+            .compare_exchange(since, Self::BUSY, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok();
+        if claimed {
+            self.evict.notify_one();
+        }
+        claimed
+    }
 }
 
 impl SessionHandle {

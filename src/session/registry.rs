@@ -9,16 +9,17 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use collab_core::doc::PeerId;
 use collab_core::session::SessionLimits;
-use tokio::sync::{mpsc, oneshot};
+use dashmap::mapref::entry::Entry;
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::task::{self, TaskContext};
-use super::{JoinError, JoinRequest, SessionHandle, SessionMsg, SessionTable};
+use super::{JoinError, JoinRequest, SessionHandle, SessionMsg, SessionStatus, SessionTable};
 use crate::store::Store;
 
 /// Bound of a session's inbound queue; senders wait when it is full (backpressure).
@@ -26,6 +27,10 @@ const SESSION_QUEUE: usize = 1024;
 
 /// How often a request is retried against a session that is being evicted.
 const RETRIES: usize = 16;
+
+/// How long a new session waits for the idle one evicted to make room for it (its last
+/// batch and compaction are written first).
+const EVICTION_WAIT: Duration = Duration::from_secs(5);
 
 /// Limits and timings every session applies.
 #[derive(Debug, Clone)]
@@ -38,6 +43,8 @@ pub struct SessionConfig {
     pub compact_after_updates: usize,
     /// ...or once it holds this many bytes more than the last snapshot.
     pub compact_after_bytes: usize,
+    /// Sessions in memory at once (each task holds a slot until it has stopped).
+    pub max_sessions: usize,
 }
 
 impl Default for SessionConfig {
@@ -48,6 +55,7 @@ impl Default for SessionConfig {
             limits: SessionLimits::default(),
             compact_after_updates: 1000,
             compact_after_bytes: 4 * 1024 * 1024,
+            max_sessions: 1000,
         }
     }
 }
@@ -58,6 +66,8 @@ pub struct Registry {
     next_peer: AtomicU64,
     /// Session tasks still running (loaded, or writing their last batch after eviction).
     tasks: TaskTracker,
+    /// One permit per session task (`max_sessions`).
+    slots: Arc<Semaphore>,
 }
 
 /// The session could not be reached (its store failed, or it kept closing).
@@ -70,15 +80,20 @@ impl Registry {
         config: SessionConfig,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
+        let slots = Arc::new(Semaphore::new(
+            config.max_sessions.clamp(1, Semaphore::MAX_PERMITS),
+        ));
         Arc::new(Registry {
             context: Arc::new(TaskContext {
                 sessions: SessionTable::default(),
                 store,
                 config,
                 shutdown,
+                epoch: Instant::now(),
             }),
             next_peer: AtomicU64::new(1),
             tasks: TaskTracker::new(),
+            slots,
         })
     }
 
@@ -107,34 +122,79 @@ impl Registry {
     }
 
     /// The session's task, started (and loading) if it was not running. A task that died
-    /// (its queue is closed) is replaced.
-    pub fn get_or_start(&self, id: &str) -> SessionHandle {
+    /// (its queue is closed) is replaced. A session that would be one too many replaces the
+    /// one idle longest, or is refused ([`JoinError::Full`]).
+    async fn get_or_start(&self, id: &str) -> Result<SessionHandle, JoinError> {
         let sessions = &self.context.sessions.0;
         if let Some(handle) = sessions.get(id) {
             if !handle.tx.is_closed() {
-                return handle.clone();
+                return Ok(handle.clone());
             }
         }
-        let mut entry = sessions
-            .entry(Arc::from(id))
-            .or_insert_with(|| self.start(id));
-        if entry.tx.is_closed() {
-            *entry = self.start(id);
-        }
-        entry.clone()
+        let slot = self.session_slot().await.ok_or(JoinError::Full)?;
+        let handle = match sessions.entry(Arc::from(id)) {
+            // Started meanwhile by another caller: its slot is the one used.
+            Entry::Occupied(entry) if !entry.get().tx.is_closed() => entry.get().clone(),
+            Entry::Occupied(mut entry) => {
+                entry.insert(self.start(id, slot));
+                entry.get().clone()
+            }
+            Entry::Vacant(entry) => entry.insert(self.start(id, slot)).clone(),
+        };
+        Ok(handle)
     }
 
-    fn start(&self, id: &str) -> SessionHandle {
+    /// Room for one more session task: a free slot, or the one of the session idle longest,
+    /// once it has stopped. `None` when every session has members.
+    async fn session_slot(&self) -> Option<OwnedSemaphorePermit> {
+        if let Ok(slot) = self.slots.clone().try_acquire_owned() {
+            return Some(slot);
+        }
+        if !self.evict_idlest() {
+            return None;
+        }
+        tokio::time::timeout(EVICTION_WAIT, self.slots.clone().acquire_owned())
+            .await
+            .ok()?
+            .ok()
+    }
+
+    /// Asks the session idle longest to leave memory; false when none is idle.
+    fn evict_idlest(&self) -> bool {
+        loop {
+            let idlest = self
+                .context
+                .sessions
+                .0
+                .iter()
+                .filter_map(|entry| {
+                    let since = entry.status.idle_since();
+                    (since != SessionStatus::BUSY).then(|| (since, entry.value().clone()))
+                })
+                .min_by_key(|(since, _)| *since);
+            let Some((since, handle)) = idlest else {
+                return false;
+            };
+            // Another caller may have picked the same one: one caller per eviction.
+            if handle.status.claim_eviction(since) {
+                return true;
+            }
+        }
+    }
+
+    fn start(&self, id: &str, slot: OwnedSemaphorePermit) -> SessionHandle {
         let (tx, rx) = mpsc::channel(SESSION_QUEUE);
         let handle = SessionHandle {
             id: Arc::from(id),
             tx,
+            status: Arc::default(),
         };
         self.tasks.spawn(task::run(
             self.context.clone(),
             handle.clone(),
             rx,
             self.tasks.clone(),
+            slot,
         ));
         handle
     }
@@ -149,7 +209,7 @@ impl Registry {
     /// Joins a session, retrying while it is being evicted.
     pub async fn join(&self, id: &str, request: JoinRequest) -> Result<SessionHandle, JoinError> {
         for _ in 0..RETRIES {
-            let handle = self.get_or_start(id);
+            let handle = self.get_or_start(id).await?;
             let (tx, rx) = oneshot::channel();
             let msg = SessionMsg::Join(
                 Box::new(JoinRequest {
@@ -206,7 +266,7 @@ impl Registry {
         make: impl Fn(oneshot::Sender<T>) -> SessionMsg,
     ) -> Option<T> {
         for _ in 0..RETRIES {
-            let handle = self.get_or_start(id);
+            let handle = self.get_or_start(id).await.ok()?;
             let (tx, rx) = oneshot::channel();
             if handle.send(make(tx)).await.is_err() {
                 continue;

@@ -13,7 +13,7 @@ use collab_core::doc::{CheckedUpdate, GuardedDoc, PeerId, Scene};
 use collab_core::session::{
     Event, Input, Now, Output, Refused, Session, CLOSE_GOING_AWAY, CLOSE_INTERNAL, CLOSE_SLOW,
 };
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, warn};
@@ -35,6 +35,8 @@ pub struct TaskContext {
     pub(super) store: Arc<dyn Store>,
     pub(super) config: SessionConfig,
     pub(super) shutdown: CancellationToken,
+    /// What sessions' idle times are counted from ([`super::SessionStatus`]).
+    pub(super) epoch: Instant,
 }
 
 /// What the store holds for this session, as far as this task knows.
@@ -66,6 +68,8 @@ struct SessionTask {
     warnings: WarnLimiter,
     /// The store failed; the in-memory document holds changes that are not durable.
     failed: bool,
+    /// This session's place among those in memory, given back when the task ends.
+    _slot: OwnedSemaphorePermit,
 }
 
 /// Loads the session, then serves it until it is evicted, fails or the server stops.
@@ -74,6 +78,7 @@ pub(super) async fn run(
     handle: SessionHandle,
     rx: mpsc::Receiver<SessionMsg>,
     tasks: TaskTracker,
+    slot: OwnedSemaphorePermit,
 ) {
     match load(&context, &handle.id).await {
         Ok((session, stored)) => {
@@ -88,7 +93,9 @@ pub(super) async fn run(
                 stored,
                 warnings: WarnLimiter::default(),
                 failed: false,
+                _slot: slot,
             };
+            task.publish_idle();
             // Served by a task of its own: a task keeps its future's whole size for its life,
             // and what loading needed must not stay with every idle session.
             tasks.spawn(task.serve(rx));
@@ -151,6 +158,7 @@ impl SessionTask {
     fn serve(mut self, mut rx: mpsc::Receiver<SessionMsg>) -> impl Future<Output = ()> + Send {
         async move {
             let context = self.context.clone();
+            let status = self.handle.status.clone();
             // Grown by `recv_many` as needed and shrunk after a burst: an idle session (there
             // may be thousands) keeps no room for 256 messages.
             let mut batch = Vec::new();
@@ -192,6 +200,11 @@ impl SessionTask {
                     }
                     _ = sleep_until_opt(evict_at) => {
                         debug!(session = %self.handle.id, "evicting idle session");
+                        break;
+                    }
+                    // The registry needs room for another session (`--max-sessions`).
+                    _ = status.evict.notified(), if evict_at.is_some() => {
+                        debug!(session = %self.handle.id, "evicting idle session to make room");
                         break;
                     }
                     _ = context.shutdown.cancelled() => break,
@@ -251,6 +264,7 @@ impl SessionTask {
                     self.outboxes.insert(peer, outbox);
                     metrics::gauge!("collab_connections").increment(1.0);
                     self.idle_since = None;
+                    self.publish_idle();
                 }
                 let _ = reply.send(result);
             }
@@ -296,7 +310,17 @@ impl SessionTask {
         }
         if self.session.is_empty() && self.idle_since.is_none() {
             self.idle_since = Some(Instant::now());
+            self.publish_idle();
         }
+    }
+
+    /// Tells the registry whether, and since when, the session is idle.
+    fn publish_idle(&self) {
+        let epoch = self.context.epoch;
+        let millis = self.idle_since.map(|t| {
+            u64::try_from(t.saturating_duration_since(epoch).as_millis()).unwrap_or(u64::MAX)
+        });
+        self.handle.status.set_idle_since(millis);
     }
 
     /// Lets go of the outboxes of connections that are no longer members (after what was

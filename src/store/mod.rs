@@ -3,7 +3,8 @@
 //! A small trait: load a session, append accepted updates (before anyone hears of them),
 //! replace the log by a snapshot, list what is stored, delete the sessions nobody touched for
 //! long (`--retain-days`). The session task calls it (the dashboard lists); implementations do
-//! their blocking work off the async runtime.
+//! their blocking work off the async runtime (a stalled disk must stall only the sessions
+//! waiting for it).
 
 pub mod memory;
 pub mod sqlite;
@@ -51,9 +52,12 @@ pub enum StoreError {
     /// The database refused an operation.
     #[error("database error: {0}")]
     Database(#[from] rusqlite::Error),
-    /// The store's thread is gone.
-    #[error("the store thread has stopped")]
+    /// A thread of the store is gone.
+    #[error("a store thread has stopped")]
     Stopped,
+    /// A file of the store was removed, replaced or made unwritable under the server.
+    #[error(transparent)]
+    Unusable(#[from] sqlite::UnusableFile),
     /// What is stored cannot be read back as a session document.
     #[error("the stored document is unreadable: {0}")]
     Unreadable(String),

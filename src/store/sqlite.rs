@@ -1,23 +1,33 @@
 //! `--store sqlite` (the default): one embedded SQLite database, `collab.db` in `--data-dir`.
 //!
 //! The database runs in WAL mode; `--fsync normal` survives a crash of the process,
-//! `--fsync always` also a power loss. Where writes run depends on that setting:
+//! `--fsync always` also a power loss. No SQLite call runs on the async runtime's threads, so
+//! a slow, frozen or failing disk stalls only the sessions waiting for their writes:
 //!
-//! * `--fsync normal` (`synchronous=NORMAL`: a commit appends to the WAL, no fsync): each write
-//!   (append, compact) runs inline on the calling task's thread, under a mutex, as its own
-//!   transaction; the returned future is already complete. Handing each append to a store
-//!   thread cost several times the commit itself at low rates (BENCHMARKS.md, "Where the CPU
-//!   goes"). These commits never checkpoint (an automatic checkpoint fsyncs and copies up to
-//!   1000 pages: milliseconds on the runtime thread): the store thread does, asked every
-//!   [`CHECKPOINT_AFTER_COMMITS`] commits or [`CHECKPOINT_AFTER_BYTES`] bytes, with a PASSIVE
-//!   checkpoint that never makes writers wait ([`checkpoint`] bounds the WAL's growth).
-//! * `--fsync always` (`synchronous=FULL`, an fsync per commit): a dedicated thread commits in
-//!   groups: every write that arrived while the previous transaction ran goes into the next
-//!   one, so many busy sessions share one fsync, and no fsync blocks the runtime.
+//! * **The writer thread** owns the write connection. Every write (append, compact, retention)
+//!   is sent to it and answered through a oneshot once its transaction has committed (the
+//!   session delivers only then: ARCHITECTURE.md, invariant 1). It commits in groups: the
+//!   writes of every session that arrived while the previous transaction ran go into the
+//!   next one, so busy sessions share a commit (and with `--fsync always`, an fsync). At low
+//!   rates a lone update pays two cross-thread wake-ups that an inline commit did not
+//!   (BENCHMARKS.md, "Issue 13: the store off the runtime"): the price of a runtime that a
+//!   stalled disk cannot hold.
+//! * **The reader thread** has a connection of its own (WAL readers never wait for the
+//!   writer): loads, lists, flushes and checkpoints. Commits never checkpoint (an automatic
+//!   checkpoint copies up to 1000 pages while writers wait); the writer asks the reader thread
+//!   every [`CHECKPOINT_AFTER_COMMITS`] transactions or [`CHECKPOINT_AFTER_BYTES`] bytes for a
+//!   PASSIVE checkpoint that never makes it wait ([`checkpoint`] bounds the WAL's growth).
 //!
-//! Reads (load, list) and flushes always run on the store thread, which with `--fsync normal`
-//! has a connection of its own (WAL readers do not block the writer): reading a whole session
-//! never blocks the runtime.
+//! Before each transaction a thread checks the store's files ([`StoreFiles`]): a database or
+//! WAL file removed or replaced under the server would take every later commit with it (the
+//! process still holds the old file open), and SQLite maps the WAL index (`collab.db-shm`)
+//! into memory: once a file is immutable (`chattr +i`) the kernel answers a write to that
+//! mapping with SIGBUS, which kills the process. Such files fail the operation instead, as
+//! any SQLite error does (the session closes its clients 1011 and logs it). The check runs
+//! before a transaction, not during it: a file made immutable inside a transaction can still
+//! raise the signal; only a WAL index in heap memory (`locking_mode=EXCLUSIVE`) avoids that,
+//! at the cost of every other process's access, the online backup included (README, "Data and
+//! backups").
 //!
 //! Schema (readable with `sqlite3 data/collab.db .schema`):
 //! * `sessions(id, initialized, updated_at)`: one row per stored session (databases written
@@ -27,11 +37,13 @@
 //!   that of the newest update it replaced, so the newest `created_at` of a session is when
 //!   its document last changed (what [`Store::list`] reports).
 
-use std::path::Path;
-use std::sync::{mpsc, Mutex, MutexGuard};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 use std::thread;
 
+use rusqlite::config::DbConfig;
 use rusqlite::{params, Connection, OptionalExtension};
+use rustix::fs::{AtFlags, StatxAttributes, StatxFlags, CWD};
 use tokio::sync::oneshot;
 use tracing::warn;
 
@@ -57,10 +69,10 @@ CREATE INDEX IF NOT EXISTS updates_by_session ON updates(session, id);
 /// Most requests folded into one transaction.
 const GROUP_LIMIT: usize = 1024;
 
-/// With `--fsync normal`, the store thread checkpoints after this many inline commits or
-/// bytes of data written, whichever comes first. A small commit adds about three pages to the
-/// WAL (the table's leaf, the index's leaf, `sqlite_sequence`), so 256 of them come near
-/// SQLite's own default of 1000 pages; the byte bound holds when updates are large.
+/// The writer asks for a checkpoint after this many transactions or bytes of data written,
+/// whichever comes first. A small commit adds about three pages to the WAL (the table's
+/// leaf, the index's leaf, `sqlite_sequence`), so 256 of them come near SQLite's own default
+/// of 1000 pages; the byte bound holds when updates are large.
 const CHECKPOINT_AFTER_COMMITS: u32 = 256;
 const CHECKPOINT_AFTER_BYTES: usize = 4 << 20;
 
@@ -87,72 +99,98 @@ impl Write {
     }
 }
 
-/// Work for the store thread.
-enum Request {
-    Load(String, Reply<Option<StoredSession>>),
-    Contains(String, Reply<bool>),
+/// Work for the writer thread.
+enum WriteRequest {
+    /// Resolves to the session's last update position.
+    Write(Write, Reply<u64>),
     /// Retention: the cutoff as a stored timestamp, the sessions to keep.
     RemoveUntouched(String, Vec<String>, Reply<Vec<String>>),
+}
+
+/// Work for the reader thread.
+enum ReadRequest {
+    Load(String, Reply<Option<StoredSession>>),
+    Contains(String, Reply<bool>),
     List(Reply<Vec<StoredSummary>>),
-    /// Only with `--fsync always`; otherwise writes run inline. Resolves to the position.
-    Write(Write, Reply<u64>),
-    /// Only with `--fsync normal`: enough was written inline since the last checkpoint.
+    /// From the writer: enough was written since the last checkpoint.
     Checkpoint,
     Flush(Reply<()>),
 }
 
-/// The embedded store. Dropping it stops its thread after the queued requests.
+/// The embedded store. Dropping it stops its threads after the queued requests.
 pub struct SqliteStore {
-    /// To the store thread.
-    tx: mpsc::Sender<Request>,
-    /// With `--fsync normal`: the write connection, used on the caller's thread.
-    inline: Option<Mutex<InlineWriter>>,
-}
-
-/// The write connection with `--fsync normal`, and what its commits still owe.
-struct InlineWriter {
-    conn: Connection,
-    written: WrittenMeta,
-    /// Commits and bytes since the store thread was last asked to checkpoint.
-    commits: u32,
-    bytes: usize,
-}
-
-impl InlineWriter {
-    /// Commits `write` alone; returns its outcome and whether a checkpoint is now due.
-    fn commit(&mut self, write: &Write) -> (Result<u64, StoreError>, bool) {
-        let outcome = commit_one(&mut self.conn, write, &mut self.written);
-        self.commits += 1;
-        self.bytes += write.data_bytes();
-        let checkpoint_due =
-            self.commits >= CHECKPOINT_AFTER_COMMITS || self.bytes >= CHECKPOINT_AFTER_BYTES;
-        if checkpoint_due {
-            self.commits = 0;
-            self.bytes = 0;
-        }
-        (outcome, checkpoint_due)
-    }
-}
-
-/// Locks the write connection. A panic while it was held left its transaction open, which the
-/// next [`in_transaction`] rolls back, so only the metadata cache can be wrong: it is
-/// cleared, and the lock usable again.
-fn lock(inline: &Mutex<InlineWriter>) -> MutexGuard<'_, InlineWriter> {
-    inline.lock().unwrap_or_else(|poisoned| {
-        let mut writer = poisoned.into_inner();
-        writer.written.clear();
-        inline.clear_poison();
-        writer
-    })
+    writes: mpsc::Sender<WriteRequest>,
+    reads: mpsc::Sender<ReadRequest>,
 }
 
 /// Opens a connection to `path` with the settings every connection of the store shares.
+/// `mmap_size=0` (SQLite's default, stated): the database file is read with `pread`, never
+/// mapped, so a failing or shrunk file is an error, not a signal.
 fn connect(path: &Path, synchronous: &str) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;
     conn.execute_batch(&format!(
-        "PRAGMA journal_mode=WAL; PRAGMA synchronous={synchronous}; PRAGMA foreign_keys=ON; PRAGMA busy_timeout=5000;"
+        "PRAGMA journal_mode=WAL; PRAGMA synchronous={synchronous}; PRAGMA foreign_keys=ON;
+         PRAGMA busy_timeout=5000; PRAGMA mmap_size=0;"
     ))?;
     Ok(conn)
+}
+
+/// A file of the store that can no longer be used.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("the store file {} is unusable: {reason}", path.display())]
+pub struct UnusableFile {
+    path: PathBuf,
+    reason: String,
+}
+
+/// The store's files as they were when it opened: the database, its WAL and WAL index.
+struct StoreFiles {
+    /// Each file's path and (device, inode).
+    files: Vec<(PathBuf, (u32, u32, u64))>,
+}
+
+/// A file's identity and whether it can no longer be written.
+fn inspect(path: &Path) -> std::io::Result<((u32, u32, u64), bool)> {
+    let stat = rustix::fs::statx(CWD, path, AtFlags::empty(), StatxFlags::INO)?;
+    let frozen = stat
+        .stx_attributes
+        .intersects(StatxAttributes::IMMUTABLE | StatxAttributes::APPEND);
+    Ok((
+        (stat.stx_dev_major, stat.stx_dev_minor, stat.stx_ino),
+        frozen,
+    ))
+}
+
+impl StoreFiles {
+    /// Records the files of the database at `path` (opened, in WAL mode).
+    fn of(path: &Path) -> std::io::Result<StoreFiles> {
+        let mut files = Vec::new();
+        for suffix in ["", "-wal", "-shm"] {
+            let mut name = path.as_os_str().to_owned();
+            name.push(suffix);
+            let file = PathBuf::from(name);
+            let (identity, _) = inspect(&file)?;
+            files.push((file, identity));
+        }
+        Ok(StoreFiles { files })
+    }
+
+    /// Fails when a file is gone, replaced, immutable or append-only.
+    fn check(&self) -> Result<(), UnusableFile> {
+        for (path, identity) in &self.files {
+            let unusable = |reason: &str| UnusableFile {
+                path: path.clone(),
+                reason: reason.to_owned(),
+            };
+            match inspect(path) {
+                Ok((now, _)) if now != *identity => return Err(unusable("replaced")),
+                Ok((_, true)) => return Err(unusable("immutable or append-only")),
+                Ok(_) => {}
+                Err(e) => return Err(unusable(&e.to_string())),
+            }
+        }
+        Ok(())
+    }
 }
 
 impl SqliteStore {
@@ -170,66 +208,73 @@ impl SqliteStore {
         };
         let conn = connect(&path, synchronous).map_err(|e| fail(&e))?;
         conn.execute_batch(SCHEMA).map_err(|e| fail(&e))?;
-        let (thread_conn, inline) = match fsync {
-            FsyncMode::Always => (conn, None),
-            FsyncMode::Normal => {
-                // The store thread checkpoints, on a connection of its own.
-                conn.execute_batch("PRAGMA wal_autocheckpoint=0;")
-                    .map_err(|e| fail(&e))?;
-                let writer = InlineWriter {
-                    conn,
-                    written: WrittenMeta::new(),
-                    commits: 0,
-                    bytes: 0,
-                };
-                let reader = connect(&path, synchronous).map_err(|e| fail(&e))?;
-                (reader, Some(Mutex::new(writer)))
-            }
-        };
-        let (tx, rx) = mpsc::channel();
-        thread::Builder::new()
-            .name("sqlite-store".into())
-            .spawn(move || serve(thread_conn, rx))
+        // The reader thread checkpoints.
+        conn.execute_batch("PRAGMA wal_autocheckpoint=0;")
             .map_err(|e| fail(&e))?;
-        Ok(SqliteStore { tx, inline })
+        let reader = connect(&path, synchronous).map_err(|e| fail(&e))?;
+        let (reads, reads_rx) = mpsc::channel();
+        let (writes, writes_rx) = mpsc::channel();
+        let writer = Writer {
+            conn,
+            written: WrittenMeta::new(),
+            files: StoreFiles::of(&path).map_err(|e| fail(&e))?,
+            reads: reads.clone(),
+            commits: 0,
+            bytes: 0,
+        };
+        let reader_files = StoreFiles::of(&path).map_err(|e| fail(&e))?;
+        thread::Builder::new()
+            .name("sqlite-reader".into())
+            .spawn(move || serve_reads(reader, reader_files, reads_rx))
+            .map_err(|e| fail(&e))?;
+        thread::Builder::new()
+            .name("sqlite-writer".into())
+            .spawn(move || writer.serve(writes_rx))
+            .map_err(|e| fail(&e))?;
+        Ok(SqliteStore { writes, reads })
     }
 
-    fn call<T: Send + 'static>(
+    fn read<T: Send + 'static>(
         &self,
-        make: impl FnOnce(Reply<T>) -> Request,
+        make: impl FnOnce(Reply<T>) -> ReadRequest,
     ) -> StoreFuture<'_, T> {
         let (reply, rx) = oneshot::channel();
-        let sent = self.tx.send(make(reply));
-        Box::pin(async move {
-            sent.map_err(|_| StoreError::Stopped)?;
-            rx.await.map_err(|_| StoreError::Stopped)?
-        })
+        let sent = self.reads.send(make(reply)).is_ok();
+        answer(sent, rx)
     }
 
-    /// Runs a write: inline with `--fsync normal` (the future is then complete), else on the
-    /// store thread. Resolves to the session's last update position afterwards.
-    fn write(&self, write: Write) -> StoreFuture<'_, u64> {
-        let Some(inline) = &self.inline else {
-            return self.call(|reply| Request::Write(write, reply));
-        };
-        let (outcome, checkpoint_due) = lock(inline).commit(&write);
-        if checkpoint_due {
-            // Fails only if the thread died, which every load and flush then reports.
-            let _ = self.tx.send(Request::Checkpoint);
-        }
-        Box::pin(std::future::ready(outcome))
+    fn write<T: Send + 'static>(
+        &self,
+        make: impl FnOnce(Reply<T>) -> WriteRequest,
+    ) -> StoreFuture<'_, T> {
+        let (reply, rx) = oneshot::channel();
+        let sent = self.writes.send(make(reply)).is_ok();
+        answer(sent, rx)
     }
+}
+
+/// The answer to a request, once its thread sent it.
+fn answer<T: Send + 'static>(
+    sent: bool,
+    rx: oneshot::Receiver<Result<T, StoreError>>,
+) -> StoreFuture<'static, T> {
+    Box::pin(async move {
+        if !sent {
+            return Err(StoreError::Stopped);
+        }
+        rx.await.map_err(|_| StoreError::Stopped)?
+    })
 }
 
 impl Store for SqliteStore {
     fn load(&self, session: &str) -> StoreFuture<'_, Option<StoredSession>> {
         let session = session.to_owned();
-        self.call(|r| Request::Load(session, r))
+        self.read(|r| ReadRequest::Load(session, r))
     }
 
     fn contains(&self, session: &str) -> StoreFuture<'_, bool> {
         let session = session.to_owned();
-        self.call(|r| Request::Contains(session, r))
+        self.read(|r| ReadRequest::Contains(session, r))
     }
 
     fn append(
@@ -238,7 +283,8 @@ impl Store for SqliteStore {
         updates: Vec<Vec<u8>>,
         meta: SessionMeta,
     ) -> StoreFuture<'_, u64> {
-        self.write(Write::Append(session.to_owned(), updates, meta))
+        let write = Write::Append(session.to_owned(), updates, meta);
+        self.write(|r| WriteRequest::Write(write, r))
     }
 
     fn compact(
@@ -248,16 +294,17 @@ impl Store for SqliteStore {
         upto: u64,
         meta: SessionMeta,
     ) -> StoreFuture<'_, ()> {
-        let done = self.write(Write::Compact(session.to_owned(), snapshot, upto, meta));
+        let write = Write::Compact(session.to_owned(), snapshot, upto, meta);
+        let done = self.write(|r| WriteRequest::Write(write, r));
         Box::pin(async move { done.await.map(|_| ()) })
     }
 
     fn list(&self) -> StoreFuture<'_, Vec<StoredSummary>> {
-        self.call(Request::List)
+        self.read(ReadRequest::List)
     }
 
     fn flush(&self) -> StoreFuture<'_, ()> {
-        self.call(Request::Flush)
+        self.read(ReadRequest::Flush)
     }
 
     fn remove_untouched(
@@ -265,65 +312,126 @@ impl Store for SqliteStore {
         cutoff: std::time::SystemTime,
         keep: Vec<String>,
     ) -> StoreFuture<'_, Vec<String>> {
-        // The inline writer must write a session's row again before its next update: forgotten
-        // before the delete, so an append racing the sweep either touches the session (which
-        // is then kept) or comes after and recreates the row.
-        if let Some(inline) = &self.inline {
-            lock(inline).written.clear();
-        }
         let cutoff = collab_core::protocol::json::timestamp(cutoff);
-        self.call(|r| Request::RemoveUntouched(cutoff, keep, r))
+        self.write(|r| WriteRequest::RemoveUntouched(cutoff, keep, r))
     }
 }
 
-/// The store thread: reads and flushes run at once; writes that arrive together share one
-/// transaction; the checkpoints asked for meanwhile run once, after them.
-fn serve(mut conn: Connection, rx: mpsc::Receiver<Request>) {
-    let mut written = WrittenMeta::new();
-    while let Ok(first) = rx.recv() {
-        let mut group = vec![first];
-        group.extend(rx.try_iter().take(GROUP_LIMIT - 1));
+/// The writer thread's connection and what its commits owe.
+struct Writer {
+    conn: Connection,
+    written: WrittenMeta,
+    files: StoreFiles,
+    /// To the reader thread, for checkpoints.
+    reads: mpsc::Sender<ReadRequest>,
+    /// Transactions and bytes since the reader thread was last asked to checkpoint.
+    commits: u32,
+    bytes: usize,
+}
+
+impl Writer {
+    /// Takes what is queued, up to [`GROUP_LIMIT`] requests, and commits its writes in one
+    /// transaction; a retention sweep runs in order, after the writes queued before it.
+    fn serve(mut self, rx: mpsc::Receiver<WriteRequest>) {
         let mut writes = Vec::new();
         let mut replies = Vec::new();
-        let mut checkpoint_due = false;
-        for request in group {
-            match request {
-                Request::Load(session, reply) => {
-                    let _ = reply.send(load(&conn, &session).map_err(StoreError::from));
-                }
-                Request::Contains(session, reply) => {
-                    let _ = reply.send(contains(&conn, &session).map_err(StoreError::from));
-                }
-                Request::RemoveUntouched(cutoff, keep, reply) => {
-                    let removed = remove_untouched(&mut conn, &cutoff, &keep, &mut written);
-                    let _ = reply.send(removed.map_err(StoreError::from));
-                }
-                Request::List(reply) => {
-                    let _ = reply.send(list(&conn).map_err(StoreError::from));
-                }
-                Request::Flush(reply) => {
-                    let _ =
-                        reply.send(checkpoint(&conn, WAL_LIMIT_PAGES).map_err(StoreError::from));
-                }
-                Request::Checkpoint => checkpoint_due = true,
-                Request::Write(write, reply) => {
-                    writes.push(write);
-                    replies.push(reply);
+        while let Ok(first) = rx.recv() {
+            for request in std::iter::once(first).chain(rx.try_iter().take(GROUP_LIMIT - 1)) {
+                match request {
+                    WriteRequest::Write(write, reply) => {
+                        writes.push(write);
+                        replies.push(reply);
+                    }
+                    WriteRequest::RemoveUntouched(cutoff, keep, reply) => {
+                        self.commit(&mut writes, &mut replies);
+                        let removed = checked(&self.files, || {
+                            remove_untouched(&mut self.conn, &cutoff, &keep, &mut self.written)
+                        });
+                        let _ = reply.send(removed);
+                    }
                 }
             }
+            self.commit(&mut writes, &mut replies);
         }
-        if !writes.is_empty() {
-            let outcomes = commit_group(&mut conn, &writes, &mut written);
-            for (reply, outcome) in replies.into_iter().zip(outcomes) {
-                let _ = reply.send(outcome);
+        close(self.conn, &self.files);
+    }
+
+    /// Commits `writes` together and answers each (draining both).
+    fn commit(&mut self, writes: &mut Vec<Write>, replies: &mut Vec<Reply<u64>>) {
+        if writes.is_empty() {
+            return;
+        }
+        let outcomes = match self.files.check() {
+            Ok(()) => commit_group(&mut self.conn, writes, &mut self.written),
+            Err(e) => writes.iter().map(|_| Err(e.clone().into())).collect(),
+        };
+        self.commits += 1;
+        self.bytes += writes.iter().map(Write::data_bytes).sum::<usize>();
+        if self.commits >= CHECKPOINT_AFTER_COMMITS || self.bytes >= CHECKPOINT_AFTER_BYTES {
+            self.commits = 0;
+            self.bytes = 0;
+            // Fails only if the reader thread died, which every load and flush then reports.
+            let _ = self.reads.send(ReadRequest::Checkpoint);
+        }
+        writes.clear();
+        for (reply, outcome) in replies.drain(..).zip(outcomes) {
+            let _ = reply.send(outcome);
+        }
+    }
+}
+
+/// The reader thread: answers reads and flushes in order; the checkpoints asked for meanwhile
+/// run once, after them.
+fn serve_reads(conn: Connection, files: StoreFiles, rx: mpsc::Receiver<ReadRequest>) {
+    while let Ok(first) = rx.recv() {
+        let mut checkpoint_due = false;
+        for request in std::iter::once(first).chain(rx.try_iter().take(GROUP_LIMIT - 1)) {
+            match request {
+                ReadRequest::Load(session, reply) => {
+                    let _ = reply.send(checked(&files, || load(&conn, &session)));
+                }
+                ReadRequest::Contains(session, reply) => {
+                    let _ = reply.send(checked(&files, || contains(&conn, &session)));
+                }
+                ReadRequest::List(reply) => {
+                    let _ = reply.send(checked(&files, || list(&conn)));
+                }
+                ReadRequest::Flush(reply) => {
+                    let _ = reply.send(checked(&files, || checkpoint(&conn, WAL_LIMIT_PAGES)));
+                }
+                ReadRequest::Checkpoint => checkpoint_due = true,
             }
         }
         if checkpoint_due {
-            if let Err(e) = checkpoint(&conn, WAL_LIMIT_PAGES) {
+            if let Err(e) = checked(&files, || checkpoint(&conn, WAL_LIMIT_PAGES)) {
                 warn!(error = %e, "WAL checkpoint failed");
             }
         }
     }
+    close(conn, &files);
+}
+
+/// Closes a store connection. The last one to close checkpoints, through the WAL index's
+/// mapping: not when the files are unusable (the module's comment); the WAL keeps its commits.
+fn close(conn: Connection, files: &StoreFiles) {
+    if let Err(unusable) = files.check() {
+        warn!(error = %unusable, "closing the store without a checkpoint");
+        if let Err(e) = conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true) {
+            warn!(error = %e, "the store's connection would checkpoint on close");
+        }
+    }
+    if let Err((_, e)) = conn.close() {
+        warn!(error = %e, "closing the store's connection failed");
+    }
+}
+
+/// Runs `operation` if the store's files are still usable.
+fn checked<T>(
+    files: &StoreFiles,
+    operation: impl FnOnce() -> rusqlite::Result<T>,
+) -> Result<T, StoreError> {
+    files.check()?;
+    Ok(operation()?)
 }
 
 /// Copies the WAL into the database file. A PASSIVE checkpoint never makes a writer wait, but
@@ -711,23 +819,50 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn writes_are_complete_when_called_with_fsync_normal() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(dir.path(), FsyncMode::Normal).unwrap();
-        let position = store
-            .append("s", vec![vec![1]], meta())
-            .now_or_never()
-            .expect("an inline append is complete")
-            .unwrap();
-        store
-            .compact("s", vec![9], position, meta())
-            .now_or_never()
-            .expect("an inline compaction is complete")
-            .unwrap();
-        assert_eq!(
-            store.load("s").await.unwrap().unwrap().updates,
-            vec![vec![9]]
-        );
+    async fn a_write_answers_once_committed_and_reads_go_on_while_it_waits() {
+        for fsync in [FsyncMode::Normal, FsyncMode::Always] {
+            let dir = tempfile::tempdir().unwrap();
+            let store = SqliteStore::open(dir.path(), fsync).unwrap();
+            store.append("s", vec![vec![1]], meta()).await.unwrap();
+            // Another connection holds the write lock: the writer waits (its busy timeout),
+            // as on a disk that does not answer.
+            let side = connect(&dir.path().join("collab.db"), "NORMAL").unwrap();
+            side.execute_batch("BEGIN IMMEDIATE").unwrap();
+            let mut waiting = store.append("s", vec![vec![2]], meta());
+            let loaded = store.load("s").await.unwrap().unwrap();
+            assert_eq!(loaded.updates, vec![vec![1]], "{fsync:?}");
+            assert!(store.contains("s").await.unwrap());
+            assert!(
+                (&mut waiting).now_or_never().is_none(),
+                "{fsync:?}: answered before its commit"
+            );
+            side.execute_batch("COMMIT").unwrap();
+            waiting.await.unwrap();
+            let loaded = store.load("s").await.unwrap().unwrap();
+            assert_eq!(loaded.updates, vec![vec![1], vec![2]], "{fsync:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_database_removed_under_the_store_fails_its_operations() {
+        for fsync in [FsyncMode::Normal, FsyncMode::Always] {
+            let dir = tempfile::tempdir().unwrap();
+            let store = SqliteStore::open(dir.path(), fsync).unwrap();
+            store.append("s", vec![vec![1]], meta()).await.unwrap();
+            std::fs::remove_file(dir.path().join("collab.db")).unwrap();
+            let error = store
+                .append("s", vec![vec![2]], meta())
+                .await
+                .expect_err("a commit into a removed file would be lost");
+            assert!(
+                matches!(error, StoreError::Unusable(_)) && error.to_string().contains("collab.db"),
+                "{fsync:?}: {error}"
+            );
+            assert!(store.load("s").await.is_err(), "{fsync:?}");
+            // A new database in its place is not the one the store opened either.
+            Connection::open(dir.path().join("collab.db")).unwrap();
+            assert!(store.append("s", vec![vec![3]], meta()).await.is_err());
+        }
     }
 
     #[tokio::test]
@@ -813,13 +948,13 @@ mod tests {
         }
     }
 
-    /// Bytes in the database file itself, where only checkpoints write with `--fsync normal`.
+    /// Bytes in the database file itself, where only checkpoints write.
     fn db_file_len(dir: &Path) -> u64 {
         std::fs::metadata(dir.join("collab.db")).unwrap().len()
     }
 
     #[tokio::test]
-    async fn the_store_thread_checkpoints_what_is_written_inline() {
+    async fn the_reader_thread_checkpoints_what_the_writer_commits() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(dir.path(), FsyncMode::Normal).unwrap();
         let before = db_file_len(dir.path());
@@ -830,13 +965,14 @@ mod tests {
             store.append("s", updates.clone(), meta()).await.unwrap();
         }
         assert_eq!(db_file_len(dir.path()), before, "no commit checkpoints");
+        // Each awaited append is a transaction of its own: this one makes the checkpoint due.
         store.append("s", updates.clone(), meta()).await.unwrap();
         let written = u64::from(CHECKPOINT_AFTER_COMMITS) * 6000;
         let deadline = Instant::now() + Duration::from_secs(10);
         while db_file_len(dir.path()) < before + written {
             assert!(
                 Instant::now() < deadline,
-                "the store thread did not checkpoint"
+                "the reader thread did not checkpoint"
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }

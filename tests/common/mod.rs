@@ -132,6 +132,18 @@ impl TestServer {
         (ws, ack)
     }
 
+    /// Connects a legacy client and completes its first exchange as a host with an empty canvas
+    /// does (it uploads it), so that it is told of changes as they come (until a desktop
+    /// connection uploads or asks, it gets `update_item` only; README "Choices"). Returns it
+    /// with its ack, once what its upload brought (the scene's items) has arrived.
+    pub async fn settled(&self, session: &str, user: &str) -> (Ws, Value) {
+        let (mut ws, ack) = self.legacy(session, user).await;
+        let empty = json!({"type": "sync:full_state", "state": {"items": []}});
+        send_json(&mut ws, &empty).await;
+        ping_collect(&mut ws).await;
+        (ws, ack)
+    }
+
     /// Connects a legacy client as the desktop client's "Connect to server" does: after the
     /// ack it sends `sync:request`. Returns it with its ack and, when the scene is
     /// initialized, the full state it got (with the `update_item`s that follow it).
@@ -217,13 +229,45 @@ pub async fn http(
 
 /// [`http`] with extra request headers.
 pub async fn http_with(
-    addr: std::net::SocketAddr,
+    addr: SocketAddr,
     method: &str,
     path: &str,
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> (u16, Vec<u8>) {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let stream = TcpStream::connect(addr).await.unwrap();
+    http_on(stream, addr, method, path, headers, body).await
+}
+
+/// A TCP connection to `addr` from the loopback address `source` (any of 127.0.0.0/8), so
+/// that the server sees distinct clients.
+pub async fn connect_from(source: std::net::IpAddr, addr: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(source, 0)).unwrap();
+    socket.connect(addr).await.unwrap()
+}
+
+/// [`http`] from the loopback address `source`.
+pub async fn http_from(
+    source: std::net::IpAddr,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> (u16, Vec<u8>) {
+    let stream = connect_from(source, addr).await;
+    http_on(stream, addr, method, path, &[], body).await
+}
+
+/// One request on `stream`, read to the end of the connection.
+pub async fn http_on(
+    mut stream: TcpStream,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, Vec<u8>) {
     let extra: String = headers
         .iter()
         .map(|(name, value)| format!("{name}: {value}\r\n"))

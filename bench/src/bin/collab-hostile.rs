@@ -14,9 +14,13 @@
 //! the server dropped keeps counting attempts) that the other did not hold at the end. The
 //! honest session is the attacker's own for the session-level attacks (awareness, bad fields),
 //! another one otherwise. `/health` is polled every 200 ms on a fresh connection, like a
-//! monitoring probe, and the server's RSS sampled every 100 ms from `/proc`.
+//! monitoring probe, and the server's RSS sampled every 100 ms from `/proc`. The honest clients
+//! and the probe connect from `--honest-source` (127.0.0.2), the attackers from the default
+//! address (127.0.0.1): on a real network they are different machines, and the server's
+//! per-address limits tell them apart.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -29,7 +33,7 @@ use collab_load::yjs_client::{self, Ws};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{watch, Notify};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 use tokio_tungstenite::tungstenite::protocol::frame::Frame;
@@ -110,6 +114,16 @@ struct Args {
     /// The server's memory budget in MiB, if it has one, to report the peak against.
     #[arg(long)]
     budget_mib: Option<u64>,
+    /// The local address the honest clients and the `/health` probe connect from (0.0.0.0:
+    /// the system's choice, the same as the attackers').
+    #[arg(long, default_value = "127.0.0.2")]
+    honest_source: IpAddr,
+}
+
+impl Args {
+    fn honest_source(&self) -> Option<IpAddr> {
+        (!self.honest_source.is_unspecified()).then_some(self.honest_source)
+    }
 }
 
 /// What the attack found, besides the common columns.
@@ -134,13 +148,47 @@ fn ws_url(args: &Args, path: &str) -> String {
 /// A WebSocket client without tungstenite's own size limits: a browser's y-websocket has
 /// none, and the attacks must see what the server sends, however large.
 async fn connect_unlimited(url: &str) -> Result<Ws, String> {
+    connect_unlimited_from(url, None).await
+}
+
+/// [`connect_unlimited`] from the local address `source` (the system's choice if `None`).
+async fn connect_unlimited_from(url: &str, source: Option<IpAddr>) -> Result<Ws, String> {
     let config = WebSocketConfig::default()
         .max_message_size(None)
         .max_frame_size(None);
-    let (ws, _) = tokio_tungstenite::connect_async_with_config(url, Some(config), false)
+    let host = url
+        .strip_prefix("ws://")
+        .and_then(|rest| rest.split('/').next())
+        .ok_or_else(|| format!("not a ws:// URL: {url}"))?;
+    let stream = tcp_connect(host, source)
+        .await
+        .map_err(|e| format!("connect {url}: {e}"))?;
+    let stream = tokio_tungstenite::MaybeTlsStream::Plain(stream);
+    let (ws, _) = tokio_tungstenite::client_async_with_config(url, stream, Some(config))
         .await
         .map_err(|e| format!("connect {url}: {e}"))?;
     Ok(ws)
+}
+
+/// A TCP connection to `addr` (host:port), from the local address `source` if given.
+async fn tcp_connect(addr: &str, source: Option<IpAddr>) -> Result<TcpStream, String> {
+    let Some(source) = source else {
+        return TcpStream::connect(addr).await.map_err(|e| e.to_string());
+    };
+    let target = tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| e.to_string())?
+        .next()
+        .ok_or_else(|| format!("{addr} has no address"))?;
+    let socket = match target {
+        SocketAddr::V4(_) => TcpSocket::new_v4(),
+        SocketAddr::V6(_) => TcpSocket::new_v6(),
+    }
+    .map_err(|e| e.to_string())?;
+    socket
+        .bind(SocketAddr::new(source, 0))
+        .map_err(|e| format!("bind {source}: {e}"))?;
+    socket.connect(target).await.map_err(|e| e.to_string())
 }
 
 /// Phases the honest clients follow: 0 running, 1 stop writing (drain), 2 quit.
@@ -160,11 +208,12 @@ struct DesktopReport {
 /// The honest desktop client (`write`: send `add_item`s named `hd-N`; otherwise only ping).
 async fn honest_desktop(
     url: String,
+    source: Option<IpAddr>,
     write: bool,
     mut phase: Phase,
     shared: Arc<Mutex<DesktopReport>>,
 ) -> Result<(), String> {
-    let ws = connect_unlimited(&url).await?;
+    let ws = connect_unlimited_from(&url, source).await?;
     let (mut sink, mut stream) = ws.split();
     let mut ping = tokio::time::interval(Duration::from_millis(100));
     let mut cmd = tokio::time::interval(Duration::from_millis(500));
@@ -283,11 +332,12 @@ fn record_awareness(map: &mut HashMap<u64, (u32, String)>, update: &AwarenessUpd
 /// attack), otherwise at once.
 async fn honest_yjs(
     url: String,
+    source: Option<IpAddr>,
     mut phase: Phase,
     shared: Arc<Mutex<YjsReport>>,
     announce: Option<Arc<Notify>>,
 ) -> Result<(), String> {
-    let mut ws = connect_unlimited(&url).await?;
+    let mut ws = connect_unlimited_from(&url, source).await?;
     let doc = Doc::new();
     let items = doc.get_or_insert_map("items");
     yjs_client::handshake(&mut ws, &doc, true).await?;
@@ -377,8 +427,19 @@ async fn http_once(
     body: &[u8],
     limit: Duration,
 ) -> Result<(u16, Vec<u8>), String> {
+    http_once_from(None, addr, head, body, limit).await
+}
+
+/// [`http_once`] from the local address `source` (the system's choice if `None`).
+async fn http_once_from(
+    source: Option<IpAddr>,
+    addr: &str,
+    head: &str,
+    body: &[u8],
+    limit: Duration,
+) -> Result<(u16, Vec<u8>), String> {
     let exchange = async {
-        let mut s = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        let mut s = tcp_connect(addr, source).await?;
         s.write_all(head.as_bytes())
             .await
             .map_err(|e| e.to_string())?;
@@ -505,9 +566,10 @@ fn spawn_rss_sampler(pid: u32, mut phase: Phase) -> tokio::task::JoinHandle<Vec<
     })
 }
 
-/// Polls `/health` every 200 ms (2 s limit each) until told to stop.
+/// Polls `/health` every 200 ms (2 s limit each), from `source`, until told to stop.
 fn spawn_health_poller(
     addr: String,
+    source: Option<IpAddr>,
     mut phase: Phase,
 ) -> tokio::task::JoinHandle<Vec<(Instant, Result<Duration, String>)>> {
     tokio::spawn(async move {
@@ -517,7 +579,8 @@ fn spawn_health_poller(
                 break;
             }
             let at = Instant::now();
-            let result = match http_once(
+            let result = match http_once_from(
+                source,
                 &addr,
                 &get_head(&addr, "/health"),
                 b"",
@@ -570,7 +633,8 @@ async fn run(args: &Args) -> Result<String, String> {
     };
     let (phase_tx, phase) = watch::channel(0u8);
     let rss = spawn_rss_sampler(args.server_pid, phase.clone());
-    let health = spawn_health_poller(args.addr.clone(), phase.clone());
+    let honest = args.honest_source();
+    let health = spawn_health_poller(args.addr.clone(), honest, phase.clone());
     let desktop = Arc::new(Mutex::new(DesktopReport::default()));
     let quiet = Arc::new(Mutex::new(DesktopReport::default()));
     let yjs = Arc::new(Mutex::new(YjsReport::default()));
@@ -579,18 +643,21 @@ async fn run(args: &Args) -> Result<String, String> {
     let clients = [
         tokio::spawn(honest_desktop(
             ws_url(args, &format!("/ws/{honest_session}/honest-d")),
+            honest,
             true,
             phase.clone(),
             desktop.clone(),
         )),
         tokio::spawn(honest_desktop(
             ws_url(args, &format!("/ws/quiet-{tag}/quiet")),
+            honest,
             false,
             phase.clone(),
             quiet.clone(),
         )),
         tokio::spawn(honest_yjs(
             ws_url(args, &format!("/yjs/{honest_session}?user=honest-y")),
+            honest,
             phase.clone(),
             yjs.clone(),
             announce.clone(),
@@ -1381,7 +1448,9 @@ async fn random_gets(
         }
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let in_memory = match http_once(
+    // Read as an observer would, not as the attacker (whose API rate is spent).
+    let in_memory = match http_once_from(
+        ctx.args.honest_source(),
         &ctx.args.addr,
         &get_head(&ctx.args.addr, "/api/sessions"),
         b"",

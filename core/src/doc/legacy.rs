@@ -115,6 +115,11 @@ pub struct PeerView {
     pub sync: SyncState,
     items: HashMap<Arc<str>, ItemMemory>,
     told_removed: HashSet<Arc<str>>,
+    /// Items told by `update_item` before the connection uploaded or was sent the scene, that
+    /// it was not known to hold: the client ignores an update of an item it lacks, so it holds
+    /// them only if it held them already (a host reconnecting with its canvas). Its upload
+    /// settles which.
+    unconfirmed: HashSet<Arc<str>>,
 }
 
 impl PeerView {
@@ -157,6 +162,9 @@ impl PeerView {
     /// command about the item (which proves it), unless the canvas held an earlier item of
     /// that uuid, which a command may still be about.
     pub fn tell(&mut self, uuid: &Arc<str>, fields: &Arc<ItemFields>, action: Action) {
+        if action == Action::Add {
+            self.unconfirmed.remove(uuid);
+        }
         let held_before = self.told_removed.remove(uuid);
         let fresh = !self.items.contains_key(uuid) && !held_before;
         let memory = self.items.entry(uuid.clone()).or_default();
@@ -176,8 +184,38 @@ impl PeerView {
         memory.versions.push_back(fields.clone());
     }
 
+    /// Records that the connection was sent `fields` by an `update_item` about an item it was
+    /// not known to hold (it has neither uploaded nor been sent the scene): it holds the item
+    /// only if it held it already.
+    pub fn tell_unconfirmed(&mut self, uuid: &Arc<str>, fields: &Arc<ItemFields>) {
+        if !self.has(uuid) {
+            self.unconfirmed.insert(uuid.clone());
+        }
+        self.tell(uuid, fields, Action::Update);
+        // Unlike a message that first puts an item on the canvas, it may be applied after a
+        // command or an upload of the item.
+        if let Some(memory) = self.items.get_mut(uuid) {
+            memory.in_flight = Some(InFlight {
+                whole: Some(fields.clone()),
+                position: None,
+            });
+        }
+    }
+
+    /// Records the connection's upload of its canvas: an item it was told of only by an
+    /// `update_item` it may have ignored, and that its upload lacks, is not on its canvas.
+    pub fn uploaded<'a>(&mut self, uuids: impl IntoIterator<Item = &'a Arc<str>>) {
+        let uploaded: HashSet<&Arc<str>> = uuids.into_iter().collect();
+        for uuid in std::mem::take(&mut self.unconfirmed) {
+            if !uploaded.contains(&uuid) {
+                self.items.remove(&uuid);
+            }
+        }
+    }
+
     /// Records that the connection's scene no longer holds the item.
     pub fn tell_removed(&mut self, uuid: &Arc<str>) {
+        self.unconfirmed.remove(uuid);
         self.items.remove(uuid);
         self.told_removed.insert(uuid.clone());
     }
@@ -186,13 +224,27 @@ impl PeerView {
     /// `sent`. What is in flight stays so.
     pub fn commanded(&mut self, uuid: &Arc<str>, sent: Arc<ItemFields>) {
         self.told_removed.remove(uuid);
+        self.unconfirmed.remove(uuid);
         let memory = self.items.entry(uuid.clone()).or_default();
         memory.versions.clear();
         memory.versions.push_back(sent);
     }
 
+    /// Records a move of the item by the connection: it holds `position`, and what it was told
+    /// or sent before stays known until its next whole-dict command.
+    pub fn moved(&mut self, uuid: &Arc<str>, position: Arc<ItemFields>) {
+        self.told_removed.remove(uuid);
+        self.unconfirmed.remove(uuid);
+        let memory = self.items.entry(uuid.clone()).or_default();
+        if memory.versions.len() == VERSIONS_KEPT {
+            memory.versions.pop_front();
+        }
+        memory.versions.push_back(position);
+    }
+
     /// Records that the connection's canvas was replaced by a full state of `items`.
     pub fn replace_all(&mut self, items: &[(Arc<str>, Arc<ItemFields>)]) {
+        self.unconfirmed.clear();
         let kept: HashSet<&str> = items.iter().map(|(uuid, _)| uuid.as_ref()).collect();
         self.items.retain(|uuid, _| kept.contains(uuid.as_ref()));
         for (uuid, fields) in items {

@@ -25,6 +25,7 @@ use super::guard::CheckedUpdate;
 use super::legacy::{
     Action, Command, InFlight, PeerView, SyncState, UploadedItem, POSITION_FIELDS,
 };
+use super::schema;
 use super::value::{json_equal, json_to_any, out_to_json, ItemFields};
 use super::ydoc::{Change, DocError, GuardedDoc};
 
@@ -205,6 +206,15 @@ impl Scene {
     pub fn add_peer(&mut self, peer: PeerId) {
         self.refresh_mirror();
         self.peers.insert(peer, PeerView::default());
+    }
+
+    /// A connection that has asked for the scene and holds it (most tests start there).
+    #[cfg(test)]
+    fn add_synced_peer(&mut self, peer: PeerId) {
+        self.refresh_mirror();
+        let mut view = PeerView::default();
+        view.sync = SyncState::Synced;
+        self.peers.insert(peer, view);
     }
 
     pub fn remove_peer(&mut self, peer: PeerId) {
@@ -392,6 +402,7 @@ impl Scene {
         let mut effects = Effects::default();
         if let Some(peer) = self.peers.get_mut(&from) {
             peer.sync = SyncState::Uploader;
+            peer.uploaded(upload.iter().map(|item| &item.uuid));
         }
         let mut plan = Vec::with_capacity(upload.len());
         for item in &upload {
@@ -472,7 +483,13 @@ impl Scene {
         let differs = !agrees(&sent, current, only)
             || in_flight.is_some_and(|in_flight| !leaves(&in_flight, current));
         if let Some(peer) = self.peers.get_mut(&from) {
-            peer.commanded(uuid, Arc::new(sent));
+            match only {
+                // A move writes only the position: the rest of its dict may hold edits the
+                // client has not sent yet (an offline rename in the upload that follows), so
+                // it neither starts a new window nor counts as sent.
+                Some(only) => peer.moved(uuid, position_of(&sent, only)),
+                None => peer.commanded(uuid, Arc::new(sent)),
+            }
         }
         let key = (from, uuid.clone());
         if differs || self.corrections.contains_key(&key) {
@@ -751,6 +768,20 @@ impl Scene {
                 let action = match (action, peer.has(&uuid)) {
                     (Action::Remove, false) => continue,
                     (Action::Remove, true) => Action::Remove,
+                    // A connection that has neither uploaded nor asked for the scene may hold
+                    // an item that existed before this change (a host reconnecting with its
+                    // canvas): an `add_item` would duplicate it. If it lacks the item, the
+                    // client ignores the update and gets the item with the full state it asks
+                    // for, or in answer to its upload.
+                    (_, false) if peer.sync == SyncState::Idle => {
+                        let message = command_message(Action::Update, &uuid, &data, user);
+                        peer.tell_unconfirmed(&uuid, &data);
+                        effects.messages.push(Outgoing {
+                            to: *id,
+                            message: Arc::new(PeerMessage::Command(message)),
+                        });
+                        continue;
+                    }
                     (_, false) => Action::Add,
                     (Action::Add, true) => Action::Update,
                     (a, true) => a,
@@ -852,6 +883,16 @@ fn leaves(in_flight: &InFlight, current: &ItemFields) -> bool {
     position_agrees && whole_agrees
 }
 
+/// The fields of `sent` named in `only`.
+fn position_of(sent: &ItemFields, only: &[&str]) -> Arc<ItemFields> {
+    Arc::new(
+        sent.iter()
+            .filter(|(field, _)| only.contains(&field.as_str()))
+            .map(|(field, value)| (field.clone(), value.clone()))
+            .collect(),
+    )
+}
+
 /// Whether every field of `sent` (limited to `only`) has the same value in `current`.
 fn agrees(sent: &ItemFields, current: &ItemFields, only: Option<&[&str]>) -> bool {
     sent.iter()
@@ -902,12 +943,15 @@ fn write_fields(txn: &mut TransactionMut, items: &MapRef, uuid: &str, writes: Ve
     }
 }
 
-/// An item's fields, or `None` when the document entry is not a map.
+/// An item's fields as desktop clients get them (a listed field of the wrong type, which only
+/// a Yjs client can write, is left out: the client then shows its default), or `None` when the
+/// document entry is not a map.
 fn read_fields<T: ReadTxn>(txn: &T, value: &Out) -> Option<ItemFields> {
     match value {
         Out::YMap(item) => Some(
             item.iter(txn)
                 .map(|(k, v)| (k.to_owned(), out_to_json(txn, &v)))
+                .filter(|(k, v)| schema::well_typed(k, v))
                 .collect(),
         ),
         _ => None,
@@ -1032,8 +1076,8 @@ mod tests {
     /// A scene with legacy peers 1 and 2 that both hold item `a`.
     fn scene_with_item() -> Scene {
         let mut scene = Scene::default();
-        scene.add_peer(1);
-        scene.add_peer(2);
+        scene.add_synced_peer(1);
+        scene.add_synced_peer(2);
         let effects = scene
             .apply_command(1, &user("p1"), cmd(Action::Add, "a", lens()), t0())
             .unwrap();
@@ -1059,8 +1103,8 @@ mod tests {
     #[test]
     fn add_reaches_others_with_item_type_and_sends_no_echo() {
         let mut scene = Scene::default();
-        scene.add_peer(1);
-        scene.add_peer(2);
+        scene.add_synced_peer(1);
+        scene.add_synced_peer(2);
         assert!(!scene.initialized());
         let effects = scene
             .apply_command(
@@ -1085,8 +1129,8 @@ mod tests {
     #[test]
     fn a_component_or_source_added_is_followed_by_update_item() {
         let mut scene = Scene::default();
-        scene.add_peer(1);
-        scene.add_peer(2);
+        scene.add_synced_peer(1);
+        scene.add_synced_peer(2);
         for (uuid, kind) in [("c", "component"), ("s", "source"), ("t", "text")] {
             let effects = scene
                 .apply_command(
@@ -1224,8 +1268,8 @@ mod tests {
         // The upstream host drags an item of its canvas before anyone joined (so before it
         // uploaded): the drag's dict creates the item instead of being answered remove_item.
         let mut scene = Scene::default();
-        scene.add_peer(1);
-        scene.add_peer(2);
+        scene.add_synced_peer(1);
+        scene.add_synced_peer(2);
         let mut data = lens();
         data["x_mm"] = json!(12.5);
         let effects = scene
@@ -1321,7 +1365,7 @@ mod tests {
     #[test]
     fn an_upload_equal_to_the_document_costs_no_message() {
         let mut scene = Scene::default();
-        scene.add_peer(1);
+        scene.add_synced_peer(1);
         let items: Vec<(String, Value)> = (0..300)
             .map(|i| {
                 let mut item = lens();
@@ -1335,10 +1379,10 @@ mod tests {
         scene
             .apply_upload(1, &user("host"), upload(&as_refs), t0())
             .unwrap();
-        scene.add_peer(2);
+        scene.add_synced_peer(2);
         // The host reconnects (a new connection) and uploads the same canvas.
         scene.remove_peer(1);
-        scene.add_peer(3);
+        scene.add_synced_peer(3);
         let effects = scene
             .apply_upload(3, &user("host"), upload(&as_refs), t0())
             .unwrap();
@@ -1351,7 +1395,7 @@ mod tests {
     #[test]
     fn an_uploader_gets_what_its_canvas_lacks_or_shows_differently() {
         let mut scene = scene_with_item();
-        scene.add_peer(3);
+        scene.add_synced_peer(3);
         let mut stale = lens();
         stale["name"] = json!("L0");
         stale["item_type"] = json!("ruler");

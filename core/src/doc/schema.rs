@@ -32,6 +32,13 @@ impl FieldKind {
     }
 }
 
+/// Whether the desktop client can read `value` for `field` (any value of a field not listed).
+/// A Yjs client may write anything; desktop clients are not sent a listed field holding
+/// something else (README "Choices").
+pub fn well_typed(field: &str, value: &Value) -> bool {
+    field_kind(field).is_none_or(|kind| kind.admits(value))
+}
+
 /// The kind `field` must hold, if it is one the client reads as a number or a boolean: the
 /// positions, rotation and stacking order, and the numeric and boolean parameters of
 /// components and sources, as both client variants serialise them.

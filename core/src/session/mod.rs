@@ -106,6 +106,11 @@ pub const CLOSE_RATE_LIMITED: CloseReason = CloseReason {
     code: 1013,
     reason: "Too many messages, reconnect",
 };
+/// No room for one more session in memory (`--max-sessions`).
+pub const CLOSE_SERVER_FULL: CloseReason = CloseReason {
+    code: 1013,
+    reason: "Server full, try again later",
+};
 pub const CLOSE_REPLACED: CloseReason = CloseReason {
     code: 4000,
     reason: "Replaced by a newer connection",

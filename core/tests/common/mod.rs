@@ -264,6 +264,20 @@ impl World {
         (peer, got[1].clone())
     }
 
+    /// A desktop client one round trip after joining, as every real client is: on a session
+    /// whose scene does not exist yet it uploads its empty canvas (as a host does), else it asks
+    /// for the scene. Until then the session cannot know its canvas, and tells it of changes
+    /// by `update_item` only (README "Choices"). Returns it with what that brought.
+    pub fn settled(&mut self, user: &str) -> (PeerId, Vec<Value>) {
+        if self.session.initialized() {
+            return self.joiner(user);
+        }
+        let (peer, _) = self.legacy(user);
+        self.send(peer, upload(&[], user));
+        let got = self.take_json(peer);
+        (peer, got)
+    }
+
     /// A desktop client's "Connect to server": joins and, on the ack, sends `sync:request`.
     /// Returns it with what that brought (the full state and its placeholder fixes, once the
     /// scene is initialized).

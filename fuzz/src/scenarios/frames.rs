@@ -19,7 +19,7 @@ use yrs::sync::awareness::AwarenessUpdate;
 use yrs::updates::decoder::Decode;
 use yrs::{StateVector, Update};
 
-use super::util::{doc_json, hex, mirror_json};
+use super::util::{desktop_view, doc_json, hex, mirror_json};
 
 /// Checks one input.
 pub fn check(data: &[u8]) {
@@ -88,7 +88,7 @@ pub fn text(frame: &str) {
     assert_eq!(full["type"], "sync:full_state");
     assert_eq!(
         mirror_json(&mut scene),
-        doc_json(&mut scene),
+        desktop_view(&doc_json(&mut scene)),
         "mirror and document differ"
     );
 }

@@ -36,7 +36,9 @@ use yrs::{
 };
 
 use super::held::{Held, Persisted};
-use super::util::{doc_json, fixture_items, items_json, mirror_json, scene_difference};
+use super::util::{
+    desktop_view, doc_json, fixture_items, items_json, mirror_json, scene_difference,
+};
 
 /// `LEGACY_TRACE=1` prints every step, frame and delivery (when replaying an input).
 fn tracing() -> bool {
@@ -943,7 +945,7 @@ impl World {
         );
         assert_eq!(
             mirror_json(&mut self.scene),
-            doc,
+            desktop_view(&doc),
             "the scene's mirror differs from its document"
         );
         let expected: BTreeMap<String, Value> = self

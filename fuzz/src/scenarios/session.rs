@@ -622,11 +622,11 @@ impl World {
                     access: collab_core::session::Access::OPEN,
                 });
                 if host {
-                    // The session cannot know a host's canvas before its upload, and takes a
-                    // new connection's canvas for empty: a change to an item the host holds,
-                    // made in the round trip between its join and its upload, reaches it as
-                    // an `add_item` and duplicates the item (FUZZING.md, "Found, open"). The
-                    // host here uploads before anything else reaches the session.
+                    // The session cannot know a host's canvas before its upload. What it
+                    // sends a connection in that round trip is safe for the item it holds
+                    // (README "Choices"), but other races of that window are open (FUZZING.md,
+                    // "Found, open"): the host here uploads before anything else reaches the
+                    // session.
                     let first = self.desktops[i].inbox.front().map(|(_, m)| m.clone());
                     assert!(
                         first.is_some_and(|m| m["type"] == "user:joined"),

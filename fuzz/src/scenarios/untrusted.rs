@@ -33,8 +33,8 @@ use yrs::{
 };
 
 use super::util::{
-    apply_untrusted, awareness_untrusted, contained, diff_untrusted, doc_json, fixture_items, hex,
-    items_json, load_untrusted, mirror_json, scene_apply_untrusted,
+    apply_untrusted, awareness_untrusted, contained, desktop_view, diff_untrusted, doc_json,
+    fixture_items, hex, items_json, load_untrusted, mirror_json, scene_apply_untrusted,
 };
 
 /// Client ids of the seed document's writers.
@@ -445,7 +445,7 @@ fn scene_update(bytes: &[u8]) {
     match result {
         Ok(_) => assert_eq!(
             mirror,
-            doc,
+            desktop_view(&doc),
             "the mirror differs from the document after {}",
             hex(bytes)
         ),
@@ -458,7 +458,7 @@ fn scene_update(bytes: &[u8]) {
             );
             assert_eq!(
                 mirror,
-                doc,
+                desktop_view(&doc),
                 "a rejected update ({e}) changed the mirror: {}",
                 hex(bytes)
             );

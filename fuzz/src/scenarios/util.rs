@@ -8,6 +8,7 @@ use std::sync::{Once, OnceLock};
 
 use std::sync::Arc;
 
+use collab_core::doc::schema;
 use collab_core::doc::value::out_to_json;
 use collab_core::doc::ydoc::Change;
 use collab_core::doc::{
@@ -121,6 +122,27 @@ pub fn mirror_json(scene: &mut Scene) -> BTreeMap<String, Value> {
         .items
         .into_iter()
         .map(|(uuid, fields)| (uuid.to_string(), Value::Object((*fields).clone())))
+        .collect()
+}
+
+/// Items as desktop clients are sent them: without a listed field of the wrong type (README
+/// "Choices"). The mirror must equal the document read this way.
+pub fn desktop_view(items: &BTreeMap<String, Value>) -> BTreeMap<String, Value> {
+    items
+        .iter()
+        .map(|(uuid, item)| {
+            let fields = match item {
+                Value::Object(fields) => Value::Object(
+                    fields
+                        .iter()
+                        .filter(|(k, v)| schema::well_typed(k, v))
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect(),
+                ),
+                other => other.clone(),
+            };
+            (uuid.clone(), fields)
+        })
         .collect()
 }
 
