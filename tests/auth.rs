@@ -331,7 +331,10 @@ async fn a_connection_is_closed_when_its_token_expires() {
         .try_connect(&format!("/t/{short}/ws/{SESSION}/ann"), &[])
         .await
         .expect("valid for now");
-    assert_eq!(close_code(&mut ws).await, 4401);
+    assert_eq!(
+        close_frame(&mut ws).await,
+        (4401, "token expired".to_owned())
+    );
     let mut yjs = server
         .try_connect(
             &format!(
@@ -380,7 +383,10 @@ async fn revocation_closes_the_sessions_connections_and_refuses_its_tokens_acros
     .await
     .expect("revoked");
     assert!(answer.contains("revoked_before"), "{answer}");
-    assert_eq!(close_code(&mut ann).await, 4403);
+    assert_eq!(
+        close_frame(&mut ann).await,
+        (4403, "token revoked".to_owned())
+    );
     assert_eq!(close_code(&mut yjs).await, 4403);
     assert!(
         ping_collect(&mut other).await.is_empty(),

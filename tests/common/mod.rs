@@ -357,13 +357,20 @@ pub async fn ping_collect(ws: &mut Ws) -> Vec<Value> {
 
 /// Waits for the close frame and returns its code (skipping whatever came before it).
 pub async fn close_code(ws: &mut Ws) -> u16 {
+    close_frame(ws).await.0
+}
+
+/// Waits for the close frame and returns its code and reason (skipping what came before it).
+pub async fn close_frame(ws: &mut Ws) -> (u16, String) {
     loop {
         let msg = tokio::time::timeout(PATIENCE, ws.next())
             .await
             .expect("close in time");
         match msg {
-            Some(Ok(Message::Close(Some(frame)))) => return u16::from(frame.code),
-            Some(Ok(Message::Close(None))) => return u16::from(CloseCode::Status),
+            Some(Ok(Message::Close(Some(frame)))) => {
+                return (u16::from(frame.code), frame.reason.to_string())
+            }
+            Some(Ok(Message::Close(None))) => return (u16::from(CloseCode::Status), String::new()),
             Some(Ok(_)) => continue,
             Some(Err(e)) => panic!("connection failed without a close frame: {e}"),
             None => panic!("connection ended without a close frame"),
