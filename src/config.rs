@@ -4,7 +4,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::{Args, Parser, ValueEnum};
 
 /// Which store keeps session documents.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -154,6 +154,60 @@ pub struct Config {
     /// HTTP API requests one client address may send at once above `--api-rate`.
     #[arg(long, env = "COLLAB_API_BURST", default_value_t = 100.0, value_parser = parse_rate)]
     pub api_burst: f64,
+    /// The signing key: with one, every endpoint but `/health` needs a token (README,
+    /// "Securing a server"); without, the server is open.
+    #[command(flatten)]
+    pub key: KeyArgs,
+
+    /// Origins (`scheme://host[:port]`) besides the server's own whose pages may connect; a
+    /// request with any other `Origin` header is refused (403). Repeat, or separate with commas.
+    #[arg(
+        long = "allowed-origin",
+        env = "COLLAB_ALLOWED_ORIGINS",
+        value_delimiter = ','
+    )]
+    pub allowed_origins: Vec<String>,
+}
+
+/// Where the signing key comes from (the server and the `token`/`revoke` commands).
+#[derive(Debug, Clone, Default, Args)]
+pub struct KeyArgs {
+    /// File holding the key (at least 32 bytes; a trailing line end is ignored).
+    #[arg(long, env = "COLLAB_AUTH_KEY_FILE")]
+    pub auth_key_file: Option<PathBuf>,
+
+    /// The key itself (at least 32 bytes). Prefer the file or the environment: a flag shows
+    /// in the process list.
+    #[arg(long, env = "COLLAB_AUTH_KEY", hide_env_values = true)]
+    pub auth_key: Option<Secret>,
+}
+
+/// A secret string that debug output does not show.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(secret: impl Into<String>) -> Secret {
+        Secret(secret.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Secret, Self::Err> {
+        Ok(Secret(s.to_owned()))
+    }
 }
 
 impl Config {

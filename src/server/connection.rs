@@ -16,9 +16,10 @@ use tracing::{info, warn};
 use collab_core::doc::PeerId;
 use collab_core::protocol::json::{self, ErrorCode, ProtocolError};
 use collab_core::protocol::yjs;
-use collab_core::session::{ConnKind, CLOSE_IDLE};
+use collab_core::session::{ConnKind, CLOSE_IDLE, CLOSE_TOKEN_EXPIRED, CLOSE_TOKEN_REVOKED};
 
 use super::AppState;
+use crate::auth::LiveGrant;
 use crate::session::{SessionHandle, SessionMsg};
 use crate::transport::{Ending, Event, Frame, Outbox, Socket};
 
@@ -45,6 +46,8 @@ pub struct Connection {
     pub(super) user: Arc<str>,
     pub(super) kind: ConnKind,
     pub(super) outbox: Outbox,
+    /// The token's expiry and revocation, in authenticated mode.
+    pub(super) live: Option<Box<LiveGrant>>,
 }
 
 impl Connection {
@@ -55,7 +58,7 @@ impl Connection {
     /// stored twice (rust-lang/rust#62958); the block uses what it captured in place.
     /// Shutdown arrives as a socket event (the session closes its members with 1001).
     #[allow(clippy::manual_async_fn)] // see above: an `async fn` would be larger
-    pub fn serve(self, mut socket: Socket) -> impl Future<Output = ()> + Send {
+    pub fn serve(mut self, mut socket: Socket) -> impl Future<Output = ()> + Send {
         async move {
             // One timer: the JSON idle timeout on `/ws` (reset by every frame received), the
             // protocol ping on `/yjs` (a peer that has not answered one by the next is dropped).
@@ -66,6 +69,11 @@ impl Connection {
             let timer = tokio::time::sleep(period);
             tokio::pin!(timer);
             let mut pong_due = false;
+            let mut live = self.live.take();
+            let expiry = tokio::time::sleep_until(
+                live.as_ref().map_or_else(Instant::now, |live| live.expires),
+            );
+            tokio::pin!(expiry);
             let ending = loop {
                 // The select only decides; what must be awaited comes after it, so that the
                 // select's state and the awaited future do not both stay in the task.
@@ -87,6 +95,8 @@ impl Connection {
                             Step::Ping
                         }
                     }
+                    _ = &mut expiry, if live.is_some() => Step::End(Ending::Close(CLOSE_TOKEN_EXPIRED)),
+                    _ = revoked(&mut live), if live.is_some() => Step::End(Ending::Close(CLOSE_TOKEN_REVOKED)),
                 };
                 match step {
                     Step::Continue => {}
@@ -171,5 +181,13 @@ impl Connection {
         if self.kind.speaks_json() {
             let _ = self.outbox.send(&Frame::text(&json::encode_error(&error)));
         }
+    }
+}
+
+/// Waits for the connection's token to be revoked (never, without one).
+async fn revoked(live: &mut Option<Box<LiveGrant>>) {
+    match live {
+        Some(live) => live.revoked().await,
+        None => std::future::pending().await,
     }
 }

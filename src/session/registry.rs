@@ -216,6 +216,7 @@ impl Registry {
                     peer: request.peer,
                     kind: request.kind,
                     user: request.user.clone(),
+                    access: request.access,
                     outbox: request.outbox.clone(),
                 }),
                 tx,

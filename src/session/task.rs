@@ -11,7 +11,7 @@ use std::time::{Instant, SystemTime};
 
 use collab_core::doc::{CheckedUpdate, GuardedDoc, PeerId, Scene};
 use collab_core::session::{
-    Event, Input, Now, Output, Session, CLOSE_GOING_AWAY, CLOSE_INTERNAL, CLOSE_SLOW,
+    Event, Input, Now, Output, Refused, Session, CLOSE_GOING_AWAY, CLOSE_INTERNAL, CLOSE_SLOW,
 };
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
@@ -244,13 +244,22 @@ impl SessionTask {
                     peer,
                     kind,
                     user,
+                    access,
                     outbox,
                 } = *request;
-                let input = Input::Join { peer, kind, user };
+                let input = Input::Join {
+                    peer,
+                    kind,
+                    user,
+                    access,
+                };
                 let result = self
                     .session
                     .handle(input, now, &mut self.out)
-                    .map_err(|e| JoinError::Unavailable(e.to_string()));
+                    .map_err(|e| match e {
+                        Refused::NameHeld => JoinError::NameHeld,
+                        e => JoinError::Unavailable(e.to_string()),
+                    });
                 if result.is_ok() {
                     self.outboxes.insert(peer, outbox);
                     metrics::gauge!("collab_connections").increment(1.0);
@@ -410,6 +419,12 @@ impl SessionTask {
                     metrics::counter!("collab_rejected_input_total").increment(1);
                     if self.warnings.allow() {
                         warn!(session = %self.handle.id, user = user.as_deref().unwrap_or("-"), peer, error = %error, "rejected input");
+                    }
+                }
+                Event::ViewUpdateDropped { peer, user } => {
+                    metrics::counter!("collab_view_updates_dropped_total").increment(1);
+                    if self.warnings.allow() {
+                        warn!(session = %self.handle.id, user = user.as_deref().unwrap_or("-"), peer, "a view member's Yjs update was dropped");
                     }
                 }
                 Event::HeldBlocksDropped { user } => {

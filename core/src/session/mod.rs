@@ -8,6 +8,7 @@
 //! Everything the protocol promises about membership and ordering is decided here, so it is
 //! tested here, by feeding inputs and reading outputs.
 
+pub mod access;
 pub mod awareness;
 pub mod rate;
 
@@ -24,6 +25,7 @@ use crate::protocol::json::{
     self, ClientMessage, ErrorCode, ProtocolError, UserEntry, YjsAckFields,
 };
 use crate::protocol::yjs::{self, YjsMessage};
+pub use access::{Access, Role};
 pub use awareness::{AwarenessError, AwarenessStates, AWARENESS_TIMEOUT};
 pub use rate::{Buckets, Cost, Rate, Rates};
 
@@ -113,6 +115,22 @@ pub const CLOSE_REPLACED: CloseReason = CloseReason {
     code: 4000,
     reason: "Replaced by a newer connection",
 };
+/// The user name on the path is not the one the connection's token binds, or a connection
+/// that holds the name is present (access control).
+pub const CLOSE_NAME_NOT_YOURS: CloseReason = CloseReason {
+    code: 1008,
+    reason: "User name not allowed",
+};
+/// The connection's token expired (access control).
+pub const CLOSE_TOKEN_EXPIRED: CloseReason = CloseReason {
+    code: 4401,
+    reason: "token expired",
+};
+/// The connection's token was revoked (access control).
+pub const CLOSE_TOKEN_REVOKED: CloseReason = CloseReason {
+    code: 4403,
+    reason: "token revoked",
+};
 
 /// The time as a session sees it: an instant for its timers, and the wall-clock time that its
 /// messages carry (formatted once).
@@ -192,6 +210,11 @@ pub enum Event {
     /// Blocks waiting for a gap in their client's clocks outgrew their bound and were let go
     /// (not lost for good: peers resend what the session lacks when they sync).
     HeldBlocksDropped { user: Arc<str> },
+    /// A `view` member sent a Yjs update: dropped, neither applied nor stored.
+    ViewUpdateDropped {
+        peer: PeerId,
+        user: Option<Arc<str>>,
+    },
 }
 
 /// What one step produced, in the order it must take effect: store `persist`, then send
@@ -222,6 +245,7 @@ pub enum Input {
         peer: PeerId,
         kind: ConnKind,
         user: Option<Arc<str>>,
+        access: Access,
     },
     /// The connection ended.
     Leave { peer: PeerId },
@@ -250,6 +274,9 @@ pub enum Refused {
     /// The update was refused; the document is unchanged.
     #[error(transparent)]
     BadUpdate(DocError),
+    /// A member that holds the user name is present, and the joiner does not hold it.
+    #[error("the user name is held by another connection")]
+    NameHeld,
 }
 
 /// One line of `GET /api/sessions`.
@@ -300,6 +327,7 @@ struct Member {
     user: Option<Arc<str>>,
     connected_at: Arc<str>,
     buckets: Buckets,
+    access: Access,
 }
 
 /// The whole document as one SyncStep2 message, kept until the document changes: a fresh
@@ -372,7 +400,12 @@ impl Session {
     /// else changed); every other outcome, errors to clients included, is in `out`.
     pub fn handle(&mut self, input: Input, now: &Now, out: &mut Output) -> Result<(), Refused> {
         match input {
-            Input::Join { peer, kind, user } => return self.join(peer, kind, user, now, out),
+            Input::Join {
+                peer,
+                kind,
+                user,
+                access,
+            } => return self.join(peer, kind, user, access, now, out),
             Input::Leave { peer } => self.leave(peer, None, now, out),
             Input::Drop { peer, reason } => self.leave(peer, Some(reason), now, out),
             Input::Json { peer, message } => self.json(peer, message, now, out),
@@ -444,9 +477,20 @@ impl Session {
         peer: PeerId,
         kind: ConnKind,
         user: Option<Arc<str>>,
+        access: Access,
         now: &Now,
         out: &mut Output,
     ) -> Result<(), Refused> {
+        // Nobody takes, or replaces, a name a present member holds unless it holds it too.
+        if let Some(name) = &user {
+            let held = self
+                .members
+                .values()
+                .any(|m| m.user.as_ref() == Some(name) && m.access.holds_name);
+            if held && !access.holds_name {
+                return Err(Refused::NameHeld);
+            }
+        }
         let yjs_ack = if kind == ConnKind::LegacyYjs {
             let snapshot = self.encode_state().map_err(Refused::Unavailable)?;
             let b64 = base64::engine::general_purpose::STANDARD;
@@ -483,6 +527,7 @@ impl Session {
                 user: user.clone(),
                 connected_at: now.timestamp.clone(),
                 buckets: Buckets::new(&self.rates, now.instant),
+                access,
             },
         );
         self.joins += 1;
@@ -603,6 +648,11 @@ impl Session {
         if !self.admit(peer, cost, false, now, out) {
             return;
         }
+        if cost == Cost::Update && !self.may_edit(peer) {
+            let message = "a view token cannot change the scene";
+            self.reject(peer, ErrorCode::Forbidden, message.to_owned(), out);
+            return;
+        }
         let user = self.user_of(peer);
         match message {
             // The pong is a barrier: everything the connection sent before was applied, and
@@ -654,6 +704,9 @@ impl Session {
                     .push((peer, Payload::binary(yjs::sync_step2(&diff)))),
                 Err(e) => self.reject(peer, ErrorCode::BadMessage, e.to_string(), out),
             },
+            YjsMessage::SyncStep2(_) | YjsMessage::Update(_) if !self.may_edit(peer) => {
+                self.drop_view_update(peer, out)
+            }
             YjsMessage::SyncStep2(update) | YjsMessage::Update(update) => {
                 let user = self.user_of(peer);
                 match self.apply_update(&user, &update, out) {
@@ -680,6 +733,32 @@ impl Session {
             }
             YjsMessage::Auth => {}
         }
+    }
+
+    fn may_edit(&self, peer: PeerId) -> bool {
+        self.members
+            .get(&peer)
+            .is_some_and(|m| m.access.role.may_edit())
+    }
+
+    /// A `view` member's Yjs update: not applied, not stored, reported (and a JSON speaker
+    /// told). The connection stays: its provider sends its state on every sync.
+    fn drop_view_update(&mut self, peer: PeerId, out: &mut Output) {
+        let Some(member) = self.members.get(&peer) else {
+            return;
+        };
+        if member.kind.speaks_json() {
+            let error = ProtocolError::new(
+                ErrorCode::Forbidden,
+                "a view token cannot change the scene; the update was dropped",
+            );
+            out.sends
+                .push((peer, Payload::text(json::encode_error(&error))));
+        }
+        out.events.push(Event::ViewUpdateDropped {
+            peer,
+            user: member.user.clone(),
+        });
     }
 
     /// The corrections due and the awareness states expired by now.

@@ -20,7 +20,8 @@ use collab_core::doc::{CheckedUpdate, GuardedDoc, PeerId, Scene};
 use collab_core::protocol::json::parse_client_message;
 use collab_core::protocol::yjs;
 use collab_core::session::{
-    CloseReason, ConnKind, Event, Input, Now, Output, PayloadKind, Refused, Session, SessionLimits,
+    Access, CloseReason, ConnKind, Event, Input, Now, Output, PayloadKind, Refused, Session,
+    SessionLimits,
 };
 use serde_json::{json, Value};
 use yrs::sync::{Message, SyncMessage};
@@ -214,6 +215,16 @@ impl World {
     }
 
     pub fn try_join(&mut self, kind: ConnKind, user: Option<&str>) -> Result<PeerId, Refused> {
+        self.try_join_as(kind, user, Access::OPEN)
+    }
+
+    /// A connection joins with what its token granted.
+    pub fn try_join_as(
+        &mut self,
+        kind: ConnKind,
+        user: Option<&str>,
+        access: Access,
+    ) -> Result<PeerId, Refused> {
         let peer = self.next_peer;
         self.next_peer += 1;
         self.conns.insert(
@@ -230,6 +241,7 @@ impl World {
             peer,
             kind,
             user: user.map(Arc::from),
+            access,
         };
         match self.step(input) {
             Ok(()) => Ok(peer),
