@@ -4,6 +4,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod budget;
 pub mod config;
 pub mod server;
 pub mod session;

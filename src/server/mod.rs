@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::info;
 
+use crate::budget::Budget;
 use crate::config::Config;
 use crate::session::registry::SessionConfig;
 use crate::session::Registry;
@@ -40,6 +41,8 @@ pub struct AppState {
     pub connections: TaskTracker,
     pub metrics: Option<PrometheusHandle>,
     pub rejected_warnings: Arc<WarnLimiter>,
+    /// What peers make the server hold (`--max-memory`).
+    pub budget: Arc<Budget>,
 }
 
 /// The Prometheus recorder is process-global: installed once, shared by every server.
@@ -89,6 +92,7 @@ impl Server {
         let listener = tokio::net::TcpListener::bind((config.host, config.port)).await?;
         let addr = listener.local_addr()?;
         let shutdown = CancellationToken::new();
+        let budget = Budget::new(config.max_memory);
         let session_config = SessionConfig {
             evict_after: config.evict_after,
             correction_delay: config.correction_delay,
@@ -107,6 +111,7 @@ impl Server {
                     },
                 },
             },
+            budget: budget.clone(),
             ..SessionConfig::default()
         };
         let registry = Registry::new(store.clone(), session_config, shutdown.clone());
@@ -119,6 +124,7 @@ impl Server {
             connections: TaskTracker::new(),
             metrics: metrics_handle(),
             rejected_warnings: Arc::default(),
+            budget,
         };
         let connections = state.connections.clone();
         let registry = state.registry.clone();

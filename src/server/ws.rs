@@ -20,7 +20,7 @@ use super::connection::{Connection, ConnectionTarget};
 use super::path::{normalize_name, parse_segments};
 use super::AppState;
 use crate::session::JoinRequest;
-use crate::transport::{Frame, Socket, SocketConfig, Upgrade, Upgrading};
+use crate::transport::{Bounds, Frame, Socket, SocketConfig, Upgrade, Upgrading};
 
 fn flag(params: &HashMap<String, String>, name: &str) -> bool {
     params
@@ -96,9 +96,16 @@ async fn join(
     state: AppState,
     target: Option<ConnectionTarget>,
 ) -> Option<(Connection, Socket)> {
+    // Yjs connections are caught up when they fall behind; desktop ones are not (README).
+    let catch_up = target.as_ref().is_some_and(|t| t.kind.speaks_yjs());
     let config = SocketConfig {
         max_message_bytes: state.config.max_message_bytes,
-        max_queue_bytes: state.config.max_queue_bytes,
+        message_timeout: state.config.message_timeout,
+        bounds: Bounds {
+            max_bytes: state.config.max_queue_bytes,
+            catch_up_bytes: catch_up.then_some(state.config.catch_up_bytes),
+        },
+        budget: state.budget.clone(),
     };
     let (socket, outbox) = upgrading.open(config).await?;
     let Some(target) = target else {

@@ -19,6 +19,7 @@ use tokio_util::task::TaskTracker;
 
 use super::task::{self, TaskContext};
 use super::{JoinError, JoinRequest, SessionHandle, SessionMsg, SessionTable};
+use crate::budget::Budget;
 use crate::store::Store;
 
 /// Bound of a session's inbound queue; senders wait when it is full (backpressure).
@@ -38,6 +39,8 @@ pub struct SessionConfig {
     pub compact_after_updates: usize,
     /// ...or once it holds this many bytes more than the last snapshot.
     pub compact_after_bytes: usize,
+    /// The memory budget each session's awareness states count in.
+    pub budget: Arc<Budget>,
 }
 
 impl Default for SessionConfig {
@@ -48,6 +51,7 @@ impl Default for SessionConfig {
             limits: SessionLimits::default(),
             compact_after_updates: 1000,
             compact_after_bytes: 4 * 1024 * 1024,
+            budget: Budget::unlimited(),
         }
     }
 }

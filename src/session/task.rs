@@ -3,7 +3,7 @@
 //! nothing is sent before it is durable). It also owns what needs I/O or a clock: the store's
 //! log and compaction, the members' outboxes, eviction, and the session's timers.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
@@ -20,8 +20,9 @@ use tracing::{debug, error, warn};
 
 use super::registry::SessionConfig;
 use super::{ApiUpdate, JoinError, JoinRequest, SessionHandle, SessionMsg, SessionTable};
+use crate::budget::Account;
 use crate::store::{SessionMeta, Store, StoreError, StoredSession};
-use crate::transport::{Frame, Outbox};
+use crate::transport::{Frame, Outbox, Overflow, Sent};
 use crate::warn_limit::WarnLimiter;
 
 /// Most messages handled before their effects are stored and sent.
@@ -57,6 +58,9 @@ struct SessionTask {
     context: Arc<TaskContext>,
     handle: SessionHandle,
     outboxes: HashMap<PeerId, Outbox>,
+    /// Members with frames sent that are not known to have reached their socket while the
+    /// session may want to know ([`Session::delivered`]: what a catch-up is computed against).
+    unconfirmed: HashSet<PeerId>,
     /// What the session produced and the batch has not delivered yet.
     out: Output,
     /// HTTP updates, answered once what they changed is stored.
@@ -66,6 +70,8 @@ struct SessionTask {
     warnings: WarnLimiter,
     /// The store failed; the in-memory document holds changes that are not durable.
     failed: bool,
+    /// The session's awareness states in the memory budget.
+    awareness_held: Account,
 }
 
 /// Loads the session, then serves it until it is evicted, fails or the server stops.
@@ -77,17 +83,20 @@ pub(super) async fn run(
 ) {
     match load(&context, &handle.id).await {
         Ok((session, stored)) => {
+            let awareness_held = context.config.budget.fixed_account();
             let task = SessionTask {
                 session,
                 context,
                 handle,
                 outboxes: HashMap::new(),
+                unconfirmed: HashSet::new(),
                 out: Output::default(),
                 replies: Vec::new(),
                 idle_since: Some(Instant::now()),
                 stored,
                 warnings: WarnLimiter::default(),
                 failed: false,
+                awareness_held,
             };
             // Served by a task of its own: a task keeps its future's whole size for its life,
             // and what loading needed must not stay with every idle session.
@@ -240,6 +249,7 @@ impl SessionTask {
                     .map_err(|e| JoinError::Unavailable(e.to_string()));
                 if result.is_ok() {
                     self.outboxes.insert(peer, outbox);
+                    self.unconfirmed.insert(peer);
                     metrics::gauge!("collab_connections").increment(1.0);
                     self.idle_since = None;
                 }
@@ -296,6 +306,7 @@ impl SessionTask {
         let session = &self.session;
         let before = self.outboxes.len();
         self.outboxes.retain(|peer, _| session.is_member(*peer));
+        self.unconfirmed.retain(|peer| session.is_member(*peer));
         let gone = before - self.outboxes.len();
         metrics::gauge!("collab_connections").decrement(gone as f64);
     }
@@ -320,6 +331,8 @@ impl SessionTask {
             self.compact_if_due().await?;
         }
         self.deliver();
+        // Never shed itself; past the limit, the costliest connections are.
+        let _ = self.awareness_held.set(self.session.awareness_bytes());
         for (reply, result) in self.replies.drain(..) {
             let _ = reply.send(result);
         }
@@ -327,8 +340,9 @@ impl SessionTask {
     }
 
     /// Sends what the session produced (each member's frames in one write when the socket
-    /// takes them) and closes whom it closed. A member whose queue overflows is dropped, and
-    /// what that produces (its `user:left`) is delivered in turn.
+    /// takes them) and closes whom it closed. A member whose queue overflows is dropped, one
+    /// that fell behind is caught up, and what that produces (a `user:left`, a catch-up) is
+    /// delivered in turn.
     fn deliver(&mut self) {
         loop {
             let out = std::mem::take(&mut self.out);
@@ -342,6 +356,7 @@ impl SessionTask {
             // The sort is stable: each member's frames keep their order.
             sends.sort_by_key(|(peer, _)| *peer);
             let mut overflowed = Vec::new();
+            let mut behind = Vec::new();
             for run in sends.chunk_by(|a, b| a.0 == b.0) {
                 let peer = run[0].0;
                 let Some(outbox) = self.outboxes.get(&peer) else {
@@ -354,8 +369,17 @@ impl SessionTask {
                         outbox.send_all(&frames.iter().collect::<Vec<_>>())
                     }
                 };
-                if sent.is_err() {
-                    overflowed.push(peer);
+                match sent {
+                    Ok(Sent::Written) => {
+                        // Only for a member the session still wants to hear about, and once
+                        // after each time it fell behind: rarely on the hot path.
+                        if self.unconfirmed.contains(&peer) && self.session.delivered(peer) {
+                            self.unconfirmed.remove(&peer);
+                        }
+                    }
+                    Ok(Sent::Queued) => {}
+                    Ok(Sent::Behind) => behind.push(peer),
+                    Err(Overflow) => overflowed.push(peer),
                 }
             }
             for (peer, reason) in out.closes {
@@ -364,6 +388,12 @@ impl SessionTask {
                 }
             }
             let now = now();
+            for peer in behind {
+                metrics::counter!("collab_catch_ups_total").increment(1);
+                debug!(session = %self.handle.id, peer, "a member fell behind: caught up");
+                self.unconfirmed.insert(peer);
+                self.input(Input::Behind { peer }, &now);
+            }
             for peer in overflowed {
                 metrics::counter!("collab_slow_consumers_total").increment(1);
                 warn!(session = %self.handle.id, peer, "slow consumer disconnected (1013)");

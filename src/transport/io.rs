@@ -13,6 +13,7 @@ use std::task::{ready, Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 use super::outbox::{Wire, Writer};
 
@@ -32,15 +33,149 @@ impl Wire for TcpStream {
 }
 
 /// What tungstenite reads from and writes to: reads come from the socket, writes go through
-/// the outbox.
+/// the outbox. Reads are followed frame by frame ([`Inbound`]).
 pub struct SocketIo {
     stream: Arc<TcpStream>,
     writer: Writer,
+    inbound: Inbound,
+    /// The inbound bytes counted in the connection's budget account.
+    counted: usize,
 }
 
 impl SocketIo {
     pub(super) fn new(stream: Arc<TcpStream>, writer: Writer) -> SocketIo {
-        SocketIo { stream, writer }
+        SocketIo {
+            stream,
+            writer,
+            inbound: Inbound::default(),
+            counted: 0,
+        }
+    }
+
+    /// Since when the peer's current message (or frame) has been incomplete.
+    pub(super) fn incomplete_since(&self) -> Option<Instant> {
+        self.inbound.since
+    }
+
+    /// Counts the incomplete message's bytes in the budget (a shed connection is closed by
+    /// its task, which the budget wakes).
+    fn account_inbound(&mut self) {
+        let held = usize::try_from(self.inbound.held).unwrap_or(usize::MAX);
+        let account = self.writer.account();
+        if held > self.counted {
+            let _ = account.grow(held - self.counted);
+        } else {
+            account.shrink(self.counted - held);
+        }
+        self.counted = held;
+    }
+}
+
+impl Drop for SocketIo {
+    fn drop(&mut self) {
+        self.writer.account().shrink(self.counted);
+    }
+}
+
+/// The peer's frames as they are read (RFC 6455 §5.2), followed without keeping them
+/// (tungstenite decodes them): whether a message or frame is incomplete, since when, and how
+/// many payload bytes of the data message in progress tungstenite holds.
+#[derive(Debug, Default)]
+pub(super) struct Inbound {
+    header: [u8; MAX_HEADER],
+    header_len: usize,
+    /// Payload bytes of the current frame still to come, once its header is read.
+    remaining: Option<u64>,
+    frame_is_data: bool,
+    frame_fin: bool,
+    /// A data frame without FIN was read: its message is in progress.
+    fragmented: bool,
+    /// Payload bytes of the data message in progress.
+    pub(super) held: u64,
+    /// When the current incomplete message (or frame) started; `None` between messages.
+    pub(super) since: Option<Instant>,
+}
+
+/// A client frame's longest header: 2 bytes, an 8-byte length, a 4-byte mask key.
+const MAX_HEADER: usize = 14;
+
+impl Inbound {
+    /// Follows `bytes` read at `now`.
+    pub(super) fn feed(&mut self, mut bytes: &[u8], now: Instant) {
+        while !bytes.is_empty() {
+            if let Some(remaining) = self.remaining {
+                let take = remaining.min(bytes.len() as u64);
+                bytes = &bytes[take as usize..];
+                if self.frame_is_data {
+                    self.held += take;
+                }
+                self.remaining = Some(remaining - take);
+                if remaining == take {
+                    self.end_frame(now);
+                }
+                continue;
+            }
+            self.since.get_or_insert(now);
+            let want = header_len(&self.header[..self.header_len]).unwrap_or(2);
+            let take = (want - self.header_len).min(bytes.len());
+            self.header[self.header_len..self.header_len + take].copy_from_slice(&bytes[..take]);
+            self.header_len += take;
+            bytes = &bytes[take..];
+            if header_len(&self.header[..self.header_len]) == Some(self.header_len) {
+                let first = self.header[0];
+                self.frame_fin = first & 0x80 != 0;
+                // Continuation, text, binary (and the reserved data codes tungstenite refuses).
+                self.frame_is_data = first & 0x08 == 0;
+                let payload = payload_len(&self.header[..self.header_len]);
+                self.header_len = 0;
+                self.remaining = Some(payload);
+                if payload == 0 {
+                    self.end_frame(now);
+                }
+            }
+        }
+    }
+
+    fn end_frame(&mut self, now: Instant) {
+        self.remaining = None;
+        if self.frame_is_data {
+            self.fragmented = !self.frame_fin;
+            if self.frame_fin {
+                self.held = 0;
+                // The next message has a deadline of its own.
+                self.since = None;
+            }
+        }
+        if !self.fragmented {
+            self.since = None;
+        } else {
+            self.since.get_or_insert(now);
+        }
+    }
+}
+
+/// The length of the header that starts `header`, once its first two bytes are there.
+fn header_len(header: &[u8]) -> Option<usize> {
+    let second = *header.get(1)?;
+    let extended = match second & 0x7f {
+        126 => 2,
+        127 => 8,
+        _ => 0,
+    };
+    let mask = if second & 0x80 != 0 { 4 } else { 0 };
+    Some(2 + extended + mask)
+}
+
+/// The payload length of a whole header.
+fn payload_len(header: &[u8]) -> u64 {
+    match header[1] & 0x7f {
+        126 => u64::from(u16::from_be_bytes([header[2], header[3]])),
+        127 => {
+            let mut len = [0; 8];
+            len.copy_from_slice(&header[2..10]);
+            u64::from_be_bytes(len)
+        }
+        n => u64::from(n),
     }
 }
 
@@ -54,6 +189,12 @@ impl AsyncRead for SocketIo {
             ready!(self.stream.poll_read_ready(cx))?;
             match self.stream.try_read(buf.initialize_unfilled()) {
                 Ok(n) => {
+                    let this = self.get_mut();
+                    this.inbound.feed(
+                        &buf.initialized()[buf.filled().len()..][..n],
+                        Instant::now(),
+                    );
+                    this.account_inbound();
                     buf.advance(n);
                     return Poll::Ready(Ok(()));
                 }
