@@ -13,8 +13,8 @@ use collab_core::doc::{Action, CheckedUpdate, Command, GuardedDoc, ItemFields, S
 use collab_core::protocol::json::parse_client_message;
 use collab_core::protocol::yjs;
 use criterion::{criterion_group, criterion_main, Criterion};
-use optiverse_collab::transport::Wire;
 use optiverse_collab::budget::Budget;
+use optiverse_collab::transport::Wire;
 use optiverse_collab::transport::{outbox, Bounds, Frame};
 use serde_json::{json, Value};
 use yrs::updates::decoder::Decode;

@@ -224,3 +224,63 @@ impl AsyncWrite for SocketIo {
         self.writer.poll_flush(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tungstenite::protocol::frame::coding::{Control, Data, OpCode};
+    use tungstenite::protocol::frame::Frame as WsFrame;
+
+    /// A client frame (masked) as tungstenite writes it.
+    fn client_frame(opcode: OpCode, len: usize, fin: bool) -> Vec<u8> {
+        let mut frame = match opcode {
+            OpCode::Data(_) => WsFrame::message(vec![7u8; len], opcode, fin),
+            OpCode::Control(_) => WsFrame::ping(vec![7u8; len]),
+        };
+        frame.header_mut().mask = Some([1, 2, 3, 4]);
+        let mut wire = Vec::new();
+        frame.format(&mut wire).expect("a Vec takes every write");
+        wire
+    }
+
+    #[test]
+    fn a_message_is_incomplete_from_its_first_byte_to_its_last_fragment_whatever_pings_come() {
+        let t0 = Instant::now();
+        let later = t0 + Duration::from_secs(5);
+        let binary = OpCode::Data(Data::Binary);
+        let mut inbound = Inbound::default();
+        // Whole messages of every header size, fed a byte at a time: nothing stays open.
+        for len in [0, 5, 300, 70_000] {
+            for byte in client_frame(binary, len, true) {
+                inbound.feed(&[byte], t0);
+            }
+            assert_eq!((inbound.since, inbound.held), (None, 0), "{len}");
+        }
+        // A first fragment, then a ping, then the rest of a second fragment, then the end.
+        inbound.feed(&client_frame(binary, 1000, false), t0);
+        assert_eq!((inbound.since, inbound.held), (Some(t0), 1000));
+        inbound.feed(
+            &client_frame(OpCode::Control(Control::Ping), 4, true),
+            later,
+        );
+        assert_eq!(
+            inbound.since,
+            Some(t0),
+            "a ping does not restart the deadline"
+        );
+        let second = client_frame(OpCode::Data(Data::Continue), 500, false);
+        inbound.feed(&second[..100], later);
+        assert_eq!(inbound.since, Some(t0));
+        inbound.feed(&second[100..], later);
+        assert_eq!(inbound.held, 1500);
+        inbound.feed(&client_frame(OpCode::Data(Data::Continue), 10, true), later);
+        assert_eq!((inbound.since, inbound.held), (None, 0));
+        // A partial ping alone is incomplete too; finished, it is not.
+        let ping = client_frame(OpCode::Control(Control::Ping), 4, true);
+        inbound.feed(&ping[..3], later);
+        assert_eq!(inbound.since, Some(later));
+        inbound.feed(&ping[3..], later);
+        assert_eq!(inbound.since, None);
+    }
+}

@@ -209,7 +209,8 @@ impl Shared {
         }
         queue.bytes += queued;
         self.account.budget().note_queue(queue.bytes);
-        let over = self.account.grow(queued).is_err();
+        // The library's frames (a close frame above all) go out even from a shed connection.
+        let over = self.account.grow(queued).is_err() && !control;
         drop(queue);
         if over {
             self.shed();
@@ -613,6 +614,75 @@ mod tests {
 
     fn frame(payload: &[u8]) -> Frame {
         Frame::binary(payload)
+    }
+
+    /// A frame of a session's message with what a catch-up does to it.
+    fn session_frame(payload: &[u8], backlog: Backlog) -> Frame {
+        let payload = match backlog {
+            Backlog::Keep => collab_core::session::Payload::binary(payload.to_vec()),
+            Backlog::Change => collab_core::session::Payload::yjs_change(payload.to_vec()),
+            Backlog::State => collab_core::session::Payload::yjs_state(payload.to_vec()),
+        };
+        Frame::of(&payload)
+    }
+
+    #[tokio::test]
+    async fn changes_past_the_catch_up_bound_are_dropped_with_what_a_catch_up_replaces() {
+        let wire = FakeWire::with_room(3);
+        let bounds = Bounds {
+            max_bytes: 1000,
+            catch_up_bytes: Some(20),
+        };
+        let budget = crate::budget::Budget::unlimited();
+        let (out, inbox) = outbox(bounds, budget.account(), wire.clone());
+        // Started (3 of its 6 bytes written): it stays whatever it is.
+        let started = session_frame(b"1234", Backlog::Change);
+        let kept = session_frame(b"k", Backlog::Keep);
+        let state = session_frame(b"s", Backlog::State);
+        let change = session_frame(&[9; 10], Backlog::Change);
+        assert_eq!(out.send(&started), Ok(Sent::Queued));
+        assert_eq!(out.send_all(&[&kept, &state, &change]), Ok(Sent::Queued));
+        assert_eq!(out.queued_bytes(), 3 + 3 + 3 + 12);
+        assert_eq!(budget.usage().used_bytes, out.queued_bytes());
+        // 3 + 12 + 12 bytes of changes pass 20: the changes and the state go, with this call's.
+        let late_keep = session_frame(b"l", Backlog::Keep);
+        assert_eq!(out.send_all(&[&change, &late_keep]), Ok(Sent::Behind));
+        assert_eq!(out.queued_bytes(), 3 + 3 + 3);
+        assert_eq!(budget.usage().used_bytes, out.queued_bytes());
+        // The catch-up (a state) is queued after them, whatever its size.
+        let catch_up = session_frame(&[5; 30], Backlog::State);
+        assert_eq!(out.send(&catch_up), Ok(Sent::Queued));
+        wire.grant(1000);
+        flush_now(&inbox);
+        let expected: Vec<u8> = [&started, &kept, &late_keep, &catch_up]
+            .iter()
+            .flat_map(|f| f.as_bytes().to_vec())
+            .collect();
+        assert_eq!(wire.written(), expected);
+        assert_eq!(budget.usage().used_bytes, 0);
+        // Everything sent has left: the next frame written at once says so.
+        assert_eq!(out.send(&change), Ok(Sent::Written));
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_budget_sheds_is_closed_1013_and_its_queue_given_back() {
+        let budget = crate::budget::Budget::new(100);
+        let bounds = Bounds {
+            max_bytes: 1000,
+            catch_up_bytes: None,
+        };
+        let (costly, mut costly_inbox) =
+            outbox(bounds.clone(), budget.account(), FakeWire::with_room(0));
+        let (cheap, _cheap_inbox) = outbox(bounds, budget.account(), FakeWire::with_room(0));
+        costly.send(&frame(&[1; 70])).unwrap();
+        cheap.send(&frame(&[1; 20])).unwrap();
+        // The cheap one passes the limit; the costly one is shed.
+        assert_eq!(cheap.send(&frame(&[1; 20])), Ok(Sent::Queued));
+        assert_eq!(next(&mut costly_inbox).await, Next::Close(CLOSE_SLOW));
+        assert_eq!(costly.queued_bytes(), 0);
+        assert_eq!(budget.usage().used_bytes, cheap.queued_bytes());
+        // The costliest growing past the limit is refused.
+        assert_eq!(cheap.send(&frame(&[1; 200])), Err(Overflow));
     }
 
     async fn next(inbox: &mut Inbox) -> Next {
