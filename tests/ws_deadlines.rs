@@ -77,13 +77,18 @@ fn keep_pinging(mut sink: SplitSink<Ws, Message>) -> tokio::task::JoinHandle<()>
 
 /// The code of the close frame read from `stream` (skipping what comes before it).
 async fn close_code_of(stream: &mut SplitStream<Ws>) -> u16 {
-    loop {
-        match tokio::time::timeout(PATIENCE, stream.next()).await {
-            Ok(Some(Ok(Message::Close(Some(frame))))) => return u16::from(frame.code),
-            Ok(Some(Ok(_))) => continue,
-            other => panic!("no close frame: {other:?}"),
+    let close = async {
+        loop {
+            match stream.next().await {
+                Some(Ok(Message::Close(Some(frame)))) => return u16::from(frame.code),
+                Some(Ok(_)) => continue,
+                other => panic!("no close frame: {other:?}"),
+            }
         }
-    }
+    };
+    tokio::time::timeout(PATIENCE, close)
+        .await
+        .expect("a close frame in time")
 }
 
 /// On `/ws`, WebSocket pings alone do not keep a connection past its idle timeout; the
