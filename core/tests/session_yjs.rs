@@ -640,3 +640,25 @@ fn a_desktop_member_behind_is_closed_and_an_unsynced_yjs_member_is_not_confirmed
         [("user:left".into(), "bob".into())]
     );
 }
+
+/// A `?yjs=1` member's JSON command is not sent back to it as Yjs, so the document's state is
+/// no lower bound of what it holds: it catches up from the whole document.
+#[test]
+fn a_ws_yjs_member_that_sent_a_json_change_catches_up_from_the_whole_document() {
+    let mut world = World::new();
+    let yuki = world.join(ConnKind::LegacyYjs, Some("yuki"));
+    let (_, first) = split(world.take(yuki));
+    let yuki_doc = yjs_client(&mut world, yuki, &first, Doc::new());
+    assert!(world.confirm(yuki));
+    let (t, u, d) = fixture_item(2);
+    world.send(yuki, command("add_item", &t, &u, d, "yuki"));
+    world.take(yuki);
+    assert!(world.confirm(yuki));
+    world.fall_behind(yuki);
+    let (_, yjs) = split(world.take(yuki));
+    let [Message::Sync(SyncMessage::SyncStep2(whole))] = yjs.as_slice() else {
+        panic!("one SyncStep2: {yjs:?}");
+    };
+    apply_update(&yuki_doc, whole);
+    assert_eq!(doc_items(&yuki_doc), doc_items(&world.doc()));
+}

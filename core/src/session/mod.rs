@@ -340,6 +340,10 @@ struct Member {
     /// The document's state vector when the shell last confirmed that everything sent to this
     /// member reached its socket after it was synced: a lower bound of what it holds.
     holds: Option<StateVector>,
+    /// A `?yjs=1` member sent a JSON change: the document's blocks for it are not sent back to
+    /// it, so the document's state is no lower bound of its own; it catches up from the whole
+    /// document.
+    changed_by_json: bool,
 }
 
 /// The whole document as one SyncStep2 message, kept until the document changes: a fresh
@@ -531,6 +535,7 @@ impl Session {
                 buckets: Buckets::new(&self.rates, now.instant),
                 synced: false,
                 holds: None,
+                changed_by_json: false,
             },
         );
         self.joins += 1;
@@ -652,6 +657,17 @@ impl Session {
             return;
         }
         let user = self.user_of(peer);
+        if matches!(
+            message,
+            ClientMessage::Command(_) | ClientMessage::FullState(_)
+        ) {
+            if let Some(member) = self.members.get_mut(&peer) {
+                if member.kind.speaks_yjs() {
+                    member.changed_by_json = true;
+                    member.holds = None;
+                }
+            }
+        }
         match message {
             // The pong is a barrier: everything the connection sent before was applied, and
             // the corrections owed to it go out before it.
@@ -810,6 +826,9 @@ impl Session {
         }
         if !member.synced {
             return false;
+        }
+        if member.changed_by_json {
+            return true;
         }
         let holds = self.scene.doc().state_vector();
         if let Some(member) = self.members.get_mut(&peer) {
