@@ -73,7 +73,7 @@ impl Connection {
                 let step = tokio::select! {
                     biased;
                     // Also writes what the socket could not take from the session at once.
-                    event = socket.next_event() => {
+                    event = socket.next_event(&self.state.config.message_timeout) => {
                         // Only a whole data message shows the peer is there: its pings, or a
                         // message it started and never finishes, cannot hold it open.
                         let data = matches!(event, Event::Text(_) | Event::Binary(_));

@@ -100,7 +100,6 @@ async fn join(
     let catch_up = target.as_ref().is_some_and(|t| t.kind.speaks_yjs());
     let config = SocketConfig {
         max_message_bytes: state.config.max_message_bytes,
-        message_timeout: state.config.message_timeout,
         bounds: Bounds {
             max_bytes: state.config.max_queue_bytes,
             catch_up_bytes: catch_up.then_some(state.config.catch_up_bytes),

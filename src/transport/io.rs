@@ -37,9 +37,8 @@ impl Wire for TcpStream {
 pub struct SocketIo {
     stream: Arc<TcpStream>,
     writer: Writer,
+    /// Its unfinished message's bytes are what the connection's budget account holds for it.
     inbound: Inbound,
-    /// The inbound bytes counted in the connection's budget account.
-    counted: usize,
 }
 
 impl SocketIo {
@@ -48,7 +47,6 @@ impl SocketIo {
             stream,
             writer,
             inbound: Inbound::default(),
-            counted: 0,
         }
     }
 
@@ -57,23 +55,25 @@ impl SocketIo {
         self.inbound.since
     }
 
-    /// Counts the incomplete message's bytes in the budget (a shed connection is closed by
-    /// its task, which the budget wakes).
-    fn account_inbound(&mut self) {
-        let held = usize::try_from(self.inbound.held).unwrap_or(usize::MAX);
+    /// Follows `bytes` just read, and counts the unfinished message's bytes in the budget (a
+    /// shed connection is closed by its task, which the budget wakes).
+    fn follow(&mut self, bytes: &[u8]) {
+        let before = self.inbound.held;
+        self.inbound.feed(bytes, Instant::now());
+        let after = self.inbound.held;
         let account = self.writer.account();
-        if held > self.counted {
-            let _ = account.grow(held - self.counted);
+        if after > before {
+            let _ = account.grow(usize::try_from(after - before).unwrap_or(usize::MAX));
         } else {
-            account.shrink(self.counted - held);
+            account.shrink(usize::try_from(before - after).unwrap_or(usize::MAX));
         }
-        self.counted = held;
     }
 }
 
 impl Drop for SocketIo {
     fn drop(&mut self) {
-        self.writer.account().shrink(self.counted);
+        let held = usize::try_from(self.inbound.held).unwrap_or(usize::MAX);
+        self.writer.account().shrink(held);
     }
 }
 
@@ -83,9 +83,11 @@ impl Drop for SocketIo {
 #[derive(Debug, Default)]
 pub(super) struct Inbound {
     header: [u8; MAX_HEADER],
-    header_len: usize,
-    /// Payload bytes of the current frame still to come, once its header is read.
-    remaining: Option<u64>,
+    header_len: u8,
+    /// Whether the current frame's header was read: its payload is what comes next.
+    in_payload: bool,
+    /// Payload bytes of the current frame still to come (while `in_payload`).
+    remaining: u64,
     frame_is_data: bool,
     frame_fin: bool,
     /// A data frame without FIN was read: its message is in progress.
@@ -103,32 +105,37 @@ impl Inbound {
     /// Follows `bytes` read at `now`.
     pub(super) fn feed(&mut self, mut bytes: &[u8], now: Instant) {
         while !bytes.is_empty() {
-            if let Some(remaining) = self.remaining {
+            if self.in_payload {
+                let remaining = self.remaining;
                 let take = remaining.min(bytes.len() as u64);
                 bytes = &bytes[take as usize..];
                 if self.frame_is_data {
                     self.held += take;
                 }
-                self.remaining = Some(remaining - take);
+                self.remaining = remaining - take;
                 if remaining == take {
                     self.end_frame(now);
                 }
                 continue;
             }
             self.since.get_or_insert(now);
-            let want = header_len(&self.header[..self.header_len]).unwrap_or(2);
-            let take = (want - self.header_len).min(bytes.len());
-            self.header[self.header_len..self.header_len + take].copy_from_slice(&bytes[..take]);
-            self.header_len += take;
+            let have = usize::from(self.header_len);
+            let want = header_len(&self.header[..have]).unwrap_or(2);
+            let take = (want - have).min(bytes.len());
+            self.header[have..have + take].copy_from_slice(&bytes[..take]);
+            let have = have + take;
+            // At most `MAX_HEADER`.
+            self.header_len = have as u8;
             bytes = &bytes[take..];
-            if header_len(&self.header[..self.header_len]) == Some(self.header_len) {
+            if header_len(&self.header[..have]) == Some(have) {
                 let first = self.header[0];
                 self.frame_fin = first & 0x80 != 0;
                 // Continuation, text, binary (and the reserved data codes tungstenite refuses).
                 self.frame_is_data = first & 0x08 == 0;
-                let payload = payload_len(&self.header[..self.header_len]);
+                let payload = payload_len(&self.header[..have]);
                 self.header_len = 0;
-                self.remaining = Some(payload);
+                self.in_payload = true;
+                self.remaining = payload;
                 if payload == 0 {
                     self.end_frame(now);
                 }
@@ -137,7 +144,7 @@ impl Inbound {
     }
 
     fn end_frame(&mut self, now: Instant) {
-        self.remaining = None;
+        self.in_payload = false;
         if self.frame_is_data {
             self.fragmented = !self.frame_fin;
             if self.frame_fin {
@@ -189,12 +196,8 @@ impl AsyncRead for SocketIo {
             ready!(self.stream.poll_read_ready(cx))?;
             match self.stream.try_read(buf.initialize_unfilled()) {
                 Ok(n) => {
-                    let this = self.get_mut();
-                    this.inbound.feed(
-                        &buf.initialized()[buf.filled().len()..][..n],
-                        Instant::now(),
-                    );
-                    this.account_inbound();
+                    self.get_mut()
+                        .follow(&buf.initialized()[buf.filled().len()..][..n]);
                     buf.advance(n);
                     return Poll::Ready(Ok(()));
                 }

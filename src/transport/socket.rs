@@ -32,8 +32,6 @@ const READ_BUFFER_BYTES: usize = 512;
 pub struct SocketConfig {
     /// The largest message (and frame) read; a larger one is closed with 1009.
     pub max_message_bytes: usize,
-    /// Time a message (or frame) the peer started has to finish; past it, 1008.
-    pub message_timeout: Duration,
     /// What may wait for a socket that does not keep up.
     pub bounds: Bounds,
     /// The memory budget the connection's queue and incomplete message count in.
@@ -45,7 +43,6 @@ pub struct SocketConfig {
 pub struct Socket {
     pub(super) ws: WebSocketStream<SocketIo>,
     pub(super) inbox: Inbox,
-    message_timeout: Duration,
     /// The deadline of the peer's incomplete message; only while there is one.
     message_deadline: Option<Pin<Box<Sleep>>>,
 }
@@ -106,21 +103,24 @@ impl Socket {
         let socket = Socket {
             ws,
             inbox,
-            message_timeout: config.message_timeout,
             message_deadline: None,
         };
         (socket, outbox)
     }
 
     /// The next event. While waiting, writes what the socket could not take from the session
-    /// at once.
-    pub fn next_event(&mut self) -> impl Future<Output = Event> + Send + '_ {
+    /// at once. A message the peer started must finish within `message_timeout` (passed in
+    /// rather than kept: every idle connection would keep it).
+    pub fn next_event<'a>(
+        &'a mut self,
+        message_timeout: &'a Duration,
+    ) -> impl Future<Output = Event> + Send + 'a {
         // A plain poll function: an idle connection's task holds this future, and it keeps
-        // nothing but the borrow.
-        poll_fn(|cx| self.poll_event(cx))
+        // nothing but the two borrows.
+        poll_fn(move |cx| self.poll_event(cx, *message_timeout))
     }
 
-    fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
+    fn poll_event(&mut self, cx: &mut Context<'_>, message_timeout: Duration) -> Poll<Event> {
         // The session's close request first: nothing read after it matters.
         if let Poll::Ready(next) = self.inbox.poll_next(cx) {
             return Poll::Ready(Event::End(match next {
@@ -131,7 +131,7 @@ impl Socket {
         loop {
             let next = match self.ws.poll_next_unpin(cx) {
                 Poll::Ready(next) => next,
-                Poll::Pending => return self.poll_message_deadline(cx),
+                Poll::Pending => return self.poll_message_deadline(cx, message_timeout),
             };
             let event = match next {
                 Some(Ok(Message::Text(text))) => Event::Text(text),
@@ -150,12 +150,16 @@ impl Socket {
 
     /// Ready with the end of the connection once the peer's incomplete message is past its
     /// deadline. Pings and pongs do not extend it: only finishing the message does.
-    fn poll_message_deadline(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
+    fn poll_message_deadline(
+        &mut self,
+        cx: &mut Context<'_>,
+        message_timeout: Duration,
+    ) -> Poll<Event> {
         let Some(since) = self.ws.get_ref().incomplete_since() else {
             self.message_deadline = None;
             return Poll::Pending;
         };
-        let deadline = since + self.message_timeout;
+        let deadline = since + message_timeout;
         let timer = self
             .message_deadline
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
