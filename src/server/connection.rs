@@ -60,8 +60,9 @@ impl Connection {
     #[allow(clippy::manual_async_fn)] // see above: an `async fn` would be larger
     pub fn serve(mut self, mut socket: Socket) -> impl Future<Output = ()> + Send {
         async move {
-            // One timer: the JSON idle timeout on `/ws` (reset by every frame received), the
-            // protocol ping on `/yjs` (a peer that has not answered one by the next is dropped).
+            // One timer: the JSON idle timeout on `/ws` (reset by every data message received:
+            // the desktop client's JSON ping is one), the protocol ping on `/yjs` (a peer that
+            // has not answered one by the next is dropped; a silent viewer answers them).
             let period = match self.kind {
                 ConnKind::Yjs => self.state.config.yjs_ping_interval,
                 ConnKind::Legacy | ConnKind::LegacyYjs => self.state.config.idle_timeout,
@@ -80,8 +81,11 @@ impl Connection {
                 let step = tokio::select! {
                     biased;
                     // Also writes what the socket could not take from the session at once.
-                    event = socket.next_event() => {
-                        if self.kind != ConnKind::Yjs {
+                    event = socket.next_event(&self.state.config.message_timeout) => {
+                        // Only a whole data message shows the peer is there: its pings, or a
+                        // message it started and never finishes, cannot hold it open.
+                        let data = matches!(event, Event::Text(_) | Event::Binary(_));
+                        if self.kind != ConnKind::Yjs && data {
                             timer.as_mut().reset(Instant::now() + period);
                         }
                         self.on_event(event, &mut pong_due)

@@ -28,6 +28,7 @@ use crate::auth::AccessControl;
 use api_rate::ApiRate;
 use listener::ListenerLimits;
 
+use crate::budget::Budget;
 use crate::config::Config;
 use crate::session::registry::SessionConfig;
 use crate::session::Registry;
@@ -54,6 +55,8 @@ pub struct AppState {
     pub access: Arc<AccessControl>,
     /// `/api` requests per client address.
     pub api_rate: Arc<ApiRate>,
+    /// What peers make the server hold (`--max-memory`).
+    pub budget: Arc<Budget>,
 }
 
 /// The Prometheus recorder is process-global: installed once, shared by every server.
@@ -135,6 +138,7 @@ impl Server {
         let listener = tokio::net::TcpListener::bind((config.host, config.port)).await?;
         let addr = listener.local_addr()?;
         let shutdown = CancellationToken::new();
+        let budget = Budget::new(config.max_memory);
         let session_config = SessionConfig {
             evict_after: config.evict_after,
             correction_delay: config.correction_delay,
@@ -154,6 +158,7 @@ impl Server {
                 },
             },
             max_sessions: config.max_sessions,
+            budget: budget.clone(),
             ..SessionConfig::default()
         };
         let registry = Registry::new(store.clone(), session_config, shutdown.clone());
@@ -171,6 +176,7 @@ impl Server {
                 burst: config.api_burst,
             })),
             config: Arc::new(config),
+            budget,
         };
         let limits = listener_limits(&state.config);
         info!(

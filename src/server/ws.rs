@@ -28,7 +28,7 @@ use super::AppState;
 use crate::auth::http::Grant;
 use crate::auth::LiveGrant;
 use crate::session::{JoinError, JoinRequest};
-use crate::transport::{Frame, Socket, SocketConfig, Upgrade, Upgrading};
+use crate::transport::{Bounds, Frame, Socket, SocketConfig, Upgrade, Upgrading};
 
 fn flag(params: &HashMap<String, String>, name: &str) -> bool {
     params
@@ -124,9 +124,15 @@ async fn join(
     target: Option<ConnectionTarget>,
     grant: Option<Arc<crate::auth::Claims>>,
 ) -> Option<(Connection, Socket)> {
+    // Yjs connections are caught up when they fall behind; desktop ones are not (README).
+    let catch_up = target.as_ref().is_some_and(|t| t.kind.speaks_yjs());
     let config = SocketConfig {
         max_message_bytes: state.config.max_message_bytes,
-        max_queue_bytes: state.config.max_queue_bytes,
+        bounds: Bounds {
+            max_bytes: state.config.max_queue_bytes,
+            catch_up_bytes: catch_up.then_some(state.config.catch_up_bytes),
+        },
+        budget: state.budget.clone(),
     };
     let (socket, outbox) = upgrading.open(config).await?;
     let Some(target) = target else {

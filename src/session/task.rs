@@ -3,7 +3,7 @@
 //! nothing is sent before it is durable). It also owns what needs I/O or a clock: the store's
 //! log and compaction, the members' outboxes, eviction, and the session's timers.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
@@ -20,8 +20,9 @@ use tracing::{debug, error, warn};
 
 use super::registry::SessionConfig;
 use super::{ApiUpdate, JoinError, JoinRequest, SessionHandle, SessionMsg, SessionTable};
+use crate::budget::Account;
 use crate::store::{SessionMeta, Store, StoreError, StoredSession};
-use crate::transport::{Frame, Outbox};
+use crate::transport::{Frame, Outbox, Overflow, Sent};
 use crate::warn_limit::WarnLimiter;
 
 /// Most messages handled before their effects are stored and sent.
@@ -59,6 +60,9 @@ struct SessionTask {
     context: Arc<TaskContext>,
     handle: SessionHandle,
     outboxes: HashMap<PeerId, Outbox>,
+    /// Members with frames sent that are not known to have reached their socket while the
+    /// session may want to know ([`Session::delivered`]: what a catch-up is computed against).
+    unconfirmed: HashSet<PeerId>,
     /// What the session produced and the batch has not delivered yet.
     out: Output,
     /// HTTP updates, answered once what they changed is stored.
@@ -70,6 +74,8 @@ struct SessionTask {
     failed: bool,
     /// This session's place among those in memory, given back when the task ends.
     _slot: OwnedSemaphorePermit,
+    /// The session's awareness states in the memory budget.
+    awareness_held: Account,
 }
 
 /// Loads the session, then serves it until it is evicted, fails or the server stops.
@@ -82,11 +88,13 @@ pub(super) async fn run(
 ) {
     match load(&context, &handle.id).await {
         Ok((session, stored)) => {
+            let awareness_held = context.config.budget.fixed_account();
             let task = SessionTask {
                 session,
                 context,
                 handle,
                 outboxes: HashMap::new(),
+                unconfirmed: HashSet::new(),
                 out: Output::default(),
                 replies: Vec::new(),
                 idle_since: Some(Instant::now()),
@@ -94,6 +102,7 @@ pub(super) async fn run(
                 warnings: WarnLimiter::default(),
                 failed: false,
                 _slot: slot,
+                awareness_held,
             };
             task.publish_idle();
             // Served by a task of its own: a task keeps its future's whole size for its life,
@@ -262,6 +271,7 @@ impl SessionTask {
                     });
                 if result.is_ok() {
                     self.outboxes.insert(peer, outbox);
+                    self.unconfirmed.insert(peer);
                     metrics::gauge!("collab_connections").increment(1.0);
                     self.idle_since = None;
                     self.publish_idle();
@@ -329,6 +339,7 @@ impl SessionTask {
         let session = &self.session;
         let before = self.outboxes.len();
         self.outboxes.retain(|peer, _| session.is_member(*peer));
+        self.unconfirmed.retain(|peer| session.is_member(*peer));
         let gone = before - self.outboxes.len();
         metrics::gauge!("collab_connections").decrement(gone as f64);
     }
@@ -353,6 +364,8 @@ impl SessionTask {
             self.compact_if_due().await?;
         }
         self.deliver();
+        // Never shed itself; past the limit, the costliest connections are.
+        let _ = self.awareness_held.set(self.session.awareness_bytes());
         for (reply, result) in self.replies.drain(..) {
             let _ = reply.send(result);
         }
@@ -360,8 +373,9 @@ impl SessionTask {
     }
 
     /// Sends what the session produced (each member's frames in one write when the socket
-    /// takes them) and closes whom it closed. A member whose queue overflows is dropped, and
-    /// what that produces (its `user:left`) is delivered in turn.
+    /// takes them) and closes whom it closed. A member whose queue overflows is dropped, one
+    /// that fell behind is caught up, and what that produces (a `user:left`, a catch-up) is
+    /// delivered in turn.
     fn deliver(&mut self) {
         loop {
             let out = std::mem::take(&mut self.out);
@@ -375,6 +389,7 @@ impl SessionTask {
             // The sort is stable: each member's frames keep their order.
             sends.sort_by_key(|(peer, _)| *peer);
             let mut overflowed = Vec::new();
+            let mut behind = Vec::new();
             for run in sends.chunk_by(|a, b| a.0 == b.0) {
                 let peer = run[0].0;
                 let Some(outbox) = self.outboxes.get(&peer) else {
@@ -387,8 +402,17 @@ impl SessionTask {
                         outbox.send_all(&frames.iter().collect::<Vec<_>>())
                     }
                 };
-                if sent.is_err() {
-                    overflowed.push(peer);
+                match sent {
+                    Ok(Sent::Written) => {
+                        // Only for a member the session still wants to hear about, and once
+                        // after each time it fell behind: rarely on the hot path.
+                        if self.unconfirmed.contains(&peer) && self.session.delivered(peer) {
+                            self.unconfirmed.remove(&peer);
+                        }
+                    }
+                    Ok(Sent::Queued) => {}
+                    Ok(Sent::Behind) => behind.push(peer),
+                    Err(Overflow) => overflowed.push(peer),
                 }
             }
             for (peer, reason) in out.closes {
@@ -397,6 +421,12 @@ impl SessionTask {
                 }
             }
             let now = now();
+            for peer in behind {
+                metrics::counter!("collab_catch_ups_total").increment(1);
+                debug!(session = %self.handle.id, peer, "a member fell behind: caught up");
+                self.unconfirmed.insert(peer);
+                self.input(Input::Behind { peer }, &now);
+            }
             for peer in overflowed {
                 metrics::counter!("collab_slow_consumers_total").increment(1);
                 warn!(session = %self.handle.id, peer, "slow consumer disconnected (1013)");

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine as _;
 use bytes::Bytes;
+use yrs::StateVector;
 
 use crate::doc::scene::PeerMessage;
 use crate::doc::{CheckedUpdate, DocError, Effects, PeerId, Scene};
@@ -90,6 +91,10 @@ pub const CLOSE_INVALID_PATH: CloseReason = CloseReason {
     code: 1008,
     reason: "Invalid path",
 };
+pub const CLOSE_MESSAGE_TIMEOUT: CloseReason = CloseReason {
+    code: 1008,
+    reason: "Message not finished in time",
+};
 pub const CLOSE_TOO_BIG: CloseReason = CloseReason {
     code: 1009,
     reason: "Message too big",
@@ -156,27 +161,52 @@ pub enum PayloadKind {
     Binary,
 }
 
+/// What a catch-up ([`Input::Behind`]) does with a message still queued for a Yjs member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backlog {
+    /// Sent as queued: JSON messages, and the server's SyncStep1 (the client's answer to it
+    /// carries the changes it made offline).
+    Keep,
+    /// A change (a document update, an awareness change): the catch-up carries its effect,
+    /// and its bytes count towards falling behind.
+    Change,
+    /// A state (a SyncStep2, all awareness states): the catch-up holds at least as much.
+    State,
+}
+
 /// One message, encoded once, however many members it goes to. The transport frames it once
 /// too: [`Payload::framed`] keeps what the first framing made.
 #[derive(Debug)]
 pub struct Payload {
     kind: PayloadKind,
+    backlog: Backlog,
     bytes: Bytes,
     framed: OnceLock<Bytes>,
 }
 
 impl Payload {
     pub fn text(text: String) -> Arc<Payload> {
-        Payload::new(PayloadKind::Text, Bytes::from(text))
+        Payload::new(PayloadKind::Text, Backlog::Keep, Bytes::from(text))
     }
 
     pub fn binary(bytes: impl Into<Bytes>) -> Arc<Payload> {
-        Payload::new(PayloadKind::Binary, bytes.into())
+        Payload::new(PayloadKind::Binary, Backlog::Keep, bytes.into())
     }
 
-    fn new(kind: PayloadKind, bytes: Bytes) -> Arc<Payload> {
+    /// A y-websocket change: replaced by a catch-up while it waits for a slow member.
+    pub fn yjs_change(bytes: impl Into<Bytes>) -> Arc<Payload> {
+        Payload::new(PayloadKind::Binary, Backlog::Change, bytes.into())
+    }
+
+    /// A y-websocket state: replaced by a catch-up while it waits for a slow member.
+    pub fn yjs_state(bytes: impl Into<Bytes>) -> Arc<Payload> {
+        Payload::new(PayloadKind::Binary, Backlog::State, bytes.into())
+    }
+
+    fn new(kind: PayloadKind, backlog: Backlog, bytes: Bytes) -> Arc<Payload> {
         Arc::new(Payload {
             kind,
+            backlog,
             bytes,
             framed: OnceLock::new(),
         })
@@ -184,6 +214,10 @@ impl Payload {
 
     pub fn kind(&self) -> PayloadKind {
         self.kind
+    }
+
+    pub fn backlog(&self) -> Backlog {
+        self.backlog
     }
 
     pub fn bytes(&self) -> &Bytes {
@@ -252,6 +286,11 @@ pub enum Input {
     /// The shell ends the connection (it fell too far behind): the member leaves, closed with
     /// `reason`.
     Drop { peer: PeerId, reason: CloseReason },
+    /// A Yjs member fell behind: the shell dropped the messages queued for it that a catch-up
+    /// replaces ([`Backlog`]); it is sent one update against the state it is known to hold
+    /// ([`Session::delivered`]) and the current awareness states. Any other member is closed
+    /// 1013 (a desktop client may not be sent a full state: README, "Choices").
+    Behind { peer: PeerId },
     /// A valid JSON message from a connection that speaks JSON.
     Json {
         peer: PeerId,
@@ -328,6 +367,16 @@ struct Member {
     connected_at: Arc<str>,
     buckets: Buckets,
     access: Access,
+    /// A Yjs member was sent the document (a SyncStep2 or a catch-up): once the shell confirms
+    /// delivery, it holds the document as it was then.
+    synced: bool,
+    /// The document's state vector when the shell last confirmed that everything sent to this
+    /// member reached its socket after it was synced: a lower bound of what it holds.
+    holds: Option<StateVector>,
+    /// A `?yjs=1` member sent a JSON change: the document's blocks for it are not sent back to
+    /// it, so the document's state is no lower bound of its own; it catches up from the whole
+    /// document.
+    changed_by_json: bool,
 }
 
 /// The whole document as one SyncStep2 message, kept until the document changes: a fresh
@@ -383,6 +432,11 @@ impl Session {
         self.members.contains_key(&peer)
     }
 
+    /// Bytes of the awareness states the session holds.
+    pub fn awareness_bytes(&self) -> usize {
+        self.awareness.total_bytes()
+    }
+
     /// Whether any item or upload has reached the scene (persisted with the document).
     pub fn initialized(&self) -> bool {
         self.scene.initialized()
@@ -408,6 +462,7 @@ impl Session {
             } => return self.join(peer, kind, user, access, now, out),
             Input::Leave { peer } => self.leave(peer, None, now, out),
             Input::Drop { peer, reason } => self.leave(peer, Some(reason), now, out),
+            Input::Behind { peer } => self.catch_up(peer, now, out),
             Input::Json { peer, message } => self.json(peer, message, now, out),
             Input::Yjs { peer, message } => self.yjs(peer, message, now, out),
             Input::ApiUpdate(update) => {
@@ -528,6 +583,9 @@ impl Session {
                 connected_at: now.timestamp.clone(),
                 buckets: Buckets::new(&self.rates, now.instant),
                 access,
+                synced: false,
+                holds: None,
+                changed_by_json: false,
             },
         );
         self.joins += 1;
@@ -557,7 +615,7 @@ impl Session {
             out.sends.push((peer, Payload::binary(step1)));
             if let Some(states) = self.awareness.encode_all() {
                 out.sends
-                    .push((peer, Payload::binary(yjs::awareness(&states))));
+                    .push((peer, Payload::yjs_state(yjs::awareness(&states))));
             }
         }
         if let (false, Some(name)) = (already_present, &user) {
@@ -654,6 +712,17 @@ impl Session {
             return;
         }
         let user = self.user_of(peer);
+        if matches!(
+            message,
+            ClientMessage::Command(_) | ClientMessage::FullState(_)
+        ) {
+            if let Some(member) = self.members.get_mut(&peer) {
+                if member.kind.speaks_yjs() {
+                    member.changed_by_json = true;
+                    member.holds = None;
+                }
+            }
+        }
         match message {
             // The pong is a barrier: everything the connection sent before was applied, and
             // the corrections owed to it go out before it.
@@ -696,12 +765,14 @@ impl Session {
         }
         match message {
             YjsMessage::SyncStep1(sv) if sv.bytes() == EMPTY_STATE_VECTOR => {
-                self.send_whole_state(peer, out)
+                self.send_whole_state(peer, out);
             }
             YjsMessage::SyncStep1(sv) => match self.scene.doc_mut().encode_diff_v1(&sv) {
-                Ok(diff) => out
-                    .sends
-                    .push((peer, Payload::binary(yjs::sync_step2(&diff)))),
+                Ok(diff) => {
+                    out.sends
+                        .push((peer, Payload::yjs_state(yjs::sync_step2(&diff))));
+                    self.mark_synced(peer);
+                }
                 Err(e) => self.reject(peer, ErrorCode::BadMessage, e.to_string(), out),
             },
             YjsMessage::SyncStep2(_) | YjsMessage::Update(_) if !self.may_edit(peer) => {
@@ -728,7 +799,7 @@ impl Session {
             YjsMessage::QueryAwareness => {
                 if let Some(states) = self.awareness.encode_all() {
                     out.sends
-                        .push((peer, Payload::binary(yjs::awareness(&states))));
+                        .push((peer, Payload::yjs_state(yjs::awareness(&states))));
                 }
             }
             YjsMessage::Auth => {}
@@ -792,8 +863,8 @@ impl Session {
     }
 
     /// Answers a SyncStep1 from an empty document with the whole document, encoded once and
-    /// kept until it changes.
-    fn send_whole_state(&mut self, peer: PeerId, out: &mut Output) {
+    /// kept until it changes. `false` (the client told) when it could not be encoded.
+    fn send_whole_state(&mut self, peer: PeerId, out: &mut Output) -> bool {
         let rebuilds = self.scene.doc().rebuilds();
         if self
             .whole_state
@@ -803,18 +874,86 @@ impl Session {
             match self.encode_state() {
                 Ok(whole) => {
                     self.whole_state = Some(WholeState {
-                        message: Payload::binary(yjs::sync_step2(&whole)),
+                        message: Payload::yjs_state(yjs::sync_step2(&whole)),
                         rebuilds,
                     })
                 }
                 Err(e) => {
                     self.reject(peer, ErrorCode::Unavailable, e.to_string(), out);
-                    return;
+                    return false;
                 }
             }
         }
-        if let Some(whole) = &self.whole_state {
-            out.sends.push((peer, whole.message.clone()));
+        let Some(whole) = &self.whole_state else {
+            return false;
+        };
+        out.sends.push((peer, whole.message.clone()));
+        self.mark_synced(peer);
+        true
+    }
+
+    fn mark_synced(&mut self, peer: PeerId) {
+        if let Some(member) = self.members.get_mut(&peer) {
+            member.synced = true;
+        }
+    }
+
+    /// The shell says everything sent to `peer` so far reached its socket. Returns whether
+    /// that is all the session needed to know: `false` while a Yjs member has not been sent
+    /// the document yet (a later confirmation is then useful).
+    pub fn delivered(&mut self, peer: PeerId) -> bool {
+        let Some(member) = self.members.get(&peer) else {
+            return true;
+        };
+        if !member.kind.speaks_yjs() {
+            return true;
+        }
+        if !member.synced {
+            return false;
+        }
+        if member.changed_by_json {
+            return true;
+        }
+        let holds = self.scene.doc().state_vector();
+        if let Some(member) = self.members.get_mut(&peer) {
+            member.holds = Some(holds);
+        }
+        true
+    }
+
+    /// One update that brings a Yjs member that fell behind from what it is known to hold to
+    /// the document, then the awareness states as they are. Awareness removals that were
+    /// dropped are not repeated: the client expires a state it no longer hears of
+    /// (y-protocols' 30 s timeout).
+    fn catch_up(&mut self, peer: PeerId, now: &Now, out: &mut Output) {
+        let Some(member) = self.members.get(&peer) else {
+            return;
+        };
+        if !member.kind.speaks_yjs() {
+            self.leave(peer, Some(CLOSE_SLOW), now, out);
+            return;
+        }
+        let sent = match member.holds.clone() {
+            // Nothing confirmed: the whole document, encoded once for every such member.
+            None => self.send_whole_state(peer, out),
+            Some(holds) => match self.scene.doc_mut().encode_since(&holds) {
+                Ok(diff) => {
+                    out.sends
+                        .push((peer, Payload::yjs_state(yjs::sync_step2(&diff))));
+                    self.mark_synced(peer);
+                    true
+                }
+                Err(_) => false,
+            },
+        };
+        if !sent {
+            // The document could not be encoded: the client resyncs when it reconnects.
+            self.leave(peer, Some(CLOSE_SLOW), now, out);
+            return;
+        }
+        if let Some(states) = self.awareness.encode_all() {
+            out.sends
+                .push((peer, Payload::yjs_state(yjs::awareness(&states))));
         }
     }
 
@@ -839,7 +978,7 @@ impl Session {
     /// (all but `origin`), and the legacy messages (each encoded once).
     fn emit(&mut self, effects: Effects, origin: Option<PeerId>, now: &Now, out: &mut Output) {
         if let Some(update) = effects.update {
-            let message = Payload::binary(yjs::sync_update(&update));
+            let message = Payload::yjs_change(yjs::sync_update(&update));
             out.persist.push(update);
             self.whole_state = None;
             for (id, member) in &self.members {
@@ -868,7 +1007,7 @@ impl Session {
     }
 
     fn broadcast_awareness(&self, update: &[u8], out: &mut Output) {
-        let message = Payload::binary(yjs::awareness(update));
+        let message = Payload::yjs_change(yjs::awareness(update));
         for (id, member) in &self.members {
             if member.kind.speaks_yjs() {
                 out.sends.push((*id, message.clone()));
