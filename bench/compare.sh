@@ -14,7 +14,9 @@
 # generator needs the other core, and the reference runs its JavaScript on one thread too.
 #
 # Usage: bash bench/compare.sh [OUT_DIR]   (prints a Markdown table; raw JSON in OUT_DIR)
-# Env: SERVERS="reference memory sqlite" (default), QUICK=1 (short windows, for a smoke run),
+# Env: SERVERS="reference memory sqlite" (default; `memory+auth`: the memory store with a key,
+#      every client carrying a token as `?token=`, README "Securing a server"),
+#      QUICK=1 (short windows, for a smoke run),
 #      SCENARIOS="saturation fanout join idle" (default: all), BIN_DIR=DIR (run the
 #      optiverse-collab and collab-load binaries in DIR instead of building this tree: to
 #      compare two builds with the same script).
@@ -68,17 +70,27 @@ start() { # server
     reference)
       HOST=127.0.0.1 PORT=$port node "$ref_server" >"$scratch/server.log" 2>&1 &
       pid=$!; path='/{room}'; probe="http://127.0.0.1:$port/" ;;
-    memory|sqlite)
+    memory|sqlite|memory+auth)
       rm -rf "$scratch/data"
       # Builds before the connection limits (BIN_DIR) have no such flags.
       limits=()
       if "$bin/optiverse-collab" --help | grep -q -- --max-connections-per-ip; then
         limits=(--max-connections 20000 --max-connections-per-ip 10000)
       fi
-      "$bin/optiverse-collab" --host 127.0.0.1 --port "$port" --store "$1" \
+      path='/yjs/{room}'
+      if [ "$1" = memory+auth ]; then
+        export COLLAB_AUTH_KEY=compare-sh-benchmark-key-of-32-bytes-or-more
+        # One edit token for every room, minted with the server's own command.
+        local token
+        token=$("$bin/optiverse-collab" token --session '*' --role edit --ttl 1d | sed -n 2p | tr -d ' ')
+        path="/yjs/{room}?token=$token"
+      else
+        unset COLLAB_AUTH_KEY
+      fi
+      "$bin/optiverse-collab" --host 127.0.0.1 --port "$port" --store "${1%+auth}" \
         --data-dir "$scratch/data" --workers "${WORKERS:-1}" --log-level warn \
         "${limits[@]}" >"$scratch/server.log" 2>&1 &
-      pid=$!; path='/yjs/{room}'; probe="http://127.0.0.1:$port/health" ;;
+      pid=$!; probe="http://127.0.0.1:$port/health" ;;
     *) echo "error: unknown server $1" >&2; exit 1 ;;
   esac
   for _ in $(seq 100); do

@@ -13,8 +13,9 @@ use collab_core::doc::{Action, CheckedUpdate, Command, GuardedDoc, ItemFields, S
 use collab_core::protocol::json::parse_client_message;
 use collab_core::protocol::yjs;
 use criterion::{criterion_group, criterion_main, Criterion};
+use optiverse_collab::budget::Budget;
 use optiverse_collab::transport::Wire;
-use optiverse_collab::transport::{outbox, Frame};
+use optiverse_collab::transport::{outbox, Bounds, Frame};
 use serde_json::{json, Value};
 use yrs::updates::decoder::Decode;
 use yrs::{Any, Doc, Map, MapPrelim, Out, ReadTxn, StateVector, Transact, Update};
@@ -237,8 +238,13 @@ impl Wire for NullWire {
 }
 
 fn fanout(c: &mut Criterion) {
+    let budget = Budget::unlimited();
+    let bounds = Bounds {
+        max_bytes: usize::MAX,
+        catch_up_bytes: Some(1 << 20),
+    };
     let queues: Vec<_> = (0..50)
-        .map(|_| outbox(usize::MAX, Arc::new(NullWire)))
+        .map(|_| outbox(bounds.clone(), budget.account(), Arc::new(NullWire)))
         .collect();
     let update = vec![7u8; 60];
     c.bench_function("encode_once_fanout_to_50_sockets", |b| {

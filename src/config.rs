@@ -4,7 +4,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::{Args, Parser, ValueEnum};
 
 /// Which store keeps session documents.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -53,8 +53,26 @@ pub struct Config {
     pub max_message_bytes: usize,
 
     /// Bytes a connection's outbound queue may hold before it is closed as too slow (1013).
+    /// One document state (a joiner's, a catch-up) must fit.
     #[arg(long, env = "COLLAB_MAX_QUEUE_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub max_queue_bytes: usize,
+
+    /// Bytes of document and awareness changes that may wait for a Yjs connection that does
+    /// not keep up; past it they are replaced by one update against what it holds (a
+    /// catch-up). A desktop connection is closed 1013 at `--max-queue-bytes` instead.
+    #[arg(long, env = "COLLAB_CATCH_UP_BYTES", default_value_t = 1024 * 1024)]
+    pub catch_up_bytes: usize,
+
+    /// Seconds a WebSocket message the peer started (its first byte read) has to finish;
+    /// past it the connection is closed 1008. Pings do not extend it.
+    #[arg(long, env = "COLLAB_MESSAGE_TIMEOUT", default_value = "30", value_parser = parse_positive_seconds)]
+    pub message_timeout: Duration,
+
+    /// Memory budget for what peers make the server hold (queued frames, incomplete
+    /// messages, request bodies, awareness), in bytes or with a KiB/MiB/GiB suffix. Past it,
+    /// the costliest connections are closed 1013 and bodies answered 503.
+    #[arg(long, env = "COLLAB_MAX_MEMORY", default_value = "1GiB", value_parser = parse_bytes)]
+    pub max_memory: usize,
 
     /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `optiverse_collab=debug`.
     #[arg(long, env = "COLLAB_LOG", default_value = "info")]
@@ -159,6 +177,60 @@ pub struct Config {
     /// HTTP API requests one client address may send at once above `--api-rate`.
     #[arg(long, env = "COLLAB_API_BURST", default_value_t = 100.0, value_parser = parse_rate)]
     pub api_burst: f64,
+    /// The signing key: with one, every endpoint but `/health` needs a token (README,
+    /// "Securing a server"); without, the server is open.
+    #[command(flatten)]
+    pub key: KeyArgs,
+
+    /// Origins (`scheme://host[:port]`) besides the server's own whose pages may connect; a
+    /// request with any other `Origin` header is refused (403). Repeat, or separate with commas.
+    #[arg(
+        long = "allowed-origin",
+        env = "COLLAB_ALLOWED_ORIGINS",
+        value_delimiter = ','
+    )]
+    pub allowed_origins: Vec<String>,
+}
+
+/// Where the signing key comes from (the server and the `token`/`revoke` commands).
+#[derive(Debug, Clone, Default, Args)]
+pub struct KeyArgs {
+    /// File holding the key (at least 32 bytes; a trailing line end is ignored).
+    #[arg(long, env = "COLLAB_AUTH_KEY_FILE")]
+    pub auth_key_file: Option<PathBuf>,
+
+    /// The key itself (at least 32 bytes). Prefer the file or the environment: a flag shows
+    /// in the process list.
+    #[arg(long, env = "COLLAB_AUTH_KEY", hide_env_values = true)]
+    pub auth_key: Option<Secret>,
+}
+
+/// A secret string that debug output does not show.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(secret: impl Into<String>) -> Secret {
+        Secret(secret.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Secret, Self::Err> {
+        Ok(Secret(s.to_owned()))
+    }
 }
 
 impl Config {
@@ -174,6 +246,26 @@ fn parse_redis_url(s: &str) -> Result<String, String> {
     } else {
         Err("must be a redis://HOST:PORT URL".to_owned())
     }
+}
+
+fn parse_bytes(s: &str) -> Result<usize, String> {
+    let (digits, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(at) => s.split_at(at),
+        None => (s, ""),
+    };
+    let scale: usize = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        _ => return Err(format!("{s:?}: give bytes, or KiB, MiB or GiB")),
+    };
+    digits
+        .parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("{s:?} is not a positive size"))
 }
 
 fn parse_days(s: &str) -> Result<Duration, String> {
@@ -229,6 +321,9 @@ mod tests {
         assert_eq!(c.evict_after, Duration::from_secs(60));
         assert_eq!(c.yjs_ping_interval, Duration::from_secs(30));
         assert_eq!(c.correction_delay, Duration::from_millis(250));
+        assert_eq!(c.max_memory, 1 << 30);
+        assert_eq!(c.catch_up_bytes, 1 << 20);
+        assert_eq!(c.message_timeout, Duration::from_secs(30));
         assert_eq!(c.cluster, None, "single-node unless asked");
     }
 
@@ -237,6 +332,17 @@ mod tests {
         let c = Config::parse_from(["x", "--cluster", "redis://127.0.0.1:6379"]);
         assert_eq!(c.cluster.as_deref(), Some("redis://127.0.0.1:6379"));
         assert!(Config::try_parse_from(["x", "--cluster", "127.0.0.1:6379"]).is_err());
+    }
+
+    #[test]
+    fn sizes_parse_with_binary_units() {
+        let size = |s: &str| Config::try_parse_from(["x", "--max-memory", s]).map(|c| c.max_memory);
+        assert_eq!(size("256MiB").unwrap(), 256 << 20);
+        assert_eq!(size("4096").unwrap(), 4096);
+        assert_eq!(size("2GiB").unwrap(), 2 << 30);
+        assert!(size("0").is_err());
+        assert!(size("12MB").is_err());
+        assert!(size("lots").is_err());
     }
 
     #[test]

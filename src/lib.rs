@@ -4,6 +4,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod auth;
+pub mod budget;
 pub mod config;
 pub mod server;
 pub mod session;

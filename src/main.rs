@@ -1,12 +1,33 @@
 use std::process::ExitCode;
 
 use clap::Parser;
+use optiverse_collab::auth::cli::{self, Command};
 use optiverse_collab::config::Config;
 use optiverse_collab::server::Server;
 use tracing_subscriber::EnvFilter;
 
+/// `optiverse-collab` serves; `optiverse-collab token|revoke` manage access (README,
+/// "Securing a server").
+#[derive(Parser)]
+#[command(
+    name = "optiverse-collab",
+    version,
+    about = "Collaboration server for Optiverse scenes",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(flatten)]
+    server: Config,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
 fn main() -> ExitCode {
-    let config = Config::parse();
+    let cli = Cli::parse();
+    let config = match cli.command {
+        None => cli.server,
+        Some(command) => return run_command(command),
+    };
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if config.workers > 0 {
         runtime.worker_threads(config.workers);
@@ -15,6 +36,27 @@ fn main() -> ExitCode {
         Ok(runtime) => runtime.block_on(run(config)),
         Err(e) => {
             eprintln!("optiverse-collab: cannot start the runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_command(command: Command) -> ExitCode {
+    let result = match command {
+        Command::Token(args) => cli::token(&args),
+        Command::Revoke(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())
+            .and_then(|runtime| runtime.block_on(cli::revoke(&args))),
+    };
+    match result {
+        Ok(text) => {
+            println!("{}", text.trim_end());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("optiverse-collab: {e}");
             ExitCode::FAILURE
         }
     }

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{ping_collect, send_json, test_config, TestServer};
+use optiverse_collab::config::Config;
 use optiverse_collab::store::memory::MemoryStore;
 use optiverse_collab::store::Store;
 use serde_json::{json, Value};
@@ -138,6 +139,39 @@ async fn the_store_listing_shows_stored_sessions_without_loading_them() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_view_and_dashboard_in_chromium() {
+    run_view_test(test_config(), "", "target/screenshots").await;
+}
+
+/// The same pages and checks on a server that needs tokens, every URL (the pages', their
+/// assets', the WebSockets', the API's) behind an admin token's `/t/{token}` prefix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_view_and_dashboard_in_chromium_behind_a_token_prefix() {
+    use collab_core::session::Role;
+    use optiverse_collab::auth::{Keys, MintRequest};
+    const KEY: &str = "the browser test's key, thirty-two bytes or more";
+    let mut config = test_config();
+    config.key.auth_key = Some(optiverse_collab::config::Secret::new(KEY));
+    let data = tempfile::tempdir().unwrap();
+    config.data_dir = data.path().to_path_buf();
+    let request = MintRequest {
+        session: "*".into(),
+        role: Role::Admin,
+        user: None,
+        ttl: Duration::from_secs(3600),
+    };
+    let keys = Keys::new(KEY.as_bytes()).unwrap();
+    let token = keys.mint(&request, std::time::SystemTime::now()).unwrap().0;
+    run_view_test(
+        config,
+        &format!("/t/{token}"),
+        "target/screenshots/behind-token",
+    )
+    .await;
+}
+
+/// Runs `tests/browser/view.test.mjs` against a server with `config`, its base URL ending in
+/// `prefix`; screenshots go to `out_dir` (under the repository).
+async fn run_view_test(config: Config, prefix: &str, out_dir: &str) {
     let dir = repo().join("tests/browser");
     let chromium = chromium();
     require_node_modules(&dir);
@@ -147,15 +181,15 @@ async fn bench_view_and_dashboard_in_chromium() {
         "the scene fixtures are missing: {}",
         fixtures.display()
     );
-    let out_dir = repo().join("target/screenshots");
+    let out_dir = repo().join(out_dir);
 
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
     store_session(&store, STORED_ONLY, STORED_ONLY_FIXTURE).await;
-    let mut server = TestServer::start_with(test_config(), store).await;
+    let mut server = TestServer::start_with(config, store).await;
     let child = Command::new("node")
         .arg(dir.join("view.test.mjs"))
         .current_dir(&dir)
-        .env("BASE_URL", format!("http://{}", server.addr))
+        .env("BASE_URL", format!("http://{}{prefix}", server.addr))
         .env("FIXTURES", &fixtures)
         .env("OUT_DIR", &out_dir)
         .env("CHROMIUM", &chromium)

@@ -51,6 +51,18 @@ async fn the_rest_is_served(server: &TestServer, carol: &mut Ws, quiet: &str) {
     ping_collect(&mut dave).await;
 }
 
+/// Alice's next change cannot be stored: she and Bob (her session) are closed 1011, and Carol
+/// in another session is served on.
+async fn the_next_write_fails(
+    server: &TestServer,
+    (alice, bob, carol): (&mut Ws, &mut Ws, &mut Ws),
+) {
+    add_item(alice, 1).await;
+    assert_eq!(close_code(alice).await, 1011);
+    assert_eq!(close_code(bob).await, 1011);
+    the_rest_is_served(server, carol, "busy-quiet").await;
+}
+
 fn updates_stored(dir: &Path, session: &str) -> usize {
     stored_rows(dir, session).len()
 }
@@ -93,10 +105,7 @@ async fn a_store_removed_under_the_server_closes_the_writers_1011() {
         std::fs::remove_file(dir.path().join(file)).unwrap();
     }
 
-    add_item(&mut alice, 1).await;
-    assert_eq!(close_code(&mut alice).await, 1011);
-    assert_eq!(close_code(&mut bob).await, 1011);
-    the_rest_is_served(&server, &mut carol, "busy-quiet").await;
+    the_next_write_fails(&server, (&mut alice, &mut bob, &mut carol)).await;
     // Joining the failed session again needs its stored state, which is gone: refused too.
     let mut again = server.connect("/ws/busy/alice").await;
     assert_eq!(close_code(&mut again).await, 1011);
@@ -153,10 +162,7 @@ async fn immutable_store_files_close_the_writers_1011_without_a_signal() {
     }
     let immutable = Immutable::set(files);
 
-    add_item(&mut alice, 1).await;
-    assert_eq!(close_code(&mut alice).await, 1011);
-    assert_eq!(close_code(&mut bob).await, 1011);
-    the_rest_is_served(&server, &mut carol, "busy-quiet").await;
+    the_next_write_fails(&server, (&mut alice, &mut bob, &mut carol)).await;
     // Loading the failed session reads the database through the WAL index: refused too.
     let mut again = server.connect("/ws/busy/alice").await;
     assert_eq!(close_code(&mut again).await, 1011);
@@ -209,10 +215,7 @@ async fn a_full_disk_closes_the_writers_1011() {
     ping_collect(&mut alice).await;
     disk.fill();
 
-    add_item(&mut alice, 1).await;
-    assert_eq!(close_code(&mut alice).await, 1011);
-    assert_eq!(close_code(&mut bob).await, 1011);
-    the_rest_is_served(&server, &mut carol, "busy-quiet").await;
+    the_next_write_fails(&server, (&mut alice, &mut bob, &mut carol)).await;
     stop(server).await;
     drop(disk);
 }

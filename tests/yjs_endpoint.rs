@@ -10,8 +10,11 @@
 
 mod common;
 
+use std::sync::Arc;
+
 use common::*;
 use futures_util::SinkExt;
+use optiverse_collab::store::memory::MemoryStore;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use yrs::sync::{Message, SyncMessage};
@@ -441,7 +444,10 @@ async fn a_peer_that_stops_answering_pings_is_dropped() {
 /// the outbox (a frame cut short is finished before the next one), below the 1013 bound.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_reader_gets_every_frame_whole_and_in_order() {
-    let server = TestServer::start().await;
+    // No catch-up (tests/slow_consumers.rs): every frame is queued and must arrive.
+    let mut config = test_config();
+    config.catch_up_bytes = config.max_queue_bytes;
+    let server = TestServer::start_with(config, Arc::new(MemoryStore::new())).await;
     let (mut writer, _) = YClient::join(&server, "/yjs/paused").await;
     let (mut paused, _) = YClient::join(&server, "/yjs/paused").await;
     writer

@@ -1,7 +1,7 @@
 // The sessions dashboard, `/`: polls what the server already serves (every POLL_MS):
 // `/api/sessions` (the sessions in memory), `/api/store/sessions` (every stored session, loaded
 // or not, with its last change), `/health` (connections, version), `/metrics` (updates
-// applied, for a rate) and `/api/process` (resident memory).
+// applied, for a rate) and `/api/process` (resident memory, the memory budget's use).
 
 import { getJson, httpUrl, viewUrl } from './base.js';
 
@@ -113,6 +113,10 @@ async function poll() {
     $('connections').textContent = String(health.connections);
     $('version').textContent = `optiverse-collab ${health.version}`;
     $('rss').textContent = bytes(process.rss_bytes);
+    const budget = process.budget;
+    $('rss-sub').textContent = budget
+      ? `resident set; budget ${bytes(budget.used_bytes)} of ${bytes(budget.limit_bytes)} held`
+      : 'resident set';
     const updates = counter(metrics, 'collab_updates_applied_total') ?? 0;
     const now = performance.now();
     if (lastUpdates) {

@@ -332,6 +332,7 @@ fn a_host_is_not_sent_add_item_for_an_item_it_holds_before_its_upload() {
         peer,
         kind: ConnKind::Legacy,
         user: Some(Arc::from(user)),
+        access: collab_core::session::Access::OPEN,
     };
     // The host joins and uploads its bench; a client joins and is sent the scene.
     handle(join(1, "host"));

@@ -72,6 +72,7 @@ fn a_desktop_client_over_its_rate_gets_rate_limited_and_changes_nothing() {
             peer: 1,
             kind: ConnKind::Legacy,
             user,
+            access: collab_core::session::Access::OPEN,
         },
         start,
     );
@@ -118,6 +119,7 @@ fn full_state_requests_have_their_own_rate() {
             peer: 1,
             kind: ConnKind::Legacy,
             user,
+            access: collab_core::session::Access::OPEN,
         },
         start,
     );
@@ -145,6 +147,7 @@ fn a_yjs_client_over_its_rate_is_closed_and_its_update_not_applied() {
             peer: 2,
             kind: ConnKind::Yjs,
             user: None,
+            access: collab_core::session::Access::OPEN,
         },
         start,
     );
@@ -176,6 +179,7 @@ fn a_yjs_client_over_its_rate_is_closed_and_its_update_not_applied() {
             peer: 3,
             kind: ConnKind::Yjs,
             user: None,
+            access: collab_core::session::Access::OPEN,
         },
         start,
     );

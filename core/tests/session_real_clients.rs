@@ -184,25 +184,29 @@ fn after_a_restart_both_clients_reconnect_and_keep_their_work() {
     assert_eq!(restarted.items().len(), 3);
 }
 
+/// A host with two items and a guest, converged; then the host's connection ends.
+fn host_away_from_guest() -> (World, BTreeMap<String, Value>, Desktop, Desktop) {
+    let mut world = World::new();
+    let items = bench(0..2);
+    let mut host = Desktop::connect(&mut world, "host", true, canvas_of(&items));
+    let mut guest = Desktop::connect(&mut world, "guest", false, Canvas::default());
+    assert_converged(&mut world, &mut [&mut host, &mut guest]);
+    world.leave(host.peer);
+    (world, items, host, guest)
+}
+
 /// A host reconnects while a colleague edits. Between its join and its upload (one round
 /// trip) the session cannot know the host's canvas: an item it holds is told to it by
 /// `update_item`, never `add_item` (a duplicate on its canvas); an item made while it was
 /// away, whose update it ignores for lacking it, reaches it in answer to its upload.
 #[test]
 fn a_host_reconnecting_while_a_colleague_edits_gets_no_duplicate_and_no_gap() {
-    let mut world = World::new();
-    let items = bench(0..2);
-    let mut host = Desktop::connect(&mut world, "host", true, canvas_of(&items));
-    let mut guest = Desktop::connect(&mut world, "guest", false, Canvas::default());
-    assert_converged(&mut world, &mut [&mut host, &mut guest]);
-
-    world.leave(host.peer);
+    let (mut world, items, mut host, mut guest) = host_away_from_guest();
     let (t, made_away, d) = fixture_item(2);
     guest.edit(&mut world, "add_item", &made_away, &expected_item(&d, &t));
     guest.settle(&mut world);
 
-    let (peer, _) = world.legacy("host");
-    host.peer = peer;
+    host.reconnect(&mut world);
     let held = items.keys().next().expect("a held item").clone();
     guest.drag(&mut world, &held, 12.5);
     guest.drag(&mut world, &made_away, -3.0);
@@ -214,11 +218,7 @@ fn a_host_reconnecting_while_a_colleague_edits_gets_no_duplicate_and_no_gap() {
     assert_eq!(host.canvas.objects[&held]["x_mm"], json!(12.5));
     assert!(!host.canvas.objects.contains_key(&made_away));
 
-    host.upload(&mut world);
-    world.send(
-        host.peer,
-        json!({"type": "sync:request", "user_id": "host"}),
-    );
+    host.answer_join(&mut world);
     assert_converged(&mut world, &mut [&mut host, &mut guest]);
     assert_eq!(world.items()[&made_away]["x_mm"], json!(-3.0));
     assert_eq!(world.items().len(), 3);
@@ -230,26 +230,15 @@ fn a_host_reconnecting_while_a_colleague_edits_gets_no_duplicate_and_no_gap() {
 /// written, and the host is not corrected back to the old name.
 #[test]
 fn a_drag_before_the_upload_does_not_hide_an_offline_rename() {
-    let mut world = World::new();
-    let items = bench(0..2);
-    let mut host = Desktop::connect(&mut world, "host", true, canvas_of(&items));
-    let mut guest = Desktop::connect(&mut world, "guest", false, Canvas::default());
-    assert_converged(&mut world, &mut [&mut host, &mut guest]);
-
-    world.leave(host.peer);
+    let (mut world, items, mut host, mut guest) = host_away_from_guest();
     let renamed = items.keys().next().expect("an item").clone();
     let mut fields = host.canvas.objects[&renamed].clone();
     fields["name"] = json!("renamed offline");
     host.canvas.set(&renamed, &fields);
 
-    let (peer, _) = world.legacy("host");
-    host.peer = peer;
+    host.reconnect(&mut world);
     host.drag(&mut world, &renamed, 7.5);
-    host.upload(&mut world);
-    world.send(
-        host.peer,
-        json!({"type": "sync:request", "user_id": "host"}),
-    );
+    host.answer_join(&mut world);
     assert_converged(&mut world, &mut [&mut host, &mut guest]);
     assert_eq!(world.items()[&renamed]["name"], json!("renamed offline"));
     assert_eq!(world.items()[&renamed]["x_mm"], json!(7.5));

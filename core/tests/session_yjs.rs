@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use base64::Engine as _;
-use collab_core::session::{ConnKind, SessionLimits, AWARENESS_TIMEOUT};
+use collab_core::session::{ConnKind, SessionLimits, AWARENESS_TIMEOUT, CLOSE_SLOW};
 use common::*;
 use serde_json::{json, Value};
 use yrs::sync::{Message, SyncMessage};
@@ -166,8 +166,9 @@ fn a_json_change_reaches_yjs_speakers_as_one_update_and_never_as_json() {
     assert!(world.ping(jay).is_empty(), "no echo to the desktop client");
 }
 
-#[test]
-fn a_yjs_update_reaches_desktop_clients_as_commands_and_other_yjs_speakers_as_itself() {
+/// Desktop client `jay` has added fixture item 1; `yuki` (`?yjs=1`) has synced it into its
+/// document. Returns them with the item (type, uuid, data).
+fn desktop_and_yjs_on_an_item() -> (World, u64, u64, Doc, (String, String, Value)) {
     let mut world = World::new();
     let (jay, _) = world.settled("jay");
     let (t1, u1, d1) = fixture_item(1);
@@ -175,6 +176,12 @@ fn a_yjs_update_reaches_desktop_clients_as_commands_and_other_yjs_speakers_as_it
     let yuki = world.join(ConnKind::LegacyYjs, Some("yuki"));
     let (_, first) = split(world.take(yuki));
     let doc = yjs_client(&mut world, yuki, &first, Doc::new());
+    (world, jay, yuki, doc, (t1, u1, d1))
+}
+
+#[test]
+fn a_yjs_update_reaches_desktop_clients_as_commands_and_other_yjs_speakers_as_itself() {
+    let (mut world, jay, yuki, doc, (t1, u1, d1)) = desktop_and_yjs_on_an_item();
     let (watcher, first) = world.yjs(None);
     let watcher_doc = yjs_client(&mut world, watcher, &first, Doc::new());
     let (anon, first) = world.yjs(None);
@@ -512,13 +519,7 @@ fn an_oversize_awareness_state_is_refused_and_not_broadcast() {
 /// document keeps what the Yjs client wrote, and Yjs clients get it.
 #[test]
 fn an_ill_typed_field_written_by_yjs_is_left_out_for_desktop_clients() {
-    let mut world = World::new();
-    let (jay, _) = world.settled("jay");
-    let (t1, u1, d1) = fixture_item(1);
-    world.send(jay, command("add_item", &t1, &u1, d1.clone(), "jay"));
-    let yuki = world.join(ConnKind::LegacyYjs, Some("yuki"));
-    let (_, first) = split(world.take(yuki));
-    let doc = yjs_client(&mut world, yuki, &first, Doc::new());
+    let (mut world, jay, yuki, doc, (_, u1, d1)) = desktop_and_yjs_on_an_item();
     world.ping(jay);
 
     let update = edit(&doc, |txn, items| {
@@ -543,4 +544,161 @@ fn an_ill_typed_field_written_by_yjs_is_left_out_for_desktop_clients() {
     let state = scene_by_uuid(&full[0]["state"]);
     assert!(state[&u1].get("x_mm").is_none(), "nor in a full state");
     assert_eq!(doc_items(&world.doc())[&u1]["x_mm"], json!("abc"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Falling behind
+// ---------------------------------------------------------------------------------------------
+
+/// The bytes of a y-websocket message as the server encodes it.
+fn wire_len(msg: &Message) -> usize {
+    use yrs::updates::encoder::Encode;
+    msg.encode_v1().len()
+}
+
+/// A Yjs member that fell behind gets, in place of the changes dropped from its queue, one
+/// update against the state it was confirmed to hold: the size of what changed since, not of
+/// the traffic; applied, it has the document.
+#[test]
+fn a_yjs_member_behind_gets_one_update_against_what_it_was_confirmed_to_hold() {
+    let mut world = World::new();
+    let (writer, first) = world.yjs(None);
+    let writer_doc = yjs_client(&mut world, writer, &first, Doc::new());
+    // Content the slow member will hold before it falls behind.
+    let old = json!({"note": "o".repeat(20_000)});
+    let update = edit(&writer_doc, |txn, items| {
+        items.insert(txn, "old", item_prelim("component", &old));
+    });
+    world.send_yjs(writer, Message::Sync(SyncMessage::Update(update)));
+    let (slow, first) = world.yjs(None);
+    let slow_doc = yjs_client(&mut world, slow, &first, Doc::new());
+    assert!(world.confirm(slow), "a synced member's delivery is taken");
+
+    // Traffic: one item rewritten many times (the document stays small).
+    for i in 0..50 {
+        let fields = json!({"note": format!("{i}-{}", "n".repeat(2_000))});
+        let update = edit(&writer_doc, |txn, items| {
+            items.insert(txn, "hot", item_prelim("component", &fields));
+        });
+        world.send_yjs(writer, Message::Sync(SyncMessage::Update(update)));
+    }
+    let dropped = world.fall_behind(slow);
+    assert_eq!(dropped.len(), 50, "every queued change was dropped");
+    let traffic: usize = dropped
+        .iter()
+        .map(|r| match r {
+            Received::Yjs(m @ Message::Sync(SyncMessage::Update(_))) => wire_len(m),
+            other => panic!("only changes are dropped: {other:?}"),
+        })
+        .sum();
+    let got = world.take_yjs(slow);
+    let [catch_up @ Message::Sync(SyncMessage::SyncStep2(_))] = got.as_slice() else {
+        panic!("one SyncStep2 replaces the backlog: {got:?}");
+    };
+    assert!(
+        wire_len(catch_up) * 10 < traffic,
+        "the catch-up ({} bytes) costs what changed, not the traffic ({traffic} bytes)",
+        wire_len(catch_up)
+    );
+    assert!(
+        wire_len(catch_up) < 20_000,
+        "what the member was confirmed to hold is not sent again ({} bytes)",
+        wire_len(catch_up)
+    );
+    apply_all(&slow_doc, &got);
+    assert_eq!(doc_items(&slow_doc), doc_items(&world.doc()));
+    assert_eq!(state_vector(&slow_doc), state_vector(&world.doc()));
+}
+
+/// Before any delivery was confirmed the catch-up is the whole document; messages a catch-up
+/// does not replace stay queued in order; the current awareness states follow the update.
+#[test]
+fn an_unconfirmed_member_catches_up_from_the_whole_document_and_keeps_its_json() {
+    let mut world = World::new();
+    let (alice, _) = world.legacy("alice");
+    let (t, u, d) = fixture_item(1);
+    world.send(alice, command("add_item", &t, &u, d, "alice"));
+    let (writer, first) = world.yjs(None);
+    let writer_doc = yjs_client(&mut world, writer, &first, Doc::new());
+    let yuki = world.join(ConnKind::LegacyYjs, Some("yuki"));
+    let (_, first) = split(world.take(yuki));
+    let yuki_doc = yjs_client(&mut world, yuki, &first, Doc::new());
+    world.send_yjs(writer, awareness(&[(7, 1, r#"{"user":{"name":"w"}}"#)]));
+    let update = edit(&writer_doc, |txn, items| {
+        set_fields(txn, items, &u, &[("x_mm", json!(42.5))]);
+    });
+    world.send_yjs(writer, Message::Sync(SyncMessage::Update(update)));
+    let _bob = world.legacy("bob");
+
+    let dropped = world.fall_behind(yuki);
+    assert_eq!(
+        dropped.len(),
+        2,
+        "the awareness change and the update: {dropped:?}"
+    );
+    let (json, yjs) = split(world.take(yuki));
+    assert_eq!(
+        summary(&json),
+        [("user:joined".into(), "bob".into())],
+        "JSON is kept"
+    );
+    let [Message::Sync(SyncMessage::SyncStep2(whole)), Message::Awareness(states)] = yjs.as_slice()
+    else {
+        panic!("the document, then the awareness states: {yjs:?}");
+    };
+    assert_eq!(
+        doc_items(&doc_from(whole)),
+        doc_items(&world.doc()),
+        "nothing confirmed: the whole document"
+    );
+    assert_eq!(
+        awareness_entries(states),
+        HashMap::from([(7, (1, r#"{"user":{"name":"w"}}"#.to_owned()))])
+    );
+    apply_update(&yuki_doc, whole);
+    assert_eq!(doc_items(&yuki_doc)[&u]["x_mm"], json!(42.5));
+}
+
+/// A member not yet sent the document has no delivery to confirm; a desktop client that falls
+/// behind is closed 1013 (a full state could delete what it made and the server lacks).
+#[test]
+fn a_desktop_member_behind_is_closed_and_an_unsynced_yjs_member_is_not_confirmed() {
+    let mut world = World::new();
+    let (fresh, _) = world.yjs(None);
+    assert!(!world.confirm(fresh), "not sent the document yet");
+    let (alice, _) = world.legacy("alice");
+    assert!(
+        world.confirm(alice),
+        "nothing to confirm for a desktop client"
+    );
+    let (bob, _) = world.legacy("bob");
+    world.take(alice);
+    world.fall_behind(bob);
+    assert_eq!(world.closed(bob), Some(CLOSE_SLOW));
+    assert_eq!(
+        summary(&world.take_json(alice)),
+        [("user:left".into(), "bob".into())]
+    );
+}
+
+/// A `?yjs=1` member's JSON command is not sent back to it as Yjs, so the document's state is
+/// no lower bound of what it holds: it catches up from the whole document.
+#[test]
+fn a_ws_yjs_member_that_sent_a_json_change_catches_up_from_the_whole_document() {
+    let mut world = World::new();
+    let yuki = world.join(ConnKind::LegacyYjs, Some("yuki"));
+    let (_, first) = split(world.take(yuki));
+    let yuki_doc = yjs_client(&mut world, yuki, &first, Doc::new());
+    assert!(world.confirm(yuki));
+    let (t, u, d) = fixture_item(2);
+    world.send(yuki, command("add_item", &t, &u, d, "yuki"));
+    world.take(yuki);
+    assert!(world.confirm(yuki));
+    world.fall_behind(yuki);
+    let (_, yjs) = split(world.take(yuki));
+    let [Message::Sync(SyncMessage::SyncStep2(whole))] = yjs.as_slice() else {
+        panic!("one SyncStep2: {yjs:?}");
+    };
+    apply_update(&yuki_doc, whole);
+    assert_eq!(doc_items(&yuki_doc), doc_items(&world.doc()));
 }

@@ -3,11 +3,12 @@
 
 use std::time::SystemTime;
 
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::State;
 use axum::http::{header, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use futures_util::StreamExt;
 use serde_json::json;
 
 use super::path::api_session;
@@ -16,6 +17,7 @@ use collab_core::doc::CheckedUpdate;
 use collab_core::protocol::json::timestamp;
 use collab_core::session::Summary;
 
+use crate::budget::Account;
 use crate::session::{ApiUpdate, SessionMsg};
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
@@ -46,6 +48,7 @@ pub async fn health(State(state): State<AppState>) -> Response {
         "version": env!("CARGO_PKG_VERSION"),
         "sessions": state.registry.loaded(),
         "connections": state.connections.len(),
+        "memory_budget": state.budget.usage(),
     }))
     .into_response()
 }
@@ -126,28 +129,41 @@ pub async fn get_update(State(state): State<AppState>, uri: Uri) -> Response {
     }
 }
 
-/// The whole request body, read within `--http-body-timeout` (else 408, and the connection
-/// closes) and `--max-message-bytes` (else 413).
-async fn read_body(state: &AppState, body: Body) -> Result<Bytes, Response> {
-    let limit = state.config.max_message_bytes;
-    let read = axum::body::to_bytes(body, limit);
-    match tokio::time::timeout(state.config.http_body_timeout, read).await {
-        Ok(Ok(bytes)) => Ok(bytes),
-        Ok(Err(e)) => {
-            let too_large = std::error::Error::source(&e)
-                .is_some_and(|source| source.is::<http_body_util::LengthLimitError>());
-            Err(if too_large {
-                error(
+/// Reads a request body of at most `max` bytes within `--http-body-timeout` (else 408, and the
+/// connection closes), counted in the memory budget while it is read and held: 413 past `max`,
+/// 503 when the budget sheds it (it holds the most).
+async fn read_body(
+    state: &AppState,
+    body: Body,
+    max: usize,
+) -> Result<(Vec<u8>, Account), Response> {
+    let account = state.budget.account();
+    let read = async {
+        let mut bytes = Vec::new();
+        let mut chunks = body.into_data_stream();
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk.map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string()))?;
+            if bytes.len() + chunk.len() > max {
+                return Err(error(
                     StatusCode::PAYLOAD_TOO_LARGE,
-                    format!("the body is larger than {limit} bytes"),
-                )
-            } else {
-                error(
-                    StatusCode::BAD_REQUEST,
-                    format!("cannot read the body: {e}"),
-                )
-            })
+                    format!("the body is larger than {max} bytes"),
+                ));
+            }
+            if account.grow(chunk.len()).is_err() {
+                metrics::counter!("collab_bodies_shed_total").increment(1);
+                return Err(error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the server's memory budget is spent; retry later",
+                ));
+            }
+            bytes.extend_from_slice(&chunk);
         }
+        Ok(bytes)
+    };
+    let outcome = tokio::time::timeout(state.config.http_body_timeout, read).await;
+    match outcome {
+        Ok(Ok(bytes)) => Ok((bytes, account)),
+        Ok(Err(response)) => Err(response),
         Err(_) => {
             if state.rejected_warnings.allow() {
                 tracing::warn!("request body not received in time: 408");
@@ -169,11 +185,12 @@ pub async fn post_update(State(state): State<AppState>, uri: Uri, body: Body) ->
     let Some(id) = api_session(uri.path()) else {
         return invalid_session();
     };
-    let body = match read_body(&state, body).await {
-        Ok(body) => body,
+    // Held (and counted) until the session answered.
+    let (body, _held) = match read_body(&state, body, state.config.max_message_bytes).await {
+        Ok(read) => read,
         Err(response) => return response,
     };
-    let update = match CheckedUpdate::check(body.to_vec()) {
+    let update = match CheckedUpdate::check(body) {
         Ok(update) => update,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid Yjs bytes: {e}")),
     };

@@ -16,9 +16,10 @@ use tracing::{info, warn};
 use collab_core::doc::PeerId;
 use collab_core::protocol::json::{self, ErrorCode, ProtocolError};
 use collab_core::protocol::yjs;
-use collab_core::session::{ConnKind, CLOSE_IDLE};
+use collab_core::session::{ConnKind, CLOSE_IDLE, CLOSE_TOKEN_EXPIRED, CLOSE_TOKEN_REVOKED};
 
 use super::AppState;
+use crate::auth::LiveGrant;
 use crate::session::{SessionHandle, SessionMsg};
 use crate::transport::{Ending, Event, Frame, Outbox, Socket};
 
@@ -45,6 +46,8 @@ pub struct Connection {
     pub(super) user: Arc<str>,
     pub(super) kind: ConnKind,
     pub(super) outbox: Outbox,
+    /// The token's expiry and revocation, in authenticated mode.
+    pub(super) live: Option<Box<LiveGrant>>,
 }
 
 impl Connection {
@@ -55,10 +58,11 @@ impl Connection {
     /// stored twice (rust-lang/rust#62958); the block uses what it captured in place.
     /// Shutdown arrives as a socket event (the session closes its members with 1001).
     #[allow(clippy::manual_async_fn)] // see above: an `async fn` would be larger
-    pub fn serve(self, mut socket: Socket) -> impl Future<Output = ()> + Send {
+    pub fn serve(mut self, mut socket: Socket) -> impl Future<Output = ()> + Send {
         async move {
-            // One timer: the JSON idle timeout on `/ws` (reset by every frame received), the
-            // protocol ping on `/yjs` (a peer that has not answered one by the next is dropped).
+            // One timer: the JSON idle timeout on `/ws` (reset by every data message received:
+            // the desktop client's JSON ping is one), the protocol ping on `/yjs` (a peer that
+            // has not answered one by the next is dropped; a silent viewer answers them).
             let period = match self.kind {
                 ConnKind::Yjs => self.state.config.yjs_ping_interval,
                 ConnKind::Legacy | ConnKind::LegacyYjs => self.state.config.idle_timeout,
@@ -66,14 +70,22 @@ impl Connection {
             let timer = tokio::time::sleep(period);
             tokio::pin!(timer);
             let mut pong_due = false;
+            let mut live = self.live.take();
+            let expiry = tokio::time::sleep_until(
+                live.as_ref().map_or_else(Instant::now, |live| live.expires),
+            );
+            tokio::pin!(expiry);
             let ending = loop {
                 // The select only decides; what must be awaited comes after it, so that the
                 // select's state and the awaited future do not both stay in the task.
                 let step = tokio::select! {
                     biased;
                     // Also writes what the socket could not take from the session at once.
-                    event = socket.next_event() => {
-                        if self.kind != ConnKind::Yjs {
+                    event = socket.next_event(&self.state.config.message_timeout) => {
+                        // Only a whole data message shows the peer is there: its pings, or a
+                        // message it started and never finishes, cannot hold it open.
+                        let data = matches!(event, Event::Text(_) | Event::Binary(_));
+                        if self.kind != ConnKind::Yjs && data {
                             timer.as_mut().reset(Instant::now() + period);
                         }
                         self.on_event(event, &mut pong_due)
@@ -87,6 +99,8 @@ impl Connection {
                             Step::Ping
                         }
                     }
+                    _ = &mut expiry, if live.is_some() => Step::End(Ending::Close(CLOSE_TOKEN_EXPIRED)),
+                    _ = revoked(&mut live), if live.is_some() => Step::End(Ending::Close(CLOSE_TOKEN_REVOKED)),
                 };
                 match step {
                     Step::Continue => {}
@@ -171,5 +185,13 @@ impl Connection {
         if self.kind.speaks_json() {
             let _ = self.outbox.send(&Frame::text(&json::encode_error(&error)));
         }
+    }
+}
+
+/// Waits for the connection's token to be revoked (never, without one).
+async fn revoked(live: &mut Option<Box<LiveGrant>>) {
+    match live {
+        Some(live) => live.revoked().await,
+        None => std::future::pending().await,
     }
 }

@@ -16,17 +16,19 @@ use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
 use axum::middleware;
-use axum::routing::{any, get};
+use axum::routing::{any, get, post};
 use axum::Router;
 use collab_core::session::{Rate, Rates, SessionLimits};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::info;
+use tracing::{info, warn};
 
+use crate::auth::AccessControl;
 use api_rate::ApiRate;
 use listener::ListenerLimits;
 
+use crate::budget::Budget;
 use crate::config::Config;
 use crate::session::registry::SessionConfig;
 use crate::session::Registry;
@@ -49,8 +51,12 @@ pub struct AppState {
     pub connections: TaskTracker,
     pub metrics: Option<PrometheusHandle>,
     pub rejected_warnings: Arc<WarnLimiter>,
+    /// Tokens, revocations and origins (`crate::auth`).
+    pub access: Arc<AccessControl>,
     /// `/api` requests per client address.
     pub api_rate: Arc<ApiRate>,
+    /// What peers make the server hold (`--max-memory`).
+    pub budget: Arc<Budget>,
 }
 
 /// The Prometheus recorder is process-global: installed once, shared by every server.
@@ -73,6 +79,11 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/api/sessions/{session}/update",
             get(api::get_update).post(api::post_update),
+        )
+        .route("/api/tokens", post(crate::auth::api::mint))
+        .route(
+            "/api/sessions/{session}/revoke",
+            post(crate::auth::api::revoke),
         )
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
@@ -120,9 +131,14 @@ pub struct Server {
 impl Server {
     /// Binds, and serves in the background until [`Server::shutdown`].
     pub async fn start(config: Config, store: Arc<dyn Store>) -> std::io::Result<Server> {
+        let access = Arc::new(AccessControl::from_config(&config).map_err(std::io::Error::other)?);
+        if !access.enabled() && !config.host.is_loopback() {
+            warn!(host = %config.host, "no --auth-key: anyone who can reach this address can read and change every session (README, \"Securing a server\")");
+        }
         let listener = tokio::net::TcpListener::bind((config.host, config.port)).await?;
         let addr = listener.local_addr()?;
         let shutdown = CancellationToken::new();
+        let budget = Budget::new(config.max_memory);
         let session_config = SessionConfig {
             evict_after: config.evict_after,
             correction_delay: config.correction_delay,
@@ -142,6 +158,7 @@ impl Server {
                 },
             },
             max_sessions: config.max_sessions,
+            budget: budget.clone(),
             ..SessionConfig::default()
         };
         let registry = Registry::new(store.clone(), session_config, shutdown.clone());
@@ -153,11 +170,13 @@ impl Server {
             connections: TaskTracker::new(),
             metrics: metrics_handle(),
             rejected_warnings: Arc::default(),
+            access: access.clone(),
             api_rate: Arc::new(ApiRate::new(Rate {
                 per_second: config.api_rate,
                 burst: config.api_burst,
             })),
             config: Arc::new(config),
+            budget,
         };
         let limits = listener_limits(&state.config);
         info!(
@@ -167,8 +186,16 @@ impl Server {
         );
         let connections = state.connections.clone();
         let registry = state.registry.clone();
-        // Each connection shares the one router (a clone shares its route table).
-        let app = router(state);
+        // Each connection shares the one router (a clone shares its route table). Access
+        // control wraps it whole (its routes are the fallback), so that it runs before routing:
+        // the `/t/{token}` prefix is stripped first.
+        let app =
+            Router::new()
+                .fallback_service(router(state))
+                .layer(middleware::from_fn_with_state(
+                    access,
+                    crate::auth::http::guard,
+                ));
         let stop = shutdown.clone();
         let task = tokio::spawn(async move {
             let http = TaskTracker::new();

@@ -8,7 +8,7 @@
 //! relative to where it was loaded from, so a `/t/{token}` prefix (PROTOCOL §8) carries over
 //! without a change here.
 
-use axum::extract::Path;
+use axum::extract::{Path, State};
 use axum::http::{header, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -114,9 +114,9 @@ async fn asset(Path(file): Path<String>) -> Response {
 }
 
 /// `GET /api/process`: what the dashboard shows of the process beyond `/health` and
-/// `/metrics`: its resident memory (Linux; `null` elsewhere).
-async fn process() -> Response {
-    Json(json!({ "rss_bytes": rss_bytes() })).into_response()
+/// `/metrics`: its resident memory (Linux; `null` elsewhere) and the memory budget's use.
+async fn process(State(state): State<AppState>) -> Response {
+    Json(json!({ "rss_bytes": rss_bytes(), "budget": state.budget.usage() })).into_response()
 }
 
 /// `VmRSS` of `/proc/self/status`, in bytes.

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use collab_core::doc::{CheckedUpdate, PeerId};
 use collab_core::protocol::json::ClientMessage;
 use collab_core::protocol::yjs::YjsMessage;
-use collab_core::session::{ConnKind, Summary};
+use collab_core::session::{Access, ConnKind, Summary};
 use dashmap::DashMap;
 use tokio::sync::{mpsc, oneshot, Notify};
 
@@ -31,6 +31,8 @@ pub struct JoinRequest {
     pub kind: ConnKind,
     /// The user name (`None`: an anonymous Yjs connection, not in the user list).
     pub user: Option<Arc<str>>,
+    /// What the connection's token grants ([`Access::OPEN`] without a key).
+    pub access: Access,
     pub outbox: Outbox,
 }
 
@@ -43,6 +45,9 @@ pub enum JoinError {
     /// The session could not be loaded or served.
     #[error("the session is unavailable: {0}")]
     Unavailable(String),
+    /// A member holding the user name is present, and the joiner does not hold it.
+    #[error("the user name is held by another connection")]
+    NameHeld,
     /// The session is not in memory, and there is no room for it (`--max-sessions`, every
     /// session has members).
     #[error("the server holds as many sessions as it may")]

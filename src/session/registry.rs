@@ -20,6 +20,7 @@ use tokio_util::task::TaskTracker;
 
 use super::task::{self, TaskContext};
 use super::{JoinError, JoinRequest, SessionHandle, SessionMsg, SessionStatus, SessionTable};
+use crate::budget::Budget;
 use crate::store::Store;
 
 /// Bound of a session's inbound queue; senders wait when it is full (backpressure).
@@ -45,6 +46,8 @@ pub struct SessionConfig {
     pub compact_after_bytes: usize,
     /// Sessions in memory at once (each task holds a slot until it has stopped).
     pub max_sessions: usize,
+    /// The memory budget each session's awareness states count in.
+    pub budget: Arc<Budget>,
 }
 
 impl Default for SessionConfig {
@@ -56,6 +59,7 @@ impl Default for SessionConfig {
             compact_after_updates: 1000,
             compact_after_bytes: 4 * 1024 * 1024,
             max_sessions: 1000,
+            budget: Budget::unlimited(),
         }
     }
 }
@@ -216,6 +220,7 @@ impl Registry {
                     peer: request.peer,
                     kind: request.kind,
                     user: request.user.clone(),
+                    access: request.access,
                     outbox: request.outbox.clone(),
                 }),
                 tx,

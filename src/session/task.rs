@@ -3,7 +3,7 @@
 //! nothing is sent before it is durable). It also owns what needs I/O or a clock: the store's
 //! log and compaction, the members' outboxes, eviction, and the session's timers.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
@@ -11,7 +11,7 @@ use std::time::{Instant, SystemTime};
 
 use collab_core::doc::{CheckedUpdate, GuardedDoc, PeerId, Scene};
 use collab_core::session::{
-    Event, Input, Now, Output, Session, CLOSE_GOING_AWAY, CLOSE_INTERNAL, CLOSE_SLOW,
+    Event, Input, Now, Output, Refused, Session, CLOSE_GOING_AWAY, CLOSE_INTERNAL, CLOSE_SLOW,
 };
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
@@ -20,8 +20,9 @@ use tracing::{debug, error, warn};
 
 use super::registry::SessionConfig;
 use super::{ApiUpdate, JoinError, JoinRequest, SessionHandle, SessionMsg, SessionTable};
+use crate::budget::Account;
 use crate::store::{Following, RemoteBatch, SessionMeta, Store, StoreError, StoredSession};
-use crate::transport::{Frame, Outbox};
+use crate::transport::{Frame, Outbox, Overflow, Sent};
 use crate::warn_limit::WarnLimiter;
 
 /// Most messages handled before their effects are stored and sent.
@@ -63,6 +64,9 @@ struct SessionTask {
     context: Arc<TaskContext>,
     handle: SessionHandle,
     outboxes: HashMap<PeerId, Outbox>,
+    /// Members with frames sent that are not known to have reached their socket while the
+    /// session may want to know ([`Session::delivered`]: what a catch-up is computed against).
+    unconfirmed: HashSet<PeerId>,
     /// What the session produced and the batch has not delivered yet.
     out: Output,
     /// HTTP updates, answered once what they changed is stored.
@@ -74,6 +78,8 @@ struct SessionTask {
     failed: bool,
     /// This session's place among those in memory, given back when the task ends.
     _slot: OwnedSemaphorePermit,
+    /// The session's awareness states in the memory budget.
+    awareness_held: Account,
 }
 
 /// Loads the session, then serves it until it is evicted, fails or the server stops.
@@ -98,11 +104,13 @@ pub(super) async fn run(
     };
     match loaded {
         Ok((session, stored, following)) => {
+            let awareness_held = context.config.budget.fixed_account();
             let task = SessionTask {
                 session,
                 context,
                 handle,
                 outboxes: HashMap::new(),
+                unconfirmed: HashSet::new(),
                 out: Output::default(),
                 replies: Vec::new(),
                 idle_since: Some(Instant::now()),
@@ -110,6 +118,7 @@ pub(super) async fn run(
                 warnings: WarnLimiter::default(),
                 failed: false,
                 _slot: slot,
+                awareness_held,
             };
             task.publish_idle();
             // Served by a task of its own: a task keeps its future's whole size for its life,
@@ -269,15 +278,25 @@ impl SessionTask {
                     peer,
                     kind,
                     user,
+                    access,
                     outbox,
                 } = *request;
-                let input = Input::Join { peer, kind, user };
+                let input = Input::Join {
+                    peer,
+                    kind,
+                    user,
+                    access,
+                };
                 let result = self
                     .session
                     .handle(input, now, &mut self.out)
-                    .map_err(|e| JoinError::Unavailable(e.to_string()));
+                    .map_err(|e| match e {
+                        Refused::NameHeld => JoinError::NameHeld,
+                        e => JoinError::Unavailable(e.to_string()),
+                    });
                 if result.is_ok() {
                     self.outboxes.insert(peer, outbox);
+                    self.unconfirmed.insert(peer);
                     metrics::gauge!("collab_connections").increment(1.0);
                     self.idle_since = None;
                     self.publish_idle();
@@ -375,6 +394,7 @@ impl SessionTask {
         let session = &self.session;
         let before = self.outboxes.len();
         self.outboxes.retain(|peer, _| session.is_member(*peer));
+        self.unconfirmed.retain(|peer| session.is_member(*peer));
         let gone = before - self.outboxes.len();
         metrics::gauge!("collab_connections").decrement(gone as f64);
     }
@@ -399,6 +419,8 @@ impl SessionTask {
             self.compact_if_due().await?;
         }
         self.deliver();
+        // Never shed itself; past the limit, the costliest connections are.
+        let _ = self.awareness_held.set(self.session.awareness_bytes());
         for (reply, result) in self.replies.drain(..) {
             let _ = reply.send(result);
         }
@@ -406,8 +428,9 @@ impl SessionTask {
     }
 
     /// Sends what the session produced (each member's frames in one write when the socket
-    /// takes them) and closes whom it closed. A member whose queue overflows is dropped, and
-    /// what that produces (its `user:left`) is delivered in turn.
+    /// takes them) and closes whom it closed. A member whose queue overflows is dropped, one
+    /// that fell behind is caught up, and what that produces (a `user:left`, a catch-up) is
+    /// delivered in turn.
     fn deliver(&mut self) {
         loop {
             let out = std::mem::take(&mut self.out);
@@ -421,6 +444,7 @@ impl SessionTask {
             // The sort is stable: each member's frames keep their order.
             sends.sort_by_key(|(peer, _)| *peer);
             let mut overflowed = Vec::new();
+            let mut behind = Vec::new();
             for run in sends.chunk_by(|a, b| a.0 == b.0) {
                 let peer = run[0].0;
                 let Some(outbox) = self.outboxes.get(&peer) else {
@@ -433,8 +457,17 @@ impl SessionTask {
                         outbox.send_all(&frames.iter().collect::<Vec<_>>())
                     }
                 };
-                if sent.is_err() {
-                    overflowed.push(peer);
+                match sent {
+                    Ok(Sent::Written) => {
+                        // Only for a member the session still wants to hear about, and once
+                        // after each time it fell behind: rarely on the hot path.
+                        if self.unconfirmed.contains(&peer) && self.session.delivered(peer) {
+                            self.unconfirmed.remove(&peer);
+                        }
+                    }
+                    Ok(Sent::Queued) => {}
+                    Ok(Sent::Behind) => behind.push(peer),
+                    Err(Overflow) => overflowed.push(peer),
                 }
             }
             for (peer, reason) in out.closes {
@@ -443,6 +476,12 @@ impl SessionTask {
                 }
             }
             let now = now();
+            for peer in behind {
+                metrics::counter!("collab_catch_ups_total").increment(1);
+                debug!(session = %self.handle.id, peer, "a member fell behind: caught up");
+                self.unconfirmed.insert(peer);
+                self.input(Input::Behind { peer }, &now);
+            }
             for peer in overflowed {
                 metrics::counter!("collab_slow_consumers_total").increment(1);
                 warn!(session = %self.handle.id, peer, "slow consumer disconnected (1013)");
@@ -465,6 +504,12 @@ impl SessionTask {
                     metrics::counter!("collab_rejected_input_total").increment(1);
                     if self.warnings.allow() {
                         warn!(session = %self.handle.id, user = user.as_deref().unwrap_or("-"), peer, error = %error, "rejected input");
+                    }
+                }
+                Event::ViewUpdateDropped { peer, user } => {
+                    metrics::counter!("collab_view_updates_dropped_total").increment(1);
+                    if self.warnings.allow() {
+                        warn!(session = %self.handle.id, user = user.as_deref().unwrap_or("-"), peer, "a view member's Yjs update was dropped");
                     }
                 }
                 Event::HeldBlocksDropped { user } => {

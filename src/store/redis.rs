@@ -104,6 +104,22 @@ fn redis_error(e: redis::RedisError) -> StoreError {
     StoreError::Cluster(e.to_string())
 }
 
+/// Sends `pipe`, and once more when the connection was lost: the manager reconnects (Redis
+/// restarted), and the second try waits for it. An append sent twice (its answer lost)
+/// stores its updates twice, which changes no document (Yjs updates are idempotent).
+async fn query<T: redis::FromRedisValue>(
+    conn: &mut ConnectionManager,
+    pipe: &redis::Pipeline,
+) -> Result<T, StoreError> {
+    match pipe.query_async(conn).await {
+        Err(e) if e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error() => {
+            debug!(error = %e, "Redis connection lost; trying once more");
+            pipe.query_async(conn).await.map_err(redis_error)
+        }
+        other => other.map_err(redis_error),
+    }
+}
+
 fn millis(at: SystemTime) -> u64 {
     at.duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -233,8 +249,8 @@ impl RedisStore {
 /// Wakes `node`'s feed; returns the wake entry's id.
 async fn wake(conn: &mut ConnectionManager, node: u64) -> Result<String, StoreError> {
     let key = wake_key(node);
-    let (id,): (String,) = redis::pipe()
-        .cmd("XADD")
+    let mut pipe = redis::pipe();
+    pipe.cmd("XADD")
         .arg(&key)
         .arg("MAXLEN")
         .arg(1)
@@ -244,10 +260,8 @@ async fn wake(conn: &mut ConnectionManager, node: u64) -> Result<String, StoreEr
         .cmd("EXPIRE")
         .arg(&key)
         .arg(3600)
-        .ignore()
-        .query_async(conn)
-        .await
-        .map_err(redis_error)?;
+        .ignore();
+    let (id,): (String,) = query(conn, &pipe).await?;
     Ok(id)
 }
 
@@ -373,16 +387,15 @@ impl Store for RedisStore {
         let session = session.to_owned();
         let mut conn = self.conn.clone();
         Box::pin(async move {
-            let (range, meta): (StreamRangeReply, HashMap<String, String>) = redis::pipe()
-                .cmd("XRANGE")
+            let mut pipe = redis::pipe();
+            pipe.cmd("XRANGE")
                 .arg(stream_key(&session))
                 .arg("-")
                 .arg("+")
                 .cmd("HGETALL")
-                .arg(meta_key(&session))
-                .query_async(&mut conn)
-                .await
-                .map_err(redis_error)?;
+                .arg(meta_key(&session));
+            let (range, meta): (StreamRangeReply, HashMap<String, String>) =
+                query(&mut conn, &pipe).await?;
             if range.ids.is_empty() && meta.is_empty() {
                 return Ok(None);
             }
@@ -469,11 +482,10 @@ impl Store for RedisStore {
             }
             pipe.cmd("SADD").arg(SESSIONS).arg(&session).ignore();
             if updates.is_empty() {
-                let (last,): (StreamRangeReply,) =
-                    pipe.query_async(&mut conn).await.map_err(redis_error)?;
+                let (last,): (StreamRangeReply,) = query(&mut conn, &pipe).await?;
                 return last.ids.first().map_or(Ok(0), |id| position(&id.id));
             }
-            let ids: Vec<String> = pipe.query_async(&mut conn).await.map_err(redis_error)?;
+            let ids: Vec<String> = query(&mut conn, &pipe).await?;
             ids.last().map_or(Ok(0), |id| position(id))
         })
     }

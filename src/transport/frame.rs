@@ -4,54 +4,72 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use collab_core::session::{Payload, PayloadKind};
+use collab_core::session::{Backlog, Payload, PayloadKind};
 use tungstenite::protocol::frame::coding::{Data, OpCode};
 use tungstenite::protocol::frame::FrameHeader;
 
 /// A complete WebSocket frame from the server (unmasked, header and payload), or several back
 /// to back: never part of one, so whatever writes it cannot cut into another. Broadcast frames
-/// share their bytes.
+/// share their bytes. It carries what a catch-up does with it while it waits in a queue.
 #[derive(Debug, Clone)]
-pub struct Frame(Bytes);
+pub struct Frame {
+    bytes: Bytes,
+    backlog: Backlog,
+}
 
 impl Frame {
     /// A binary frame (y-websocket messages).
     pub fn binary(payload: &[u8]) -> Frame {
-        Frame(encode(Data::Binary, payload))
+        Frame::kept(encode(Data::Binary, payload))
     }
 
     /// A text frame (JSON messages).
     pub fn text(text: &str) -> Frame {
-        Frame(encode(Data::Text, text.as_bytes()))
+        Frame::kept(encode(Data::Text, text.as_bytes()))
+    }
+
+    fn kept(bytes: Bytes) -> Frame {
+        Frame {
+            bytes,
+            backlog: Backlog::Keep,
+        }
     }
 
     /// The frame of a session's message, framed once however many members it goes to.
     pub fn of(payload: &Arc<Payload>) -> Frame {
-        Frame(payload.framed(|kind, bytes| {
+        let bytes = payload.framed(|kind, bytes| {
             let data = match kind {
                 PayloadKind::Text => Data::Text,
                 PayloadKind::Binary => Data::Binary,
             };
             encode(data, bytes)
-        }))
+        });
+        Frame {
+            bytes,
+            backlog: payload.backlog(),
+        }
     }
 
     /// Bytes on the wire, header included.
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.bytes.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.bytes.is_empty()
     }
 
     /// The encoded frame.
     pub fn as_bytes(&self) -> &[u8] {
-        &self.0
+        &self.bytes
     }
 
     pub(super) fn bytes(&self) -> &Bytes {
-        &self.0
+        &self.bytes
+    }
+
+    pub fn backlog(&self) -> Backlog {
+        self.backlog
     }
 
     /// The whole frames at the start of `bytes` (the WebSocket library's own), as one `Frame`
@@ -59,7 +77,7 @@ impl Frame {
     /// make a `Frame` of bytes not encoded here: none holds a cut frame.
     pub(super) fn whole_prefix(bytes: &[u8]) -> Option<Frame> {
         let whole = whole_frames(bytes);
-        (whole > 0).then(|| Frame(Bytes::copy_from_slice(&bytes[..whole])))
+        (whole > 0).then(|| Frame::kept(Bytes::copy_from_slice(&bytes[..whole])))
     }
 }
 

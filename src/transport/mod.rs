@@ -32,5 +32,5 @@ mod socket;
 
 pub use frame::Frame;
 pub use handshake::{Rejection, Upgrade, Upgrading};
-pub use outbox::{outbox, Inbox, Outbox, Overflow, Wire};
+pub use outbox::{outbox, Bounds, Inbox, Outbox, Overflow, Sent, Wire};
 pub use socket::{Ending, Event, Socket, SocketConfig};

@@ -26,11 +26,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes};
-use collab_core::session::{CloseReason, CLOSE_SLOW};
+use collab_core::session::{Backlog, CloseReason, CLOSE_SLOW};
 use futures_util::task::AtomicWaker;
 
 use super::frame::wire_len;
 use super::Frame;
+use crate::budget::Account;
 
 /// Where a connection's bytes go: the socket, written without waiting.
 pub trait Wire: Send + Sync {
@@ -42,9 +43,33 @@ pub trait Wire: Send + Sync {
     fn poll_writable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
 }
 
-/// The queue is over its byte bound; the connection is being closed with 1013.
+/// The queue is over its byte bound, or the memory budget shed this connection; it is being
+/// closed with 1013.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Overflow;
+
+/// What became of frames handed to the outbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sent {
+    /// Written: nothing waits for the socket (everything sent so far has left).
+    Written,
+    /// Some wait for the socket, in order.
+    Queued,
+    /// The changes waiting passed the catch-up bound: they were dropped with every other
+    /// frame a catch-up replaces (not a started one), and so were this call's. The session
+    /// must send the connection a catch-up.
+    Behind,
+}
+
+/// A connection's bounds on what waits for its socket.
+#[derive(Debug, Clone)]
+pub struct Bounds {
+    /// The most bytes queued; past it, 1013.
+    pub max_bytes: usize,
+    /// For a connection that can be caught up (Yjs): the most bytes of queued changes before
+    /// they are replaced by a catch-up.
+    pub catch_up_bytes: Option<usize>,
+}
 
 /// Most frames handed to one vectored write (the kernel refuses more than `IOV_MAX`, 1024).
 const FRAMES_PER_WRITE: usize = 64;
@@ -55,11 +80,14 @@ const IDLE_QUEUE_CAPACITY: usize = 4;
 struct Queue {
     /// `None` once the connection ended: nothing can be written any more.
     wire: Option<Arc<dyn Wire>>,
-    /// Waiting bytes, in order; the front may be the unwritten rest of a started frame.
-    frames: VecDeque<Bytes>,
+    /// Waiting bytes, in order, with what a catch-up does to each; the front may be the
+    /// unwritten rest of a started frame.
+    frames: VecDeque<(Bytes, Backlog)>,
     /// Whether the front frame was partly written (it must be finished before anything else).
     front_started: bool,
     bytes: usize,
+    /// Bytes of the queued [`Backlog::Change`] frames.
+    changes: usize,
     close: Option<CloseReason>,
     /// A write failed: the peer is gone.
     failed: bool,
@@ -70,7 +98,10 @@ struct Shared {
     queue: Mutex<Queue>,
     /// The connection task: woken when it has bytes to write or a close request.
     waker: AtomicWaker,
-    max_bytes: usize,
+    bounds: Bounds,
+    /// The connection's bytes in the memory budget: its queue and its incomplete inbound
+    /// message.
+    account: Account,
 }
 
 impl std::fmt::Debug for Shared {
@@ -91,24 +122,42 @@ impl Shared {
     /// Writes `frames` now (one system call) if nothing is waiting, and queues what the socket
     /// does not take. `control` bytes (the WebSocket library's pings, pongs and close) still go
     /// out once a close was requested; frames from the session do not.
-    fn push(&self, frames: &[&Frame], control: bool) -> Result<(), Overflow> {
+    fn push(&self, frames: &[&Frame], control: bool) -> Result<Sent, Overflow> {
         let mut queue = self.queue();
-        if queue.failed || (queue.close.is_some() && !control) {
-            return Ok(());
+        if queue.failed || (!control && (queue.close.is_some() || self.account.is_shed())) {
+            return Ok(Sent::Queued);
+        }
+        let mut sent = Sent::Written;
+        let kept: Vec<&Frame>;
+        let mut frames = frames;
+        if let Some(bound) = self.bounds.catch_up_bytes {
+            let changes: usize = frames
+                .iter()
+                .filter(|f| f.backlog() == Backlog::Change)
+                .map(|f| f.len())
+                .sum();
+            if changes > 0 && queue.changes + changes > bound {
+                let freed = queue.drop_replaceable();
+                self.account.shrink(freed);
+                kept = frames
+                    .iter()
+                    .copied()
+                    .filter(|f| f.backlog() == Backlog::Keep)
+                    .collect();
+                frames = &kept;
+                sent = Sent::Behind;
+            }
         }
         let len: usize = frames.iter().map(|f| f.len()).sum();
-        if queue.bytes + len > self.max_bytes {
-            // The close frame follows at most the rest of a frame already started.
-            let keep = usize::from(queue.front_started);
-            queue.frames.truncate(keep);
-            queue.bytes = queue.frames.iter().map(Bytes::len).sum();
+        if queue.bytes + len > self.bounds.max_bytes {
             drop(queue);
-            self.close(CLOSE_SLOW);
+            self.shed();
             return Err(Overflow);
         }
         let written = match &queue.wire {
-            None => return Ok(()),
+            None => return Ok(Sent::Queued),
             Some(wire) if queue.frames.is_empty() => match frames {
+                [] => Ok(0),
                 [frame] => wire.try_write(frame.as_bytes()),
                 _ => {
                     // What is left after the first writes waits for the connection task.
@@ -123,16 +172,23 @@ impl Shared {
             Some(_) => Ok(0),
         };
         let mut skip = match written {
-            Ok(n) if n == len => return Ok(()),
+            Ok(n) if n == len => {
+                return Ok(match (sent, queue.frames.is_empty()) {
+                    (Sent::Behind, _) => Sent::Behind,
+                    (_, true) => Sent::Written,
+                    (_, false) => Sent::Queued,
+                })
+            }
             Ok(n) => n,
             Err(e) if is_retry(&e) => 0,
             Err(_) => {
                 queue.failed = true;
                 drop(queue);
                 self.waker.wake();
-                return Ok(());
+                return Ok(Sent::Queued);
             }
         };
+        let mut queued = 0;
         for frame in frames {
             if skip >= frame.len() {
                 skip -= frame.len();
@@ -145,12 +201,41 @@ impl Shared {
                 queue.front_started = true;
                 skip = 0;
             }
-            queue.bytes += rest.len();
-            queue.frames.push_back(rest);
+            queued += rest.len();
+            if frame.backlog() == Backlog::Change {
+                queue.changes += rest.len();
+            }
+            queue.frames.push_back((rest, frame.backlog()));
         }
+        queue.bytes += queued;
+        self.account.budget().note_queue(queue.bytes);
+        // The library's frames (a close frame above all) go out even from a shed connection.
+        let over = self.account.grow(queued).is_err() && !control;
         drop(queue);
+        if over {
+            self.shed();
+            return Err(Overflow);
+        }
         self.waker.wake();
-        Ok(())
+        Ok(match sent {
+            Sent::Behind => Sent::Behind,
+            _ => Sent::Queued,
+        })
+    }
+
+    /// The connection is too slow or too costly: what waits is dropped (it is, by
+    /// definition, backed up) and it is closed 1013. The close frame follows at most the rest
+    /// of a frame already started.
+    fn shed(&self) {
+        let mut queue = self.queue();
+        let keep = usize::from(queue.front_started);
+        queue.frames.truncate(keep);
+        let bytes = queue.frames.iter().map(|(b, _)| b.len()).sum();
+        self.account.shrink(queue.bytes - bytes);
+        queue.bytes = bytes;
+        queue.changes = 0;
+        drop(queue);
+        self.close(CLOSE_SLOW);
     }
 
     /// Nothing more can be written (the stream of frames would be corrupt).
@@ -186,13 +271,13 @@ impl Shared {
                 return Poll::Ready(Err(io::ErrorKind::NotConnected.into()));
             };
             let written = if queue.frames.len() == 1 {
-                wire.try_write(&queue.frames[0])
+                wire.try_write(&queue.frames[0].0)
             } else {
                 let slices: Vec<IoSlice<'_>> = queue
                     .frames
                     .iter()
                     .take(FRAMES_PER_WRITE)
-                    .map(|b| IoSlice::new(b))
+                    .map(|(b, _)| IoSlice::new(b))
                     .collect();
                 wire.try_write_vectored(&slices)
             };
@@ -201,7 +286,10 @@ impl Shared {
                     queue.failed = true;
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
-                Ok(n) => queue.consume(n),
+                Ok(n) => {
+                    queue.consume(n);
+                    self.account.shrink(n);
+                }
                 Err(e) if is_retry(&e) => {
                     // Still under the lock: the session cannot write in between.
                     if let Err(e) = std::task::ready!(wire.poll_writable(cx)) {
@@ -223,18 +311,43 @@ impl Queue {
     fn consume(&mut self, mut n: usize) {
         self.bytes -= n;
         while n > 0 {
-            let Some(front) = self.frames.front_mut() else {
+            let Some((front, backlog)) = self.frames.front_mut() else {
                 return;
             };
+            let change = *backlog == Backlog::Change;
             if n < front.len() {
                 front.advance(n);
+                if change {
+                    self.changes -= n;
+                }
                 self.front_started = true;
                 return;
             }
             n -= front.len();
+            if change {
+                self.changes -= front.len();
+            }
             self.frames.pop_front();
             self.front_started = false;
         }
+    }
+
+    /// Drops the frames a catch-up replaces (not a started one); returns the bytes freed.
+    fn drop_replaceable(&mut self) -> usize {
+        let before = self.bytes;
+        let mut index = 0;
+        let started = self.front_started;
+        self.frames.retain(|(_, backlog)| {
+            let keep = *backlog == Backlog::Keep || (started && index == 0);
+            index += 1;
+            keep
+        });
+        self.bytes = self.frames.iter().map(|(b, _)| b.len()).sum();
+        self.changes = match self.frames.front() {
+            Some((front, Backlog::Change)) if started => front.len(),
+            _ => 0,
+        };
+        before - self.bytes
     }
 }
 
@@ -277,19 +390,21 @@ pub enum Next {
     Failed,
 }
 
-/// A new connection to `wire`, bounded to `max_bytes` queued bytes.
-pub fn outbox(max_bytes: usize, wire: Arc<dyn Wire>) -> (Outbox, Inbox) {
+/// A new connection to `wire`, within `bounds`, its bytes counted in `account`.
+pub fn outbox(bounds: Bounds, account: Account, wire: Arc<dyn Wire>) -> (Outbox, Inbox) {
     let shared = Arc::new(Shared {
         queue: Mutex::new(Queue {
             wire: Some(wire),
             frames: VecDeque::new(),
             front_started: false,
             bytes: 0,
+            changes: 0,
             close: None,
             failed: false,
         }),
         waker: AtomicWaker::new(),
-        max_bytes,
+        bounds,
+        account,
     });
     (
         Outbox {
@@ -301,12 +416,12 @@ pub fn outbox(max_bytes: usize, wire: Arc<dyn Wire>) -> (Outbox, Inbox) {
 
 impl Outbox {
     /// Sends a frame, or closes the connection with 1013 when the queue would pass its bound.
-    pub fn send(&self, frame: &Frame) -> Result<(), Overflow> {
+    pub fn send(&self, frame: &Frame) -> Result<Sent, Overflow> {
         self.shared.push(&[frame], false)
     }
 
     /// Sends frames in order, in one system call when the socket takes them all.
-    pub fn send_all(&self, frames: &[&Frame]) -> Result<(), Overflow> {
+    pub fn send_all(&self, frames: &[&Frame]) -> Result<Sent, Overflow> {
         self.shared.push(frames, false)
     }
 
@@ -327,6 +442,11 @@ impl Inbox {
     pub(super) fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Next> {
         // Registered before looking: a push or close after the look wakes this task.
         self.shared.waker.register(cx.waker());
+        self.shared.account.register(cx.waker());
+        if self.shared.account.is_shed() {
+            // The memory budget shed it: its queue goes now, the close after.
+            self.shared.shed();
+        }
         if let Some(reason) = self.shared.queue().close {
             return Poll::Ready(Next::Close(reason));
         }
@@ -363,7 +483,9 @@ impl Drop for Inbox {
         let mut queue = self.shared.queue();
         queue.wire = None;
         queue.frames.clear();
+        self.shared.account.shrink(queue.bytes);
         queue.bytes = 0;
+        queue.changes = 0;
     }
 }
 
@@ -385,7 +507,9 @@ impl Writer {
         };
         if self.partial.is_empty() {
             self.partial = Vec::new();
-        } else if wire_len(&self.partial).is_some_and(|len| len > self.shared.max_bytes as u64) {
+        } else if wire_len(&self.partial)
+            .is_some_and(|len| len > self.shared.bounds.max_bytes as u64)
+        {
             // It could never be queued; what follows it would be read as its payload.
             self.shared.fail();
             return Err(io::Error::other(
@@ -403,6 +527,11 @@ impl Writer {
     /// Writes everything queued; `Pending` until the socket took it.
     pub fn poll_flush(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.shared.poll_flush(cx)
+    }
+
+    /// The connection's bytes in the memory budget (its incomplete inbound message too).
+    pub fn account(&self) -> &Account {
+        &self.shared.account
     }
 }
 
@@ -474,8 +603,86 @@ mod tests {
         }
     }
 
+    /// An outbox bounded to `max_bytes`, that catches nothing up, in a budget without limit.
+    fn test_outbox(max_bytes: usize, wire: Arc<FakeWire>) -> (Outbox, Inbox) {
+        let bounds = Bounds {
+            max_bytes,
+            catch_up_bytes: None,
+        };
+        outbox(bounds, crate::budget::Budget::unlimited().account(), wire)
+    }
+
     fn frame(payload: &[u8]) -> Frame {
         Frame::binary(payload)
+    }
+
+    /// A frame of a session's message with what a catch-up does to it.
+    fn session_frame(payload: &[u8], backlog: Backlog) -> Frame {
+        let payload = match backlog {
+            Backlog::Keep => collab_core::session::Payload::binary(payload.to_vec()),
+            Backlog::Change => collab_core::session::Payload::yjs_change(payload.to_vec()),
+            Backlog::State => collab_core::session::Payload::yjs_state(payload.to_vec()),
+        };
+        Frame::of(&payload)
+    }
+
+    #[tokio::test]
+    async fn changes_past_the_catch_up_bound_are_dropped_with_what_a_catch_up_replaces() {
+        let wire = FakeWire::with_room(3);
+        let bounds = Bounds {
+            max_bytes: 1000,
+            catch_up_bytes: Some(20),
+        };
+        let budget = crate::budget::Budget::unlimited();
+        let (out, inbox) = outbox(bounds, budget.account(), wire.clone());
+        // Started (3 of its 6 bytes written): it stays whatever it is.
+        let started = session_frame(b"1234", Backlog::Change);
+        let kept = session_frame(b"k", Backlog::Keep);
+        let state = session_frame(b"s", Backlog::State);
+        let change = session_frame(&[9; 10], Backlog::Change);
+        assert_eq!(out.send(&started), Ok(Sent::Queued));
+        assert_eq!(out.send_all(&[&kept, &state, &change]), Ok(Sent::Queued));
+        assert_eq!(out.queued_bytes(), 3 + 3 + 3 + 12);
+        assert_eq!(budget.usage().used_bytes, out.queued_bytes());
+        // 3 + 12 + 12 bytes of changes pass 20: the changes and the state go, with this call's.
+        let late_keep = session_frame(b"l", Backlog::Keep);
+        assert_eq!(out.send_all(&[&change, &late_keep]), Ok(Sent::Behind));
+        assert_eq!(out.queued_bytes(), 3 + 3 + 3);
+        assert_eq!(budget.usage().used_bytes, out.queued_bytes());
+        // The catch-up (a state) is queued after them, whatever its size.
+        let catch_up = session_frame(&[5; 30], Backlog::State);
+        assert_eq!(out.send(&catch_up), Ok(Sent::Queued));
+        wire.grant(1000);
+        flush_now(&inbox);
+        let expected: Vec<u8> = [&started, &kept, &late_keep, &catch_up]
+            .iter()
+            .flat_map(|f| f.as_bytes().to_vec())
+            .collect();
+        assert_eq!(wire.written(), expected);
+        assert_eq!(budget.usage().used_bytes, 0);
+        // Everything sent has left: the next frame written at once says so.
+        assert_eq!(out.send(&change), Ok(Sent::Written));
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_budget_sheds_is_closed_1013_and_its_queue_given_back() {
+        let budget = crate::budget::Budget::new(100);
+        let bounds = Bounds {
+            max_bytes: 1000,
+            catch_up_bytes: None,
+        };
+        let (costly, mut costly_inbox) =
+            outbox(bounds.clone(), budget.account(), FakeWire::with_room(0));
+        let (cheap, _cheap_inbox) = outbox(bounds, budget.account(), FakeWire::with_room(0));
+        costly.send(&frame(&[1; 70])).unwrap();
+        cheap.send(&frame(&[1; 20])).unwrap();
+        // The cheap one passes the limit; the costly one is shed.
+        assert_eq!(cheap.send(&frame(&[1; 20])), Ok(Sent::Queued));
+        assert_eq!(next(&mut costly_inbox).await, Next::Close(CLOSE_SLOW));
+        assert_eq!(costly.queued_bytes(), 0);
+        assert_eq!(budget.usage().used_bytes, cheap.queued_bytes());
+        // The costliest growing past the limit is refused.
+        assert_eq!(cheap.send(&frame(&[1; 200])), Err(Overflow));
     }
 
     async fn next(inbox: &mut Inbox) -> Next {
@@ -500,7 +707,7 @@ mod tests {
     #[test]
     fn a_socket_with_room_gets_the_frame_at_once() {
         let wire = FakeWire::with_room(1000);
-        let (out, _inbox) = outbox(100, wire.clone());
+        let (out, _inbox) = test_outbox(100, wire.clone());
         out.send(&frame(b"123")).unwrap();
         assert_eq!(wire.written(), frame(b"123").as_bytes());
         assert_eq!(out.queued_bytes(), 0);
@@ -510,7 +717,7 @@ mod tests {
     async fn a_full_socket_queues_in_order_and_the_connection_writes_the_rest() {
         // The first frame is cut after 3 of its 5 bytes; the rest waits with the second.
         let wire = FakeWire::with_room(3);
-        let (out, inbox) = outbox(100, wire.clone());
+        let (out, inbox) = test_outbox(100, wire.clone());
         out.send(&frame(b"123")).unwrap();
         out.send(&frame(b"45")).unwrap();
         assert_eq!(out.queued_bytes(), 2 + 4);
@@ -527,7 +734,7 @@ mod tests {
     #[tokio::test]
     async fn a_burst_goes_out_in_one_write_and_its_rest_waits_in_order() {
         let wire = FakeWire::with_room(7);
-        let (out, inbox) = outbox(100, wire.clone());
+        let (out, inbox) = test_outbox(100, wire.clone());
         let (a, b, c) = (frame(b"123"), frame(b"45"), frame(b"6"));
         out.send_all(&[&a, &b, &c]).unwrap();
         // `a` (5 bytes) went out whole, `b` (4) cut after 2; `b`'s rest and `c` wait.
@@ -546,7 +753,7 @@ mod tests {
     #[test]
     fn a_burst_longer_than_one_vectored_write_is_queued_past_it() {
         let wire = FakeWire::with_room(usize::MAX);
-        let (out, _inbox) = outbox(usize::MAX, wire.clone());
+        let (out, _inbox) = test_outbox(usize::MAX, wire.clone());
         let burst: Vec<Frame> = (0..FRAMES_PER_WRITE + 3).map(|_| frame(b"1")).collect();
         out.send_all(&burst.iter().collect::<Vec<_>>()).unwrap();
         assert_eq!(wire.written().len(), FRAMES_PER_WRITE * 3);
@@ -556,7 +763,7 @@ mod tests {
     #[tokio::test]
     async fn overflow_drops_the_queue_and_closes_with_1013() {
         let wire = FakeWire::with_room(0);
-        let (out, mut inbox) = outbox(10, wire.clone());
+        let (out, mut inbox) = test_outbox(10, wire.clone());
         out.send(&frame(b"123456")).unwrap();
         assert_eq!(out.queued_bytes(), 8);
         assert_eq!(out.send(&frame(b"123456")), Err(Overflow));
@@ -573,7 +780,7 @@ mod tests {
     #[test]
     fn a_started_frame_is_finished_before_the_close_frame() {
         let wire = FakeWire::with_room(2);
-        let (out, inbox) = outbox(10, wire.clone());
+        let (out, inbox) = test_outbox(10, wire.clone());
         out.send(&frame(b"1234")).unwrap();
         out.send(&frame(b"5")).unwrap();
         assert_eq!(out.queued_bytes(), 4 + 3);
@@ -590,7 +797,7 @@ mod tests {
     #[tokio::test]
     async fn a_close_request_is_written_after_the_queued_frames() {
         let wire = FakeWire::with_room(0);
-        let (out, mut inbox) = outbox(100, wire.clone());
+        let (out, mut inbox) = test_outbox(100, wire.clone());
         out.send(&frame(b"12")).unwrap();
         out.close(collab_core::session::CLOSE_GOING_AWAY);
         assert_eq!(
@@ -610,14 +817,14 @@ mod tests {
     async fn a_failed_write_ends_the_connection() {
         let wire = FakeWire::with_room(0);
         wire.state.lock().unwrap().3 = true;
-        let (out, mut inbox) = outbox(100, wire);
+        let (out, mut inbox) = test_outbox(100, wire);
         out.send(&frame(b"1")).unwrap();
         assert_eq!(next(&mut inbox).await, Next::Failed);
     }
 
     #[test]
     fn first_close_reason_wins() {
-        let (out, inbox) = outbox(10, FakeWire::with_room(0));
+        let (out, inbox) = test_outbox(10, FakeWire::with_room(0));
         out.close(collab_core::session::CLOSE_REPLACED);
         out.close(CLOSE_SLOW);
         assert_eq!(
@@ -629,7 +836,7 @@ mod tests {
     #[test]
     fn nothing_is_written_after_the_connection_ended() {
         let wire = FakeWire::with_room(100);
-        let (out, inbox) = outbox(10, wire.clone());
+        let (out, inbox) = test_outbox(10, wire.clone());
         drop(inbox);
         out.send(&frame(b"1")).unwrap();
         assert!(wire.written().is_empty());
@@ -678,7 +885,7 @@ mod tests {
         for queued in [true, false] {
             for cut in 0..=stream.len() {
                 let wire = FakeWire::with_room(if queued { 0 } else { usize::MAX });
-                let (out, inbox) = outbox(1 << 20, wire.clone());
+                let (out, inbox) = test_outbox(1 << 20, wire.clone());
                 let mut writer = inbox.writer();
                 assert_eq!(writer.write(&stream[..cut]).unwrap(), cut);
                 out.send(&session).unwrap();
@@ -707,7 +914,7 @@ mod tests {
         let session = frame(b"s");
         for queued in [true, false] {
             let wire = FakeWire::with_room(if queued { 0 } else { usize::MAX });
-            let (out, inbox) = outbox(1 << 20, wire.clone());
+            let (out, inbox) = test_outbox(1 << 20, wire.clone());
             let mut writer = inbox.writer();
             let mut expected = Vec::new();
             let mut sent = 0;
@@ -731,7 +938,7 @@ mod tests {
     #[tokio::test]
     async fn a_frame_larger_than_the_queue_ends_the_connection() {
         let wire = FakeWire::with_room(100);
-        let (_out, mut inbox) = outbox(100, wire.clone());
+        let (_out, mut inbox) = test_outbox(100, wire.clone());
         let mut writer = inbox.writer();
         // A header announcing 200 bytes: they could never be queued.
         assert!(writer.write(&[0x82, 126, 0, 200, 1]).is_err());

@@ -2,19 +2,25 @@
 //! close requests, pings. How it ends (the close handshake) is in `close.rs`.
 
 use std::future::{poll_fn, Future};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
-use collab_core::session::{CloseReason, CLOSE_INVALID_UTF8, CLOSE_PROTOCOL_ERROR, CLOSE_TOO_BIG};
+use collab_core::session::{
+    CloseReason, CLOSE_INVALID_UTF8, CLOSE_MESSAGE_TIMEOUT, CLOSE_PROTOCOL_ERROR, CLOSE_TOO_BIG,
+};
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
+use tokio::time::Sleep;
 use tokio_tungstenite::WebSocketStream;
 use tungstenite::protocol::{Role, WebSocketConfig};
 use tungstenite::{Message, Utf8Bytes};
 
 use super::io::SocketIo;
-use super::outbox::{outbox, Inbox, Next, Outbox};
+use super::outbox::{outbox, Bounds, Inbox, Next, Outbox};
+use crate::budget::Budget;
 
 /// A connection's read buffer, which is also the most read per call: every idle connection
 /// keeps it, and a y-websocket update or awareness frame is a few hundred bytes. Larger
@@ -22,12 +28,14 @@ use super::outbox::{outbox, Inbox, Next, Outbox};
 const READ_BUFFER_BYTES: usize = 512;
 
 /// A connection's limits.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct SocketConfig {
     /// The largest message (and frame) read; a larger one is closed with 1009.
     pub max_message_bytes: usize,
-    /// The most bytes queued for a socket that does not keep up; past it, 1013.
-    pub max_queue_bytes: usize,
+    /// What may wait for a socket that does not keep up.
+    pub bounds: Bounds,
+    /// The memory budget the connection's queue and incomplete message count in.
+    pub budget: Arc<Budget>,
 }
 
 /// One WebSocket connection: reads through tungstenite, writes through the outbox it shares
@@ -35,6 +43,8 @@ pub struct SocketConfig {
 pub struct Socket {
     pub(super) ws: WebSocketStream<SocketIo>,
     pub(super) inbox: Inbox,
+    /// The deadline of the peer's incomplete message; only while there is one.
+    message_deadline: Option<Pin<Box<Sleep>>>,
 }
 
 /// What happened on a connection.
@@ -71,7 +81,7 @@ impl Socket {
         config: SocketConfig,
     ) -> (Socket, Outbox) {
         let stream = Arc::new(stream);
-        let (outbox, inbox) = outbox(config.max_queue_bytes, stream.clone());
+        let (outbox, inbox) = outbox(config.bounds, config.budget.account(), stream.clone());
         let limit = config.max_message_bytes;
         let ws_config = WebSocketConfig::default()
             .max_message_size(Some(limit))
@@ -90,18 +100,27 @@ impl Socket {
             Some(ws_config),
         )
         .await;
-        (Socket { ws, inbox }, outbox)
+        let socket = Socket {
+            ws,
+            inbox,
+            message_deadline: None,
+        };
+        (socket, outbox)
     }
 
     /// The next event. While waiting, writes what the socket could not take from the session
-    /// at once.
-    pub fn next_event(&mut self) -> impl Future<Output = Event> + Send + '_ {
+    /// at once. A message the peer started must finish within `message_timeout` (passed in
+    /// rather than kept: every idle connection would keep it).
+    pub fn next_event<'a>(
+        &'a mut self,
+        message_timeout: &'a Duration,
+    ) -> impl Future<Output = Event> + Send + 'a {
         // A plain poll function: an idle connection's task holds this future, and it keeps
-        // nothing but the borrow.
-        poll_fn(|cx| self.poll_event(cx))
+        // nothing but the two borrows.
+        poll_fn(move |cx| self.poll_event(cx, *message_timeout))
     }
 
-    fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
+    fn poll_event(&mut self, cx: &mut Context<'_>, message_timeout: Duration) -> Poll<Event> {
         // The session's close request first: nothing read after it matters.
         if let Poll::Ready(next) = self.inbox.poll_next(cx) {
             return Poll::Ready(Event::End(match next {
@@ -110,7 +129,11 @@ impl Socket {
             }));
         }
         loop {
-            let event = match ready!(self.ws.poll_next_unpin(cx)) {
+            let next = match self.ws.poll_next_unpin(cx) {
+                Poll::Ready(next) => next,
+                Poll::Pending => return self.poll_message_deadline(cx, message_timeout),
+            };
+            let event = match next {
                 Some(Ok(Message::Text(text))) => Event::Text(text),
                 Some(Ok(Message::Binary(bytes))) => Event::Binary(bytes),
                 Some(Ok(Message::Ping(_))) => Event::Ping,
@@ -123,6 +146,29 @@ impl Socket {
             };
             return Poll::Ready(event);
         }
+    }
+
+    /// Ready with the end of the connection once the peer's incomplete message is past its
+    /// deadline. Pings and pongs do not extend it: only finishing the message does.
+    fn poll_message_deadline(
+        &mut self,
+        cx: &mut Context<'_>,
+        message_timeout: Duration,
+    ) -> Poll<Event> {
+        let Some(since) = self.ws.get_ref().incomplete_since() else {
+            self.message_deadline = None;
+            return Poll::Pending;
+        };
+        let deadline = since + message_timeout;
+        let timer = self
+            .message_deadline
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if timer.deadline() != deadline {
+            timer.as_mut().reset(deadline);
+        }
+        ready!(timer.as_mut().poll(cx));
+        self.message_deadline = None;
+        Poll::Ready(Event::End(Ending::Close(CLOSE_MESSAGE_TIMEOUT)))
     }
 
     /// Sends a ping after what is queued, without waiting for the socket.

@@ -96,6 +96,27 @@ impl TestServer {
         serde_json::from_slice(&body).unwrap()
     }
 
+    /// Opens a WebSocket with extra request headers: the socket, or the HTTP status that
+    /// refused the upgrade.
+    pub async fn try_connect(&self, path: &str, headers: &[(&str, &str)]) -> Result<Ws, u16> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut request = self.url(path).into_client_request().expect("a valid URL");
+        for (name, value) in headers {
+            request.headers_mut().insert(
+                tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(name.as_bytes())
+                    .expect("a header name"),
+                value.parse().expect("a header value"),
+            );
+        }
+        match tokio_tungstenite::connect_async(request).await {
+            Ok((ws, _)) => Ok(ws),
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                Err(response.status().as_u16())
+            }
+            Err(e) => panic!("websocket failed without an HTTP answer: {e}"),
+        }
+    }
+
     pub async fn connect(&self, path: &str) -> Ws {
         let (ws, _) = tokio_tungstenite::connect_async(self.url(path))
             .await
@@ -203,8 +224,19 @@ pub async fn http(
     path: &str,
     body: &[u8],
 ) -> (u16, Vec<u8>) {
+    http_with(addr, method, path, &[], body).await
+}
+
+/// [`http`] with extra request headers.
+pub async fn http_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, Vec<u8>) {
     let stream = TcpStream::connect(addr).await.unwrap();
-    http_on(stream, addr, method, path, body).await
+    http_on(stream, addr, method, path, headers, body).await
 }
 
 /// A TCP connection to `addr` from the loopback address `source` (any of 127.0.0.0/8), so
@@ -224,7 +256,7 @@ pub async fn http_from(
     body: &[u8],
 ) -> (u16, Vec<u8>) {
     let stream = connect_from(source, addr).await;
-    http_on(stream, addr, method, path, body).await
+    http_on(stream, addr, method, path, &[], body).await
 }
 
 /// One request on `stream`, read to the end of the connection.
@@ -233,10 +265,15 @@ pub async fn http_on(
     addr: SocketAddr,
     method: &str,
     path: &str,
+    headers: &[(&str, &str)],
     body: &[u8],
 ) -> (u16, Vec<u8>) {
+    let extra: String = headers
+        .iter()
+        .map(|(name, value)| format!("{name}: {value}\r\n"))
+        .collect();
     let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\nContent-Type: application/octet-stream\r\n\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{extra}Content-Length: {}\r\nContent-Type: application/octet-stream\r\n\r\n",
         body.len()
     );
     stream.write_all(head.as_bytes()).await.unwrap();
@@ -320,13 +357,20 @@ pub async fn ping_collect(ws: &mut Ws) -> Vec<Value> {
 
 /// Waits for the close frame and returns its code (skipping whatever came before it).
 pub async fn close_code(ws: &mut Ws) -> u16 {
+    close_frame(ws).await.0
+}
+
+/// Waits for the close frame and returns its code and reason (skipping what came before it).
+pub async fn close_frame(ws: &mut Ws) -> (u16, String) {
     loop {
         let msg = tokio::time::timeout(PATIENCE, ws.next())
             .await
             .expect("close in time");
         match msg {
-            Some(Ok(Message::Close(Some(frame)))) => return u16::from(frame.code),
-            Some(Ok(Message::Close(None))) => return u16::from(CloseCode::Status),
+            Some(Ok(Message::Close(Some(frame)))) => {
+                return (u16::from(frame.code), frame.reason.to_string())
+            }
+            Some(Ok(Message::Close(None))) => return (u16::from(CloseCode::Status), String::new()),
             Some(Ok(_)) => continue,
             Some(Err(e)) => panic!("connection failed without a close frame: {e}"),
             None => panic!("connection ended without a close frame"),

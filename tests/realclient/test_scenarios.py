@@ -9,10 +9,13 @@ out: both variants break them when they arrive remotely (client defect, not the 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from harness.backends import CollabServer
 from harness.client import DriverError
-from harness.scene import bench_file, diff_items, document_as_items
+from harness.scene import FIXTURES, bench_file, diff_items, document_as_items
 
 PAIRS = ["upstream/upstream", "fork/fork", "upstream/fork", "fork/upstream"]
 
@@ -287,3 +290,55 @@ def test_g_a_yjs_client_moves_and_turns_an_item(world, pair):
     doc = world.assert_windows_equal_document([host, colleague])
     assert (doc[lens]["data"]["x_mm"], doc[lens]["data"]["angle_deg"]) == (61.125, 33.75)
     assert doc[source]["data"]["y_mm"] == -12.5
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("pair", PAIRS)
+def test_h_clients_join_through_token_urls_and_a_view_token_changes_nothing(world, pair):
+    if not isinstance(world.backend, CollabServer):
+        pytest.skip("a relay has no access control")
+    hv, jv = variants(pair)
+    world.backend.require_tokens(world.tmp / "auth.key")
+    first, second, viewer = world.start_clients(("first", hv), ("second", jv), ("viewer", jv))
+    # A teacher's bench (one fixture item), uploaded as a desktop host does: a desktop client
+    # that connects adds nothing before the session has a scene.
+    seed = json.loads(sorted(FIXTURES.glob("*.scene.json"))[0].read_text())["items"][0]
+    # As the app itself serialises it (the fixture file is older): windows are compared with
+    # the document exactly.
+    seed["color_hex"] = seed["color_hex"].lower()
+    seed["locked"] = False
+    s = world.session
+    world.backend.seed(s, [seed], world.backend.token(s, "edit", "teacher")["token"])
+
+    # Each student types the server URL the `token` command printed (ws://.../t/TOKEN); the
+    # app appends /ws/{session}/{user}.
+    for client in (first, second):
+        client.join(world.backend.token(s, "edit", client.name)["desktop"], s, client.name)
+    world.quiesce([first, second])
+    mine = first.add("lens", 12.5, 30.25)
+    theirs = second.add("mirror", -40.5, 60.75)
+    world.quiesce([first, second])
+    drag(first, theirs, start=(-40.5, 60.75), step_by=(3.5, -1.25), steps=4)
+    world.quiesce([first, second])
+    expected = {seed["item_uuid"], mine, theirs}
+    assert_document_holds(world, expected, "the teacher's item and both students'")
+    world.assert_windows_equal_document([first, second])
+
+    # Without a valid token the upgrade is refused (401): the app's status bar shows an error
+    # (Qt's words for a 401: "Unsupported WWW-Authenticate challenges encountered").
+    mark = len(viewer.call("status"))
+    viewer.call("join", url=f"{world.backend.url}/t/not-a-token", session=s, user=viewer.name)
+    viewer.call("wait_status", contains="Error: ", since=mark, timeout=20)
+
+    # A view token: the client follows the bench, its own edits are refused (`forbidden`).
+    viewer.join(world.backend.token(s, "view")["desktop"], s, viewer.name)
+    world.quiesce([first, second, viewer])
+    mark = viewer.call("frame_count")
+    refused = viewer.add("source", 5.5, -7.25)
+    world.quiesce([first, second, viewer])
+    codes = [f["code"] for f in viewer.call("frames", since=mark) if f["type"] == "error"]
+    assert codes and set(codes) == {"forbidden"}, f"the viewer was told: {codes}"
+    assert_document_holds(world, expected, "the same items (the viewer's add refused)")
+    world.assert_windows_equal_document([first, second])
+    assert_window_holds(world, viewer, {*expected, refused},
+                        "the bench, and its own refused add (a client rolls nothing back)")

@@ -299,6 +299,18 @@ impl GuardedDoc {
         self.doc.transact().state_vector().encode_v1()
     }
 
+    /// The document's state vector, to encode later what was added since
+    /// ([`GuardedDoc::encode_since`]).
+    pub fn state_vector(&self) -> StateVector {
+        self.doc.transact().state_vector()
+    }
+
+    /// What was added since the document had the state vector `sv` (one it produced with
+    /// [`GuardedDoc::state_vector`]: no untrusted bytes), as one v1 update.
+    pub fn encode_since(&mut self, sv: &StateVector) -> Result<Vec<u8>, DocError> {
+        self.encode_diff(sv)
+    }
+
     /// The whole document as one v1 update.
     pub fn encode_state_v1(&mut self) -> Result<Vec<u8>, DocError> {
         self.encode_diff(&StateVector::default())

@@ -34,6 +34,9 @@ pub enum ErrorCode {
     RateLimited,
     /// Not bad input: the session could not be loaded (the connection is then closed 1011).
     Unavailable,
+    /// The connection's token does not allow it (a `view` token's command or upload): not
+    /// applied.
+    Forbidden,
 }
 
 impl ErrorCode {
@@ -44,6 +47,7 @@ impl ErrorCode {
             ErrorCode::UnknownType => "unknown_type",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Forbidden => "forbidden",
         }
     }
 }

@@ -8,6 +8,7 @@
 //! Everything the protocol promises about membership and ordering is decided here, so it is
 //! tested here, by feeding inputs and reading outputs.
 
+pub mod access;
 pub mod awareness;
 pub mod rate;
 
@@ -17,6 +18,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine as _;
 use bytes::Bytes;
+use yrs::StateVector;
 
 use crate::doc::scene::PeerMessage;
 use crate::doc::{CheckedUpdate, DocError, Effects, PeerId, Scene};
@@ -24,6 +26,7 @@ use crate::protocol::json::{
     self, ClientMessage, ErrorCode, ProtocolError, UserEntry, YjsAckFields,
 };
 use crate::protocol::yjs::{self, YjsMessage};
+pub use access::{Access, Role};
 pub use awareness::{AwarenessError, AwarenessStates, AWARENESS_TIMEOUT};
 pub use rate::{Buckets, Cost, Rate, Rates};
 
@@ -88,6 +91,10 @@ pub const CLOSE_INVALID_PATH: CloseReason = CloseReason {
     code: 1008,
     reason: "Invalid path",
 };
+pub const CLOSE_MESSAGE_TIMEOUT: CloseReason = CloseReason {
+    code: 1008,
+    reason: "Message not finished in time",
+};
 pub const CLOSE_TOO_BIG: CloseReason = CloseReason {
     code: 1009,
     reason: "Message too big",
@@ -112,6 +119,22 @@ pub const CLOSE_SERVER_FULL: CloseReason = CloseReason {
 pub const CLOSE_REPLACED: CloseReason = CloseReason {
     code: 4000,
     reason: "Replaced by a newer connection",
+};
+/// The user name on the path is not the one the connection's token binds, or a connection
+/// that holds the name is present (access control).
+pub const CLOSE_NAME_NOT_YOURS: CloseReason = CloseReason {
+    code: 1008,
+    reason: "User name not allowed",
+};
+/// The connection's token expired (access control).
+pub const CLOSE_TOKEN_EXPIRED: CloseReason = CloseReason {
+    code: 4401,
+    reason: "token expired",
+};
+/// The connection's token was revoked (access control).
+pub const CLOSE_TOKEN_REVOKED: CloseReason = CloseReason {
+    code: 4403,
+    reason: "token revoked",
 };
 
 /// The time as a session sees it: an instant for its timers, and the wall-clock time that its
@@ -138,27 +161,52 @@ pub enum PayloadKind {
     Binary,
 }
 
+/// What a catch-up ([`Input::Behind`]) does with a message still queued for a Yjs member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backlog {
+    /// Sent as queued: JSON messages, and the server's SyncStep1 (the client's answer to it
+    /// carries the changes it made offline).
+    Keep,
+    /// A change (a document update, an awareness change): the catch-up carries its effect,
+    /// and its bytes count towards falling behind.
+    Change,
+    /// A state (a SyncStep2, all awareness states): the catch-up holds at least as much.
+    State,
+}
+
 /// One message, encoded once, however many members it goes to. The transport frames it once
 /// too: [`Payload::framed`] keeps what the first framing made.
 #[derive(Debug)]
 pub struct Payload {
     kind: PayloadKind,
+    backlog: Backlog,
     bytes: Bytes,
     framed: OnceLock<Bytes>,
 }
 
 impl Payload {
     pub fn text(text: String) -> Arc<Payload> {
-        Payload::new(PayloadKind::Text, Bytes::from(text))
+        Payload::new(PayloadKind::Text, Backlog::Keep, Bytes::from(text))
     }
 
     pub fn binary(bytes: impl Into<Bytes>) -> Arc<Payload> {
-        Payload::new(PayloadKind::Binary, bytes.into())
+        Payload::new(PayloadKind::Binary, Backlog::Keep, bytes.into())
     }
 
-    fn new(kind: PayloadKind, bytes: Bytes) -> Arc<Payload> {
+    /// A y-websocket change: replaced by a catch-up while it waits for a slow member.
+    pub fn yjs_change(bytes: impl Into<Bytes>) -> Arc<Payload> {
+        Payload::new(PayloadKind::Binary, Backlog::Change, bytes.into())
+    }
+
+    /// A y-websocket state: replaced by a catch-up while it waits for a slow member.
+    pub fn yjs_state(bytes: impl Into<Bytes>) -> Arc<Payload> {
+        Payload::new(PayloadKind::Binary, Backlog::State, bytes.into())
+    }
+
+    fn new(kind: PayloadKind, backlog: Backlog, bytes: Bytes) -> Arc<Payload> {
         Arc::new(Payload {
             kind,
+            backlog,
             bytes,
             framed: OnceLock::new(),
         })
@@ -166,6 +214,10 @@ impl Payload {
 
     pub fn kind(&self) -> PayloadKind {
         self.kind
+    }
+
+    pub fn backlog(&self) -> Backlog {
+        self.backlog
     }
 
     pub fn bytes(&self) -> &Bytes {
@@ -192,6 +244,11 @@ pub enum Event {
     /// Blocks waiting for a gap in their client's clocks outgrew their bound and were let go
     /// (not lost for good: peers resend what the session lacks when they sync).
     HeldBlocksDropped { user: Arc<str> },
+    /// A `view` member sent a Yjs update: dropped, neither applied nor stored.
+    ViewUpdateDropped {
+        peer: PeerId,
+        user: Option<Arc<str>>,
+    },
 }
 
 /// What one step produced, in the order it must take effect: store `persist`, then send
@@ -222,12 +279,18 @@ pub enum Input {
         peer: PeerId,
         kind: ConnKind,
         user: Option<Arc<str>>,
+        access: Access,
     },
     /// The connection ended.
     Leave { peer: PeerId },
     /// The shell ends the connection (it fell too far behind): the member leaves, closed with
     /// `reason`.
     Drop { peer: PeerId, reason: CloseReason },
+    /// A Yjs member fell behind: the shell dropped the messages queued for it that a catch-up
+    /// replaces ([`Backlog`]); it is sent one update against the state it is known to hold
+    /// ([`Session::delivered`]) and the current awareness states. Any other member is closed
+    /// 1013 (a desktop client may not be sent a full state: README, "Choices").
+    Behind { peer: PeerId },
     /// A valid JSON message from a connection that speaks JSON.
     Json {
         peer: PeerId,
@@ -250,6 +313,9 @@ pub enum Refused {
     /// The update was refused; the document is unchanged.
     #[error(transparent)]
     BadUpdate(DocError),
+    /// A member that holds the user name is present, and the joiner does not hold it.
+    #[error("the user name is held by another connection")]
+    NameHeld,
 }
 
 /// One line of `GET /api/sessions`.
@@ -300,6 +366,17 @@ struct Member {
     user: Option<Arc<str>>,
     connected_at: Arc<str>,
     buckets: Buckets,
+    access: Access,
+    /// A Yjs member was sent the document (a SyncStep2 or a catch-up): once the shell confirms
+    /// delivery, it holds the document as it was then.
+    synced: bool,
+    /// The document's state vector when the shell last confirmed that everything sent to this
+    /// member reached its socket after it was synced: a lower bound of what it holds.
+    holds: Option<StateVector>,
+    /// A `?yjs=1` member sent a JSON change: the document's blocks for it are not sent back to
+    /// it, so the document's state is no lower bound of its own; it catches up from the whole
+    /// document.
+    changed_by_json: bool,
 }
 
 /// The whole document as one SyncStep2 message, kept until the document changes: a fresh
@@ -355,6 +432,11 @@ impl Session {
         self.members.contains_key(&peer)
     }
 
+    /// Bytes of the awareness states the session holds.
+    pub fn awareness_bytes(&self) -> usize {
+        self.awareness.total_bytes()
+    }
+
     /// Whether any item or upload has reached the scene (persisted with the document).
     pub fn initialized(&self) -> bool {
         self.scene.initialized()
@@ -372,9 +454,15 @@ impl Session {
     /// else changed); every other outcome, errors to clients included, is in `out`.
     pub fn handle(&mut self, input: Input, now: &Now, out: &mut Output) -> Result<(), Refused> {
         match input {
-            Input::Join { peer, kind, user } => return self.join(peer, kind, user, now, out),
+            Input::Join {
+                peer,
+                kind,
+                user,
+                access,
+            } => return self.join(peer, kind, user, access, now, out),
             Input::Leave { peer } => self.leave(peer, None, now, out),
             Input::Drop { peer, reason } => self.leave(peer, Some(reason), now, out),
+            Input::Behind { peer } => self.catch_up(peer, now, out),
             Input::Json { peer, message } => self.json(peer, message, now, out),
             Input::Yjs { peer, message } => self.yjs(peer, message, now, out),
             Input::ApiUpdate(update) => {
@@ -450,9 +538,20 @@ impl Session {
         peer: PeerId,
         kind: ConnKind,
         user: Option<Arc<str>>,
+        access: Access,
         now: &Now,
         out: &mut Output,
     ) -> Result<(), Refused> {
+        // Nobody takes, or replaces, a name a present member holds unless it holds it too.
+        if let Some(name) = &user {
+            let held = self
+                .members
+                .values()
+                .any(|m| m.user.as_ref() == Some(name) && m.access.holds_name);
+            if held && !access.holds_name {
+                return Err(Refused::NameHeld);
+            }
+        }
         let yjs_ack = if kind == ConnKind::LegacyYjs {
             let snapshot = self.encode_state().map_err(Refused::Unavailable)?;
             let b64 = base64::engine::general_purpose::STANDARD;
@@ -489,6 +588,10 @@ impl Session {
                 user: user.clone(),
                 connected_at: now.timestamp.clone(),
                 buckets: Buckets::new(&self.rates, now.instant),
+                access,
+                synced: false,
+                holds: None,
+                changed_by_json: false,
             },
         );
         self.joins += 1;
@@ -518,7 +621,7 @@ impl Session {
             out.sends.push((peer, Payload::binary(step1)));
             if let Some(states) = self.awareness.encode_all() {
                 out.sends
-                    .push((peer, Payload::binary(yjs::awareness(&states))));
+                    .push((peer, Payload::yjs_state(yjs::awareness(&states))));
             }
         }
         if let (false, Some(name)) = (already_present, &user) {
@@ -609,7 +712,23 @@ impl Session {
         if !self.admit(peer, cost, false, now, out) {
             return;
         }
+        if cost == Cost::Update && !self.may_edit(peer) {
+            let message = "a view token cannot change the scene";
+            self.reject(peer, ErrorCode::Forbidden, message.to_owned(), out);
+            return;
+        }
         let user = self.user_of(peer);
+        if matches!(
+            message,
+            ClientMessage::Command(_) | ClientMessage::FullState(_)
+        ) {
+            if let Some(member) = self.members.get_mut(&peer) {
+                if member.kind.speaks_yjs() {
+                    member.changed_by_json = true;
+                    member.holds = None;
+                }
+            }
+        }
         match message {
             // The pong is a barrier: everything the connection sent before was applied, and
             // the corrections owed to it go out before it.
@@ -652,14 +771,19 @@ impl Session {
         }
         match message {
             YjsMessage::SyncStep1(sv) if sv.bytes() == EMPTY_STATE_VECTOR => {
-                self.send_whole_state(peer, out)
+                self.send_whole_state(peer, out);
             }
             YjsMessage::SyncStep1(sv) => match self.scene.doc_mut().encode_diff_v1(&sv) {
-                Ok(diff) => out
-                    .sends
-                    .push((peer, Payload::binary(yjs::sync_step2(&diff)))),
+                Ok(diff) => {
+                    out.sends
+                        .push((peer, Payload::yjs_state(yjs::sync_step2(&diff))));
+                    self.mark_synced(peer);
+                }
                 Err(e) => self.reject(peer, ErrorCode::BadMessage, e.to_string(), out),
             },
+            YjsMessage::SyncStep2(_) | YjsMessage::Update(_) if !self.may_edit(peer) => {
+                self.drop_view_update(peer, out)
+            }
             YjsMessage::SyncStep2(update) | YjsMessage::Update(update) => {
                 let user = self.user_of(peer);
                 match self.apply_update(&user, &update, out) {
@@ -681,11 +805,37 @@ impl Session {
             YjsMessage::QueryAwareness => {
                 if let Some(states) = self.awareness.encode_all() {
                     out.sends
-                        .push((peer, Payload::binary(yjs::awareness(&states))));
+                        .push((peer, Payload::yjs_state(yjs::awareness(&states))));
                 }
             }
             YjsMessage::Auth => {}
         }
+    }
+
+    fn may_edit(&self, peer: PeerId) -> bool {
+        self.members
+            .get(&peer)
+            .is_some_and(|m| m.access.role.may_edit())
+    }
+
+    /// A `view` member's Yjs update: not applied, not stored, reported (and a JSON speaker
+    /// told). The connection stays: its provider sends its state on every sync.
+    fn drop_view_update(&mut self, peer: PeerId, out: &mut Output) {
+        let Some(member) = self.members.get(&peer) else {
+            return;
+        };
+        if member.kind.speaks_json() {
+            let error = ProtocolError::new(
+                ErrorCode::Forbidden,
+                "a view token cannot change the scene; the update was dropped",
+            );
+            out.sends
+                .push((peer, Payload::text(json::encode_error(&error))));
+        }
+        out.events.push(Event::ViewUpdateDropped {
+            peer,
+            user: member.user.clone(),
+        });
     }
 
     /// The corrections due and the awareness states expired by now.
@@ -719,8 +869,8 @@ impl Session {
     }
 
     /// Answers a SyncStep1 from an empty document with the whole document, encoded once and
-    /// kept until it changes.
-    fn send_whole_state(&mut self, peer: PeerId, out: &mut Output) {
+    /// kept until it changes. `false` (the client told) when it could not be encoded.
+    fn send_whole_state(&mut self, peer: PeerId, out: &mut Output) -> bool {
         let rebuilds = self.scene.doc().rebuilds();
         if self
             .whole_state
@@ -730,18 +880,86 @@ impl Session {
             match self.encode_state() {
                 Ok(whole) => {
                     self.whole_state = Some(WholeState {
-                        message: Payload::binary(yjs::sync_step2(&whole)),
+                        message: Payload::yjs_state(yjs::sync_step2(&whole)),
                         rebuilds,
                     })
                 }
                 Err(e) => {
                     self.reject(peer, ErrorCode::Unavailable, e.to_string(), out);
-                    return;
+                    return false;
                 }
             }
         }
-        if let Some(whole) = &self.whole_state {
-            out.sends.push((peer, whole.message.clone()));
+        let Some(whole) = &self.whole_state else {
+            return false;
+        };
+        out.sends.push((peer, whole.message.clone()));
+        self.mark_synced(peer);
+        true
+    }
+
+    fn mark_synced(&mut self, peer: PeerId) {
+        if let Some(member) = self.members.get_mut(&peer) {
+            member.synced = true;
+        }
+    }
+
+    /// The shell says everything sent to `peer` so far reached its socket. Returns whether
+    /// that is all the session needed to know: `false` while a Yjs member has not been sent
+    /// the document yet (a later confirmation is then useful).
+    pub fn delivered(&mut self, peer: PeerId) -> bool {
+        let Some(member) = self.members.get(&peer) else {
+            return true;
+        };
+        if !member.kind.speaks_yjs() {
+            return true;
+        }
+        if !member.synced {
+            return false;
+        }
+        if member.changed_by_json {
+            return true;
+        }
+        let holds = self.scene.doc().state_vector();
+        if let Some(member) = self.members.get_mut(&peer) {
+            member.holds = Some(holds);
+        }
+        true
+    }
+
+    /// One update that brings a Yjs member that fell behind from what it is known to hold to
+    /// the document, then the awareness states as they are. Awareness removals that were
+    /// dropped are not repeated: the client expires a state it no longer hears of
+    /// (y-protocols' 30 s timeout).
+    fn catch_up(&mut self, peer: PeerId, now: &Now, out: &mut Output) {
+        let Some(member) = self.members.get(&peer) else {
+            return;
+        };
+        if !member.kind.speaks_yjs() {
+            self.leave(peer, Some(CLOSE_SLOW), now, out);
+            return;
+        }
+        let sent = match member.holds.clone() {
+            // Nothing confirmed: the whole document, encoded once for every such member.
+            None => self.send_whole_state(peer, out),
+            Some(holds) => match self.scene.doc_mut().encode_since(&holds) {
+                Ok(diff) => {
+                    out.sends
+                        .push((peer, Payload::yjs_state(yjs::sync_step2(&diff))));
+                    self.mark_synced(peer);
+                    true
+                }
+                Err(_) => false,
+            },
+        };
+        if !sent {
+            // The document could not be encoded: the client resyncs when it reconnects.
+            self.leave(peer, Some(CLOSE_SLOW), now, out);
+            return;
+        }
+        if let Some(states) = self.awareness.encode_all() {
+            out.sends
+                .push((peer, Payload::yjs_state(yjs::awareness(&states))));
         }
     }
 
@@ -766,7 +984,7 @@ impl Session {
     /// (all but `origin`), and the legacy messages (each encoded once).
     fn emit(&mut self, effects: Effects, origin: Option<PeerId>, now: &Now, out: &mut Output) {
         if let Some(update) = effects.update {
-            let message = Payload::binary(yjs::sync_update(&update));
+            let message = Payload::yjs_change(yjs::sync_update(&update));
             out.persist.push(update);
             self.whole_state = None;
             for (id, member) in &self.members {
@@ -795,7 +1013,7 @@ impl Session {
     }
 
     fn broadcast_awareness(&self, update: &[u8], out: &mut Output) {
-        let message = Payload::binary(yjs::awareness(update));
+        let message = Payload::yjs_change(yjs::awareness(update));
         for (id, member) in &self.members {
             if member.kind.speaks_yjs() {
                 out.sends.push((*id, message.clone()));

@@ -31,12 +31,29 @@ impl Desktop {
             host,
             canvas,
         };
-        if host {
-            desktop.upload(world);
-        }
-        world.send(peer, json!({"type": "sync:request", "user_id": name}));
+        desktop.answer_join(world);
         desktop.receive(world);
         desktop
+    }
+
+    /// Connects again with the canvas it has, up to the ack: the round trip before its
+    /// answer (a host's upload, a `sync:request`) reaches the session. [`Desktop::answer_join`]
+    /// sends that answer.
+    pub fn reconnect(&mut self, world: &mut World) {
+        let (peer, _) = world.legacy(&self.name);
+        self.peer = peer;
+    }
+
+    /// What the client sends once it has read its own `user:joined` and the ack: a host
+    /// uploads its canvas, and both roles send `sync:request`.
+    pub fn answer_join(&self, world: &mut World) {
+        if self.host {
+            self.upload(world);
+        }
+        world.send(
+            self.peer,
+            json!({"type": "sync:request", "user_id": self.name}),
+        );
     }
 
     /// The whole canvas as `sync:full_state`.

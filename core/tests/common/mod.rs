@@ -20,7 +20,8 @@ use collab_core::doc::{CheckedUpdate, GuardedDoc, PeerId, Scene};
 use collab_core::protocol::json::parse_client_message;
 use collab_core::protocol::yjs;
 use collab_core::session::{
-    CloseReason, ConnKind, Event, Input, Now, Output, PayloadKind, Refused, Session, SessionLimits,
+    Access, Backlog, CloseReason, ConnKind, Event, Input, Now, Output, PayloadKind, Refused,
+    Session, SessionLimits,
 };
 use serde_json::{json, Value};
 use yrs::sync::{Message, SyncMessage};
@@ -47,7 +48,8 @@ pub enum Received {
 pub struct Conn {
     pub kind: ConnKind,
     pub user: Option<String>,
-    inbox: VecDeque<Received>,
+    /// What it received, each with what a catch-up does to it while it waits in the queue.
+    inbox: VecDeque<(Received, Backlog)>,
     /// Why the session closed it, if it did.
     pub closed: Option<CloseReason>,
     /// It left (or was closed): nothing may be sent to it any more.
@@ -188,7 +190,7 @@ impl World {
                     Received::Yjs(message)
                 }
             };
-            conn.inbox.push_back(received);
+            conn.inbox.push_back((received, payload.backlog()));
         }
         for (peer, reason) in closes {
             let conn = self
@@ -214,6 +216,16 @@ impl World {
     }
 
     pub fn try_join(&mut self, kind: ConnKind, user: Option<&str>) -> Result<PeerId, Refused> {
+        self.try_join_as(kind, user, Access::OPEN)
+    }
+
+    /// A connection joins with what its token granted.
+    pub fn try_join_as(
+        &mut self,
+        kind: ConnKind,
+        user: Option<&str>,
+        access: Access,
+    ) -> Result<PeerId, Refused> {
         let peer = self.next_peer;
         self.next_peer += 1;
         self.conns.insert(
@@ -230,6 +242,7 @@ impl World {
             peer,
             kind,
             user: user.map(Arc::from),
+            access,
         };
         match self.step(input) {
             Ok(()) => Ok(peer),
@@ -362,7 +375,31 @@ impl World {
             .unwrap_or_else(|| panic!("no connection {peer}"))
             .inbox
             .drain(..)
+            .map(|(received, _)| received)
             .collect()
+    }
+
+    /// The connection fell behind, as the shell sees it: what it has not read yet and a
+    /// catch-up replaces is dropped (what it keeps stays unread), then the session is told.
+    /// Returns what was dropped.
+    pub fn fall_behind(&mut self, peer: PeerId) -> Vec<Received> {
+        let conn = self
+            .conns
+            .get_mut(&peer)
+            .unwrap_or_else(|| panic!("no connection {peer}"));
+        let (kept, dropped): (VecDeque<_>, VecDeque<_>) = conn
+            .inbox
+            .drain(..)
+            .partition(|(_, backlog)| *backlog == Backlog::Keep);
+        conn.inbox = kept;
+        self.step(Input::Behind { peer })
+            .expect("a catch-up is never refused");
+        dropped.into_iter().map(|(received, _)| received).collect()
+    }
+
+    /// The shell confirms that everything sent to `peer` so far reached its socket.
+    pub fn confirm(&mut self, peer: PeerId) -> bool {
+        self.session.delivered(peer)
     }
 
     /// The JSON messages a connection received since last asked; panics on a binary one.

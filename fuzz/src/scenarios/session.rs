@@ -619,6 +619,7 @@ impl World {
                     peer,
                     kind: ConnKind::Legacy,
                     user,
+                    access: collab_core::session::Access::OPEN,
                 });
                 if host {
                     // The session cannot know a host's canvas before its upload. What it
@@ -644,7 +645,12 @@ impl World {
                 y.inbox.clear();
                 let (kind, user) = (y.kind, y.user.clone());
                 let sv = y.replica.doc.transact().state_vector().encode_v1();
-                let closes = self.input(Input::Join { peer, kind, user });
+                let closes = self.input(Input::Join {
+                    peer,
+                    kind,
+                    user,
+                    access: collab_core::session::Access::OPEN,
+                });
                 // y-websocket sends its SyncStep1 on open.
                 let sv = CheckedStateVector::check(sv).expect("a replica's state vector");
                 self.yjs_send(j, YjsMessage::SyncStep1(sv));

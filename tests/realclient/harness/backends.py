@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -108,6 +109,63 @@ class CollabServer(Backend):
     name = "server"
     has_document_api = True
 
+    def __init__(self, log_dir: Path, data_dir: Path):
+        super().__init__(log_dir, data_dir)
+        # With a key (require_tokens), every endpoint but /health needs a token.
+        self.key_file: Path | None = None
+        self._admin: str | None = None
+
+    def require_tokens(self, key_file: Path) -> None:
+        """Restarts the server with a signing key (README, "Securing a server")."""
+        key_file.write_text(secrets.token_urlsafe(48) + "\n")
+        self.key_file = key_file
+        self.restart()
+
+    def token(self, session: str, role: str, user: str | None = None) -> dict[str, str]:
+        """Mints a token with `optiverse-collab token`, as a lab's admin would, and returns
+        what it printed: `token`, `desktop` (the server URL to type into the app), `browser`."""
+        args = [str(SERVER_BIN), "token", "--auth-key-file", str(self.key_file),
+                "--session", session, "--role", role, "--url", f"http://127.0.0.1:{self.port}"]
+        if user is not None:
+            args += ["--user", user]
+        lines = subprocess.run(args, check=True, capture_output=True, text=True,
+                               timeout=30).stdout.splitlines()
+        after = {label: lines[i + 1].strip() for i, label in enumerate(lines[:-1])}
+        return {"token": lines[1].strip(), "desktop": after["Desktop app, server URL:"],
+                "browser": after["Browser:"]}
+
+    def _headers(self) -> dict[str, str]:
+        if self.key_file is None:
+            return {}
+        if self._admin is None:
+            self._admin = self.token("*", "admin")["token"]
+        return {"Authorization": f"Bearer {self._admin}"}
+
+    def seed(self, session: str, items: list[dict], token: str) -> None:
+        """Uploads `items` as a desktop host does (`sync:full_state` on `/ws`), through the
+        `/t/{token}` prefix, and waits until the server applied it (`pong`)."""
+        asyncio.run(self._seed(session, items, token))
+
+    async def _seed(self, session: str, items: list[dict], token: str) -> None:
+        from websockets.asyncio.client import connect
+
+        uri = f"{self.url}/t/{token}/ws/{urllib.parse.quote(session, safe='')}/teacher"
+        async with connect(uri, ping_interval=None) as ws:
+            while json.loads(await asyncio.wait_for(ws.recv(), 10)).get("type") \
+                    != "connection:ack":
+                pass
+            await ws.send(json.dumps({
+                "type": "sync:full_state", "user_id": "teacher",
+                "state": {"items": items, "version": 1,
+                          "timestamp": "2026-12-01T10:00:00.000Z"}}))
+            await ws.send(json.dumps({"type": "ping"}))
+            while True:
+                msg = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                if msg.get("type") == "error":
+                    raise BackendError(f"the seed upload was refused: {msg}")
+                if msg.get("type") == "pong":
+                    return
+
     def start(self, port: int = 0) -> None:
         if not SERVER_BIN.exists():
             raise BackendError(f"{SERVER_BIN} is missing: run tests/realclient/run.sh, which "
@@ -116,7 +174,8 @@ class CollabServer(Backend):
         log = open(log_path, "w", encoding="utf-8")
         self.proc = subprocess.Popen(
             [str(SERVER_BIN), "--host", "127.0.0.1", "--port", str(port),
-             "--data-dir", str(self.data_dir), "--log-level", "info"],
+             "--data-dir", str(self.data_dir), "--log-level", "info"]
+            + (["--auth-key-file", str(self.key_file)] if self.key_file else []),
             stdout=log, stderr=subprocess.STDOUT,
         )
         log.close()
@@ -128,7 +187,8 @@ class CollabServer(Backend):
         url = (f"http://127.0.0.1:{self.port}/api/sessions/"
                f"{urllib.parse.quote(session, safe='')}/scene")
         try:
-            with urllib.request.urlopen(url, timeout=20) as resp:
+            request = urllib.request.Request(url, headers=self._headers())
+            with urllib.request.urlopen(request, timeout=20) as resp:
                 body = json.loads(resp.read())
         except urllib.error.HTTPError as e:
             if e.code == 404:

@@ -90,7 +90,7 @@ class Client:
         """Run one command in the client; its own waits get `timeout`, the channel a bit more."""
         self._next_id += 1
         req = {"id": self._next_id, "cmd": cmd, **args}
-        if cmd in ("barrier", "wait_acked", "wait_disconnected", "wait_log"):
+        if cmd in ("barrier", "wait_acked", "wait_disconnected", "wait_log", "wait_status"):
             req["timeout"] = timeout
         self.proc.stdin.write((json.dumps(req) + "\n").encode())
         self.proc.stdin.flush()

@@ -111,6 +111,7 @@ class Driver(QtCore.QObject):
         if text:
             self.status.append(text)
             trace(f"status: {text}")
+            self._check_waiters()
 
     def _on_ws_connected(self) -> None:
         self.conn += 1
@@ -139,6 +140,7 @@ class Driver(QtCore.QObject):
             "type": msg.get("type"),
             "action": cmd.get("action"),
             "item_id": cmd.get("item_id"),
+            "code": msg.get("code"),
             "bytes": len(text),
         }
         self.frames.append(frame)
@@ -350,6 +352,15 @@ class Driver(QtCore.QObject):
             lambda: any(e["message"] == message for e in self.log[since:]),
             timeout,
             f"the log line {message!r}",
+        )
+
+    def cmd_wait_status(self, req_id, contains: str, since: int = 0, timeout: float = 20.0):
+        """Until a status text (at index `since` or later) contains `contains`."""
+        return self._wait(
+            req_id,
+            lambda: any(contains in text for text in self.status[since:]),
+            timeout,
+            f"a status text containing {contains!r}",
         )
 
     def cmd_barrier(self, req_id, timeout: float = 30.0):
