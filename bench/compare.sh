@@ -16,6 +16,8 @@
 # Usage: bash bench/compare.sh [OUT_DIR]   (prints a Markdown table; raw JSON in OUT_DIR)
 # Env: SERVERS="reference memory sqlite" (default; `memory+auth`: the memory store with a key,
 #      every client carrying a token as `?token=`, README "Securing a server"),
+#      `cluster`: this server with --cluster on a redis-server of its own, AOF with
+#      appendfsync always; Redis' CPU is printed beside the node's),
 #      QUICK=1 (short windows, for a smoke run),
 #      SCENARIOS="saturation fanout join idle" (default: all), BIN_DIR=DIR (run the
 #      optiverse-collab and collab-load binaries in DIR instead of building this tree: to
@@ -43,8 +45,10 @@ ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 ref=$(mktemp -d)
 scratch=$(mktemp -d)
 pid=
+redis_pid=
 cleanup() {
   [ -n "$pid" ] && kill "$pid" 2>/dev/null || true
+  [ -n "$redis_pid" ] && kill "$redis_pid" 2>/dev/null || true
   rm -rf "$ref" "$scratch"
 }
 trap cleanup EXIT
@@ -70,7 +74,7 @@ start() { # server
     reference)
       HOST=127.0.0.1 PORT=$port node "$ref_server" >"$scratch/server.log" 2>&1 &
       pid=$!; path='/{room}'; probe="http://127.0.0.1:$port/" ;;
-    memory|sqlite|memory+auth)
+    memory|sqlite|memory+auth|cluster)
       rm -rf "$scratch/data"
       # Builds before the connection limits (BIN_DIR) have no such flags.
       limits=()
@@ -87,7 +91,20 @@ start() { # server
       else
         unset COLLAB_AUTH_KEY
       fi
-      "$bin/optiverse-collab" --host 127.0.0.1 --port "$port" --store "${1%+auth}" \
+      store=(--store "${1%+auth}")
+      if [ "$1" = cluster ]; then
+        need redis-server
+        mkdir -p "$scratch/redis"
+        redis-server --port $((port + 1)) --bind 127.0.0.1 --dir "$scratch/redis" \
+          --appendonly yes --appendfsync always --save '' --logfile '' >"$scratch/redis.log" 2>&1 &
+        redis_pid=$!
+        for _ in $(seq 100); do
+          grep -q "Ready to accept connections" "$scratch/redis.log" && break
+          sleep 0.1
+        done
+        store=(--cluster "redis://127.0.0.1:$((port + 1))")
+      fi
+      "$bin/optiverse-collab" --host 127.0.0.1 --port "$port" "${store[@]}" \
         --data-dir "$scratch/data" --workers "${WORKERS:-1}" --log-level warn \
         "${limits[@]}" >"$scratch/server.log" 2>&1 &
       pid=$!; probe="http://127.0.0.1:$port/health" ;;
@@ -104,6 +121,14 @@ stop() {
   kill "$pid" 2>/dev/null || true
   wait "$pid" 2>/dev/null || true
   pid=
+  if [ -n "$redis_pid" ]; then
+    # The report measures the node; Redis' own CPU is printed beside it.
+    echo "    redis-server CPU over the run: $(awk '{printf "%.2f s", ($14 + $15) / 100}' "/proc/$redis_pid/stat")" >&2
+    kill "$redis_pid" 2>/dev/null || true
+    wait "$redis_pid" 2>/dev/null || true
+    redis_pid=
+    rm -rf "$scratch/redis"
+  fi
 }
 
 load() { # server label args...

@@ -239,11 +239,6 @@ impl RedisStore {
         debug!(node, "joined the cluster");
         Ok(Self { conn, shared, stop })
     }
-
-    /// This node's id in the cluster.
-    pub fn node(&self) -> u64 {
-        self.shared.node
-    }
 }
 
 /// Wakes `node`'s feed; returns the wake entry's id.
