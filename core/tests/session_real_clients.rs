@@ -243,3 +243,37 @@ fn a_drag_before_the_upload_does_not_hide_an_offline_rename() {
     assert_eq!(world.items()[&renamed]["name"], json!("renamed offline"));
     assert_eq!(world.items()[&renamed]["x_mm"], json!(7.5));
 }
+
+/// Two hosts open the same bench file. The second one's upload is on its way when the first
+/// drags an item (the second is told by `update_item`: it holds the item), a guest removes it
+/// (`remove_item`), and the first adds it back (an undo). Once the second has applied the
+/// removal its canvas lacks the item, so the re-creation reaches it as `add_item`: an
+/// `update_item` would be ignored and leave it without the item.
+#[test]
+fn a_second_host_is_sent_a_re_creation_after_a_removal_as_add_item() {
+    let mut world = World::new();
+    let items = bench(0..2);
+    let mut first = Desktop::connect(&mut world, "first", true, canvas_of(&items));
+    let mut guest = Desktop::connect(&mut world, "guest", false, Canvas::default());
+    assert_converged(&mut world, &mut [&mut first, &mut guest]);
+
+    let (peer, _) = world.legacy("second");
+    let mut second = Desktop {
+        name: "second".into(),
+        peer,
+        host: true,
+        canvas: canvas_of(&items),
+    };
+    let uuid = items.keys().next().expect("an item").clone();
+    first.drag(&mut world, &uuid, 4.0);
+    guest.receive(&mut world);
+    guest.remove(&mut world, &uuid);
+    first.receive(&mut world);
+    let fields = second.canvas.objects[&uuid].clone();
+    first.edit(&mut world, "add_item", &uuid, &fields);
+
+    second.answer_join(&mut world);
+    second.receive(&mut world);
+    assert_converged(&mut world, &mut [&mut first, &mut guest, &mut second]);
+    assert!(world.items().contains_key(&uuid));
+}

@@ -769,11 +769,12 @@ impl Scene {
                     (Action::Remove, false) => continue,
                     (Action::Remove, true) => Action::Remove,
                     // A connection that has neither uploaded nor asked for the scene may hold
-                    // an item that existed before this change (a host reconnecting with its
-                    // canvas): an `add_item` would duplicate it. If it lacks the item, the
-                    // client ignores the update and gets the item with the full state it asks
-                    // for, or in answer to its upload.
-                    (_, false) if peer.sync == SyncState::Idle => {
+                    // the item (a host reconnecting with its canvas, or opening the same bench
+                    // file): an `add_item` would duplicate it. If it lacks the item, the client
+                    // ignores the update and gets the item with the full state it asks for, or
+                    // in answer to its upload. Not after a removal sent to it: once applied,
+                    // its canvas lacks the item.
+                    (_, false) if peer.sync == SyncState::Idle && !peer.was_told_removed(&uuid) => {
                         let message = command_message(Action::Update, &uuid, &data, user);
                         peer.tell_unconfirmed(&uuid, &data);
                         effects.messages.push(Outgoing {

@@ -613,28 +613,15 @@ impl World {
                     d.objects.clear();
                     d.synced = false;
                 }
-                let host = matches!(d.role, Role::Host { .. });
                 let user = Some(Arc::from(d.name.as_str()));
-                let closes = self.input(Input::Join {
+                // A host uploads when it reads its own `user:joined`, like any other message:
+                // other inputs may reach the session first.
+                self.input(Input::Join {
                     peer,
                     kind: ConnKind::Legacy,
                     user,
                     access: collab_core::session::Access::OPEN,
-                });
-                if host {
-                    // The session cannot know a host's canvas before its upload. What it
-                    // sends a connection in that round trip is safe for the item it holds
-                    // (README "Choices"), but other races of that window are open (FUZZING.md,
-                    // "Found, open"): the host here uploads before anything else reaches the
-                    // session.
-                    let first = self.desktops[i].inbox.front().map(|(_, m)| m.clone());
-                    assert!(
-                        first.is_some_and(|m| m["type"] == "user:joined"),
-                        "a joining desktop client is first sent its own user:joined"
-                    );
-                    self.deliver_desktop(i);
-                }
-                closes
+                })
             }
             Endpoint::Yjs(j) => {
                 let y = &mut self.yjs[j];
