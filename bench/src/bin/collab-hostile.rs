@@ -456,8 +456,9 @@ async fn http_once_from(
             .and_then(|c| c.parse().ok())
             .ok_or_else(|| format!("no status line ({status:?})"))?;
         let mut rest = Vec::new();
-        // A 101 answer keeps the connection open: the status is all that is wanted then.
-        if code != 101 {
+        // A 101 answer, or an answer to HEAD (no body, the connection kept alive), ends at its
+        // head: the status is all that is wanted then.
+        if code != 101 && !head.starts_with("HEAD ") {
             let _ = reader.read_to_end(&mut rest).await;
         }
         Ok::<_, String>((code, rest))
