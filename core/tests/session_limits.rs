@@ -35,6 +35,19 @@ fn now(at: Instant) -> Now {
     Now::at(at, SystemTime::UNIX_EPOCH)
 }
 
+/// A session with desktop client `alice` (peer 1) joined at `start`.
+fn session_with_alice(start: Instant) -> Session {
+    let mut s = session();
+    let join = Input::Join {
+        peer: 1,
+        kind: ConnKind::Legacy,
+        user: Some(Arc::from("alice")),
+        access: collab_core::session::Access::OPEN,
+    };
+    step(&mut s, join, start);
+    s
+}
+
 fn step(session: &mut Session, input: Input, at: Instant) -> Output {
     let mut out = Output::default();
     session
@@ -64,18 +77,7 @@ fn drag(step: usize) -> Input {
 #[test]
 fn a_desktop_client_over_its_rate_gets_rate_limited_and_changes_nothing() {
     let start = Instant::now();
-    let mut s = session();
-    let user = Some(Arc::from("alice"));
-    step(
-        &mut s,
-        Input::Join {
-            peer: 1,
-            kind: ConnKind::Legacy,
-            user,
-            access: collab_core::session::Access::OPEN,
-        },
-        start,
-    );
+    let mut s = session_with_alice(start);
     let mut applied = 0;
     let mut limited = 0;
     for i in 0..6 {
@@ -111,18 +113,7 @@ fn a_desktop_client_over_its_rate_gets_rate_limited_and_changes_nothing() {
 #[test]
 fn full_state_requests_have_their_own_rate() {
     let start = Instant::now();
-    let mut s = session();
-    let user = Some(Arc::from("alice"));
-    step(
-        &mut s,
-        Input::Join {
-            peer: 1,
-            kind: ConnKind::Legacy,
-            user,
-            access: collab_core::session::Access::OPEN,
-        },
-        start,
-    );
+    let mut s = session_with_alice(start);
     let request = || Input::Json {
         peer: 1,
         message: parse_client_message(r#"{"type":"sync:request"}"#).expect("a request"),
