@@ -13,9 +13,11 @@ mod common;
 use std::process::Stdio;
 use std::sync::Arc;
 
+use collab_core::session::{ConnKind, PresenceChange};
+use common::durable::close_client;
 use common::*;
 use optiverse_collab::store::redis::RedisStore;
-use optiverse_collab::store::{SessionMeta, Store};
+use optiverse_collab::store::{Following, Remote, RemoteBatch, SessionMeta, Store};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -163,6 +165,39 @@ async fn next_command(ws: &mut Ws) -> Value {
     }
 }
 
+/// The next batch of updates a feed hands its session (there is no presence in these
+/// sessions).
+async fn next_batch(following: &mut Following) -> RemoteBatch {
+    match tokio::time::timeout(PATIENCE, following.rx.recv())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        Remote::Updates(batch) => batch,
+        other => panic!("expected updates, got {other:?}"),
+    }
+}
+
+/// Reads messages until one of type `kind` comes; returns it.
+async fn next_of(ws: &mut Ws, kind: &str) -> Value {
+    loop {
+        let msg = recv_json(ws).await;
+        if msg["type"] == kind {
+            return msg;
+        }
+    }
+}
+
+/// The `user_id`s of an ack's user list, in order.
+fn listed(ack: &Value) -> Vec<&str> {
+    ack["users"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no users: {ack}"))
+        .iter()
+        .map(|u| u["user_id"].as_str().unwrap())
+        .collect()
+}
+
 fn ruler(uuid: &str, name: &str) -> Value {
     json!({"item_uuid": uuid, "x_mm": 1.5, "y_mm": -2.0, "angle_deg": 0.0, "name": name,
         "points": [[0.0, 0.0], [25.4, 0.0]], "z_value": 2, "locked": false})
@@ -292,10 +327,7 @@ async fn compaction_trims_what_its_snapshot_covers_and_lagging_followers_get_the
     // A follower that read nothing missed the trimmed entries: the snapshot first, then the
     // update after what it covers (another node's, for this reader).
     let mut lagging = reader.follow(session, 0).await.unwrap().expect("a feed");
-    let batch = tokio::time::timeout(PATIENCE, lagging.rx.recv())
-        .await
-        .unwrap()
-        .unwrap();
+    let batch = next_batch(&mut lagging).await;
     assert_eq!(batch.updates, [snapshot.clone(), updates[2].clone()]);
     assert_eq!(batch.upto, loaded.last_seq);
     drop(lagging);
@@ -305,18 +337,12 @@ async fn compaction_trims_what_its_snapshot_covers_and_lagging_followers_get_the
         .await
         .unwrap()
         .expect("a feed");
-    let batch = tokio::time::timeout(PATIENCE, current.rx.recv())
-        .await
-        .unwrap()
-        .unwrap();
+    let batch = next_batch(&mut current).await;
     assert!(batch.updates.is_empty(), "{} updates", batch.updates.len());
     assert_eq!(batch.upto, loaded.last_seq);
     // The writer's own entries never come back to it.
     let mut own = writer.follow(session, 0).await.unwrap().expect("a feed");
-    let batch = tokio::time::timeout(PATIENCE, own.rx.recv())
-        .await
-        .unwrap()
-        .unwrap();
+    let batch = next_batch(&mut own).await;
     assert_eq!(batch.updates, [snapshot], "only the missed snapshot");
 
     let listed = reader.list().await.unwrap();
@@ -532,4 +558,194 @@ async fn nodes_resume_after_redis_is_killed_and_restarted_and_keep_what_was_ackn
     assert_eq!(doc_items(&on_a.doc), doc_items(&on_b.doc));
     assert_eq!(doc_items(&on_a.doc).len(), 5);
     assert_eq!(redis.stored_items(session).await, doc_items(&on_a.doc));
+}
+
+#[tokio::test]
+async fn a_late_joiner_on_any_node_is_told_the_users_of_every_node() {
+    let redis = Redis::start().await;
+    let (node_a, node_b, node_c) = (redis.node().await, redis.node().await, redis.node().await);
+    let session = "cluster-users";
+    let (_alice, ack) = node_a.legacy(session, "alice").await;
+    assert_eq!(listed(&ack), ["alice"]);
+    let (_bob, ack) = node_b.legacy(session, "bob").await;
+    assert_eq!(listed(&ack), ["alice", "bob"]);
+    let (_yjs, _) = YClient::join(&node_b, &format!("/yjs/{session}?user=yvonne")).await;
+    let (_carol, ack) = node_c.legacy(session, "carol").await;
+    assert_eq!(listed(&ack), ["alice", "bob", "yvonne", "carol"], "{ack}");
+    assert_eq!(ack["is_host"], false, "alice was first: {ack}");
+}
+
+#[tokio::test]
+async fn joins_and_leaves_on_one_node_reach_the_users_of_the_others() {
+    let redis = Redis::start().await;
+    let (node_a, node_b) = (redis.node().await, redis.node().await);
+    let session = "cluster-join-leave";
+    let (mut alice, _) = node_a.legacy(session, "alice").await;
+    let (bob, _) = node_b.legacy(session, "bob").await;
+    let joined = next_of(&mut alice, "user:joined").await;
+    assert_eq!(joined["user_id"], "bob", "{joined}");
+    assert_timestamp(&joined["timestamp"]);
+
+    // A second connection of bob's, on node A (a Yjs one: not a replacement), then bob's
+    // desktop connection on B closes: bob is still there, nobody is told he left.
+    let (bob_yjs, _) = YClient::join(&node_a, &format!("/yjs/{session}?user=bob")).await;
+    close_client(bob).await;
+    assert_eq!(
+        ping_collect(&mut alice).await,
+        Vec::<Value>::new(),
+        "bob is still connected, on node A"
+    );
+    // Closing his last one (on node A) is his leave; then one on B.
+    bob_yjs.close().await;
+    let left = next_of(&mut alice, "user:left").await;
+    assert_eq!(left["user_id"], "bob", "{left}");
+    let (dave, _) = node_b.legacy(session, "dave").await;
+    assert_eq!(next_of(&mut alice, "user:joined").await["user_id"], "dave");
+    close_client(dave).await;
+    let left = next_of(&mut alice, "user:left").await;
+    assert_eq!(left["user_id"], "dave", "{left}");
+}
+
+#[tokio::test]
+async fn a_user_joining_on_another_node_replaces_the_older_connection_with_4000() {
+    let redis = Redis::start().await;
+    let (node_a, node_b) = (redis.node().await, redis.node().await);
+    let session = "cluster-replace";
+    let (mut old, _) = node_a.legacy(session, "alice").await;
+    let (mut bob, _) = node_a.legacy(session, "bob").await;
+    let (eve, _) = node_a.legacy(session, "eve").await;
+    let (mut carol, _) = node_b.legacy(session, "carol").await;
+    let (new, ack) = node_b.legacy(session, "alice").await;
+    assert_eq!(listed(&ack), ["alice", "bob", "eve", "carol"], "{ack}");
+    let (code, reason) = close_frame(&mut old).await;
+    assert_eq!(code, 4000, "{reason}");
+    // The swap is no leave and no join, on either node: bob's ping is answered after node A
+    // handled the swap; carol hears eve leave after whatever node A told node B of the swap.
+    let seen = ping_collect(&mut bob).await;
+    assert!(!seen.iter().any(|m| m["user_id"] == "alice"), "{seen:#?}");
+    close_client(eve).await;
+    let mut seen = Vec::new();
+    loop {
+        let msg = recv_json(&mut carol).await;
+        if msg["type"] == "user:left" && msg["user_id"] == "eve" {
+            break;
+        }
+        seen.push(msg);
+    }
+    assert!(!seen.iter().any(|m| m["user_id"] == "alice"), "{seen:#?}");
+    // A later leave of the new connection is alice's leave, on node A too.
+    close_client(new).await;
+    assert_eq!(next_of(&mut bob, "user:left").await["user_id"], "eve");
+    let left = next_of(&mut bob, "user:left").await;
+    assert_eq!(left["user_id"], "alice", "{left}");
+}
+
+#[tokio::test]
+async fn awareness_reaches_the_yjs_clients_of_other_nodes_and_goes_when_its_connection_does() {
+    let redis = Redis::start().await;
+    let (node_a, node_b) = (redis.node().await, redis.node().await);
+    let session = "cluster-awareness";
+    let (mut watcher, _) = YClient::join(&node_b, &format!("/yjs/{session}?user=w")).await;
+    let (mut setter, _) = YClient::join(&node_a, &format!("/yjs/{session}?user=s")).await;
+    let id = setter.doc.client_id().get();
+    setter
+        .send(Message::Awareness(awareness_update(&[(
+            id,
+            1,
+            "{\"cursor\":1}",
+        )])))
+        .await;
+    let seen = watcher.next_awareness().await;
+    assert_eq!(
+        awareness_entries(&seen)[&id],
+        (1, "{\"cursor\":1}".to_owned())
+    );
+    // The setter hears its own state back (PROTOCOL §5).
+    assert_eq!(
+        awareness_entries(&setter.next_awareness().await)[&id].1,
+        "{\"cursor\":1}"
+    );
+    // A joiner on B is sent the state; it cannot change it (a connection on A introduced
+    // it): refused on B.
+    let (mut intruder, got) = YClient::join(&node_b, &format!("/yjs/{session}")).await;
+    assert!(
+        got.iter().any(|m| matches!(m, Message::Awareness(update)
+            if awareness_entries(update).get(&id).is_some_and(|e| e.1 == "{\"cursor\":1}"))),
+        "{got:?}"
+    );
+    intruder
+        .send(Message::Awareness(awareness_update(&[(
+            id,
+            5,
+            "{\"cursor\":9}",
+        )])))
+        .await;
+    intruder.sync().await;
+    // A later state of the setter's, then its close: the watcher sees exactly these.
+    setter
+        .send(Message::Awareness(awareness_update(&[(
+            id,
+            2,
+            "{\"cursor\":2}",
+        )])))
+        .await;
+    let seen = watcher.next_awareness().await;
+    assert_eq!(
+        awareness_entries(&seen)[&id],
+        (2, "{\"cursor\":2}".to_owned())
+    );
+    setter.close().await;
+    let removal = watcher.next_awareness().await;
+    assert_eq!(awareness_entries(&removal)[&id], (2, "null".to_owned()));
+}
+
+/// A node that stops without its connections leaving (its heartbeat stops, as when it is
+/// killed): once its alive key expires, the other nodes' users hear its users leave and its
+/// awareness states go. The stopped node is a store of its own, writing its presence as a
+/// node's session task does, dropped without a word.
+#[tokio::test]
+async fn the_users_of_a_node_that_stops_leave_on_the_others() {
+    let redis = Redis::start().await;
+    let node_a = redis.node().await;
+    let session = "cluster-node-gone";
+    let (mut alice, _) = node_a.legacy(session, "alice").await;
+    let (mut watcher, _) = YClient::join(&node_a, &format!("/yjs/{session}")).await;
+
+    let dying = RedisStore::connect_with(&redis.url, std::time::Duration::from_millis(500))
+        .await
+        .unwrap();
+    let awareness = awareness_update(&[(77, 1, "{\"cursor\":3}")]);
+    dying
+        .publish_presence(
+            session,
+            vec![
+                PresenceChange::Joined {
+                    peer: 1,
+                    kind: ConnKind::Legacy,
+                    user: Some("dora".into()),
+                    connected_at: "2026-12-05T00:00:00.000Z".into(),
+                },
+                PresenceChange::Awareness {
+                    peer: 1,
+                    update: yrs::updates::encoder::Encode::encode_v1(&awareness),
+                },
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(next_of(&mut alice, "user:joined").await["user_id"], "dora");
+    assert_eq!(
+        awareness_entries(&watcher.next_awareness().await)[&77].1,
+        "{\"cursor\":3}"
+    );
+    drop(dying);
+    let left = next_of(&mut alice, "user:left").await;
+    assert_eq!(left["user_id"], "dora", "{left}");
+    assert_eq!(
+        awareness_entries(&watcher.next_awareness().await)[&77].1,
+        "null"
+    );
+    // A late joiner is not told of dora.
+    let (_late, ack) = node_a.legacy(session, "erin").await;
+    assert_eq!(listed(&ack), ["alice", "erin"], "{ack}");
 }

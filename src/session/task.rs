@@ -11,7 +11,8 @@ use std::time::{Instant, SystemTime};
 
 use collab_core::doc::{CheckedUpdate, GuardedDoc, PeerId, Scene};
 use collab_core::session::{
-    Event, Input, Now, Output, Refused, Session, CLOSE_GOING_AWAY, CLOSE_INTERNAL, CLOSE_SLOW,
+    Event, Input, Now, Output, PresenceChange, Refused, Session, CLOSE_GOING_AWAY, CLOSE_INTERNAL,
+    CLOSE_SLOW,
 };
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
@@ -21,7 +22,7 @@ use tracing::{debug, error, warn};
 use super::registry::SessionConfig;
 use super::{ApiUpdate, JoinError, JoinRequest, SessionHandle, SessionMsg, SessionTable};
 use crate::budget::Account;
-use crate::store::{Following, RemoteBatch, SessionMeta, Store, StoreError, StoredSession};
+use crate::store::{Following, Remote, RemoteBatch, SessionMeta, Store, StoreError, StoredSession};
 use crate::transport::{Frame, Outbox, Overflow, Sent};
 use crate::warn_limit::WarnLimiter;
 
@@ -69,6 +70,8 @@ struct SessionTask {
     unconfirmed: HashSet<PeerId>,
     /// What the session produced and the batch has not delivered yet.
     out: Output,
+    /// Presence changes for the other nodes (`--cluster`), written after each delivery.
+    presence_due: Vec<PresenceChange>,
     /// HTTP updates, answered once what they changed is stored.
     replies: Vec<(ApplyReply, Result<(), String>)>,
     idle_since: Option<Instant>,
@@ -103,7 +106,17 @@ pub(super) async fn run(
         Err(e) => Err(e),
     };
     match loaded {
-        Ok((session, stored, following)) => {
+        Ok((mut session, stored, mut following)) => {
+            if let Some(following) = &mut following {
+                session.share_presence(following.node);
+                // Before any join is handled: a joiner is told who is on the other nodes.
+                let now = now();
+                let mut out = Output::default();
+                for input in std::mem::take(&mut following.present) {
+                    // Nobody is here to be told: the output is empty.
+                    let _ = session.handle(input, &now, &mut out);
+                }
+            }
             let awareness_held = context.config.budget.fixed_account();
             let task = SessionTask {
                 session,
@@ -112,6 +125,7 @@ pub(super) async fn run(
                 outboxes: HashMap::new(),
                 unconfirmed: HashSet::new(),
                 out: Output::default(),
+                presence_due: Vec::new(),
                 replies: Vec::new(),
                 idle_since: Some(Instant::now()),
                 stored,
@@ -224,9 +238,16 @@ impl SessionTask {
                         batch.shrink_to(IDLE_BATCH_CAPACITY);
                         handled
                     }
-                    Some(batch) = recv_remote(&mut following) => {
+                    Some(remote) = recv_remote(&mut following) => {
                         let now = now();
-                        catch_unwind(AssertUnwindSafe(|| self.remote(batch, &now)))
+                        catch_unwind(AssertUnwindSafe(|| match remote {
+                            Remote::Updates(batch) => self.remote(batch, &now),
+                            Remote::Presence(inputs) => {
+                                for input in inputs {
+                                    self.input(input, &now);
+                                }
+                            }
+                        }))
                     }
                     _ = sleep_until_opt(deadline) => {
                         let now = now();
@@ -262,9 +283,13 @@ impl SessionTask {
             }
             // Members are left only at shutdown (an idle session has none; a failed one
             // closed them): they get what was queued for them, then 1001.
-            for outbox in self.outboxes.values() {
+            for (peer, outbox) in &self.outboxes {
                 outbox.close(CLOSE_GOING_AWAY);
+                self.presence_due.push(PresenceChange::Left { peer: *peer });
             }
+            // Other nodes (`--cluster`) hear that these connections, and a failed session's,
+            // are gone.
+            self.publish_presence().await;
             self.compact_on_exit().await;
             refuse_queued(rx, JoinError::Retry).await;
             metrics::counter!("collab_sessions_evicted_total").increment(1);
@@ -418,7 +443,12 @@ impl SessionTask {
             self.stored.meta = meta;
             self.compact_if_due().await?;
         }
+        // Presence before the sends: a joiner's ack goes out once every node can list it.
+        self.presence_due.append(&mut self.out.presence);
+        self.publish_presence().await;
         self.deliver();
+        // What delivering produced (a member dropped).
+        self.publish_presence().await;
         // Never shed itself; past the limit, the costliest connections are.
         let _ = self.awareness_held.set(self.session.awareness_bytes());
         for (reply, result) in self.replies.drain(..) {
@@ -435,6 +465,7 @@ impl SessionTask {
         loop {
             let out = std::mem::take(&mut self.out);
             debug_assert!(out.persist.is_empty(), "only a leave can follow a delivery");
+            self.presence_due.extend(out.presence);
             if out.sends.is_empty() && out.closes.is_empty() && out.events.is_empty() {
                 self.forget_departed();
                 return;
@@ -496,6 +527,26 @@ impl SessionTask {
         }
     }
 
+    /// Tells the other nodes (`--cluster`) of this node's presence changes. A failure is
+    /// logged, not fatal: the document is not at stake, and the nodes' views of who is
+    /// present mend as connections come and go.
+    async fn publish_presence(&mut self) {
+        if self.presence_due.is_empty() {
+            return;
+        }
+        let changes = std::mem::take(&mut self.presence_due);
+        if let Err(e) = self
+            .context
+            .store
+            .publish_presence(&self.handle.id, changes)
+            .await
+        {
+            if self.warnings.allow() {
+                warn!(session = %self.handle.id, error = %e, "presence could not be told to the other nodes");
+            }
+        }
+    }
+
     /// Logs and counts the session's events.
     fn report(&self, events: &[Event]) {
         for event in events {
@@ -510,6 +561,12 @@ impl SessionTask {
                     metrics::counter!("collab_view_updates_dropped_total").increment(1);
                     if self.warnings.allow() {
                         warn!(session = %self.handle.id, user = user.as_deref().unwrap_or("-"), peer, "a view member's Yjs update was dropped");
+                    }
+                }
+                Event::RemoteAwarenessRejected { node, peer, error } => {
+                    metrics::counter!("collab_rejected_input_total").increment(1);
+                    if self.warnings.allow() {
+                        warn!(session = %self.handle.id, node, peer, error = %error, "another node's awareness update was refused");
                     }
                 }
                 Event::HeldBlocksDropped { user } => {
@@ -569,15 +626,17 @@ impl SessionTask {
         for (reply, _) in self.replies.drain(..) {
             let _ = reply.send(Err("the session failed".to_owned()));
         }
-        for (_, outbox) in std::mem::take(&mut self.outboxes) {
+        self.presence_due.clear();
+        for (peer, outbox) in std::mem::take(&mut self.outboxes) {
+            self.presence_due.push(PresenceChange::Left { peer });
             outbox.close(CLOSE_INTERNAL);
             metrics::gauge!("collab_connections").decrement(1.0);
         }
     }
 }
 
-/// The next batch of other nodes' updates; never, without a feed.
-async fn recv_remote(following: &mut Option<Following>) -> Option<RemoteBatch> {
+/// The next of other nodes' updates or presence; never, without a feed.
+async fn recv_remote(following: &mut Option<Following>) -> Option<Remote> {
     match following {
         Some(following) => following.rx.recv().await,
         None => std::future::pending().await,

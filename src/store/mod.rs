@@ -13,6 +13,8 @@ pub mod sqlite;
 use std::future::Future;
 use std::pin::Pin;
 
+use collab_core::session::{Input, PresenceChange};
+
 /// Per-session facts persisted beside the document.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SessionMeta {
@@ -78,9 +80,25 @@ pub struct RemoteBatch {
     pub upto: u64,
 }
 
-/// A session's feed of other nodes' updates, while its task holds it.
+/// What a followed session's feed hands its task.
+#[derive(Debug)]
+pub enum Remote {
+    /// Other nodes' updates.
+    Updates(RemoteBatch),
+    /// Other nodes' presence: their connections joining and leaving, their awareness
+    /// changes, a node gone (`Input::RemoteJoined`, `RemoteLeft`, `RemoteAwareness`,
+    /// `NodeGone`).
+    Presence(Vec<Input>),
+}
+
+/// A session's feed of other nodes' updates and presence, while its task holds it.
 pub struct Following {
-    pub rx: tokio::sync::mpsc::Receiver<RemoteBatch>,
+    pub rx: tokio::sync::mpsc::Receiver<Remote>,
+    /// This node's id among the nodes: what its presence is told under.
+    pub node: u64,
+    /// The other nodes' connections in the session when the feed started, as
+    /// `Input::RemoteJoined`s in join order; the feed goes on from there.
+    pub present: Vec<Input>,
     /// Stops the feed when dropped.
     _unfollow: Box<dyn Send + Sync>,
 }
@@ -126,5 +144,14 @@ pub trait Store: Send + Sync + 'static {
     /// append after position `after`. `None` for a store only this process writes.
     fn follow(&self, _session: &str, _after: u64) -> StoreFuture<'_, Option<Following>> {
         Box::pin(std::future::ready(Ok(None)))
+    }
+    /// For a store other servers follow (`--cluster`): tells them of this node's presence
+    /// changes in the session. Never called without a feed ([`Store::follow`]).
+    fn publish_presence(
+        &self,
+        _session: &str,
+        _changes: Vec<PresenceChange>,
+    ) -> StoreFuture<'_, ()> {
+        Box::pin(std::future::ready(Ok(())))
     }
 }

@@ -17,15 +17,25 @@
 //! - `collab:nodes`: a counter that gives each node its id at start.
 //! - `collab:node:{n}:wake`: a one-entry stream a node writes to wake its own feed, which is
 //!   blocked reading the streams it follows, when it follows one more.
+//! - `collab:{s}:present`: a hash of the session's connections on every node, `{node}:{peer}`
+//!   to the join (JSON: `k` the connection kind, `u` the user or `null`, `t` when it joined):
+//!   what a node that starts following the session lists.
+//! - `collab:{s}:presence`: a stream of presence changes (capped): a join `n`, `p`, `j` (as
+//!   in the hash), a leave `n`, `p`, `l`, an awareness change `n`, `p`, `a` (the y-protocols
+//!   update as applied). Never loaded as document content.
+//! - `collab:node:{n}:alive`: set with an expiry ([`NODE_TIMEOUT`]) and renewed by node `n`
+//!   while it runs; a node whose key expired is gone, and its connections leave on the others.
 //!
 //! A stream entry id `ms-seq` is a position `ms << 20 | seq` (Redis gives at most one entry
 //! id per sequence number; a million within one millisecond is refused as out of range).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use collab_core::doc::{CheckedAwareness, PeerId};
 use collab_core::protocol::json::timestamp;
+use collab_core::session::{ConnKind, Input, PresenceChange};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::streams::{StreamId, StreamRangeReply, StreamReadReply};
 use tokio::sync::mpsc;
@@ -33,7 +43,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::{
-    Following, RemoteBatch, SessionMeta, Store, StoreError, StoreFuture, StoredSession,
+    Following, Remote, RemoteBatch, SessionMeta, Store, StoreError, StoreFuture, StoredSession,
     StoredSummary,
 };
 use crate::warn_limit::WarnLimiter;
@@ -52,7 +62,28 @@ const LEASE: Duration = Duration::from_secs(10);
 /// A command's answer: appends wait for Redis' own `fsync` (`appendfsync always`).
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a node's alive key lasts unless renewed (renewed five times as often): a node
+/// that stops has its connections leave on the other nodes within this and one renewal.
+pub const NODE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Presence changes a session's presence stream keeps (about): a follower further behind
+/// misses some.
+const PRESENCE_KEPT: usize = 1000;
+/// Longest join description read from Redis.
+const MAX_JOIN_BYTES: usize = 64 * 1024;
+
 const SESSIONS: &str = "collab:sessions";
+
+fn present_key(session: &str) -> String {
+    format!("collab:{{{session}}}:present")
+}
+
+fn presence_key(session: &str) -> String {
+    format!("collab:{{{session}}}:presence")
+}
+
+fn alive_key(node: u64) -> String {
+    format!("collab:node:{node}:alive")
+}
 
 fn stream_key(session: &str) -> String {
     format!("collab:{{{session}}}:updates")
@@ -147,8 +178,11 @@ fn entry(id: &StreamId) -> Result<Entry, StoreError> {
 struct Follower {
     /// Tells this follower from a later one of the same session.
     token: u64,
+    session: String,
     after: u64,
-    tx: mpsc::Sender<RemoteBatch>,
+    /// Position of the last presence entry read.
+    presence_after: u64,
+    tx: mpsc::Sender<Remote>,
 }
 
 #[derive(Default)]
@@ -156,10 +190,17 @@ struct Followers {
     next_token: u64,
     /// By stream key.
     by_key: HashMap<String, Follower>,
+    /// Presence stream key to stream key.
+    by_presence_key: HashMap<String, String>,
+    /// Other nodes whose connections this node heard of: their alive keys are watched.
+    nodes_seen: HashSet<u64>,
+    /// Nodes found gone: what they wrote before is ignored.
+    nodes_gone: HashSet<u64>,
 }
 
 struct Shared {
     node: u64,
+    node_timeout: Duration,
     followers: Mutex<Followers>,
 }
 
@@ -186,7 +227,9 @@ impl Drop for Unfollow {
             .get(&self.key)
             .is_some_and(|f| f.token == self.token)
         {
-            followers.by_key.remove(&self.key);
+            if let Some(f) = followers.by_key.remove(&self.key) {
+                followers.by_presence_key.remove(&presence_key(&f.session));
+            }
         }
     }
 }
@@ -206,8 +249,14 @@ impl Drop for RedisStore {
 }
 
 impl RedisStore {
-    /// Connects to Redis at `url`, takes a node id, and starts this node's feed.
+    /// Connects to Redis at `url`, takes a node id, and starts this node's feed and heartbeat
+    /// ([`NODE_TIMEOUT`]).
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::connect_with(url, NODE_TIMEOUT).await
+    }
+
+    /// As [`RedisStore::connect`], with this node's alive key lasting `node_timeout`.
+    pub async fn connect_with(url: &str, node_timeout: Duration) -> Result<Self, StoreError> {
         let client = redis::Client::open(url).map_err(redis_error)?;
         let config = ConnectionManagerConfig::new().set_response_timeout(Some(RESPONSE_TIMEOUT));
         let mut conn = ConnectionManager::new_with_config(client.clone(), config)
@@ -227,9 +276,12 @@ impl RedisStore {
         let wake: String = wake(&mut conn, node).await?;
         let shared = Arc::new(Shared {
             node,
+            node_timeout,
             followers: Mutex::default(),
         });
+        renew_alive(&mut conn, &shared).await?;
         let stop = CancellationToken::new();
+        tokio::spawn(heartbeat(conn.clone(), shared.clone(), stop.clone()));
         tokio::spawn(feed(
             feed_conn,
             shared.clone(),
@@ -260,9 +312,9 @@ async fn wake(conn: &mut ConnectionManager, node: u64) -> Result<String, StoreEr
     Ok(id)
 }
 
-/// Reads every followed stream from where its follower stands, and hands each follower what
-/// the other nodes appended. Runs until the store is dropped; a failed read is logged and
-/// retried (the connection reconnects by itself).
+/// Reads every followed stream, and its presence stream, from where its follower stands,
+/// and hands each follower what the other nodes appended. Runs until the store is dropped;
+/// a failed read is logged and retried (the connection reconnects by itself).
 async fn feed(
     mut conn: ConnectionManager,
     shared: Arc<Shared>,
@@ -275,12 +327,12 @@ async fn feed(
         let (keys, ids): (Vec<String>, Vec<String>) = {
             let followers = shared.followers();
             std::iter::once((wake.clone(), entry_id(wake_after)))
-                .chain(
-                    followers
-                        .by_key
-                        .iter()
-                        .map(|(key, f)| (key.clone(), entry_id(f.after))),
-                )
+                .chain(followers.by_key.iter().flat_map(|(key, f)| {
+                    [
+                        (key.clone(), entry_id(f.after)),
+                        (presence_key(&f.session), entry_id(f.presence_after)),
+                    ]
+                }))
                 .unzip()
         };
         let mut read = redis::cmd("XREAD");
@@ -321,6 +373,11 @@ async fn feed(
                 wake_after = upto;
                 continue;
             }
+            let presence_of = shared.followers().by_presence_key.get(&stream.key).cloned();
+            if let Some(key) = presence_of {
+                forward_presence(&shared, &key, &stream.ids, upto, &warnings).await;
+                continue;
+            }
             let (token, after, tx) = {
                 let followers = shared.followers();
                 let Some(f) = followers.by_key.get(&stream.key) else {
@@ -342,7 +399,7 @@ async fn feed(
             };
             // Awaited: a session task that is behind holds its stream's feed back (and
             // this node's other sessions with it), and nothing is dropped.
-            if tx.send(batch).await.is_err() {
+            if tx.send(Remote::Updates(batch)).await.is_err() {
                 continue;
             }
             if let Some(f) = shared.followers().by_key.get_mut(&stream.key) {
@@ -352,6 +409,204 @@ async fn feed(
             }
         }
     }
+}
+
+/// Hands the follower of stream `key` the other nodes' presence entries (of nodes not known
+/// gone), and moves it past them.
+async fn forward_presence(
+    shared: &Shared,
+    key: &str,
+    entries: &[StreamId],
+    upto: u64,
+    warnings: &WarnLimiter,
+) {
+    let (token, tx, inputs) = {
+        let mut followers = shared.followers();
+        let mut inputs = Vec::new();
+        for entry in entries {
+            match presence_input(entry) {
+                Ok((node, _)) if node == shared.node || followers.nodes_gone.contains(&node) => {}
+                Ok((node, input)) => {
+                    followers.nodes_seen.insert(node);
+                    inputs.push(input);
+                }
+                Err(e) => {
+                    if warnings.allow() {
+                        warn!(node = shared.node, key, error = %e, "cluster feed: unreadable presence entry skipped");
+                    }
+                }
+            }
+        }
+        let Some(f) = followers.by_key.get(key) else {
+            return;
+        };
+        (f.token, f.tx.clone(), inputs)
+    };
+    if !inputs.is_empty() && tx.send(Remote::Presence(inputs)).await.is_err() {
+        return;
+    }
+    if let Some(f) = shared.followers().by_key.get_mut(key) {
+        if f.token == token {
+            f.presence_after = upto;
+        }
+    }
+}
+
+fn kind_name(kind: ConnKind) -> &'static str {
+    match kind {
+        ConnKind::Legacy => "legacy",
+        ConnKind::LegacyYjs => "legacy-yjs",
+        ConnKind::Yjs => "yjs",
+    }
+}
+
+/// A join as the hash and the presence stream hold it.
+fn join_description(kind: ConnKind, user: Option<&str>, connected_at: &str) -> String {
+    serde_json::json!({"k": kind_name(kind), "u": user, "t": connected_at}).to_string()
+}
+
+/// A join read back from Redis, checked: Redis holds what any node wrote.
+fn joined_input(node: u64, peer: PeerId, description: &str) -> Result<Input, String> {
+    if description.len() > MAX_JOIN_BYTES {
+        return Err(format!("a join description over {MAX_JOIN_BYTES} bytes"));
+    }
+    let bad = || format!("unexpected join description {description:?}");
+    let value: serde_json::Value = serde_json::from_str(description).map_err(|_| bad())?;
+    let kind = match value["k"].as_str() {
+        Some("legacy") => ConnKind::Legacy,
+        Some("legacy-yjs") => ConnKind::LegacyYjs,
+        Some("yjs") => ConnKind::Yjs,
+        _ => return Err(bad()),
+    };
+    let user = match &value["u"] {
+        serde_json::Value::Null => None,
+        serde_json::Value::String(user) if !user.is_empty() => Some(Arc::from(user.as_str())),
+        _ => return Err(bad()),
+    };
+    let connected_at = value["t"].as_str().ok_or_else(bad)?;
+    Ok(Input::RemoteJoined {
+        node,
+        peer,
+        kind,
+        user,
+        connected_at: Arc::from(connected_at),
+    })
+}
+
+/// A presence stream entry as the input it stands for, with the node that wrote it.
+fn presence_input(entry: &StreamId) -> Result<(u64, Input), String> {
+    let bad = || format!("presence entry {} is not one this server writes", entry.id);
+    let node = entry.get::<u64>("n").ok_or_else(bad)?;
+    let peer = entry.get::<PeerId>("p").ok_or_else(bad)?;
+    if let Some(description) = entry.get::<String>("j") {
+        return Ok((node, joined_input(node, peer, &description)?));
+    }
+    if entry.contains_key("l") {
+        return Ok((node, Input::RemoteLeft { node, peer }));
+    }
+    let update = entry.get::<Vec<u8>>("a").ok_or_else(bad)?;
+    let update = CheckedAwareness::check(update).map_err(|e| e.to_string())?;
+    Ok((node, Input::RemoteAwareness { node, peer, update }))
+}
+
+/// Renews this node's alive key.
+async fn renew_alive(conn: &mut ConnectionManager, shared: &Shared) -> Result<(), StoreError> {
+    let mut pipe = redis::pipe();
+    pipe.cmd("SET")
+        .arg(alive_key(shared.node))
+        .arg(1)
+        .arg("PX")
+        .arg(u64::try_from(shared.node_timeout.as_millis()).unwrap_or(u64::MAX))
+        .ignore();
+    query(conn, &pipe).await
+}
+
+/// Keeps this node alive in Redis, and watches the nodes whose connections it heard of: the
+/// connections of one whose alive key expired leave every session this node follows.
+async fn heartbeat(mut conn: ConnectionManager, shared: Arc<Shared>, stop: CancellationToken) {
+    let warnings = WarnLimiter::default();
+    let every = shared.node_timeout / 5;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.cancelled() => return,
+        }
+        if let Err(e) = renew_alive(&mut conn, &shared).await {
+            if warnings.allow() {
+                warn!(node = shared.node, error = %e, "cluster heartbeat failed");
+            }
+            continue;
+        }
+        let seen: Vec<u64> = shared.followers().nodes_seen.iter().copied().collect();
+        if seen.is_empty() {
+            continue;
+        }
+        let mut pipe = redis::pipe();
+        for node in &seen {
+            pipe.cmd("EXISTS").arg(alive_key(*node));
+        }
+        let alive: Vec<bool> = match query(&mut conn, &pipe).await {
+            Ok(alive) => alive,
+            Err(e) => {
+                if warnings.allow() {
+                    warn!(node = shared.node, error = %e, "cluster heartbeat: cannot check the other nodes");
+                }
+                continue;
+            }
+        };
+        for (gone, _) in seen.into_iter().zip(alive).filter(|(_, alive)| !alive) {
+            debug!(
+                node = shared.node,
+                gone, "a node is gone; its connections leave"
+            );
+            node_gone(&mut conn, &shared, gone).await;
+        }
+    }
+}
+
+/// Node `gone` stopped without its connections leaving: every followed session hears so,
+/// and its entries leave the sessions' presence hashes.
+async fn node_gone(conn: &mut ConnectionManager, shared: &Shared, gone: u64) {
+    let followers: Vec<(String, mpsc::Sender<Remote>)> = {
+        let mut followers = shared.followers();
+        followers.nodes_seen.remove(&gone);
+        followers.nodes_gone.insert(gone);
+        followers
+            .by_key
+            .values()
+            .map(|f| (f.session.clone(), f.tx.clone()))
+            .collect()
+    };
+    for (session, tx) in followers {
+        let _ = tx
+            .send(Remote::Presence(vec![Input::NodeGone { node: gone }]))
+            .await;
+        if let Err(e) = forget_node(conn, &session, gone).await {
+            debug!(session = %session, gone, error = %e, "could not clear a gone node's presence");
+        }
+    }
+}
+
+/// Removes node `gone`'s entries from the session's presence hash.
+async fn forget_node(
+    conn: &mut ConnectionManager,
+    session: &str,
+    gone: u64,
+) -> Result<(), StoreError> {
+    let key = present_key(session);
+    let fields: Vec<String> = query(conn, redis::pipe().cmd("HKEYS").arg(&key))
+        .await
+        .map(|(fields,): (Vec<String>,)| fields)?;
+    let prefix = format!("{gone}:");
+    let doomed: Vec<&String> = fields.iter().filter(|f| f.starts_with(&prefix)).collect();
+    if doomed.is_empty() {
+        return Ok(());
+    }
+    query(
+        conn,
+        redis::pipe().cmd("HDEL").arg(&key).arg(doomed).ignore(),
+    )
+    .await
 }
 
 /// What a follower that has read up to `after` takes of these entries: the other nodes'
@@ -612,6 +867,8 @@ impl Store for RedisStore {
                     .arg(stream_key(&id))
                     .arg(meta_key(&id))
                     .arg(lease_key(&id))
+                    .arg(present_key(&id))
+                    .arg(presence_key(&id))
                     .ignore()
                     .cmd("SREM")
                     .arg(SESSIONS)
@@ -627,17 +884,29 @@ impl Store for RedisStore {
     }
 
     fn follow(&self, session: &str, after: u64) -> StoreFuture<'_, Option<Following>> {
-        let key = stream_key(session);
+        let session = session.to_owned();
+        let key = stream_key(&session);
         let mut conn = self.conn.clone();
         Box::pin(async move {
+            let (present, presence_after) = self.present(&mut conn, &session).await?;
             let (tx, rx) = mpsc::channel(FEED_QUEUE);
             let token = {
                 let mut followers = self.shared.followers();
                 followers.next_token += 1;
                 let token = followers.next_token;
                 followers
-                    .by_key
-                    .insert(key.clone(), Follower { token, after, tx });
+                    .by_presence_key
+                    .insert(presence_key(&session), key.clone());
+                followers.by_key.insert(
+                    key.clone(),
+                    Follower {
+                        token,
+                        session,
+                        after,
+                        presence_after,
+                        tx,
+                    },
+                );
                 token
             };
             let unfollow = Unfollow {
@@ -648,9 +917,182 @@ impl Store for RedisStore {
             wake(&mut conn, self.shared.node).await?;
             Ok(Some(Following {
                 rx,
+                node: self.shared.node,
+                present,
                 _unfollow: Box::new(unfollow),
             }))
         })
+    }
+
+    fn publish_presence(&self, session: &str, changes: Vec<PresenceChange>) -> StoreFuture<'_, ()> {
+        let present = present_key(session);
+        let presence = presence_key(session);
+        let mut conn = self.conn.clone();
+        let node = self.shared.node;
+        Box::pin(async move {
+            let mut pipe = redis::pipe();
+            pipe.atomic();
+            for change in changes {
+                let peer = match &change {
+                    PresenceChange::Joined { peer, .. }
+                    | PresenceChange::Left { peer }
+                    | PresenceChange::Awareness { peer, .. } => *peer,
+                };
+                let field = format!("{node}:{peer}");
+                match change {
+                    PresenceChange::Joined {
+                        kind,
+                        user,
+                        connected_at,
+                        ..
+                    } => {
+                        let description = join_description(kind, user.as_deref(), &connected_at);
+                        pipe.cmd("HSET")
+                            .arg(&present)
+                            .arg(&field)
+                            .arg(&description)
+                            .ignore();
+                        add_presence(
+                            &mut pipe,
+                            &presence,
+                            node,
+                            peer,
+                            "j",
+                            description.as_bytes(),
+                        );
+                    }
+                    PresenceChange::Left { .. } => {
+                        pipe.cmd("HDEL").arg(&present).arg(&field).ignore();
+                        add_presence(&mut pipe, &presence, node, peer, "l", b"1");
+                    }
+                    PresenceChange::Awareness { update, .. } => {
+                        add_presence(&mut pipe, &presence, node, peer, "a", &update);
+                    }
+                }
+            }
+            query(&mut conn, &pipe).await
+        })
+    }
+}
+
+/// Appends a presence entry (`n`, `p`, then `field`) to the capped presence stream.
+fn add_presence(
+    pipe: &mut redis::Pipeline,
+    key: &str,
+    node: u64,
+    peer: PeerId,
+    field: &str,
+    value: &[u8],
+) {
+    pipe.cmd("XADD")
+        .arg(key)
+        .arg("MAXLEN")
+        .arg("~")
+        .arg(PRESENCE_KEPT)
+        .arg("*")
+        .arg("n")
+        .arg(node)
+        .arg("p")
+        .arg(peer)
+        .arg(field)
+        .arg(value)
+        .ignore();
+}
+
+impl RedisStore {
+    /// The connections of other live nodes in the session, as joins in the order they
+    /// joined, and the position of the presence stream they are current to. Entries of
+    /// gone nodes, and this node's own (a former task's, whose leaves were not written),
+    /// are removed.
+    async fn present(
+        &self,
+        conn: &mut ConnectionManager,
+        session: &str,
+    ) -> Result<(Vec<Input>, u64), StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("HGETALL")
+            .arg(present_key(session))
+            .cmd("XREVRANGE")
+            .arg(presence_key(session))
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1);
+        let (entries, last): (HashMap<String, String>, StreamRangeReply) =
+            query(conn, &pipe).await?;
+        let presence_after = match last.ids.first() {
+            Some(id) => position(&id.id)?,
+            None => 0,
+        };
+        let own = self.shared.node;
+        let mut joins = Vec::new();
+        let mut stale = Vec::new();
+        for (field, description) in &entries {
+            let parsed = field.split_once(':').and_then(|(node, peer)| {
+                Some((node.parse::<u64>().ok()?, peer.parse::<PeerId>().ok()?))
+            });
+            match parsed.map(|(node, peer)| (node, joined_input(node, peer, description))) {
+                Some((node, _)) if node == own => stale.push(field.clone()),
+                Some((node, Ok(input))) => joins.push((node, input)),
+                Some((_, Err(e))) => {
+                    warn!(session, node = own, error = %e, "unreadable presence entry ignored")
+                }
+                None => {
+                    warn!(session, node = own, field = %field, "unreadable presence field ignored")
+                }
+            }
+        }
+        if !stale.is_empty() {
+            query::<()>(
+                conn,
+                redis::pipe()
+                    .cmd("HDEL")
+                    .arg(present_key(session))
+                    .arg(&stale)
+                    .ignore(),
+            )
+            .await?;
+        }
+        let mut nodes: Vec<u64> = joins.iter().map(|(node, _)| *node).collect();
+        nodes.sort_unstable();
+        nodes.dedup();
+        if !nodes.is_empty() {
+            let mut pipe = redis::pipe();
+            for node in &nodes {
+                pipe.cmd("EXISTS").arg(alive_key(*node));
+            }
+            let alive: Vec<bool> = query(conn, &pipe).await?;
+            let gone: HashSet<u64> = nodes
+                .iter()
+                .zip(alive)
+                .filter(|(_, alive)| !alive)
+                .map(|(node, _)| *node)
+                .collect();
+            for node in &gone {
+                forget_node(conn, session, *node).await?;
+            }
+            let mut followers = self.shared.followers();
+            followers.nodes_gone.extend(&gone);
+            joins.retain(|(node, _)| !followers.nodes_gone.contains(node));
+            followers
+                .nodes_seen
+                .extend(joins.iter().map(|(node, _)| *node));
+        }
+        // In the order they joined: by time, then (within a millisecond) by node and peer.
+        joins.sort_by_cached_key(|(_, input)| match input {
+            Input::RemoteJoined {
+                node,
+                peer,
+                connected_at,
+                ..
+            } => (connected_at.clone(), *node, *peer),
+            _ => (Arc::from(""), 0, 0),
+        });
+        Ok((
+            joins.into_iter().map(|(_, input)| input).collect(),
+            presence_after,
+        ))
     }
 }
 

@@ -26,11 +26,25 @@ use crate::doc::PeerId;
 /// States not renewed for this long are removed.
 pub const AWARENESS_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Who introduced an awareness state: a connection of this node, or one of another node
+/// (`--cluster`), whose states this node relays under the same rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Owner {
+    Local(PeerId),
+    Remote { node: u64, peer: PeerId },
+}
+
+impl From<PeerId> for Owner {
+    fn from(peer: PeerId) -> Owner {
+        Owner::Local(peer)
+    }
+}
+
 #[derive(Debug)]
 struct State {
     clock: u32,
     json: Arc<str>,
-    owner: PeerId,
+    owner: Owner,
     renewed: Instant,
 }
 
@@ -86,10 +100,11 @@ impl AwarenessStates {
     /// changed (to broadcast), or `None` when nothing did.
     pub fn apply(
         &mut self,
-        owner: PeerId,
+        owner: impl Into<Owner>,
         bytes: &CheckedAwareness,
         now: Instant,
     ) -> Result<Option<Vec<u8>>, AwarenessError> {
+        let owner = owner.into();
         let update =
             AwarenessUpdate::decode_v1(bytes.bytes()).map_err(|e| AwarenessError(e.to_string()))?;
         // Net change of the total, counting every entry as accepted (an entry with an old clock
@@ -196,8 +211,14 @@ impl AwarenessStates {
     }
 
     /// Removes the states `owner` introduced; returns the encoded removal.
-    pub fn remove_owner(&mut self, owner: PeerId) -> Option<Vec<u8>> {
+    pub fn remove_owner(&mut self, owner: impl Into<Owner>) -> Option<Vec<u8>> {
+        let owner = owner.into();
         self.remove_where(|s| s.owner == owner)
+    }
+
+    /// Removes the states another node's connections introduced (that node is gone).
+    pub fn remove_node(&mut self, gone: u64) -> Option<Vec<u8>> {
+        self.remove_where(|s| matches!(s.owner, Owner::Remote { node, .. } if node == gone))
     }
 
     /// Removes states not renewed within [`AWARENESS_TIMEOUT`]; returns the encoded removal.

@@ -21,13 +21,13 @@ use bytes::Bytes;
 use yrs::StateVector;
 
 use crate::doc::scene::PeerMessage;
-use crate::doc::{CheckedUpdate, DocError, Effects, PeerId, Scene};
+use crate::doc::{CheckedAwareness, CheckedUpdate, DocError, Effects, PeerId, Scene};
 use crate::protocol::json::{
     self, ClientMessage, ErrorCode, ProtocolError, UserEntry, YjsAckFields,
 };
 use crate::protocol::yjs::{self, YjsMessage};
 pub use access::{Access, Role};
-pub use awareness::{AwarenessError, AwarenessStates, AWARENESS_TIMEOUT};
+pub use awareness::{AwarenessError, AwarenessStates, Owner, AWARENESS_TIMEOUT};
 pub use rate::{Buckets, Cost, Rate, Rates};
 
 /// User id written on changes that arrive through the HTTP API.
@@ -249,6 +249,30 @@ pub enum Event {
         peer: PeerId,
         user: Option<Arc<str>>,
     },
+    /// Another node's awareness update broke this session's awareness rules: not applied.
+    RemoteAwarenessRejected {
+        node: u64,
+        peer: PeerId,
+        error: AwarenessError,
+    },
+}
+
+/// A change of this node's presence in a session that the other nodes are told of
+/// (`--cluster`, once [`Session::share_presence`] was called).
+#[derive(Debug, Clone, PartialEq)]
+pub enum PresenceChange {
+    /// A connection joined; `user: None` for an anonymous Yjs connection (not listed, but
+    /// its awareness states are its own).
+    Joined {
+        peer: PeerId,
+        kind: ConnKind,
+        user: Option<Arc<str>>,
+        connected_at: Arc<str>,
+    },
+    /// A connection left (or was replaced or closed).
+    Left { peer: PeerId },
+    /// What a connection's awareness update changed, as this node applied it.
+    Awareness { peer: PeerId, update: Vec<u8> },
 }
 
 /// What one step produced, in the order it must take effect: store `persist`, then send
@@ -260,6 +284,8 @@ pub struct Output {
     pub sends: Vec<(PeerId, Arc<Payload>)>,
     pub closes: Vec<(PeerId, CloseReason)>,
     pub events: Vec<Event>,
+    /// For the other nodes (`--cluster` only): empty unless [`Session::share_presence`].
+    pub presence: Vec<PresenceChange>,
 }
 
 impl Output {
@@ -268,6 +294,7 @@ impl Output {
             && self.sends.is_empty()
             && self.closes.is_empty()
             && self.events.is_empty()
+            && self.presence.is_empty()
     }
 }
 
@@ -302,6 +329,26 @@ pub enum Input {
     ApiUpdate(CheckedUpdate),
     /// A deadline ([`Session::next_deadline`]) passed.
     Tick,
+    /// Another node's connection is in the session (`--cluster`): listed, and a JSON one
+    /// replaces an older JSON connection of the same user here (PROTOCOL §3.5).
+    RemoteJoined {
+        node: u64,
+        peer: PeerId,
+        kind: ConnKind,
+        user: Option<Arc<str>>,
+        connected_at: Arc<str>,
+    },
+    /// Another node's connection left; its awareness states are removed.
+    RemoteLeft { node: u64, peer: PeerId },
+    /// Another node's connection changed awareness states: applied under the same rules as
+    /// a local connection's (it may change only the client ids it introduced; the bounds).
+    RemoteAwareness {
+        node: u64,
+        peer: PeerId,
+        update: CheckedAwareness,
+    },
+    /// Another node stopped without saying (its heartbeat expired): its connections leave.
+    NodeGone { node: u64 },
 }
 
 /// Why a join or an HTTP update was refused.
@@ -358,6 +405,24 @@ impl Default for SessionLimits {
     }
 }
 
+/// Another node's connection, as this node knows it.
+#[derive(Debug)]
+struct RemoteMember {
+    /// In this session's join order, counted when this node heard of it.
+    joined: u64,
+    user: Option<Arc<str>>,
+    connected_at: Arc<str>,
+}
+
+/// The session's presence on the other nodes (`--cluster`).
+#[derive(Debug)]
+struct Cluster {
+    /// This node's id: breaks ties between two connections of one user that joined on two
+    /// nodes in the same millisecond.
+    node: u64,
+    members: BTreeMap<(u64, PeerId), RemoteMember>,
+}
+
 #[derive(Debug)]
 struct Member {
     /// Join order (ids are handed out before joins are queued, so they may arrive out of order).
@@ -399,6 +464,8 @@ pub struct Session {
     awareness_check: Option<Instant>,
     whole_state: Option<WholeState>,
     rates: Rates,
+    /// Set once the session shares its presence with other nodes.
+    cluster: Option<Cluster>,
 }
 
 impl Session {
@@ -416,7 +483,17 @@ impl Session {
             awareness_check: None,
             whole_state: None,
             rates: limits.rates,
+            cluster: None,
         }
+    }
+
+    /// From now on the session tells other nodes (as `node`) of its members' joins, leaves
+    /// and awareness changes ([`Output::presence`]), and takes theirs as inputs.
+    pub fn share_presence(&mut self, node: u64) {
+        self.cluster.get_or_insert_with(|| Cluster {
+            node,
+            members: BTreeMap::new(),
+        });
     }
 
     pub fn id(&self) -> &Arc<str> {
@@ -473,6 +550,18 @@ impl Session {
                 self.emit(effects, None, now, out);
             }
             Input::Tick => self.tick(now, out),
+            Input::RemoteJoined {
+                node,
+                peer,
+                kind,
+                user,
+                connected_at,
+            } => self.remote_joined(node, peer, kind, user, connected_at, now, out),
+            Input::RemoteLeft { node, peer } => self.remote_left(node, peer, now, out),
+            Input::RemoteAwareness { node, peer, update } => {
+                self.remote_awareness(node, peer, &update, now, out)
+            }
+            Input::NodeGone { node } => self.node_gone(node, now, out),
         }
         Ok(())
     }
@@ -510,16 +599,31 @@ impl Session {
     }
 
     /// The user list: each name once, in the order of its first connection.
+    /// The user list: each name once, in the order of its first connection (on any node).
     fn users(&self) -> Vec<UserEntry> {
-        let mut members: Vec<&Member> = self.members.values().collect();
-        members.sort_unstable_by_key(|m| m.joined);
+        let local = self
+            .members
+            .values()
+            .map(|m| (m.joined, &m.user, &m.connected_at));
+        let remote = self
+            .cluster
+            .iter()
+            .flat_map(|c| c.members.values())
+            .map(|m| (m.joined, &m.user, &m.connected_at));
+        let mut members: Vec<_> = local.chain(remote).collect();
+        if self.cluster.is_some() {
+            // Nodes hear of each other's joins late: the time of each join orders them.
+            members.sort_unstable_by(|a, b| (a.2, a.0).cmp(&(b.2, b.0)));
+        } else {
+            members.sort_unstable_by_key(|(joined, _, _)| *joined);
+        }
         let mut users: Vec<UserEntry> = Vec::new();
-        for member in members {
-            if let Some(name) = &member.user {
+        for (_, user, connected_at) in members {
+            if let Some(name) = user {
                 if !users.iter().any(|u| &u.user_id == name) {
                     users.push(UserEntry {
                         user_id: name.clone(),
-                        connected_at: member.connected_at.clone(),
+                        connected_at: connected_at.clone(),
                     });
                 }
             }
@@ -527,10 +631,15 @@ impl Session {
         users
     }
 
+    /// Whether a connection of this user is in the session, on this node or another.
     fn has_user(&self, name: &str) -> bool {
         self.members
             .values()
             .any(|m| m.user.as_deref() == Some(name))
+            || self
+                .cluster
+                .as_ref()
+                .is_some_and(|c| c.members.values().any(|m| m.user.as_deref() == Some(name)))
     }
 
     fn join(
@@ -579,7 +688,11 @@ impl Session {
         let is_host = kind.speaks_json()
             && user.is_some()
             && !self.scene.initialized()
-            && !self.members.values().any(|m| m.user.is_some());
+            && !self.members.values().any(|m| m.user.is_some())
+            && !self
+                .cluster
+                .as_ref()
+                .is_some_and(|c| c.members.values().any(|m| m.user.is_some()));
         self.members.insert(
             peer,
             Member {
@@ -595,6 +708,14 @@ impl Session {
             },
         );
         self.joins += 1;
+        if self.cluster.is_some() {
+            out.presence.push(PresenceChange::Joined {
+                peer,
+                kind,
+                user: user.clone(),
+                connected_at: now.timestamp.clone(),
+            });
+        }
         if let (ConnKind::Legacy, Some(name)) = (kind, &user) {
             self.scene.add_peer(peer);
             // Before the ack: a desktop client acting as host answers `user:joined` by
@@ -641,6 +762,132 @@ impl Session {
         }
     }
 
+    /// Another node's connection joined. The others here hear `user:joined` when its name is
+    /// new to the session. A JSON connection replaces this node's JSON connection of the same
+    /// user when it is the newer one (connection time, then node id): both nodes decide
+    /// alike, so exactly the older one is closed 4000.
+    #[allow(clippy::too_many_arguments)] // one input's fields
+    fn remote_joined(
+        &mut self,
+        node: u64,
+        peer: PeerId,
+        kind: ConnKind,
+        user: Option<Arc<str>>,
+        connected_at: Arc<str>,
+        now: &Now,
+        out: &mut Output,
+    ) {
+        let Some(own_node) = self.cluster.as_ref().map(|c| c.node) else {
+            return;
+        };
+        if node == own_node {
+            return;
+        }
+        let already_present = user.as_deref().is_some_and(|u| self.has_user(u));
+        if let (true, Some(name)) = (kind.speaks_json(), &user) {
+            let replaced: Vec<PeerId> = self
+                .members
+                .iter()
+                .filter(|(_, m)| {
+                    m.kind.speaks_json()
+                        && m.user.as_ref() == Some(name)
+                        && (&m.connected_at, own_node) < (&connected_at, node)
+                })
+                .map(|(id, _)| *id)
+                .collect();
+            for old in replaced {
+                self.remove_member(old, Some(CLOSE_REPLACED), out);
+            }
+        }
+        let joined = self.joins;
+        self.joins += 1;
+        if let Some(cluster) = &mut self.cluster {
+            cluster.members.insert(
+                (node, peer),
+                RemoteMember {
+                    joined,
+                    user: user.clone(),
+                    connected_at,
+                },
+            );
+        }
+        if let (false, Some(name)) = (already_present, &user) {
+            let joined = Payload::text(json::encode_user_event(&now.timestamp, true, name));
+            self.send_to_json_members(&joined, None, out);
+        }
+    }
+
+    /// Another node's connection left: its awareness states go, and the others here hear
+    /// `user:left` once its name has no connection left on any node.
+    fn remote_left(&mut self, node: u64, peer: PeerId, now: &Now, out: &mut Output) {
+        let Some(cluster) = &mut self.cluster else {
+            return;
+        };
+        let gone = cluster.members.remove(&(node, peer));
+        if let Some(removal) = self.awareness.remove_owner(Owner::Remote { node, peer }) {
+            self.broadcast_awareness(&removal, out);
+        }
+        if self.awareness.is_empty() {
+            self.awareness_check = None;
+        }
+        if let Some(user) = gone.and_then(|m| m.user).filter(|u| !self.has_user(u)) {
+            let left = Payload::text(json::encode_user_event(&now.timestamp, false, &user));
+            self.send_to_json_members(&left, None, out);
+        }
+    }
+
+    /// A node stopped without its connections leaving: they leave here.
+    fn node_gone(&mut self, node: u64, now: &Now, out: &mut Output) {
+        let Some(cluster) = &self.cluster else {
+            return;
+        };
+        let peers: Vec<PeerId> = cluster
+            .members
+            .keys()
+            .filter(|(n, _)| *n == node)
+            .map(|(_, peer)| *peer)
+            .collect();
+        for peer in peers {
+            self.remote_left(node, peer, now, out);
+        }
+        // States of connections this node never heard join (they joined before it followed).
+        if let Some(removal) = self.awareness.remove_node(node) {
+            self.broadcast_awareness(&removal, out);
+        }
+        if self.awareness.is_empty() {
+            self.awareness_check = None;
+        }
+    }
+
+    /// Another node's awareness change: applied and sent to this node's Yjs members, under
+    /// the rules a local connection's change meets (Redis holds what any node wrote).
+    fn remote_awareness(
+        &mut self,
+        node: u64,
+        peer: PeerId,
+        update: &CheckedAwareness,
+        now: &Now,
+        out: &mut Output,
+    ) {
+        if self.cluster.as_ref().is_none_or(|c| c.node == node) {
+            return;
+        }
+        match self
+            .awareness
+            .apply(Owner::Remote { node, peer }, update, now.instant)
+        {
+            Ok(Some(changed)) => {
+                self.awareness_check
+                    .get_or_insert(now.instant + AWARENESS_CHECK);
+                self.broadcast_awareness(&changed, out);
+            }
+            Ok(None) => {}
+            Err(error) => out
+                .events
+                .push(Event::RemoteAwarenessRejected { node, peer, error }),
+        }
+    }
+
     /// Removes a member (closing it with `close` if given); returns its user name.
     fn remove_member(
         &mut self,
@@ -651,6 +898,9 @@ impl Session {
         let member = self.members.remove(&peer)?;
         if let Some(reason) = close {
             out.closes.push((peer, reason));
+        }
+        if self.cluster.is_some() {
+            out.presence.push(PresenceChange::Left { peer });
         }
         self.scene.remove_peer(peer);
         if let Some(removal) = self.awareness.remove_owner(peer) {
@@ -797,6 +1047,12 @@ impl Session {
                         self.awareness_check
                             .get_or_insert(now.instant + AWARENESS_CHECK);
                         self.broadcast_awareness(&changed, out);
+                        if self.cluster.is_some() {
+                            out.presence.push(PresenceChange::Awareness {
+                                peer,
+                                update: changed,
+                            });
+                        }
                     }
                     Ok(None) => {}
                     Err(e) => self.reject(peer, ErrorCode::BadMessage, e.to_string(), out),

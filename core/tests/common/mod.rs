@@ -150,6 +150,7 @@ impl World {
             sends,
             closes,
             events,
+            presence: _,
         } = out;
         let closed_now: Vec<PeerId> = closes.iter().map(|(peer, _)| *peer).collect();
         for (peer, payload) in sends {
