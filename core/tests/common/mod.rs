@@ -20,8 +20,8 @@ use collab_core::doc::{CheckedUpdate, GuardedDoc, PeerId, Scene};
 use collab_core::protocol::json::parse_client_message;
 use collab_core::protocol::yjs;
 use collab_core::session::{
-    Access, Backlog, CloseReason, ConnKind, Event, Input, Now, Output, PayloadKind, Refused,
-    Session, SessionLimits,
+    Access, Backlog, CloseReason, ConnKind, Event, Input, Now, Output, PayloadKind, PresenceChange,
+    Refused, Session, SessionLimits,
 };
 use serde_json::{json, Value};
 use yrs::sync::{Message, SyncMessage};
@@ -68,6 +68,8 @@ pub struct World {
     pub persisted: Vec<Vec<u8>>,
     /// Every event the session reported, in order.
     pub events: Vec<Event>,
+    /// What the session told the other nodes (`Session::share_presence`), in order.
+    pub presence: Vec<PresenceChange>,
 }
 
 impl Default for World {
@@ -109,6 +111,7 @@ impl World {
             conns: BTreeMap::new(),
             persisted: Vec::new(),
             events: Vec::new(),
+            presence: Vec::new(),
         }
     }
 
@@ -150,8 +153,9 @@ impl World {
             sends,
             closes,
             events,
-            presence: _,
+            presence,
         } = out;
+        self.presence.extend(presence);
         let closed_now: Vec<PeerId> = closes.iter().map(|(peer, _)| *peer).collect();
         for (peer, payload) in sends {
             let conn = self

@@ -1,0 +1,203 @@
+//! Presence across nodes (`--cluster`), decided by the session: what it tells the other nodes
+//! of its members, and what it makes of theirs (`Input::RemoteJoined`, `RemoteLeft`,
+//! `RemoteAwareness`, `NodeGone`): the user list, `user:joined`/`user:left`, replacement of
+//! the older connection of a user, and awareness under the same rules as local connections'.
+
+mod common;
+
+use collab_core::doc::CheckedAwareness;
+use collab_core::session::{ConnKind, Event, Input, PresenceChange, CLOSE_REPLACED};
+use common::*;
+use yrs::sync::Message;
+use yrs::updates::encoder::Encode;
+
+/// This node's id in these tests.
+const NODE: u64 = 1;
+/// Another node's.
+const OTHER: u64 = 2;
+
+fn clustered() -> World {
+    let mut world = World::new();
+    world.session.share_presence(NODE);
+    world
+}
+
+fn remote_join(world: &mut World, peer: u64, user: &str, connected_at: &str) {
+    world
+        .step(Input::RemoteJoined {
+            node: OTHER,
+            peer,
+            kind: ConnKind::Legacy,
+            user: Some(user.into()),
+            connected_at: connected_at.into(),
+        })
+        .unwrap();
+}
+
+fn user_events(messages: &[serde_json::Value]) -> Vec<(String, String)> {
+    messages
+        .iter()
+        .filter(|m| m["type"] == "user:joined" || m["type"] == "user:left")
+        .map(|m| {
+            (
+                m["type"].as_str().unwrap().to_owned(),
+                m["user_id"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn awareness_bytes(entries: &[(u64, u32, &str)]) -> Vec<u8> {
+    awareness_update(entries).encode_v1()
+}
+
+#[test]
+fn members_are_told_to_the_other_nodes_only_once_presence_is_shared() {
+    let mut single = World::new();
+    let (peer, _) = single.yjs(Some("y"));
+    single.send_yjs(peer, Message::Awareness(awareness_update(&[(5, 1, "{}")])));
+    single.leave(peer);
+    assert!(single.presence.is_empty(), "{:?}", single.presence);
+
+    let mut world = clustered();
+    let (peer, _) = world.yjs(Some("y"));
+    world.send_yjs(peer, Message::Awareness(awareness_update(&[(5, 1, "{}")])));
+    world.leave(peer);
+    assert!(
+        matches!(&world.presence[..], [
+            PresenceChange::Joined { peer: p1, kind: ConnKind::Yjs, user: Some(user), .. },
+            PresenceChange::Awareness { peer: p2, update },
+            PresenceChange::Left { peer: p3 },
+        ] if *p1 == peer && *p2 == peer && *p3 == peer && &**user == "y"
+            && *update == awareness_bytes(&[(5, 1, "{}")])),
+        "{:?}",
+        world.presence
+    );
+}
+
+#[test]
+fn users_of_other_nodes_are_listed_joined_and_left() {
+    let mut world = clustered();
+    let (alice, _) = world.legacy("alice");
+    remote_join(&mut world, 7, "bob", "2026-11-25T19:22:01.500Z");
+    assert_eq!(
+        user_events(&world.take_json(alice)),
+        [("user:joined".to_owned(), "bob".to_owned())]
+    );
+    world.advance(std::time::Duration::from_secs(1));
+    let (carol, ack) = world.legacy("carol");
+    let users: Vec<&str> = ack["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["user_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(users, ["alice", "bob", "carol"], "in the order they joined");
+    assert_eq!(ack["is_host"], false);
+    // bob's connection on this node too: his leave on the other node is no leave.
+    let (bob_here, _) = world.yjs(Some("bob"));
+    world.take_json(alice);
+    world
+        .step(Input::RemoteLeft {
+            node: OTHER,
+            peer: 7,
+        })
+        .unwrap();
+    assert!(user_events(&world.take_json(alice)).is_empty());
+    world.leave(bob_here);
+    assert_eq!(
+        user_events(&world.take_json(carol)),
+        [("user:left".to_owned(), "bob".to_owned())]
+    );
+    // Our own node's entries (a loop back through Redis) change nothing.
+    world.take_json(alice);
+    world
+        .step(Input::RemoteJoined {
+            node: NODE,
+            peer: 99,
+            kind: ConnKind::Legacy,
+            user: Some("ghost".into()),
+            connected_at: "2026-11-25T19:22:09.000Z".into(),
+        })
+        .unwrap();
+    assert!(world.take_json(alice).is_empty());
+}
+
+#[test]
+fn a_newer_connection_on_another_node_replaces_and_an_older_one_does_not() {
+    let mut world = clustered();
+    let (alice, _) = world.legacy("alice");
+    let (bob, _) = world.legacy("bob");
+    // An older alice elsewhere (its node closes that one when it hears of ours).
+    remote_join(&mut world, 3, "alice", "2026-11-25T19:22:00.000Z");
+    assert_eq!(world.conns[&alice].closed, None);
+    // A newer one replaces ours: closed 4000, told to the other nodes, no leave or join.
+    remote_join(&mut world, 4, "alice", "2026-11-25T19:23:00.000Z");
+    assert_eq!(world.conns[&alice].closed, Some(CLOSE_REPLACED));
+    assert!(world
+        .presence
+        .contains(&PresenceChange::Left { peer: alice }));
+    assert!(user_events(&world.take_json(bob)).is_empty());
+}
+
+#[test]
+fn awareness_of_other_nodes_follows_the_same_rules_and_goes_with_its_node() {
+    let mut world = clustered();
+    let (watcher, _) = world.yjs(None);
+    world.send_yjs(
+        watcher,
+        Message::Awareness(awareness_update(&[(5, 1, "{}")])),
+    );
+    world.take_yjs(watcher);
+    let (alice, _) = world.legacy("alice");
+    remote_join(&mut world, 7, "bob", "2026-11-25T19:22:01.500Z");
+    world.take_json(alice);
+    let remote = |entries: &[(u64, u32, &str)]| Input::RemoteAwareness {
+        node: OTHER,
+        peer: 7,
+        update: CheckedAwareness::check(awareness_bytes(entries)).unwrap(),
+    };
+    // A client id a local connection introduced: refused, nothing sent.
+    world.step(remote(&[(5, 2, "{\"x\":1}")])).unwrap();
+    assert!(world.take_yjs(watcher).is_empty());
+    assert!(matches!(
+        world.events.last(),
+        Some(Event::RemoteAwarenessRejected {
+            node: OTHER,
+            peer: 7,
+            ..
+        })
+    ));
+    // Not a JSON object: refused.
+    world.step(remote(&[(8, 1, "[1]")])).unwrap();
+    assert!(world.take_yjs(watcher).is_empty());
+    // Its own: relayed to this node's Yjs members, and not told back to the other nodes.
+    let told = world.presence.len();
+    world.step(remote(&[(8, 1, "{\"x\":2}")])).unwrap();
+    let got = world.take_yjs(watcher);
+    assert!(
+        matches!(&got[..], [Message::Awareness(u)] if awareness_entries(u)[&8] == (1, "{\"x\":2}".to_owned())),
+        "{got:?}"
+    );
+    assert_eq!(world.presence.len(), told);
+    // A local connection cannot take it over.
+    world.send_yjs(
+        watcher,
+        Message::Awareness(awareness_update(&[(8, 2, "{}")])),
+    );
+    assert!(world
+        .take_yjs(watcher)
+        .iter()
+        .all(|m| !matches!(m, Message::Awareness(_))));
+    // The node is gone: bob leaves, his state goes.
+    world.step(Input::NodeGone { node: OTHER }).unwrap();
+    assert_eq!(
+        user_events(&world.take_json(alice)),
+        [("user:left".to_owned(), "bob".to_owned())]
+    );
+    let got = world.take_yjs(watcher);
+    assert!(
+        matches!(&got[..], [Message::Awareness(u)] if awareness_entries(u)[&8] == (1, "null".to_owned())),
+        "{got:?}"
+    );
+}
