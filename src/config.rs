@@ -95,6 +95,11 @@ pub struct Config {
     #[arg(long, env = "COLLAB_CLUSTER", value_name = "REDIS_URL", value_parser = parse_redis_url)]
     pub cluster: Option<String>,
 
+    /// With `--cluster`: seconds a node's heartbeat key lasts in Redis. A node that stops
+    /// (killed, cut off) has its users leave on the other nodes within this and a fifth of it.
+    #[arg(long, env = "COLLAB_CLUSTER_NODE_TIMEOUT", default_value = "5", value_parser = parse_positive_seconds)]
+    pub cluster_node_timeout: Duration,
+
     /// Seconds a session stays in memory without connections.
     #[arg(long, env = "COLLAB_EVICT_AFTER", default_value = "60", value_parser = parse_seconds)]
     pub evict_after: Duration,
@@ -325,6 +330,7 @@ mod tests {
         assert_eq!(c.catch_up_bytes, 1 << 20);
         assert_eq!(c.message_timeout, Duration::from_secs(30));
         assert_eq!(c.cluster, None, "single-node unless asked");
+        assert_eq!(c.cluster_node_timeout, Duration::from_secs(5));
     }
 
     #[test]

@@ -22,7 +22,9 @@ use store::Store;
 /// The store `config` asks for: Redis with `--cluster`, else the embedded one.
 pub async fn open_configured_store(config: &Config) -> Result<Arc<dyn Store>, store::StoreError> {
     match &config.cluster {
-        Some(url) => Ok(Arc::new(store::redis::RedisStore::connect(url).await?)),
+        Some(url) => Ok(Arc::new(
+            store::redis::RedisStore::connect_with(url, config.cluster_node_timeout).await?,
+        )),
         None => open_store(config),
     }
 }

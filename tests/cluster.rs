@@ -3,7 +3,9 @@
 //! directory). Yjs clients spread over the nodes converge, on every node and in Redis; a
 //! desktop client sees a Yjs client's change made on another node as a command, and the other
 //! way round; a late joiner on a third node gets the whole state; a node that restarts loads
-//! the session from Redis and follows it again.
+//! the session from Redis and follows it again. Presence is session-wide: the user list, joins
+//! and leaves, replacement (4000) and awareness cross nodes, and a node that stops renewing its
+//! heartbeat has its users leave on the others.
 //!
 //! No sleeps: every wait is for an event (a frame, Redis' "ready" line), bounded by
 //! `PATIENCE`.

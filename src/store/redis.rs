@@ -63,8 +63,11 @@ const LEASE: Duration = Duration::from_secs(10);
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a node's alive key lasts unless renewed (renewed five times as often): a node
-/// that stops has its connections leave on the other nodes within this and one renewal.
+/// that stops has its connections leave on the other nodes within this and one renewal
+/// (`--cluster-node-timeout`).
 pub const NODE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The shortest alive key: renewals stay a few a second at most.
+const MIN_NODE_TIMEOUT: Duration = Duration::from_millis(100);
 /// Presence changes a session's presence stream keeps (about): a follower further behind
 /// misses some.
 const PRESENCE_KEPT: usize = 1000;
@@ -255,8 +258,10 @@ impl RedisStore {
         Self::connect_with(url, NODE_TIMEOUT).await
     }
 
-    /// As [`RedisStore::connect`], with this node's alive key lasting `node_timeout`.
+    /// As [`RedisStore::connect`], with this node's alive key lasting `node_timeout` (at
+    /// least [`MIN_NODE_TIMEOUT`]).
     pub async fn connect_with(url: &str, node_timeout: Duration) -> Result<Self, StoreError> {
+        let node_timeout = node_timeout.max(MIN_NODE_TIMEOUT);
         let client = redis::Client::open(url).map_err(redis_error)?;
         let config = ConnectionManagerConfig::new().set_response_timeout(Some(RESPONSE_TIMEOUT));
         let mut conn = ConnectionManager::new_with_config(client.clone(), config)
