@@ -726,6 +726,7 @@ async fn the_users_of_a_node_that_stops_leave_on_the_others() {
                     kind: ConnKind::Legacy,
                     user: Some("dora".into()),
                     connected_at: "2026-12-05T00:00:00.000Z".into(),
+                    holds_name: false,
                 },
                 PresenceChange::Awareness {
                     peer: 1,

@@ -6,7 +6,9 @@
 mod common;
 
 use collab_core::doc::CheckedAwareness;
-use collab_core::session::{ConnKind, Event, Input, PresenceChange, CLOSE_REPLACED};
+use collab_core::session::{
+    Access, ConnKind, Event, Input, PresenceChange, Refused, Role, CLOSE_REPLACED,
+};
 use common::*;
 use yrs::sync::Message;
 use yrs::updates::encoder::Encode;
@@ -23,6 +25,16 @@ fn clustered() -> World {
 }
 
 fn remote_join(world: &mut World, peer: u64, user: &str, connected_at: &str) {
+    remote_join_holding(world, peer, user, connected_at, false);
+}
+
+fn remote_join_holding(
+    world: &mut World,
+    peer: u64,
+    user: &str,
+    connected_at: &str,
+    holds_name: bool,
+) {
     world
         .step(Input::RemoteJoined {
             node: OTHER,
@@ -30,6 +42,7 @@ fn remote_join(world: &mut World, peer: u64, user: &str, connected_at: &str) {
             kind: ConnKind::Legacy,
             user: Some(user.into()),
             connected_at: connected_at.into(),
+            holds_name,
         })
         .unwrap();
 }
@@ -118,6 +131,7 @@ fn users_of_other_nodes_are_listed_joined_and_left() {
             kind: ConnKind::Legacy,
             user: Some("ghost".into()),
             connected_at: "2026-11-25T19:22:09.000Z".into(),
+            holds_name: false,
         })
         .unwrap();
     assert!(world.take_json(alice).is_empty());
@@ -138,6 +152,32 @@ fn a_newer_connection_on_another_node_replaces_and_an_older_one_does_not() {
         .presence
         .contains(&PresenceChange::Left { peer: alice }));
     assert!(user_events(&world.take_json(bob)).is_empty());
+}
+
+#[test]
+fn a_name_a_token_binds_on_one_node_is_held_on_every_node() {
+    let holding = Access {
+        role: Role::Edit,
+        holds_name: true,
+    };
+    let mut world = clustered();
+    let alice = world
+        .try_join_as(ConnKind::Legacy, Some("alice"), holding)
+        .unwrap();
+    // A newer alice elsewhere without the name's token does not replace her; one with it does.
+    remote_join(&mut world, 3, "alice", "2026-11-25T19:23:00.000Z");
+    assert_eq!(world.conns[&alice].closed, None);
+    remote_join_holding(&mut world, 4, "alice", "2026-11-25T19:23:00.000Z", true);
+    assert_eq!(world.conns[&alice].closed, Some(CLOSE_REPLACED));
+    // While a connection elsewhere holds bob, nobody here takes the name without the token.
+    remote_join_holding(&mut world, 5, "bob", "2026-11-25T19:23:00.000Z", true);
+    assert_eq!(
+        world.try_join(ConnKind::Legacy, Some("bob")),
+        Err(Refused::NameHeld)
+    );
+    assert!(world
+        .try_join_as(ConnKind::Legacy, Some("bob"), holding)
+        .is_ok());
 }
 
 #[test]

@@ -18,7 +18,8 @@
 //! - `collab:node:{n}:wake`: a one-entry stream a node writes to wake its own feed, which is
 //!   blocked reading the streams it follows, when it follows one more.
 //! - `collab:{s}:present`: a hash of the session's connections on every node, `{node}:{peer}`
-//!   to the join (JSON: `k` the connection kind, `u` the user or `null`, `t` when it joined):
+//!   to the join (JSON: `k` the connection kind, `u` the user or `null`, `t` when it joined,
+//!   `h` whether its token binds the name):
 //!   what a node that starts following the session lists.
 //! - `collab:{s}:presence`: a stream of presence changes (capped): a join `n`, `p`, `j` (as
 //!   in the hash), a leave `n`, `p`, `l`, an awareness change `n`, `p`, `a` (the y-protocols
@@ -466,8 +467,14 @@ fn kind_name(kind: ConnKind) -> &'static str {
 }
 
 /// A join as the hash and the presence stream hold it.
-fn join_description(kind: ConnKind, user: Option<&str>, connected_at: &str) -> String {
-    serde_json::json!({"k": kind_name(kind), "u": user, "t": connected_at}).to_string()
+fn join_description(
+    kind: ConnKind,
+    user: Option<&str>,
+    connected_at: &str,
+    holds_name: bool,
+) -> String {
+    serde_json::json!({"k": kind_name(kind), "u": user, "t": connected_at, "h": holds_name})
+        .to_string()
 }
 
 /// A join read back from Redis, checked: Redis holds what any node wrote.
@@ -489,12 +496,14 @@ fn joined_input(node: u64, peer: PeerId, description: &str) -> Result<Input, Str
         _ => return Err(bad()),
     };
     let connected_at = value["t"].as_str().ok_or_else(bad)?;
+    let holds_name = value["h"].as_bool().ok_or_else(bad)?;
     Ok(Input::RemoteJoined {
         node,
         peer,
         kind,
         user,
         connected_at: Arc::from(connected_at),
+        holds_name,
     })
 }
 
@@ -949,9 +958,11 @@ impl Store for RedisStore {
                         kind,
                         user,
                         connected_at,
+                        holds_name,
                         ..
                     } => {
-                        let description = join_description(kind, user.as_deref(), &connected_at);
+                        let description =
+                            join_description(kind, user.as_deref(), &connected_at, holds_name);
                         pipe.cmd("HSET")
                             .arg(&present)
                             .arg(&field)

@@ -268,6 +268,8 @@ pub enum PresenceChange {
         kind: ConnKind,
         user: Option<Arc<str>>,
         connected_at: Arc<str>,
+        /// Its token binds the name ([`Access::holds_name`]).
+        holds_name: bool,
     },
     /// A connection left (or was replaced or closed).
     Left { peer: PeerId },
@@ -337,6 +339,9 @@ pub enum Input {
         kind: ConnKind,
         user: Option<Arc<str>>,
         connected_at: Arc<str>,
+        /// Its token binds the name: a connection here that holds it is replaced only by
+        /// one that holds it too, and nobody here may take the name.
+        holds_name: bool,
     },
     /// Another node's connection left; its awareness states are removed.
     RemoteLeft { node: u64, peer: PeerId },
@@ -412,6 +417,15 @@ struct RemoteMember {
     joined: u64,
     user: Option<Arc<str>>,
     connected_at: Arc<str>,
+    holds_name: bool,
+}
+
+/// Another node's join, as [`Input::RemoteJoined`] carries it.
+struct RemoteJoin {
+    kind: ConnKind,
+    user: Option<Arc<str>>,
+    connected_at: Arc<str>,
+    holds_name: bool,
 }
 
 /// The session's presence on the other nodes (`--cluster`).
@@ -556,7 +570,16 @@ impl Session {
                 kind,
                 user,
                 connected_at,
-            } => self.remote_joined(node, peer, kind, user, connected_at, now, out),
+                holds_name,
+            } => {
+                let joined = RemoteJoin {
+                    kind,
+                    user,
+                    connected_at,
+                    holds_name,
+                };
+                self.remote_joined(node, peer, joined, now, out)
+            }
             Input::RemoteLeft { node, peer } => self.remote_left(node, peer, now, out),
             Input::RemoteAwareness { node, peer, update } => {
                 self.remote_awareness(node, peer, &update, now, out)
@@ -656,7 +679,12 @@ impl Session {
             let held = self
                 .members
                 .values()
-                .any(|m| m.user.as_ref() == Some(name) && m.access.holds_name);
+                .any(|m| m.user.as_ref() == Some(name) && m.access.holds_name)
+                || self.cluster.as_ref().is_some_and(|c| {
+                    c.members
+                        .values()
+                        .any(|m| m.user.as_ref() == Some(name) && m.holds_name)
+                });
             if held && !access.holds_name {
                 return Err(Refused::NameHeld);
             }
@@ -714,6 +742,7 @@ impl Session {
                 kind,
                 user: user.clone(),
                 connected_at: now.timestamp.clone(),
+                holds_name: access.holds_name,
             });
         }
         if let (ConnKind::Legacy, Some(name)) = (kind, &user) {
@@ -764,16 +793,13 @@ impl Session {
 
     /// Another node's connection joined. The others here hear `user:joined` when its name is
     /// new to the session. A JSON connection replaces this node's JSON connection of the same
-    /// user when it is the newer one (connection time, then node id): both nodes decide
-    /// alike, so exactly the older one is closed 4000.
-    #[allow(clippy::too_many_arguments)] // one input's fields
+    /// user when it is the newer one (connection time, then node id), and holds the name if
+    /// that one does: both nodes decide alike, so exactly the older one is closed 4000.
     fn remote_joined(
         &mut self,
         node: u64,
         peer: PeerId,
-        kind: ConnKind,
-        user: Option<Arc<str>>,
-        connected_at: Arc<str>,
+        join: RemoteJoin,
         now: &Now,
         out: &mut Output,
     ) {
@@ -783,6 +809,12 @@ impl Session {
         if node == own_node {
             return;
         }
+        let RemoteJoin {
+            kind,
+            user,
+            connected_at,
+            holds_name,
+        } = join;
         let already_present = user.as_deref().is_some_and(|u| self.has_user(u));
         if let (true, Some(name)) = (kind.speaks_json(), &user) {
             let replaced: Vec<PeerId> = self
@@ -791,6 +823,7 @@ impl Session {
                 .filter(|(_, m)| {
                     m.kind.speaks_json()
                         && m.user.as_ref() == Some(name)
+                        && (holds_name || !m.access.holds_name)
                         && (&m.connected_at, own_node) < (&connected_at, node)
                 })
                 .map(|(id, _)| *id)
@@ -808,6 +841,7 @@ impl Session {
                     joined,
                     user: user.clone(),
                     connected_at,
+                    holds_name,
                 },
             );
         }
