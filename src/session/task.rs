@@ -247,6 +247,9 @@ impl SessionTask {
                                     self.input(input, &now);
                                 }
                             }
+                            Remote::Reannounce => {
+                                self.presence_due.extend(self.session.presence());
+                            }
                         }))
                     }
                     _ = sleep_until_opt(deadline) => {

@@ -89,6 +89,9 @@ pub enum Remote {
     /// changes, a node gone (`Input::RemoteJoined`, `RemoteLeft`, `RemoteAwareness`,
     /// `NodeGone`).
     Presence(Vec<Input>),
+    /// This node's heartbeat had expired: the other nodes may have let its connections
+    /// leave, so the task tells its members again (`Session::presence`).
+    Reannounce,
 }
 
 /// A session's feed of other nodes' updates and presence, while its task holds it.

@@ -196,10 +196,10 @@ struct Followers {
     by_key: HashMap<String, Follower>,
     /// Presence stream key to stream key.
     by_presence_key: HashMap<String, String>,
-    /// Other nodes whose connections this node heard of: their alive keys are watched.
+    /// Other nodes whose connections this node heard of: their alive keys are watched (an
+    /// entry a gone node wrote before it went, read late, brings it back here until the
+    /// next check finds it gone again).
     nodes_seen: HashSet<u64>,
-    /// Nodes found gone: what they wrote before is ignored.
-    nodes_gone: HashSet<u64>,
 }
 
 struct Shared {
@@ -285,6 +285,7 @@ impl RedisStore {
             node_timeout,
             followers: Mutex::default(),
         });
+        // A new node id: no key to have been there.
         renew_alive(&mut conn, &shared).await?;
         let stop = CancellationToken::new();
         tokio::spawn(heartbeat(conn.clone(), shared.clone(), stop.clone()));
@@ -431,7 +432,7 @@ async fn forward_presence(
         let mut inputs = Vec::new();
         for entry in entries {
             match presence_input(entry) {
-                Ok((node, _)) if node == shared.node || followers.nodes_gone.contains(&node) => {}
+                Ok((node, _)) if node == shared.node => {}
                 Ok((node, input)) => {
                     followers.nodes_seen.insert(node);
                     inputs.push(input);
@@ -523,16 +524,18 @@ fn presence_input(entry: &StreamId) -> Result<(u64, Input), String> {
     Ok((node, Input::RemoteAwareness { node, peer, update }))
 }
 
-/// Renews this node's alive key.
-async fn renew_alive(conn: &mut ConnectionManager, shared: &Shared) -> Result<(), StoreError> {
+/// Renews this node's alive key; returns whether it was still there (if not, the other
+/// nodes may have taken this node for gone).
+async fn renew_alive(conn: &mut ConnectionManager, shared: &Shared) -> Result<bool, StoreError> {
     let mut pipe = redis::pipe();
     pipe.cmd("SET")
         .arg(alive_key(shared.node))
         .arg(1)
         .arg("PX")
         .arg(u64::try_from(shared.node_timeout.as_millis()).unwrap_or(u64::MAX))
-        .ignore();
-    query(conn, &pipe).await
+        .arg("GET");
+    let (before,): (Option<String>,) = query(conn, &pipe).await?;
+    Ok(before.is_some())
 }
 
 /// Keeps this node alive in Redis, and watches the nodes whose connections it heard of: the
@@ -545,11 +548,31 @@ async fn heartbeat(mut conn: ConnectionManager, shared: Arc<Shared>, stop: Cance
             _ = tokio::time::sleep(every) => {}
             _ = stop.cancelled() => return,
         }
-        if let Err(e) = renew_alive(&mut conn, &shared).await {
-            if warnings.allow() {
-                warn!(node = shared.node, error = %e, "cluster heartbeat failed");
+        match renew_alive(&mut conn, &shared).await {
+            Ok(true) => {}
+            Ok(false) => {
+                // Renewals failed for longer than the key lasts (Redis unreachable): the
+                // other nodes may have let this node's connections leave.
+                warn!(
+                    node = shared.node,
+                    "this node's heartbeat had expired; telling its presence again"
+                );
+                let followers: Vec<mpsc::Sender<Remote>> = shared
+                    .followers()
+                    .by_key
+                    .values()
+                    .map(|f| f.tx.clone())
+                    .collect();
+                for tx in followers {
+                    let _ = tx.send(Remote::Reannounce).await;
+                }
             }
-            continue;
+            Err(e) => {
+                if warnings.allow() {
+                    warn!(node = shared.node, error = %e, "cluster heartbeat failed");
+                }
+                continue;
+            }
         }
         let seen: Vec<u64> = shared.followers().nodes_seen.iter().copied().collect();
         if seen.is_empty() {
@@ -584,7 +607,6 @@ async fn node_gone(conn: &mut ConnectionManager, shared: &Shared, gone: u64) {
     let followers: Vec<(String, mpsc::Sender<Remote>)> = {
         let mut followers = shared.followers();
         followers.nodes_seen.remove(&gone);
-        followers.nodes_gone.insert(gone);
         followers
             .by_key
             .values()
@@ -1088,10 +1110,9 @@ impl RedisStore {
             for node in &gone {
                 forget_node(conn, session, *node).await?;
             }
-            let mut followers = self.shared.followers();
-            followers.nodes_gone.extend(&gone);
-            joins.retain(|(node, _)| !followers.nodes_gone.contains(node));
-            followers
+            joins.retain(|(node, _)| !gone.contains(node));
+            self.shared
+                .followers()
                 .nodes_seen
                 .extend(joins.iter().map(|(node, _)| *node));
         }

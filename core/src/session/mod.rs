@@ -791,6 +791,26 @@ impl Session {
         }
     }
 
+    /// Every member as a join, for the other nodes that may have forgotten them
+    /// (`--cluster`: this node's heartbeat had expired). Empty unless presence is shared.
+    pub fn presence(&self) -> Vec<PresenceChange> {
+        if self.cluster.is_none() {
+            return Vec::new();
+        }
+        let mut members: Vec<(&PeerId, &Member)> = self.members.iter().collect();
+        members.sort_unstable_by_key(|(_, m)| m.joined);
+        members
+            .into_iter()
+            .map(|(peer, m)| PresenceChange::Joined {
+                peer: *peer,
+                kind: m.kind,
+                user: m.user.clone(),
+                connected_at: m.connected_at.clone(),
+                holds_name: m.access.holds_name,
+            })
+            .collect()
+    }
+
     /// Another node's connection joined. The others here hear `user:joined` when its name is
     /// new to the session. A JSON connection replaces this node's JSON connection of the same
     /// user when it is the newer one (connection time, then node id), and holds the name if
