@@ -645,7 +645,7 @@ async fn a_user_joining_on_another_node_replaces_the_older_connection_with_4000(
 #[tokio::test]
 async fn awareness_reaches_the_yjs_clients_of_other_nodes_and_goes_when_its_connection_does() {
     let redis = Redis::start().await;
-    let (node_a, node_b) = (redis.node().await, redis.node().await);
+    let (node_a, node_b, node_c) = (redis.node().await, redis.node().await, redis.node().await);
     let session = "cluster-awareness";
     let (mut watcher, _) = YClient::join(&node_b, &format!("/yjs/{session}?user=w")).await;
     let (mut setter, _) = YClient::join(&node_a, &format!("/yjs/{session}?user=s")).await;
@@ -696,6 +696,13 @@ async fn awareness_reaches_the_yjs_clients_of_other_nodes_and_goes_when_its_conn
         awareness_entries(&seen)[&id],
         (2, "{\"cursor\":2}".to_owned())
     );
+    // A node that starts following the session now shows the state to its first joiner.
+    let (_late, got) = YClient::join(&node_c, &format!("/yjs/{session}")).await;
+    assert!(
+        got.iter().any(|m| matches!(m, Message::Awareness(update)
+            if awareness_entries(update).get(&id) == Some(&(2, "{\"cursor\":2}".to_owned())))),
+        "{got:?}"
+    );
     setter.close().await;
     let removal = watcher.next_awareness().await;
     assert_eq!(awareness_entries(&removal)[&id], (2, "null".to_owned()));
@@ -731,6 +738,7 @@ async fn the_users_of_a_node_that_stops_leave_on_the_others() {
                 PresenceChange::Awareness {
                     peer: 1,
                     update: yrs::updates::encoder::Encode::encode_v1(&awareness),
+                    states: Some(yrs::updates::encoder::Encode::encode_v1(&awareness)),
                 },
             ],
         )

@@ -91,9 +91,10 @@ fn members_are_told_to_the_other_nodes_only_once_presence_is_shared() {
     world.leave(peer);
     assert!(
         matches!(&world.presence[..], [
-            PresenceChange::Awareness { peer: p1, update },
+            PresenceChange::Awareness { peer: p1, update, states: Some(states) },
             PresenceChange::Left { peer: p2 },
-        ] if *p1 == peer && *p2 == peer && *update == awareness_bytes(&[(5, 1, "{}")])),
+        ] if *p1 == peer && *p2 == peer && *update == awareness_bytes(&[(5, 1, "{}")])
+            && *states == *update),
         "{:?}",
         world.presence
     );

@@ -70,7 +70,7 @@ struct SessionTask {
     unconfirmed: HashSet<PeerId>,
     /// What the session produced and the batch has not delivered yet.
     out: Output,
-    /// Presence changes for the other nodes (`--cluster`), written after each delivery.
+    /// Presence changes for the other nodes (`--cluster`), written before each delivery.
     presence_due: Vec<PresenceChange>,
     /// HTTP updates, answered once what they changed is stored.
     replies: Vec<(ApplyReply, Result<(), String>)>,

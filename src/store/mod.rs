@@ -100,7 +100,8 @@ pub struct Following {
     /// This node's id among the nodes: what its presence is told under.
     pub node: u64,
     /// The other nodes' connections in the session when the feed started, as
-    /// `Input::RemoteJoined`s in join order; the feed goes on from there.
+    /// `Input::RemoteJoined`s in join order, then their awareness states as
+    /// `Input::RemoteAwareness`; the feed goes on from there.
     pub present: Vec<Input>,
     /// Stops the feed when dropped.
     _unfollow: Box<dyn Send + Sync>,

@@ -21,6 +21,8 @@
 //!   to the join (JSON: `k` the connection kind, `u` the user or `null`, `t` when it joined,
 //!   `h` whether its token binds the name):
 //!   what a node that starts following the session lists.
+//! - `collab:{s}:awareness`: a hash, `{node}:{peer}` to the awareness states that connection
+//!   holds (one y-protocols update): what a node that starts following the session shows.
 //! - `collab:{s}:presence`: a stream of presence changes (capped): a join `n`, `p`, `j` (as
 //!   in the hash), a leave `n`, `p`, `l`, an awareness change `n`, `p`, `a` (the y-protocols
 //!   update as applied). Never loaded as document content.
@@ -79,6 +81,10 @@ const SESSIONS: &str = "collab:sessions";
 
 fn present_key(session: &str) -> String {
     format!("collab:{{{session}}}:present")
+}
+
+fn awareness_key(session: &str) -> String {
+    format!("collab:{{{session}}}:awareness")
 }
 
 fn presence_key(session: &str) -> String {
@@ -623,26 +629,33 @@ async fn node_gone(conn: &mut ConnectionManager, shared: &Shared, gone: u64) {
     }
 }
 
-/// Removes node `gone`'s entries from the session's presence hash.
+/// Removes node `gone`'s entries from the session's presence and awareness hashes.
 async fn forget_node(
     conn: &mut ConnectionManager,
     session: &str,
     gone: u64,
 ) -> Result<(), StoreError> {
-    let key = present_key(session);
-    let fields: Vec<String> = query(conn, redis::pipe().cmd("HKEYS").arg(&key))
-        .await
-        .map(|(fields,): (Vec<String>,)| fields)?;
     let prefix = format!("{gone}:");
-    let doomed: Vec<&String> = fields.iter().filter(|f| f.starts_with(&prefix)).collect();
-    if doomed.is_empty() {
-        return Ok(());
+    for key in [present_key(session), awareness_key(session)] {
+        let fields: Vec<String> = query(conn, redis::pipe().cmd("HKEYS").arg(&key))
+            .await
+            .map(|(fields,): (Vec<String>,)| fields)?;
+        let doomed: Vec<&String> = fields.iter().filter(|f| f.starts_with(&prefix)).collect();
+        if !doomed.is_empty() {
+            query::<()>(
+                conn,
+                redis::pipe().cmd("HDEL").arg(&key).arg(doomed).ignore(),
+            )
+            .await?;
+        }
     }
-    query(
-        conn,
-        redis::pipe().cmd("HDEL").arg(&key).arg(doomed).ignore(),
-    )
-    .await
+    Ok(())
+}
+
+/// A presence hash field `{node}:{peer}`.
+fn node_and_peer(field: &str) -> Option<(u64, PeerId)> {
+    let (node, peer) = field.split_once(':')?;
+    Some((node.parse().ok()?, peer.parse().ok()?))
 }
 
 /// What a follower that has read up to `after` takes of these entries: the other nodes'
@@ -904,6 +917,7 @@ impl Store for RedisStore {
                     .arg(meta_key(&id))
                     .arg(lease_key(&id))
                     .arg(present_key(&id))
+                    .arg(awareness_key(&id))
                     .arg(presence_key(&id))
                     .ignore()
                     .cmd("SREM")
@@ -962,6 +976,7 @@ impl Store for RedisStore {
 
     fn publish_presence(&self, session: &str, changes: Vec<PresenceChange>) -> StoreFuture<'_, ()> {
         let present = present_key(session);
+        let awareness = awareness_key(session);
         let presence = presence_key(session);
         let mut conn = self.conn.clone();
         let node = self.shared.node;
@@ -1001,9 +1016,17 @@ impl Store for RedisStore {
                     }
                     PresenceChange::Left { .. } => {
                         pipe.cmd("HDEL").arg(&present).arg(&field).ignore();
+                        pipe.cmd("HDEL").arg(&awareness).arg(&field).ignore();
                         add_presence(&mut pipe, &presence, node, peer, "l", b"1");
                     }
-                    PresenceChange::Awareness { update, .. } => {
+                    PresenceChange::Awareness { update, states, .. } => {
+                        match states {
+                            Some(states) => {
+                                pipe.cmd("HSET").arg(&awareness).arg(&field).arg(states)
+                            }
+                            None => pipe.cmd("HDEL").arg(&awareness).arg(&field),
+                        }
+                        .ignore();
                         add_presence(&mut pipe, &presence, node, peer, "a", &update);
                     }
                 }
@@ -1039,9 +1062,9 @@ fn add_presence(
 
 impl RedisStore {
     /// The connections of other live nodes in the session, as joins in the order they
-    /// joined, and the position of the presence stream they are current to. Entries of
-    /// gone nodes, and this node's own (a former task's, whose leaves were not written),
-    /// are removed.
+    /// joined, then their awareness states, and the position of the presence stream they are
+    /// current to. Entries of gone nodes, and this node's own (a former task's, whose leaves
+    /// were not written), are removed.
     async fn present(
         &self,
         conn: &mut ConnectionManager,
@@ -1051,14 +1074,19 @@ impl RedisStore {
         pipe.atomic()
             .cmd("HGETALL")
             .arg(present_key(session))
+            .cmd("HGETALL")
+            .arg(awareness_key(session))
             .cmd("XREVRANGE")
             .arg(presence_key(session))
             .arg("+")
             .arg("-")
             .arg("COUNT")
             .arg(1);
-        let (entries, last): (HashMap<String, String>, StreamRangeReply) =
-            query(conn, &pipe).await?;
+        let (entries, states, last): (
+            HashMap<String, String>,
+            HashMap<String, Vec<u8>>,
+            StreamRangeReply,
+        ) = query(conn, &pipe).await?;
         let presence_after = match last.ids.first() {
             Some(id) => position(&id.id)?,
             None => 0,
@@ -1067,11 +1095,10 @@ impl RedisStore {
         let mut joins = Vec::new();
         let mut stale = Vec::new();
         for (field, description) in &entries {
-            let parsed = field.split_once(':').and_then(|(node, peer)| {
-                Some((node.parse::<u64>().ok()?, peer.parse::<PeerId>().ok()?))
-            });
-            match parsed.map(|(node, peer)| (node, joined_input(node, peer, description))) {
-                Some((node, _)) if node == own => stale.push(field.clone()),
+            match node_and_peer(field)
+                .map(|(node, peer)| (node, joined_input(node, peer, description)))
+            {
+                Some((node, _)) if node == own => stale.push(field),
                 Some((node, Ok(input))) => joins.push((node, input)),
                 Some((_, Err(e))) => {
                     warn!(session, node = own, error = %e, "unreadable presence entry ignored")
@@ -1081,18 +1108,44 @@ impl RedisStore {
                 }
             }
         }
-        if !stale.is_empty() {
-            query::<()>(
-                conn,
-                redis::pipe()
-                    .cmd("HDEL")
+        let mut awareness = Vec::new();
+        let mut stale_states = Vec::new();
+        for (field, update) in states {
+            let checked = CheckedAwareness::check(update).map_err(|e| e.to_string());
+            match (node_and_peer(&field), checked) {
+                (Some((node, _)), _) if node == own => stale_states.push(field),
+                (Some((node, peer)), Ok(update)) => {
+                    awareness.push((node, Input::RemoteAwareness { node, peer, update }))
+                }
+                (_, Err(e)) => {
+                    warn!(session, node = own, error = %e, "unreadable awareness entry ignored")
+                }
+                (None, _) => {
+                    warn!(session, node = own, field = %field, "unreadable awareness field ignored")
+                }
+            }
+        }
+        if !stale.is_empty() || !stale_states.is_empty() {
+            let mut pipe = redis::pipe();
+            if !stale.is_empty() {
+                pipe.cmd("HDEL")
                     .arg(present_key(session))
                     .arg(&stale)
-                    .ignore(),
-            )
-            .await?;
+                    .ignore();
+            }
+            if !stale_states.is_empty() {
+                pipe.cmd("HDEL")
+                    .arg(awareness_key(session))
+                    .arg(&stale_states)
+                    .ignore();
+            }
+            query::<()>(conn, &pipe).await?;
         }
-        let mut nodes: Vec<u64> = joins.iter().map(|(node, _)| *node).collect();
+        let mut nodes: Vec<u64> = joins
+            .iter()
+            .chain(&awareness)
+            .map(|(node, _)| *node)
+            .collect();
         nodes.sort_unstable();
         nodes.dedup();
         if !nodes.is_empty() {
@@ -1111,10 +1164,11 @@ impl RedisStore {
                 forget_node(conn, session, *node).await?;
             }
             joins.retain(|(node, _)| !gone.contains(node));
+            awareness.retain(|(node, _)| !gone.contains(node));
             self.shared
                 .followers()
                 .nodes_seen
-                .extend(joins.iter().map(|(node, _)| *node));
+                .extend(joins.iter().chain(&awareness).map(|(node, _)| *node));
         }
         // In the order they joined: by time, then (within a millisecond) by node and peer.
         joins.sort_by_cached_key(|(_, input)| match input {
@@ -1127,7 +1181,11 @@ impl RedisStore {
             _ => (Arc::from(""), 0, 0),
         });
         Ok((
-            joins.into_iter().map(|(_, input)| input).collect(),
+            joins
+                .into_iter()
+                .chain(awareness)
+                .map(|(_, input)| input)
+                .collect(),
             presence_after,
         ))
     }

@@ -210,6 +210,26 @@ impl AwarenessStates {
         )
     }
 
+    /// Every state `owner` introduced, encoded, or `None` when there are none.
+    pub fn encode_owner(&self, owner: impl Into<Owner>) -> Option<Vec<u8>> {
+        let owner = owner.into();
+        encode(
+            self.states
+                .iter()
+                .filter(|(_, s)| s.owner == owner)
+                .map(|(id, s)| {
+                    (
+                        *id,
+                        AwarenessUpdateEntry {
+                            clock: s.clock,
+                            json: s.json.clone(),
+                        },
+                    )
+                })
+                .collect(),
+        )
+    }
+
     /// Removes the states `owner` introduced; returns the encoded removal.
     pub fn remove_owner(&mut self, owner: impl Into<Owner>) -> Option<Vec<u8>> {
         let owner = owner.into();

@@ -273,8 +273,13 @@ pub enum PresenceChange {
     },
     /// A connection left (or was replaced or closed).
     Left { peer: PeerId },
-    /// What a connection's awareness update changed, as this node applied it.
-    Awareness { peer: PeerId, update: Vec<u8> },
+    /// What a connection's awareness update changed, as this node applied it, and every
+    /// state it holds now (`None`: none), for nodes that start following the session later.
+    Awareness {
+        peer: PeerId,
+        update: Vec<u8>,
+        states: Option<Vec<u8>>,
+    },
 }
 
 /// What one step produced, in the order it must take effect: store `persist`, then send
@@ -1105,6 +1110,7 @@ impl Session {
                             out.presence.push(PresenceChange::Awareness {
                                 peer,
                                 update: changed,
+                                states: self.awareness.encode_owner(peer),
                             });
                         }
                     }
