@@ -5,7 +5,7 @@
 //! way round; a late joiner on a third node gets the whole state; a node that restarts loads
 //! the session from Redis and follows it again. Presence is session-wide: the user list, joins
 //! and leaves, replacement (4000) and awareness cross nodes, and a node that stops renewing its
-//! heartbeat has its users leave on the others.
+//! heartbeat (killed: the binary as a child process) has its users leave on the others.
 //!
 //! No sleeps: every wait is for an event (a frame, Redis' "ready" line), bounded by
 //! `PATIENCE`.
@@ -15,15 +15,17 @@ mod common;
 use std::process::Stdio;
 use std::sync::Arc;
 
-use collab_core::session::{ConnKind, PresenceChange};
+use common::child::ChildServer;
 use common::durable::close_client;
 use common::*;
+use futures_util::SinkExt;
 use optiverse_collab::store::redis::RedisStore;
 use optiverse_collab::store::{Following, Remote, RemoteBatch, SessionMeta, Store};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use yrs::sync::{Message, SyncMessage};
+use yrs::updates::encoder::Encode;
 use yrs::{Doc, Map, ReadTxn, StateVector, Transact};
 
 /// A `redis-server` of this test's own, stopped when dropped.
@@ -708,48 +710,46 @@ async fn awareness_reaches_the_yjs_clients_of_other_nodes_and_goes_when_its_conn
     assert_eq!(awareness_entries(&removal)[&id], (2, "null".to_owned()));
 }
 
-/// A node that stops without its connections leaving (its heartbeat stops, as when it is
-/// killed): once its alive key expires, the other nodes' users hear its users leave and its
-/// awareness states go. The stopped node is a store of its own, writing its presence as a
-/// node's session task does, dropped without a word.
+/// A node killed (`kill -9`, the real binary as a child process, with a short
+/// `--cluster-node-timeout`): once its heartbeat key expires, the other nodes' users hear its
+/// users leave and its awareness states go, and a late joiner is not told of them.
 #[tokio::test]
-async fn the_users_of_a_node_that_stops_leave_on_the_others() {
+async fn the_users_of_a_killed_node_leave_on_the_others() {
     let redis = Redis::start().await;
     let node_a = redis.node().await;
-    let session = "cluster-node-gone";
+    let session = "cluster-node-killed";
     let (mut alice, _) = node_a.legacy(session, "alice").await;
     let (mut watcher, _) = YClient::join(&node_a, &format!("/yjs/{session}")).await;
 
-    let dying = RedisStore::connect_with(&redis.url, std::time::Duration::from_millis(500))
+    let (mut doomed, addr) = ChildServer::start(&[
+        "--cluster",
+        &redis.url,
+        "--cluster-node-timeout",
+        "0.5",
+        "--log-level",
+        "info",
+    ])
+    .await;
+    let (mut dora, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws/{session}/dora"))
         .await
-        .unwrap();
+        .expect("the child node takes a connection");
+    recv_ack(&mut dora, "dora").await;
+    let (mut yjs, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/yjs/{session}"))
+        .await
+        .expect("the child node takes a Yjs connection");
     let awareness = awareness_update(&[(77, 1, "{\"cursor\":3}")]);
-    dying
-        .publish_presence(
-            session,
-            vec![
-                PresenceChange::Joined {
-                    peer: 1,
-                    kind: ConnKind::Legacy,
-                    user: Some("dora".into()),
-                    connected_at: "2026-12-05T00:00:00.000Z".into(),
-                    holds_name: false,
-                },
-                PresenceChange::Awareness {
-                    peer: 1,
-                    update: yrs::updates::encoder::Encode::encode_v1(&awareness),
-                    states: Some(yrs::updates::encoder::Encode::encode_v1(&awareness)),
-                },
-            ],
-        )
-        .await
-        .unwrap();
+    yjs.send(tokio_tungstenite::tungstenite::Message::Binary(
+        Message::Awareness(awareness).encode_v1().into(),
+    ))
+    .await
+    .unwrap();
     assert_eq!(next_of(&mut alice, "user:joined").await["user_id"], "dora");
     assert_eq!(
         awareness_entries(&watcher.next_awareness().await)[&77].1,
         "{\"cursor\":3}"
     );
-    drop(dying);
+
+    doomed.kill();
     let left = next_of(&mut alice, "user:left").await;
     assert_eq!(left["user_id"], "dora", "{left}");
     assert_eq!(

@@ -5,6 +5,7 @@
 
 // One definition of the message builders and checks, and of the yrs-side helpers, for the
 // core's tests and the socket suites alike.
+pub mod child;
 pub mod durable;
 #[path = "../../core/tests/common/messages.rs"]
 pub mod messages;
