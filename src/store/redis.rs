@@ -19,8 +19,8 @@
 //!   blocked reading the streams it follows, when it follows one more.
 //! - `collab:{s}:present`: a hash of the session's connections on every node, `{node}:{peer}`
 //!   to the join (JSON: `k` the connection kind, `u` the user or `null`, `t` when it joined,
-//!   `h` whether its token binds the name):
-//!   what a node that starts following the session lists.
+//!   `h` whether its token binds the name): what a node that starts following the session
+//!   lists.
 //! - `collab:{s}:awareness`: a hash, `{node}:{peer}` to the awareness states that connection
 //!   holds (one y-protocols update): what a node that starts following the session shows.
 //! - `collab:{s}:presence`: a stream of presence changes (capped): a join `n`, `p`, `j` (as
@@ -43,7 +43,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::streams::{StreamId, StreamRangeReply, StreamReadReply};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::{
     Following, Remote, RemoteBatch, SessionMeta, Store, StoreError, StoreFuture, StoredSession,
@@ -69,8 +69,8 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// that stops has its connections leave on the other nodes within this and one renewal
 /// (`--cluster-node-timeout`).
 pub const NODE_TIMEOUT: Duration = Duration::from_secs(5);
-/// The shortest alive key: renewals stay a few a second at most.
-const MIN_NODE_TIMEOUT: Duration = Duration::from_millis(100);
+/// The shortest alive key: renewals (every fifth of it) stay at ten a second at most.
+const MIN_NODE_TIMEOUT: Duration = Duration::from_millis(500);
 /// Presence changes a session's presence stream keeps (about): a follower further behind
 /// misses some.
 const PRESENCE_KEPT: usize = 1000;
@@ -598,9 +598,9 @@ async fn heartbeat(mut conn: ConnectionManager, shared: Arc<Shared>, stop: Cance
             }
         };
         for (gone, _) in seen.into_iter().zip(alive).filter(|(_, alive)| !alive) {
-            debug!(
+            info!(
                 node = shared.node,
-                gone, "a node is gone; its connections leave"
+                gone, "a node is gone (its heartbeat expired); its connections leave"
             );
             node_gone(&mut conn, &shared, gone).await;
         }
