@@ -725,7 +725,7 @@ async fn the_users_of_a_killed_node_leave_on_the_others() {
         "--cluster",
         &redis.url,
         "--cluster-node-timeout",
-        "0.5",
+        "1",
         "--log-level",
         "info",
     ])

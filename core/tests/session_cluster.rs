@@ -7,7 +7,8 @@ mod common;
 
 use collab_core::doc::CheckedAwareness;
 use collab_core::session::{
-    Access, ConnKind, Event, Input, PresenceChange, Refused, Role, CLOSE_REPLACED,
+    Access, ConnKind, Event, Input, PresenceChange, Refused, Role, AWARENESS_TIMEOUT,
+    CLOSE_REPLACED,
 };
 use common::*;
 use yrs::sync::Message;
@@ -95,6 +96,22 @@ fn members_are_told_to_the_other_nodes_only_once_presence_is_shared() {
             PresenceChange::Left { peer: p2 },
         ] if *p1 == peer && *p2 == peer && *update == awareness_bytes(&[(5, 1, "{}")])
             && *states == *update),
+        "{:?}",
+        world.presence
+    );
+
+    // A state that expires here is removed on the other nodes too, and from what a node
+    // that starts following is told.
+    world.presence.clear();
+    let (peer, _) = world.yjs(Some("z"));
+    world.send_yjs(peer, Message::Awareness(awareness_update(&[(6, 1, "{}")])));
+    world.presence.clear();
+    world.advance(AWARENESS_TIMEOUT);
+    world.tick();
+    assert!(
+        matches!(&world.presence[..], [
+            PresenceChange::Awareness { peer: p1, update, states: None },
+        ] if *p1 == peer && *update == awareness_bytes(&[(6, 1, "null")])),
         "{:?}",
         world.presence
     );

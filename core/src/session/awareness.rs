@@ -246,6 +246,24 @@ impl AwarenessStates {
         self.remove_where(|s| now.saturating_duration_since(s.renewed) >= AWARENESS_TIMEOUT)
     }
 
+    /// As [`AwarenessStates::expire`], one removal per owner whose states expired.
+    pub fn expire_by_owner(&mut self, now: Instant) -> Vec<(Owner, Vec<u8>)> {
+        let expired = |s: &State| now.saturating_duration_since(s.renewed) >= AWARENESS_TIMEOUT;
+        let mut owners: Vec<Owner> = Vec::new();
+        for state in self.states.values().filter(|s| expired(s)) {
+            if !owners.contains(&state.owner) {
+                owners.push(state.owner);
+            }
+        }
+        owners
+            .into_iter()
+            .filter_map(|owner| {
+                let removal = self.remove_where(|s| s.owner == owner && expired(s))?;
+                Some((owner, removal))
+            })
+            .collect()
+    }
+
     fn remove_where(&mut self, doomed: impl Fn(&State) -> bool) -> Option<Vec<u8>> {
         let ids: Vec<ClientID> = self
             .states

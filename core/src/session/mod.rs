@@ -1159,7 +1159,20 @@ impl Session {
         let effects = self.scene.send_due_corrections(now.instant);
         self.emit(effects, None, now, out);
         if self.awareness_check.is_some_and(|at| at <= now.instant) {
-            if let Some(removal) = self.awareness.expire(now.instant) {
+            if self.cluster.is_some() {
+                // One removal per connection: the other nodes apply each under its owner,
+                // and hold the connection's remaining states.
+                for (owner, removal) in self.awareness.expire_by_owner(now.instant) {
+                    self.broadcast_awareness(&removal, out);
+                    if let Owner::Local(peer) = owner {
+                        out.presence.push(PresenceChange::Awareness {
+                            peer,
+                            update: removal,
+                            states: self.awareness.encode_owner(peer),
+                        });
+                    }
+                }
+            } else if let Some(removal) = self.awareness.expire(now.instant) {
                 self.broadcast_awareness(&removal, out);
             }
             self.awareness_check =
