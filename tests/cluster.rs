@@ -637,9 +637,24 @@ async fn a_user_joining_on_another_node_replaces_the_older_connection_with_4000(
         seen.push(msg);
     }
     assert!(!seen.iter().any(|m| m["user_id"] == "alice"), "{seen:#?}");
-    // A later leave of the new connection is alice's leave, on node A too.
-    close_client(new).await;
     assert_eq!(next_of(&mut bob, "user:left").await["user_id"], "eve");
+    // A replacement within node B is no leave or join on node A either (bob hears dave join
+    // after whatever node B told of the swap).
+    let (mut newer, _) = node_b.legacy(session, "alice").await;
+    let mut new = new;
+    assert_eq!(close_code(&mut new).await, 4000);
+    let (_dave, _) = node_b.legacy(session, "dave").await;
+    let mut seen = Vec::new();
+    loop {
+        let msg = recv_json(&mut bob).await;
+        if msg["type"] == "user:joined" && msg["user_id"] == "dave" {
+            break;
+        }
+        seen.push(msg);
+    }
+    assert!(!seen.iter().any(|m| m["user_id"] == "alice"), "{seen:#?}");
+    // A later leave of the newest connection is alice's leave, on node A too.
+    let _ = newer.close(None).await;
     let left = next_of(&mut bob, "user:left").await;
     assert_eq!(left["user_id"], "alice", "{left}");
 }

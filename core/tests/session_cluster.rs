@@ -184,6 +184,24 @@ fn a_newer_connection_on_another_node_replaces_and_an_older_one_does_not() {
 }
 
 #[test]
+fn a_replacement_on_this_node_is_told_as_the_join_then_the_leave() {
+    let mut world = clustered();
+    let (old, _) = world.legacy("alice");
+    world.presence.clear();
+    let (new, _) = world.legacy("alice");
+    assert_eq!(world.conns[&old].closed, Some(CLOSE_REPLACED));
+    // In this order another node never finds alice gone in between.
+    assert!(
+        matches!(&world.presence[..], [
+            PresenceChange::Joined { peer: p1, .. },
+            PresenceChange::Left { peer: p2 },
+        ] if *p1 == new && *p2 == old),
+        "{:?}",
+        world.presence
+    );
+}
+
+#[test]
 fn a_name_a_token_binds_on_one_node_is_held_on_every_node() {
     let holding = Access {
         role: Role::Edit,

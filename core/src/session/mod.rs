@@ -713,6 +713,9 @@ impl Session {
                 .find(|(_, m)| m.kind.speaks_json() && m.user.as_ref() == Some(u))
                 .map(|(id, _)| *id)
         });
+        // The other nodes hear of the joiner before the leave of what it replaces, so they see
+        // no leave and no join either.
+        let joined_at = out.presence.len();
         if let Some(old) = replaced {
             self.remove_member(old, Some(CLOSE_REPLACED), out);
         }
@@ -742,13 +745,14 @@ impl Session {
         );
         self.joins += 1;
         if self.cluster.is_some() {
-            out.presence.push(PresenceChange::Joined {
+            let joined = PresenceChange::Joined {
                 peer,
                 kind,
                 user: user.clone(),
                 connected_at: now.timestamp.clone(),
                 holds_name: access.holds_name,
-            });
+            };
+            out.presence.insert(joined_at, joined);
         }
         if let (ConnKind::Legacy, Some(name)) = (kind, &user) {
             self.scene.add_peer(peer);
