@@ -1094,18 +1094,16 @@ impl RedisStore {
         let own = self.shared.node;
         let mut joins = Vec::new();
         let mut stale = Vec::new();
+        // One warning per follow, however many entries are unreadable.
+        let mut unreadable = Vec::new();
         for (field, description) in &entries {
             match node_and_peer(field)
                 .map(|(node, peer)| (node, joined_input(node, peer, description)))
             {
                 Some((node, _)) if node == own => stale.push(field),
                 Some((node, Ok(input))) => joins.push((node, input)),
-                Some((_, Err(e))) => {
-                    warn!(session, node = own, error = %e, "unreadable presence entry ignored")
-                }
-                None => {
-                    warn!(session, node = own, field = %field, "unreadable presence field ignored")
-                }
+                Some((_, Err(e))) => unreadable.push(e),
+                None => unreadable.push(format!("unexpected presence field {field:?}")),
             }
         }
         let mut awareness = Vec::new();
@@ -1117,13 +1115,12 @@ impl RedisStore {
                 (Some((node, peer)), Ok(update)) => {
                     awareness.push((node, Input::RemoteAwareness { node, peer, update }))
                 }
-                (_, Err(e)) => {
-                    warn!(session, node = own, error = %e, "unreadable awareness entry ignored")
-                }
-                (None, _) => {
-                    warn!(session, node = own, field = %field, "unreadable awareness field ignored")
-                }
+                (_, Err(e)) => unreadable.push(e),
+                (None, _) => unreadable.push(format!("unexpected awareness field {field:?}")),
             }
+        }
+        if let Some(first) = unreadable.first() {
+            warn!(session, node = own, count = unreadable.len(), first = %first, "unreadable presence entries ignored");
         }
         if !stale.is_empty() || !stale_states.is_empty() {
             let mut pipe = redis::pipe();
