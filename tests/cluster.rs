@@ -15,6 +15,7 @@ mod common;
 use std::process::Stdio;
 use std::sync::Arc;
 
+use collab_core::session::{ConnKind, PresenceChange};
 use common::child::ChildServer;
 use common::durable::close_client;
 use common::*;
@@ -774,4 +775,79 @@ async fn the_users_of_a_killed_node_leave_on_the_others() {
     // A late joiner is not told of dora.
     let (_late, ack) = node_a.legacy(session, "erin").await;
     assert_eq!(listed(&ack), ["alice", "erin"], "{ack}");
+}
+
+/// What Redis holds is checked like client input: presence entries and hash fields no node
+/// writes are skipped, and the session goes on.
+#[tokio::test]
+async fn presence_in_redis_that_no_node_wrote_is_skipped() {
+    let redis = Redis::start().await;
+    let node_a = redis.node().await;
+    let session = "cluster-bad-presence";
+    let mut conn = redis.conn().await;
+    let present = format!("collab:{{{session}}}:present");
+    let stream = format!("collab:{{{session}}}:presence");
+    // Node 98 looks alive: its entries are read, not dropped as a gone node's.
+    redis::pipe()
+        .cmd("SET")
+        .arg("collab:node:98:alive")
+        .arg(1)
+        .arg("PX")
+        .arg(60_000)
+        .ignore()
+        .cmd("HSET")
+        .arg(&present)
+        .arg("junk")
+        .arg("{}")
+        .arg("98:1")
+        .arg("{not json")
+        .arg("98:2")
+        .arg(r#"{"k":"telnet","u":"x","t":"2026-12-05T00:00:00.000Z","h":false}"#)
+        .ignore()
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    let (mut alice, ack) = node_a.legacy(session, "alice").await;
+    assert_eq!(listed(&ack), ["alice"], "{ack}");
+
+    for fields in [
+        vec![
+            ("n", b"98".to_vec()),
+            ("p", b"3".to_vec()),
+            ("j", b"{".to_vec()),
+        ],
+        vec![
+            ("n", b"98".to_vec()),
+            ("p", b"4".to_vec()),
+            ("a", vec![0xff; 9]),
+        ],
+        vec![("x", b"1".to_vec())],
+    ] {
+        let mut xadd = redis::cmd("XADD");
+        xadd.arg(&stream).arg("*");
+        for (field, value) in fields {
+            xadd.arg(field).arg(value);
+        }
+        xadd.query_async::<String>(&mut conn).await.unwrap();
+    }
+    // Then what a node writes: alice hears of it, and of nothing before it.
+    let other = RedisStore::connect(&redis.url).await.unwrap();
+    other
+        .publish_presence(
+            session,
+            vec![PresenceChange::Joined {
+                peer: 1,
+                kind: ConnKind::Legacy,
+                user: Some("valid".into()),
+                connected_at: "2026-12-05T00:00:00.000Z".into(),
+                holds_name: false,
+            }],
+        )
+        .await
+        .unwrap();
+    let joined = recv_json(&mut alice).await;
+    assert_eq!(joined["type"], "user:joined", "{joined}");
+    assert_eq!(joined["user_id"], "valid", "{joined}");
+    let (_bob, ack) = node_a.legacy(session, "bob").await;
+    assert_eq!(listed(&ack), ["valid", "alice", "bob"], "{ack}");
 }
