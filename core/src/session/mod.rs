@@ -626,7 +626,6 @@ impl Session {
         }
     }
 
-    /// The user list: each name once, in the order of its first connection.
     /// The user list: each name once, in the order of its first connection (on any node).
     fn users(&self) -> Vec<UserEntry> {
         let local = self
