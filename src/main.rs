@@ -1,3 +1,5 @@
+#![forbid(unsafe_code)]
+
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -5,6 +7,11 @@ use optiverse_collab::auth::cli::{self, Command};
 use optiverse_collab::config::Config;
 use optiverse_collab::server::Server;
 use tracing_subscriber::EnvFilter;
+
+/// jemalloc with background threads returns what a burst freed to the system within seconds;
+/// glibc's allocator kept it in its arenas (README, "Choices").
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// `optiverse-collab` serves; `optiverse-collab token|revoke` manage access (README,
 /// "Securing a server").

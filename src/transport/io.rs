@@ -55,25 +55,30 @@ impl SocketIo {
         self.inbound.since
     }
 
-    /// Follows `bytes` just read, and counts the unfinished message's bytes in the budget (a
-    /// shed connection is closed by its task, which the budget wakes).
+    /// Follows `bytes` just read, and counts the unfinished message in the budget (a shed
+    /// connection is closed by its task, which the budget wakes).
     fn follow(&mut self, bytes: &[u8]) {
-        let before = self.inbound.held;
+        let before = held_cost(self.inbound.held);
         self.inbound.feed(bytes, Instant::now());
-        let after = self.inbound.held;
+        let after = held_cost(self.inbound.held);
         let account = self.writer.account();
         if after > before {
-            let _ = account.grow(usize::try_from(after - before).unwrap_or(usize::MAX));
+            let _ = account.grow(after - before);
         } else {
-            account.shrink(usize::try_from(before - after).unwrap_or(usize::MAX));
+            account.shrink(before - after);
         }
     }
 }
 
+/// What `held` payload bytes of an unfinished message cost: tungstenite keeps them twice, in
+/// its read buffer (which grows by doubling) and in the message it assembles from fragments.
+fn held_cost(held: u64) -> usize {
+    usize::try_from(held).map_or(usize::MAX, |held| held.saturating_mul(2))
+}
+
 impl Drop for SocketIo {
     fn drop(&mut self) {
-        let held = usize::try_from(self.inbound.held).unwrap_or(usize::MAX);
-        self.writer.account().shrink(held);
+        self.writer.account().shrink(held_cost(self.inbound.held));
     }
 }
 
