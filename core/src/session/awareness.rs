@@ -9,7 +9,10 @@
 //! object (a `y-websocket` client throws on anything else and stops syncing), only the
 //! connection that introduced a client id may change or remove its state (a reconnecting client
 //! gets its id back once the old connection is closed or its state expired), and the states of
-//! a session are bounded in total bytes, so the frame a joiner receives is bounded.
+//! a session are bounded in count and total bytes, so the frame a joiner receives is bounded.
+//! The bounds are shared fairly: a state that does not fit takes the room of the connection
+//! holding the most, as long as that one holds more than the newcomer would; so one
+//! connection that filled the session cannot keep the others' states out.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -28,7 +31,7 @@ pub const AWARENESS_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Who introduced an awareness state: a connection of this node, or one of another node
 /// (`--cluster`), whose states this node relays under the same rules.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Owner {
     Local(PeerId),
     Remote { node: u64, peer: PeerId },
@@ -56,6 +59,24 @@ impl std::fmt::Display for AwarenessError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.0)
     }
+}
+
+/// What an applied awareness update changed.
+#[derive(Debug, Default)]
+pub struct Applied {
+    /// The update to send to the others: the states changed, and those removed to make room;
+    /// `None` when nothing changed.
+    pub changed: Option<Vec<u8>>,
+    /// The other connections whose states were removed to make room, each with its removal.
+    pub evicted: Vec<(Owner, Vec<u8>)>,
+}
+
+/// A connection's share of the session's awareness states, while room is made.
+struct Holding {
+    bytes: i64,
+    count: i64,
+    /// Its states' sizes and ids, largest last.
+    states: Vec<(usize, ClientID)>,
 }
 
 /// All awareness states of one session.
@@ -96,14 +117,15 @@ impl AwarenessStates {
         self.states.is_empty()
     }
 
-    /// Applies an awareness update from `owner`. Returns the encoded update of what
-    /// changed (to broadcast), or `None` when nothing did.
+    /// Applies an awareness update from `owner`, making room for it if the session's bounds
+    /// are reached ([`AwarenessStates::room_for`]). Refused as a whole, changing nothing,
+    /// when a state breaks a rule or no room can be made.
     pub fn apply(
         &mut self,
         owner: impl Into<Owner>,
         bytes: &CheckedAwareness,
         now: Instant,
-    ) -> Result<Option<Vec<u8>>, AwarenessError> {
+    ) -> Result<Applied, AwarenessError> {
         let owner = owner.into();
         let update =
             AwarenessUpdate::decode_v1(bytes.bytes()).map_err(|e| AwarenessError(e.to_string()))?;
@@ -144,19 +166,16 @@ impl AwarenessStates {
                 None => {}
             }
         }
-        if self.states.len() + new_clients > self.max_states {
-            return Err(AwarenessError(format!(
-                "a session may hold at most {} awareness states",
-                self.max_states
-            )));
-        }
-        if len_i64_of(self.total_bytes) + added_bytes > len_i64_of(self.max_total_bytes) {
-            return Err(AwarenessError(format!(
-                "a session's awareness states may hold at most {} bytes",
-                self.max_total_bytes
-            )));
-        }
+        let victims = self.room_for(owner, added_bytes, new_clients)?;
         let mut changed = HashMap::new();
+        let mut evicted: Vec<(Owner, HashMap<ClientID, AwarenessUpdateEntry>)> = Vec::new();
+        for (victim, client, removal) in self.remove_ids(victims) {
+            changed.insert(client, removal.clone());
+            match evicted.iter_mut().find(|(o, _)| *o == victim) {
+                Some((_, removals)) => drop(removals.insert(client, removal)),
+                None => evicted.push((victim, HashMap::from([(client, removal)]))),
+            }
+        }
         for (client, entry) in update.clients {
             let removal = is_null(&entry.json);
             let accept = match self.states.get(&client) {
@@ -189,7 +208,80 @@ impl AwarenessStates {
             }
             changed.insert(client, entry);
         }
-        Ok(encode(changed))
+        Ok(Applied {
+            changed: encode(changed),
+            evicted: evicted
+                .into_iter()
+                .filter_map(|(victim, removals)| Some((victim, encode(removals)?)))
+                .collect(),
+        })
+    }
+
+    /// The states to remove so that `owner`'s update, adding `added_bytes` and `new_clients`
+    /// states, fits the session's bounds: none while it fits; else, one at a time, the largest
+    /// state of the connection holding the most (bytes, or states when only the count is
+    /// short) among those holding more than `owner` would. Refused when they cannot make room.
+    fn room_for(
+        &self,
+        owner: Owner,
+        added_bytes: i64,
+        new_clients: usize,
+    ) -> Result<Vec<ClientID>, AwarenessError> {
+        let mut bytes_short =
+            len_i64_of(self.total_bytes) + added_bytes - len_i64_of(self.max_total_bytes);
+        let mut states_short =
+            len_i64_of(self.states.len() + new_clients) - len_i64_of(self.max_states);
+        if bytes_short <= 0 && states_short <= 0 {
+            return Ok(Vec::new());
+        }
+        let mut holdings: HashMap<Owner, Holding> = HashMap::new();
+        for (client, state) in &self.states {
+            let holding = holdings.entry(state.owner).or_insert(Holding {
+                bytes: 0,
+                count: 0,
+                states: Vec::new(),
+            });
+            holding.bytes += len_i64(&state.json);
+            holding.count += 1;
+            holding.states.push((state.json.len(), *client));
+        }
+        let (own_bytes, own_count) = holdings
+            .remove(&owner)
+            .map_or((0, 0), |h| (h.bytes, h.count));
+        let (own_bytes, own_count) = (own_bytes + added_bytes, own_count + len_i64_of(new_clients));
+        for holding in holdings.values_mut() {
+            holding.states.sort_unstable();
+        }
+        let mut victims = Vec::new();
+        while bytes_short > 0 || states_short > 0 {
+            let by_bytes = bytes_short > 0;
+            let largest = holdings
+                .values_mut()
+                .filter(|h| {
+                    if by_bytes {
+                        h.bytes > own_bytes
+                    } else {
+                        h.count > own_count
+                    }
+                })
+                .max_by_key(|h| if by_bytes { h.bytes } else { h.count });
+            let Some((len, client)) = largest.and_then(|h| {
+                let state = h.states.pop()?;
+                h.bytes -= len_i64_of(state.0);
+                h.count -= 1;
+                Some(state)
+            }) else {
+                return Err(AwarenessError(format!(
+                    "a session's awareness states may number at most {} and hold at most {} \
+                     bytes, and no other connection holds more than this one would",
+                    self.max_states, self.max_total_bytes
+                )));
+            };
+            bytes_short -= len_i64_of(len);
+            states_short -= 1;
+            victims.push(client);
+        }
+        Ok(victims)
     }
 
     /// Every state, encoded, or `None` when there are none.
@@ -271,7 +363,17 @@ impl AwarenessStates {
             .filter(|(_, s)| doomed(s))
             .map(|(id, _)| *id)
             .collect();
-        let mut removed = HashMap::new();
+        encode(
+            self.remove_ids(ids)
+                .into_iter()
+                .map(|(_, id, removal)| (id, removal))
+                .collect(),
+        )
+    }
+
+    /// Removes the states `ids`; returns each one's owner, id and removal entry.
+    fn remove_ids(&mut self, ids: Vec<ClientID>) -> Vec<(Owner, ClientID, AwarenessUpdateEntry)> {
+        let mut removed = Vec::new();
         for id in ids {
             if let Some(state) = self.states.remove(&id) {
                 self.total_bytes -= state.json.len();
@@ -279,19 +381,17 @@ impl AwarenessStates {
                 // accepted by peers, and the client's next renewal (clock + 1) revives it.
                 let clock = state.clock;
                 self.removed.insert(id, clock);
-                removed.insert(
-                    id,
-                    AwarenessUpdateEntry {
-                        clock,
-                        json: "null".into(),
-                    },
-                );
+                let removal = AwarenessUpdateEntry {
+                    clock,
+                    json: "null".into(),
+                };
+                removed.push((state.owner, id, removal));
             }
         }
         if self.removed.len() > self.max_states * 4 {
             self.removed.clear();
         }
-        encode(removed)
+        removed
     }
 }
 
@@ -345,16 +445,19 @@ mod tests {
         assert!(aw
             .apply(1, &update(&[(7, 1, "{\"a\":1}")]), now)
             .unwrap()
+            .changed
             .is_some());
         assert!(
             aw.apply(1, &update(&[(7, 1, "{\"a\":2}")]), now)
                 .unwrap()
+                .changed
                 .is_none(),
             "same clock"
         );
         assert!(aw
             .apply(1, &update(&[(7, 2, "{\"a\":3}")]), now)
             .unwrap()
+            .changed
             .is_some());
         let removal = decoded(aw.remove_owner(1).unwrap());
         assert_eq!(removal.clients[&ClientID::new(7)].clock, 2);
@@ -363,12 +466,14 @@ mod tests {
         assert!(
             aw.apply(2, &update(&[(7, 2, "{\"a\":3}")]), now)
                 .unwrap()
+                .changed
                 .is_none(),
             "no resurrection at the removed clock"
         );
         assert!(aw
             .apply(2, &update(&[(7, 3, "{\"a\":4}")]), now)
             .unwrap()
+            .changed
             .is_some());
     }
 
@@ -405,10 +510,12 @@ mod tests {
         assert!(aw
             .apply(1, &update(&[(1, 1, "{\"user\":{\"name\":\"a\"}}")]), now)
             .unwrap()
+            .changed
             .is_some());
         assert!(aw
             .apply(1, &update(&[(1, 1, "null")]), now)
             .unwrap()
+            .changed
             .is_some());
         assert!(aw.is_empty());
     }
@@ -434,6 +541,7 @@ mod tests {
         assert!(aw
             .apply(2, &update(&[(7, 2, "{}")]), now)
             .unwrap()
+            .changed
             .is_some());
     }
 
@@ -445,7 +553,7 @@ mod tests {
         aw.apply(1, &update(&[(1, 1, &state), (2, 1, &state)]), now)
             .unwrap();
         assert_eq!(aw.total_bytes(), 2 * state.len());
-        assert!(aw.apply(2, &update(&[(3, 1, &state)]), now).is_err());
+        assert!(aw.apply(1, &update(&[(3, 1, &state)]), now).is_err());
         // Shrinking one's own state makes room.
         aw.apply(1, &update(&[(2, 2, "{}")]), now).unwrap();
         assert_eq!(aw.total_bytes(), state.len() + 2);
@@ -454,5 +562,45 @@ mod tests {
         assert_eq!(aw.total_bytes(), state.len());
         assert!(aw.expire(now + AWARENESS_TIMEOUT).is_some());
         assert_eq!(aw.total_bytes(), 0);
+    }
+
+    /// One connection that filled the session's bounds yields its largest states to another
+    /// connection's, not the other way round, and a refused update changes nothing.
+    #[test]
+    fn a_connection_that_filled_the_session_yields_room_to_the_others() {
+        let now = Instant::now();
+        let big = format!("{{\"c\":\"{}\"}}", "x".repeat(90));
+        let small = "{\"u\":1}";
+        let mut aw = AwarenessStates::new(1024, 3, 150);
+        aw.apply(1, &update(&[(1, 1, &big), (2, 1, "{}")]), now)
+            .unwrap();
+        // Bytes short: the holder of the most gives up its largest state.
+        let applied = aw.apply(2, &update(&[(10, 1, &big)]), now).unwrap();
+        assert_eq!(applied.evicted.len(), 1);
+        assert_eq!(applied.evicted[0].0, Owner::Local(1));
+        let removal = decoded(applied.evicted[0].1.clone());
+        assert_eq!(&*removal.clients[&ClientID::new(1)].json, "null");
+        let sent = decoded(applied.changed.unwrap());
+        assert_eq!(&*sent.clients[&ClientID::new(1)].json, "null");
+        assert_eq!(&*sent.clients[&ClientID::new(10)].json, big);
+        assert_eq!(aw.total_bytes(), big.len() + 2);
+        // The one that yielded cannot take the room back: it would hold more.
+        assert!(aw.apply(1, &update(&[(1, 2, &big)]), now).is_err());
+        assert_eq!(aw.total_bytes(), big.len() + 2);
+        // States short: the holder of the most states gives one up, here connection 2 (two
+        // states) to connection 3 (one).
+        aw.apply(2, &update(&[(11, 1, "{}")]), now).unwrap();
+        let applied = aw.apply(3, &update(&[(20, 1, small)]), now).unwrap();
+        assert_eq!(applied.evicted.len(), 1);
+        assert_eq!(applied.evicted[0].0, Owner::Local(2));
+        assert_eq!(aw.len(), 3);
+        // Equal holders do not displace each other.
+        let before = (aw.len(), aw.total_bytes());
+        assert!(aw.apply(4, &update(&[(30, 1, small)]), now).is_err());
+        assert_eq!(
+            (aw.len(), aw.total_bytes()),
+            before,
+            "a refused update changes nothing"
+        );
     }
 }

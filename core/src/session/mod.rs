@@ -27,7 +27,7 @@ use crate::protocol::json::{
 };
 use crate::protocol::yjs::{self, YjsMessage};
 pub use access::{Access, Role};
-pub use awareness::{AwarenessError, AwarenessStates, Owner, AWARENESS_TIMEOUT};
+pub use awareness::{Applied, AwarenessError, AwarenessStates, Owner, AWARENESS_TIMEOUT};
 pub use rate::{Buckets, Cost, Rate, Rates};
 
 /// User id written on changes that arrive through the HTTP API.
@@ -938,12 +938,7 @@ impl Session {
             .awareness
             .apply(Owner::Remote { node, peer }, update, now.instant)
         {
-            Ok(Some(changed)) => {
-                self.awareness_check
-                    .get_or_insert(now.instant + AWARENESS_CHECK);
-                self.broadcast_awareness(&changed, out);
-            }
-            Ok(None) => {}
+            Ok(applied) => self.awareness_applied(applied, None, now, out),
             Err(error) => out
                 .events
                 .push(Event::RemoteAwarenessRejected { node, peer, error }),
@@ -1105,19 +1100,7 @@ impl Session {
             }
             YjsMessage::Awareness(update) => {
                 match self.awareness.apply(peer, &update, now.instant) {
-                    Ok(Some(changed)) => {
-                        self.awareness_check
-                            .get_or_insert(now.instant + AWARENESS_CHECK);
-                        self.broadcast_awareness(&changed, out);
-                        if self.cluster.is_some() {
-                            out.presence.push(PresenceChange::Awareness {
-                                peer,
-                                update: changed,
-                                states: self.awareness.encode_owner(peer),
-                            });
-                        }
-                    }
-                    Ok(None) => {}
+                    Ok(applied) => self.awareness_applied(applied, Some(peer), now, out),
                     Err(e) => self.reject(peer, ErrorCode::BadMessage, e.to_string(), out),
                 }
             }
@@ -1128,6 +1111,43 @@ impl Session {
                 }
             }
             YjsMessage::Auth => {}
+        }
+    }
+
+    /// Sends what an awareness update changed to the Yjs members. The other nodes are told
+    /// of the changes of this node's connections: `from`'s update, and the states of this
+    /// node's connections removed to make room for it (another node's, removed here only, are
+    /// its node's to keep or expire).
+    fn awareness_applied(
+        &mut self,
+        applied: Applied,
+        from: Option<PeerId>,
+        now: &Now,
+        out: &mut Output,
+    ) {
+        let Some(changed) = applied.changed else {
+            return;
+        };
+        self.awareness_check
+            .get_or_insert(now.instant + AWARENESS_CHECK);
+        self.broadcast_awareness(&changed, out);
+        if self.cluster.is_none() {
+            return;
+        }
+        let evicted = applied
+            .evicted
+            .into_iter()
+            .filter_map(|(owner, removal)| match owner {
+                Owner::Local(peer) => Some((peer, removal)),
+                Owner::Remote { .. } => None,
+            });
+        let own = from.map(|peer| (peer, changed));
+        for (peer, update) in evicted.chain(own) {
+            out.presence.push(PresenceChange::Awareness {
+                peer,
+                update,
+                states: self.awareness.encode_owner(peer),
+            });
         }
     }
 

@@ -102,7 +102,7 @@ pub fn awareness_untrusted(
 ) -> Result<Option<Vec<u8>>, AwarenessError> {
     let checked =
         CheckedAwareness::check(bytes.to_vec()).map_err(|e| AwarenessError(e.to_string()))?;
-    states.apply(owner, &checked, now)
+    Ok(states.apply(owner, &checked, now)?.changed)
 }
 
 /// Stored updates loaded as the server loads them.
