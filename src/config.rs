@@ -159,6 +159,11 @@ pub struct Config {
     #[arg(long, env = "COLLAB_HTTP_BODY_TIMEOUT", default_value = "30", value_parser = parse_positive_seconds)]
     pub http_body_timeout: Duration,
 
+    /// Seconds a response may wait for the client to read it (a write blocked that long in a
+    /// row); then the connection is closed.
+    #[arg(long, env = "COLLAB_HTTP_WRITE_TIMEOUT", default_value = "30", value_parser = parse_positive_seconds)]
+    pub http_write_timeout: Duration,
+
     /// Open TCP connections (HTTP and WebSocket), in total; at most the process's file
     /// descriptor limit less 96. Over it, a new connection is answered 503 and closed.
     #[arg(long, env = "COLLAB_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = parse_count)]

@@ -243,3 +243,27 @@ async fn an_http2_connection_is_closed_after_its_first_request() {
     let answered = read_until_closed(&mut stream).await;
     assert!(!answered.is_empty());
 }
+
+/// A client that sends requests and never reads the responses loses its connection once a
+/// write has been blocked for the write timeout, and with it the connection's slot.
+#[tokio::test]
+async fn a_client_that_does_not_read_its_responses_is_closed_at_the_write_deadline() {
+    let server = start(|c| {
+        c.max_connections_per_ip = 1;
+        c.http_header_timeout = Duration::from_secs(600);
+        c.http_write_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(ip(ATTACKER), 0)).unwrap();
+    // A small window: the server's writes block once a few responses wait in the buffers.
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(server.addr).await.unwrap();
+    let requests = "GET /assets/draw.js HTTP/1.1\r\nHost: x\r\n\r\n".repeat(400);
+    stream.write_all(requests.as_bytes()).await.unwrap();
+    // Its slot is taken while it is open.
+    let (status, _) = http_from(ip(ATTACKER), server.addr, "GET", "/health", &[]).await;
+    assert_eq!(status, 503);
+    await_status(ATTACKER, server.addr, "/health", 200).await;
+    drop(stream);
+}

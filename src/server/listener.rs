@@ -28,6 +28,7 @@ use tokio_util::task::TaskTracker;
 use tower_service::Service;
 use tracing::{debug, warn};
 
+use crate::transport::HttpStream;
 use crate::warn_limit::WarnLimiter;
 
 /// Refused sockets being answered at once; past it, a refused socket is closed unanswered
@@ -55,6 +56,8 @@ pub struct ListenerLimits {
     /// Until a request head has arrived: from the connection's start, and between requests
     /// on a kept-alive connection.
     pub header_timeout: Duration,
+    /// How long a response's write may stay blocked.
+    pub write_timeout: Duration,
 }
 
 /// The client a connection counts against: its IPv4 address, or its IPv6 /64 (one host
@@ -189,7 +192,7 @@ pub async fn serve(
         match admission.admit(client_of(peer.ip())) {
             Ok(slot) => {
                 let connection = serve_connection(
-                    stream,
+                    HttpStream::new(stream, limits.write_timeout),
                     peer,
                     slot,
                     app.clone(),
@@ -250,7 +253,7 @@ async fn refuse(mut stream: TcpStream, refusal: Refusal) {
 /// request head is late, or the server stops (then after the request in progress, within
 /// the head timeout).
 async fn serve_connection(
-    stream: TcpStream,
+    stream: HttpStream,
     peer: SocketAddr,
     slot: ConnectionSlot,
     app: Router,

@@ -118,6 +118,7 @@ fn listener_limits(config: &Config) -> ListenerLimits {
             .min(max_connections / 2)
             .max(1),
         header_timeout: config.http_header_timeout,
+        write_timeout: config.http_write_timeout,
     }
 }
 

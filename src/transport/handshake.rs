@@ -16,10 +16,9 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 use tracing::error;
 
-use super::{Outbox, Socket, SocketConfig};
+use super::{HttpStream, Outbox, Socket, SocketConfig};
 
 /// A valid WebSocket upgrade request (RFC 6455 §4.2.1).
 pub struct Upgrade {
@@ -185,18 +184,18 @@ impl Upgrading {
     /// Waits for the upgrade and opens the socket; `None` if the connection went away first.
     pub async fn open(self, config: SocketConfig) -> Option<(Socket, Outbox)> {
         let upgraded = self.on_upgrade.await.ok()?;
-        let parts =
-            match hyper_util::server::conn::auto::upgrade::downcast::<TokioIo<TcpStream>>(upgraded)
-            {
-                Ok(parts) => parts,
-                Err(_) => {
-                    error!("an upgraded connection is not a TCP stream");
-                    return None;
-                }
-            };
+        let parts = match hyper_util::server::conn::auto::upgrade::downcast::<TokioIo<HttpStream>>(
+            upgraded,
+        ) {
+            Ok(parts) => parts,
+            Err(_) => {
+                error!("an upgraded connection is not a TCP stream");
+                return None;
+            }
+        };
         // tungstenite starts with what hyper already read past the request.
         let read = parts.read_buf.to_vec();
-        Some(Socket::new(parts.io.into_inner(), read, config).await)
+        Some(Socket::new(parts.io.into_inner().into_inner(), read, config).await)
     }
 }
 

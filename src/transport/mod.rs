@@ -15,6 +15,7 @@
 //! | `outbox.rs` | the write queue: [`Outbox`] (the session's end), `Inbox` (the connection's), `Writer` (tungstenite's, whole frames only), over a [`Wire`] |
 //! | `frame.rs` | [`Frame`]: a whole server frame, encoded once; frame lengths from headers |
 //! | `io.rs` | the shared TCP stream: tungstenite reads it, writes go through the outbox |
+//! | `http_io.rs` | [`HttpStream`]: the TCP stream before the upgrade, whose writes fail once blocked past `--http-write-timeout` |
 //!
 //! The connection task (`server::connection`) loops on [`Socket::next_event`] and hands the
 //! messages to its session; the session sends through the [`Outbox`] it got when the
@@ -26,11 +27,13 @@
 mod close;
 mod frame;
 mod handshake;
+mod http_io;
 mod io;
 pub mod outbox;
 mod socket;
 
 pub use frame::Frame;
 pub use handshake::{Rejection, Upgrade, Upgrading};
+pub use http_io::HttpStream;
 pub use outbox::{outbox, Bounds, Inbox, Outbox, Overflow, Sent, Wire};
 pub use socket::{Ending, Event, Socket, SocketConfig};
