@@ -13,10 +13,11 @@ pub mod http;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use collab_core::session::{Access, Role};
+use collab_core::session::{Access, CloseReason, Role, CLOSE_TOKEN_EXPIRED, CLOSE_TOKEN_REVOKED};
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
@@ -315,7 +316,8 @@ pub struct LiveGrant {
     /// The token names this session (not `*`): a revocation of the session covers it.
     revocable: bool,
     iat_ms: u64,
-    pub expires: tokio::time::Instant,
+    /// Here, not in the connection's task: an unauthenticated connection holds no timer.
+    expiry: Pin<Box<tokio::time::Sleep>>,
     revocations: watch::Receiver<RevocationMap>,
 }
 
@@ -329,7 +331,7 @@ impl LiveGrant {
             session: session.to_owned(),
             revocable: claims.session == session,
             iat_ms: claims.iat_ms,
-            expires: tokio::time::Instant::now() + left,
+            expiry: Box::pin(tokio::time::sleep(left)),
             revocations: revocations.subscribe(),
         }
     }
@@ -340,15 +342,33 @@ impl LiveGrant {
         revokes(&map, &self.session, self.revocable, self.iat_ms)
     }
 
-    /// Waits for a revocation of this token.
-    pub async fn revoked(&mut self) {
-        while self.revocations.changed().await.is_ok() {
-            if self.is_revoked() {
-                return;
+    /// Waits until the token expires or is revoked; the close that says which.
+    pub async fn ended(&mut self) -> CloseReason {
+        let LiveGrant {
+            session,
+            revocable,
+            iat_ms,
+            expiry,
+            revocations,
+        } = self;
+        let revoked = async {
+            while revocations.changed().await.is_ok() {
+                if revokes(
+                    &revocations.borrow_and_update(),
+                    session,
+                    *revocable,
+                    *iat_ms,
+                ) {
+                    return;
+                }
             }
+            // The server is stopping: the session closes its members.
+            std::future::pending::<()>().await;
+        };
+        tokio::select! {
+            () = expiry.as_mut() => CLOSE_TOKEN_EXPIRED,
+            () = revoked => CLOSE_TOKEN_REVOKED,
         }
-        // The server is stopping: the session closes its members.
-        std::future::pending::<()>().await;
     }
 }
 

@@ -8,6 +8,7 @@
 //! protocol ping on `/yjs`.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use tokio::time::Instant;
@@ -16,7 +17,7 @@ use tracing::{info, warn};
 use collab_core::doc::PeerId;
 use collab_core::protocol::json::{self, ErrorCode, ProtocolError};
 use collab_core::protocol::yjs;
-use collab_core::session::{ConnKind, CLOSE_IDLE, CLOSE_TOKEN_EXPIRED, CLOSE_TOKEN_REVOKED};
+use collab_core::session::{CloseReason, ConnKind, CLOSE_IDLE};
 
 use super::AppState;
 use crate::auth::LiveGrant;
@@ -70,11 +71,11 @@ impl Connection {
             let timer = tokio::time::sleep(period);
             tokio::pin!(timer);
             let mut pong_due = false;
-            let mut live = self.live.take();
-            let expiry = tokio::time::sleep_until(
-                live.as_ref().map_or_else(Instant::now, |live| live.expires),
-            );
-            tokio::pin!(expiry);
+            // Made once and boxed: an unauthenticated connection's task holds none of it.
+            let mut token_end: Option<TokenEnd> = self
+                .live
+                .take()
+                .map(|mut live| Box::pin(async move { live.ended().await }) as TokenEnd);
             let ending = loop {
                 // The select only decides; what must be awaited comes after it, so that the
                 // select's state and the awaited future do not both stay in the task.
@@ -99,8 +100,7 @@ impl Connection {
                             Step::Ping
                         }
                     }
-                    _ = &mut expiry, if live.is_some() => Step::End(Ending::Close(CLOSE_TOKEN_EXPIRED)),
-                    _ = revoked(&mut live), if live.is_some() => Step::End(Ending::Close(CLOSE_TOKEN_REVOKED)),
+                    reason = token_ended(&mut token_end), if token_end.is_some() => Step::End(Ending::Close(reason)),
                 };
                 match step {
                     Step::Continue => {}
@@ -188,10 +188,13 @@ impl Connection {
     }
 }
 
-/// Waits for the connection's token to be revoked (never, without one).
-async fn revoked(live: &mut Option<Box<LiveGrant>>) {
-    match live {
-        Some(live) => live.revoked().await,
+/// The end of a connection's token: its expiry or revocation.
+type TokenEnd = Pin<Box<dyn Future<Output = CloseReason> + Send>>;
+
+/// Waits for the connection's token to end (never, without one).
+async fn token_ended(end: &mut Option<TokenEnd>) -> CloseReason {
+    match end {
+        Some(end) => end.as_mut().await,
         None => std::future::pending().await,
     }
 }
