@@ -19,10 +19,11 @@ use collab_core::protocol::json::{self, ErrorCode, ProtocolError};
 use collab_core::protocol::yjs;
 use collab_core::session::{CloseReason, ConnKind, CLOSE_IDLE};
 
-use super::AppState;
 use crate::auth::LiveGrant;
+use crate::config::Config;
 use crate::session::{SessionHandle, SessionMsg};
 use crate::transport::{Ending, Event, Frame, Outbox, Socket};
+use crate::warn_limit::WarnLimiter;
 
 /// What one turn of a connection's loop leads to.
 enum Step {
@@ -41,7 +42,10 @@ pub struct ConnectionTarget {
 
 /// A joined connection.
 pub struct Connection {
-    pub(super) state: AppState,
+    /// Only what the loop reads, not the whole `AppState`: every idle connection's task
+    /// holds these.
+    pub(super) config: Arc<Config>,
+    pub(super) rejected_warnings: Arc<WarnLimiter>,
     pub(super) session: SessionHandle,
     pub(super) peer: PeerId,
     pub(super) user: Arc<str>,
@@ -65,8 +69,8 @@ impl Connection {
             // the desktop client's JSON ping is one), the protocol ping on `/yjs` (a peer that
             // has not answered one by the next is dropped; a silent viewer answers them).
             let period = match self.kind {
-                ConnKind::Yjs => self.state.config.yjs_ping_interval,
-                ConnKind::Legacy | ConnKind::LegacyYjs => self.state.config.idle_timeout,
+                ConnKind::Yjs => self.config.yjs_ping_interval,
+                ConnKind::Legacy | ConnKind::LegacyYjs => self.config.idle_timeout,
             };
             let timer = tokio::time::sleep(period);
             tokio::pin!(timer);
@@ -82,7 +86,7 @@ impl Connection {
                 let step = tokio::select! {
                     biased;
                     // Also writes what the socket could not take from the session at once.
-                    event = socket.next_event(&self.state.config.message_timeout) => {
+                    event = socket.next_event(&self.config.message_timeout) => {
                         // Only a whole data message shows the peer is there: its pings, or a
                         // message it started and never finishes, cannot hold it open.
                         let data = matches!(event, Event::Text(_) | Event::Binary(_));
@@ -179,7 +183,7 @@ impl Connection {
 
     fn reject(&self, error: ProtocolError) {
         metrics::counter!("collab_rejected_input_total").increment(1);
-        if self.state.rejected_warnings.allow() {
+        if self.rejected_warnings.allow() {
             warn!(session = %self.session.id, peer = self.peer, error = %error, "rejected input");
         }
         if self.kind.speaks_json() {

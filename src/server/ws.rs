@@ -199,7 +199,8 @@ async fn join(
     let user: Arc<str> = target.user.unwrap_or_else(|| Arc::from("-"));
     info!(session = %target.session, user = %user, peer, kind = ?target.kind, "connection opened");
     let connection = Connection {
-        state,
+        config: state.config.clone(),
+        rejected_warnings: state.rejected_warnings.clone(),
         session,
         peer,
         user,

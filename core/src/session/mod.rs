@@ -455,8 +455,9 @@ struct Member {
     /// delivery, it holds the document as it was then.
     synced: bool,
     /// The document's state vector when the shell last confirmed that everything sent to this
-    /// member reached its socket after it was synced: a lower bound of what it holds.
-    holds: Option<StateVector>,
+    /// member reached its socket after it was synced: a lower bound of what it holds. Shared
+    /// with the members confirmed at the same state ([`Session::shared_state_vector`]).
+    holds: Option<Arc<StateVector>>,
     /// A `?yjs=1` member sent a JSON change: the document's blocks for it are not sent back to
     /// it, so the document's state is no lower bound of its own; it catches up from the whole
     /// document.
@@ -482,6 +483,8 @@ pub struct Session {
     /// When awareness states are next checked for expiry (while there are any).
     awareness_check: Option<Instant>,
     whole_state: Option<WholeState>,
+    /// The document's state vector and its rebuild count, kept until the document changes.
+    state_vector: Option<(u64, Arc<StateVector>)>,
     rates: Rates,
     /// Set once the session shares its presence with other nodes.
     cluster: Option<Cluster>,
@@ -501,6 +504,7 @@ impl Session {
             ),
             awareness_check: None,
             whole_state: None,
+            state_vector: None,
             rates: limits.rates,
             cluster: None,
         }
@@ -1272,11 +1276,25 @@ impl Session {
         if member.changed_by_json {
             return true;
         }
-        let holds = self.scene.doc().state_vector();
+        let holds = self.shared_state_vector();
         if let Some(member) = self.members.get_mut(&peer) {
             member.holds = Some(holds);
         }
         true
+    }
+
+    /// The document's state vector, computed once per change of the document: every idle
+    /// member confirmed since holds the same one.
+    fn shared_state_vector(&mut self) -> Arc<StateVector> {
+        let rebuilds = self.scene.doc().rebuilds();
+        if let Some((at, sv)) = &self.state_vector {
+            if *at == rebuilds {
+                return sv.clone();
+            }
+        }
+        let sv = Arc::new(self.scene.doc().state_vector());
+        self.state_vector = Some((rebuilds, sv.clone()));
+        sv
     }
 
     /// One update that brings a Yjs member that fell behind from what it is known to hold to
@@ -1339,6 +1357,7 @@ impl Session {
             let message = Payload::yjs_change(yjs::sync_update(&update));
             out.persist.push(update);
             self.whole_state = None;
+            self.state_vector = None;
             for (id, member) in &self.members {
                 if member.kind.speaks_yjs() && Some(*id) != origin {
                     out.sends.push((*id, message.clone()));
