@@ -5,7 +5,9 @@
 //! way round; a late joiner on a third node gets the whole state; a node that restarts loads
 //! the session from Redis and follows it again. Presence is session-wide: the user list, joins
 //! and leaves, replacement (4000) and awareness cross nodes, and a node that stops renewing its
-//! heartbeat (killed: the binary as a child process) has its users leave on the others.
+//! heartbeat (killed: the binary as a child process) has its users leave on the others. A
+//! node killed (`kill -9`) while clients on every node edit continuously loses nothing its
+//! clients had received, and the other nodes' clients go on undisturbed.
 //!
 //! No sleeps: every wait is for an event (a frame, Redis' "ready" line), bounded by
 //! `PATIENCE`.
@@ -19,13 +21,16 @@ use collab_core::session::{ConnKind, PresenceChange};
 use common::child::ChildServer;
 use common::durable::close_client;
 use common::*;
-use futures_util::SinkExt;
+use futures_util::{SinkExt, StreamExt};
 use optiverse_collab::store::redis::RedisStore;
 use optiverse_collab::store::{Following, Remote, RemoteBatch, SessionMeta, Store};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
+use tokio::sync::{mpsc, watch};
+use tokio_tungstenite::tungstenite::Message as WsMessage;
 use yrs::sync::{Message, SyncMessage};
+use yrs::updates::decoder::Decode;
 use yrs::updates::encoder::Encode;
 use yrs::{Doc, Map, ReadTxn, StateVector, Transact};
 
@@ -87,8 +92,8 @@ impl Redis {
             .unwrap()
     }
 
-    /// The session's items as Redis holds them (a store of its own reads them).
-    async fn stored_items(&self, session: &str) -> std::collections::BTreeMap<String, Value> {
+    /// The session's document as Redis holds it (a store of its own reads it).
+    async fn stored_doc(&self, session: &str) -> Doc {
         let store = RedisStore::connect(&self.url).await.unwrap();
         let stored = store.load(session).await.unwrap().expect("stored in Redis");
         let doc = Doc::new();
@@ -96,7 +101,12 @@ impl Redis {
         for update in &stored.updates {
             apply_update(&doc, update);
         }
-        doc_items(&doc)
+        doc
+    }
+
+    /// The session's items as Redis holds them.
+    async fn stored_items(&self, session: &str) -> std::collections::BTreeMap<String, Value> {
+        doc_items(&self.stored_doc(session).await)
     }
 }
 
@@ -142,10 +152,8 @@ async fn spawn_redis(port: u16, dir: &std::path::Path) -> Child {
 /// Reads Updates until the client's document holds everything `targets` hold.
 async fn await_covering(client: &mut YClient, targets: &[StateVector]) {
     let covered = |client: &YClient| {
-        let have = client.doc.transact().state_vector();
-        targets
-            .iter()
-            .all(|target| target.iter().all(|(id, clock)| have.get(id) >= *clock))
+        let have = state_vector_of(client);
+        targets.iter().all(|target| covers(&have, target))
     };
     while !covered(client) {
         if let Message::Sync(SyncMessage::Update(update) | SyncMessage::SyncStep2(update)) =
@@ -850,4 +858,338 @@ async fn presence_in_redis_that_no_node_wrote_is_skipped() {
     assert_eq!(joined["user_id"], "valid", "{joined}");
     let (_bob, ack) = node_a.legacy(session, "bob").await;
     assert_eq!(listed(&ack), ["valid", "alice", "bob"], "{ack}");
+}
+
+/// Whether `have` holds everything `want` names.
+fn covers(have: &StateVector, want: &StateVector) -> bool {
+    want.iter().all(|(id, clock)| have.get(id) >= *clock)
+}
+
+/// A Yjs client of the load, with what it received from its node alone (its own edits are
+/// not in `received`: what it had received is what a node delivered, so what went through
+/// Redis first).
+struct Loaded {
+    client: YClient,
+    received: Doc,
+    /// How it stopped: `None` when told to, else what its socket did.
+    ended: Option<String>,
+}
+
+/// A new ruler's uuid: the `n`th of client `client`.
+fn load_uuid(client: usize, n: u32) -> String {
+    format!("{client:08x}-2a49-4f5e-9d8c-{n:012x}")
+}
+
+/// Edits continuously (a new ruler every `pace`) and applies what comes, until `stop` or
+/// until its socket ends (a close, an error, the end). Each received update is counted on
+/// `progress`.
+async fn yjs_load(
+    client: YClient,
+    received: Doc,
+    index: usize,
+    mut stop: watch::Receiver<bool>,
+    progress: mpsc::UnboundedSender<usize>,
+) -> Loaded {
+    let mut loaded = Loaded {
+        client,
+        received,
+        ended: None,
+    };
+    let mut pace = tokio::time::interval(std::time::Duration::from_millis(5));
+    let mut n = state_vector_of(&loaded.client).get(&loaded.client.doc.client_id());
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return loaded,
+            _ = pace.tick() => {
+                let uuid = load_uuid(index, n);
+                n += 1;
+                let data = ruler(&uuid, &format!("load {index}"));
+                let update = edit(&loaded.client.doc, |txn, items| {
+                    items.insert(txn, uuid.as_str(), item_prelim("ruler", &data));
+                });
+                let frame = Message::Sync(SyncMessage::Update(update)).encode_v1();
+                if let Err(e) = loaded.client.ws.send(WsMessage::binary(frame)).await {
+                    loaded.ended = Some(format!("send: {e}"));
+                    return loaded;
+                }
+            }
+            frame = loaded.client.ws.next() => match frame {
+                Some(Ok(WsMessage::Binary(bytes))) => {
+                    let decoded = Message::decode_v1(&bytes).expect("a y-websocket frame");
+                    if let Message::Sync(SyncMessage::Update(update) | SyncMessage::SyncStep2(update)) = decoded {
+                        loaded.client.apply(&update);
+                        apply_update(&loaded.received, &update);
+                        let _ = progress.send(index);
+                    }
+                }
+                Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => {}
+                other => {
+                    loaded.ended = Some(format!("{other:?}"));
+                    return loaded;
+                }
+            }
+        }
+    }
+}
+
+/// A desktop client of the load: moves its ruler continuously (`update_item`, the whole
+/// item) and counts the commands it gets, until `stop`; panics if its socket ends. Returns
+/// its socket, where its ruler is, and the items it was told of (its own included).
+async fn desktop_load(
+    mut ws: Ws,
+    uuid: String,
+    mut stop: watch::Receiver<bool>,
+    progress: mpsc::UnboundedSender<usize>,
+    index: usize,
+) -> (Ws, f64, std::collections::BTreeSet<String>) {
+    let mut pace = tokio::time::interval(std::time::Duration::from_millis(10));
+    let mut x = 0.0;
+    let mut told = std::collections::BTreeSet::from([uuid.clone()]);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return (ws, x, told),
+            _ = pace.tick() => {
+                x += 1.0;
+                let mut data = ruler(&uuid, "desktop");
+                data["x_mm"] = json!(x);
+                send_json(&mut ws, &command("update_item", "ruler", &uuid, data, "desk")).await;
+            }
+            frame = ws.next() => match frame {
+                Some(Ok(WsMessage::Text(text))) => {
+                    let msg: Value = serde_json::from_str(&text).unwrap();
+                    if msg["type"] == "command" {
+                        if msg["command"]["action"] == "add_item" {
+                            told.insert(msg["command"]["item_id"].as_str().unwrap().to_owned());
+                        }
+                        let _ = progress.send(index);
+                    }
+                }
+                Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => {}
+                other => panic!("the desktop client on a surviving node was disturbed: {other:?}"),
+            }
+        }
+    }
+}
+
+/// Waits until each of `indices` has received at least `more` updates (or commands) counted
+/// from now.
+async fn await_progress(
+    progress: &mut mpsc::UnboundedReceiver<usize>,
+    indices: &[usize],
+    more: usize,
+) {
+    let mut counts = std::collections::HashMap::new();
+    tokio::time::timeout(PATIENCE, async {
+        while !indices
+            .iter()
+            .all(|i| counts.get(i).copied().unwrap_or(0) >= more)
+        {
+            let index = progress.recv().await.expect("the load runs");
+            *counts.entry(index).or_insert(0) += 1;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no progress: {counts:?}"));
+}
+
+/// A Yjs client of the child node (`addr`), the handshake done.
+async fn child_yjs(addr: std::net::SocketAddr, path: &str) -> YClient {
+    let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}{path}"))
+        .await
+        .expect("the child node takes a Yjs connection");
+    let doc = Doc::new();
+    items(&doc);
+    let mut client = YClient { ws, doc };
+    client.handshake().await;
+    client
+}
+
+/// `kill -9` of one of three nodes (the real binary, as a child process) while Yjs clients on
+/// all three and a desktop client edit one session continuously. What the killed node's
+/// clients had received is in Redis (it was appended before it was delivered); they reconnect
+/// to the other nodes and go on. The other nodes' clients are never disconnected and keep
+/// receiving; every update any client received is in every surviving node's document and in
+/// Redis, and all surviving clients converge.
+#[tokio::test]
+async fn killing_a_node_under_load_loses_nothing_its_clients_had_and_disturbs_no_other_node() {
+    let redis = Redis::start().await;
+    let (node_a, node_b) = (redis.node().await, redis.node().await);
+    let (mut victim, victim_addr) = ChildServer::start(&["--cluster", &redis.url]).await;
+    let session = "cluster-kill-under-load";
+    let (stop_tx, stop) = watch::channel(false);
+    let (progress_tx, mut progress) = mpsc::unbounded_channel();
+
+    // Clients 0 and 1 on node A, 2 on node B, 3 and 4 on the victim; the desktop client (5)
+    // on node B, first, so that it is told of every item as a command.
+    let (mut desk, _) = node_b.settled(session, "desk").await;
+    let desk_uuid = "6e7d3c1b-2a49-4f5e-9d8c-7b6a5f4e3d2c".to_owned();
+    send_json(
+        &mut desk,
+        &command(
+            "add_item",
+            "ruler",
+            &desk_uuid,
+            ruler(&desk_uuid, "desktop"),
+            "desk",
+        ),
+    )
+    .await;
+    let desktop = tokio::spawn(desktop_load(
+        desk,
+        desk_uuid.clone(),
+        stop.clone(),
+        progress_tx.clone(),
+        5,
+    ));
+
+    let mut survivors = Vec::new();
+    for (index, node) in [(0, &node_a), (1, &node_a), (2, &node_b)] {
+        let (client, _) = YClient::join(node, &format!("/yjs/{session}?user=y{index}")).await;
+        survivors.push(tokio::spawn(yjs_load(
+            client,
+            Doc::new(),
+            index,
+            stop.clone(),
+            progress_tx.clone(),
+        )));
+    }
+    let mut on_victim = Vec::new();
+    for index in [3, 4] {
+        let client = child_yjs(victim_addr, &format!("/yjs/{session}?user=y{index}")).await;
+        on_victim.push(tokio::spawn(yjs_load(
+            client,
+            Doc::new(),
+            index,
+            stop.clone(),
+            progress_tx.clone(),
+        )));
+    }
+    // Mid-load: every client has received from the others.
+    await_progress(&mut progress, &[0, 1, 2, 3, 4, 5], 30).await;
+    victim.kill();
+    let mut had = Vec::new();
+    for task in on_victim {
+        let loaded = tokio::time::timeout(PATIENCE, task)
+            .await
+            .expect("the killed node's clients see their socket end")
+            .unwrap();
+        assert!(
+            loaded.ended.is_some(),
+            "client {} was not cut",
+            had.len() + 3
+        );
+        had.push(loaded);
+    }
+    // (a) Everything they had received is in Redis: the killed node appended it before it
+    // delivered it.
+    let stored = redis.stored_doc(session).await.transact().state_vector();
+    for (i, loaded) in had.iter().enumerate() {
+        let received = loaded.received.transact().state_vector();
+        assert!(
+            covers(&stored, &received),
+            "client {} had received what Redis lacks: {received:?} vs {stored:?}",
+            i + 3
+        );
+    }
+    // They reconnect, one to each surviving node, and go on editing.
+    let mut reconnected = Vec::new();
+    for (loaded, node) in had.into_iter().zip([&node_a, &node_b]) {
+        let index = reconnected.len() + 3;
+        let mut client = YClient::connect_with(
+            node,
+            &format!("/yjs/{session}?user=y{index}"),
+            loaded.client.doc,
+        )
+        .await;
+        client.handshake().await;
+        assert!(covers(
+            &state_vector_of(&client),
+            &loaded.received.transact().state_vector()
+        ));
+        reconnected.push(tokio::spawn(yjs_load(
+            client,
+            loaded.received,
+            index,
+            stop.clone(),
+            progress_tx.clone(),
+        )));
+    }
+    // (c) The other nodes' clients keep receiving, the reconnected ones too.
+    await_progress(&mut progress, &[0, 1, 2, 3, 4, 5], 30).await;
+    stop_tx.send(true).unwrap();
+
+    let mut clients = Vec::new();
+    for task in survivors.into_iter().chain(reconnected) {
+        let loaded = task.await.unwrap();
+        assert_eq!(
+            loaded.ended, None,
+            "a client of a surviving node was disturbed"
+        );
+        clients.push(loaded);
+    }
+    let (mut desk, desk_x, mut desk_items) = desktop.await.unwrap();
+
+    // (d) Convergence: each client gets everything every other one has.
+    let targets: Vec<StateVector> = clients.iter().map(|l| state_vector_of(&l.client)).collect();
+    for loaded in &mut clients {
+        await_covering(&mut loaded.client, &targets).await;
+    }
+    let expected = doc_items(&clients[0].client.doc);
+    for (i, loaded) in clients.iter().enumerate() {
+        assert_eq!(doc_items(&loaded.client.doc), expected, "client {i}");
+    }
+    assert_eq!(expected[&desk_uuid]["x_mm"].as_f64(), Some(desk_x));
+    // The desktop client was told of every item (it made its own): it reads what is still
+    // on its way until it was told of all of them.
+    let expected_uuids: std::collections::BTreeSet<String> = expected.keys().cloned().collect();
+    while desk_items != expected_uuids {
+        let msg = next_command(&mut desk).await;
+        if msg["command"]["action"] == "add_item" {
+            desk_items.insert(msg["command"]["item_id"].as_str().unwrap().to_owned());
+        }
+    }
+    // A desktop client joining on node A gets the same scene.
+    let (_late, _, got) = node_a.joiner(session, "late").await;
+    let full = got
+        .iter()
+        .find(|m| m["type"] == "sync:full_state")
+        .unwrap_or_else(|| panic!("no full state: {got:#?}"));
+    let scene = scene_by_uuid(&full["state"]);
+    assert_eq!(
+        scene
+            .keys()
+            .cloned()
+            .collect::<std::collections::BTreeSet<_>>(),
+        expected_uuids
+    );
+    assert_eq!(scene[&desk_uuid]["x_mm"].as_f64(), Some(desk_x));
+    // (b) Every update any client received (so acknowledged: it went through Redis) is in
+    // each surviving node's document and in Redis.
+    let received: Vec<StateVector> = clients
+        .iter()
+        .map(|l| l.received.transact().state_vector())
+        .collect();
+    for (name, node) in [("A", &node_a), ("B", &node_b)] {
+        let (fresh, _) = YClient::join(node, &format!("/yjs/{session}")).await;
+        let have = state_vector_of(&fresh);
+        for (i, want) in received.iter().enumerate() {
+            assert!(
+                covers(&have, want),
+                "node {name} lacks what client {i} received"
+            );
+        }
+        assert_eq!(
+            doc_items(&fresh.doc),
+            expected,
+            "the document of node {name}"
+        );
+    }
+    let stored = redis.stored_doc(session).await;
+    for (i, want) in received.iter().enumerate() {
+        assert!(
+            covers(&stored.transact().state_vector(), want),
+            "Redis lacks what client {i} received"
+        );
+    }
+    assert_eq!(doc_items(&stored), expected, "what Redis holds");
 }
