@@ -1193,3 +1193,47 @@ async fn killing_a_node_under_load_loses_nothing_its_clients_had_and_disturbs_no
     }
     assert_eq!(doc_items(&stored), expected, "what Redis holds");
 }
+
+/// One node's feed with two followed sessions, one of which never takes what it is handed
+/// (its channel fills): the other's remote updates still come, each as it is appended; and
+/// once the stalled one reads, it gets every update it was not handed, in order.
+#[tokio::test]
+async fn a_session_whose_channel_is_full_does_not_hold_back_another_sessions_feed() {
+    let redis = Redis::start().await;
+    let writer = RedisStore::connect(&redis.url).await.unwrap();
+    let reader = RedisStore::connect(&redis.url).await.unwrap();
+    let (stalled, live) = ("cluster-stalled", "cluster-live");
+    let meta = SessionMeta { initialized: true };
+    let mut held = reader.follow(stalled, 0).await.unwrap().expect("a feed");
+    let mut following = reader.follow(live, 0).await.unwrap().expect("a feed");
+
+    // Each round appends to the held session, then to the live one, and awaits the live
+    // one's batch: its read came after the held session's entry, so each round hands (or
+    // tries to hand) the held session one more batch, many more than its channel holds.
+    let doc = Doc::new();
+    let mut appended = Vec::new();
+    for i in 0..60 {
+        let uuid = format!("7e7d3c1b-2a49-4f5e-9d8c-{i:012x}");
+        let data = ruler(&uuid, "r");
+        let update = edit(&doc, |txn, items| {
+            items.insert(txn, uuid.as_str(), item_prelim("ruler", &data));
+        });
+        writer
+            .append(stalled, vec![update.clone()], meta.clone())
+            .await
+            .unwrap();
+        writer
+            .append(live, vec![update.clone()], meta.clone())
+            .await
+            .unwrap();
+        let batch = next_batch(&mut following).await;
+        assert_eq!(batch.updates, std::slice::from_ref(&update), "round {i}");
+        appended.push(update);
+    }
+    // The held session reads at last: every update, once, in order.
+    let mut got = Vec::new();
+    while got.len() < appended.len() {
+        got.extend(next_batch(&mut held).await.updates);
+    }
+    assert_eq!(got, appended);
+}
