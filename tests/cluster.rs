@@ -14,6 +14,7 @@
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::process::Stdio;
 use std::sync::Arc;
 
@@ -932,43 +933,114 @@ async fn yjs_load(
     }
 }
 
-/// A desktop client of the load: moves its ruler continuously (`update_item`, the whole
-/// item) and counts the commands it gets, until `stop`; panics if its socket ends. Returns
-/// its socket, where its ruler is, and the items it was told of (its own included).
-async fn desktop_load(
-    mut ws: Ws,
+/// A desktop client of the load.
+struct Desktop {
+    ws: Ws,
     uuid: String,
+    /// Where its ruler is (its `x_mm`).
+    x: f64,
+    /// The items it was told of (its own included).
+    told: BTreeSet<String>,
+    /// How it stopped: `None` when told to, else what its socket did.
+    ended: Option<String>,
+}
+
+impl Desktop {
+    /// Reads commands until it was told of exactly `items`.
+    async fn await_told(&mut self, items: &BTreeSet<String>) {
+        while &self.told != items {
+            let msg = next_command(&mut self.ws).await;
+            self.note(&msg);
+        }
+    }
+
+    fn note(&mut self, command: &Value) {
+        if command["command"]["action"] == "add_item" {
+            let uuid = command["command"]["item_id"].as_str().unwrap();
+            self.told.insert(uuid.to_owned());
+        }
+    }
+}
+
+/// Moves the desktop client's ruler continuously (`update_item`, the whole item, as the app
+/// sends it) and notes the commands it gets (each counted on `progress`), until `stop` or
+/// until its socket ends.
+async fn desktop_load(
+    mut desk: Desktop,
+    index: usize,
     mut stop: watch::Receiver<bool>,
     progress: mpsc::UnboundedSender<usize>,
-    index: usize,
-) -> (Ws, f64, std::collections::BTreeSet<String>) {
+) -> Desktop {
     let mut pace = tokio::time::interval(std::time::Duration::from_millis(10));
-    let mut x = 0.0;
-    let mut told = std::collections::BTreeSet::from([uuid.clone()]);
     loop {
         tokio::select! {
-            _ = stop.changed() => return (ws, x, told),
+            _ = stop.changed() => return desk,
             _ = pace.tick() => {
-                x += 1.0;
-                let mut data = ruler(&uuid, "desktop");
-                data["x_mm"] = json!(x);
-                send_json(&mut ws, &command("update_item", "ruler", &uuid, data, "desk")).await;
+                desk.x += 1.0;
+                let mut data = ruler(&desk.uuid, "desktop");
+                data["x_mm"] = json!(desk.x);
+                let msg = command("update_item", "ruler", &desk.uuid, data, "desk");
+                if let Err(e) = desk.ws.send(WsMessage::text(msg.to_string())).await {
+                    desk.ended = Some(format!("send: {e}"));
+                    return desk;
+                }
             }
-            frame = ws.next() => match frame {
+            frame = desk.ws.next() => match frame {
                 Some(Ok(WsMessage::Text(text))) => {
                     let msg: Value = serde_json::from_str(&text).unwrap();
                     if msg["type"] == "command" {
-                        if msg["command"]["action"] == "add_item" {
-                            told.insert(msg["command"]["item_id"].as_str().unwrap().to_owned());
-                        }
+                        desk.note(&msg);
                         let _ = progress.send(index);
                     }
                 }
                 Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => {}
-                other => panic!("the desktop client on a surviving node was disturbed: {other:?}"),
+                other => {
+                    desk.ended = Some(format!("{other:?}"));
+                    return desk;
+                }
             }
         }
     }
+}
+
+/// A desktop client that uploaded an empty canvas (so it is told of every change as a
+/// command) and added its ruler.
+async fn desktop_on(mut ws: Ws, uuid: &str) -> Desktop {
+    send_json(
+        &mut ws,
+        &json!({"type": "sync:full_state", "state": {"items": []}}),
+    )
+    .await;
+    ping_collect(&mut ws).await;
+    send_json(
+        &mut ws,
+        &command("add_item", "ruler", uuid, ruler(uuid, "desktop"), "desk"),
+    )
+    .await;
+    Desktop {
+        ws,
+        uuid: uuid.to_owned(),
+        x: 0.0,
+        told: BTreeSet::from([uuid.to_owned()]),
+        ended: None,
+    }
+}
+
+/// The items a desktop client is told of on joining `node` as the app does (`sync:request`
+/// after the ack): the full state's and the `add_item`s that came after it; with its socket.
+async fn desktop_rejoin(node: &TestServer, session: &str, user: &str) -> (Ws, BTreeSet<String>) {
+    let (ws, _, got) = node.joiner(session, user).await;
+    let at = got
+        .iter()
+        .position(|m| m["type"] == "sync:full_state")
+        .unwrap_or_else(|| panic!("no full state: {got:#?}"));
+    let mut told: BTreeSet<String> = scene_by_uuid(&got[at]["state"]).into_keys().collect();
+    for msg in &got[at + 1..] {
+        if msg["type"] == "command" && msg["command"]["action"] == "add_item" {
+            told.insert(msg["command"]["item_id"].as_str().unwrap().to_owned());
+        }
+    }
+    (ws, told)
 }
 
 /// Waits until each of `indices` has received at least `more` updates (or commands) counted
@@ -1005,9 +1077,10 @@ async fn child_yjs(addr: std::net::SocketAddr, path: &str) -> YClient {
 }
 
 /// `kill -9` of one of three nodes (the real binary, as a child process) while Yjs clients on
-/// all three and a desktop client edit one session continuously. What the killed node's
-/// clients had received is in Redis (it was appended before it was delivered); they reconnect
-/// to the other nodes and go on. The other nodes' clients are never disconnected and keep
+/// all three and desktop clients on two edit one session continuously. What the killed
+/// node's clients had received is in Redis (it was appended before it was delivered); they
+/// reconnect to the other nodes (the desktop one gets a scene with every item it had been
+/// told of) and go on. The other nodes' clients are never disconnected and keep
 /// receiving; every update any client received is in every surviving node's document and in
 /// Redis, and all surviving clients converge.
 #[tokio::test]
@@ -1019,28 +1092,21 @@ async fn killing_a_node_under_load_loses_nothing_its_clients_had_and_disturbs_no
     let (stop_tx, stop) = watch::channel(false);
     let (progress_tx, mut progress) = mpsc::unbounded_channel();
 
-    // Clients 0 and 1 on node A, 2 on node B, 3 and 4 on the victim; the desktop client (5)
-    // on node B, first, so that it is told of every item as a command.
-    let (mut desk, _) = node_b.settled(session, "desk").await;
-    let desk_uuid = "6e7d3c1b-2a49-4f5e-9d8c-7b6a5f4e3d2c".to_owned();
-    send_json(
-        &mut desk,
-        &command(
-            "add_item",
-            "ruler",
-            &desk_uuid,
-            ruler(&desk_uuid, "desktop"),
-            "desk",
-        ),
+    // Clients 0 and 1 on node A, 2 on node B, 3 and 4 on the victim; desktop clients on node
+    // B (5) and on the victim (6), first, so that they are told of every item as a command.
+    let desk = desktop_on(
+        node_b.legacy(session, "desk").await.0,
+        "6e7d3c1b-2a49-4f5e-9d8c-7b6a5f4e3d2c",
     )
     .await;
-    let desktop = tokio::spawn(desktop_load(
-        desk,
-        desk_uuid.clone(),
-        stop.clone(),
-        progress_tx.clone(),
-        5,
-    ));
+    let desktop = tokio::spawn(desktop_load(desk, 5, stop.clone(), progress_tx.clone()));
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://{victim_addr}/ws/{session}/victim-desk"))
+            .await
+            .expect("the child node takes a desktop connection");
+    recv_ack(&mut ws, "victim-desk").await;
+    let desk = desktop_on(ws, "6e7d3c1b-2a49-4f5e-9d8c-7b6a5f4e3d2d").await;
+    let victim_desktop = tokio::spawn(desktop_load(desk, 6, stop.clone(), progress_tx.clone()));
 
     let mut survivors = Vec::new();
     for (index, node) in [(0, &node_a), (1, &node_a), (2, &node_b)] {
@@ -1065,7 +1131,7 @@ async fn killing_a_node_under_load_loses_nothing_its_clients_had_and_disturbs_no
         )));
     }
     // Mid-load: every client has received from the others.
-    await_progress(&mut progress, &[0, 1, 2, 3, 4, 5], 30).await;
+    await_progress(&mut progress, &[0, 1, 2, 3, 4, 5, 6], 30).await;
     victim.kill();
     let mut had = Vec::new();
     for task in on_victim {
@@ -1091,7 +1157,24 @@ async fn killing_a_node_under_load_loses_nothing_its_clients_had_and_disturbs_no
             i + 3
         );
     }
-    // They reconnect, one to each surviving node, and go on editing.
+    // The killed node's desktop client reconnects to node A as the app does: the scene it
+    // gets holds every item it had been told of.
+    let mut cut = tokio::time::timeout(PATIENCE, victim_desktop)
+        .await
+        .expect("the killed node's desktop client sees its socket end")
+        .unwrap();
+    assert!(cut.ended.is_some(), "the desktop client was not cut");
+    let (ws, scene) = desktop_rejoin(&node_a, session, "victim-desk").await;
+    assert!(
+        scene.is_superset(&cut.told),
+        "items it had been told of are missing: {:?}",
+        cut.told.difference(&scene).collect::<Vec<_>>()
+    );
+    cut.ws = ws;
+    cut.told = scene;
+    cut.ended = None;
+    let victim_desktop = tokio::spawn(desktop_load(cut, 6, stop.clone(), progress_tx.clone()));
+    // The Yjs ones reconnect, one to each surviving node, and go on editing.
     let mut reconnected = Vec::new();
     for (loaded, node) in had.into_iter().zip([&node_a, &node_b]) {
         let index = reconnected.len() + 3;
@@ -1115,7 +1198,7 @@ async fn killing_a_node_under_load_loses_nothing_its_clients_had_and_disturbs_no
         )));
     }
     // (c) The other nodes' clients keep receiving, the reconnected ones too.
-    await_progress(&mut progress, &[0, 1, 2, 3, 4, 5], 30).await;
+    await_progress(&mut progress, &[0, 1, 2, 3, 4, 5, 6], 30).await;
     stop_tx.send(true).unwrap();
 
     let mut clients = Vec::new();
@@ -1127,7 +1210,12 @@ async fn killing_a_node_under_load_loses_nothing_its_clients_had_and_disturbs_no
         );
         clients.push(loaded);
     }
-    let (mut desk, desk_x, mut desk_items) = desktop.await.unwrap();
+    let mut desktops = Vec::new();
+    for task in [desktop, victim_desktop] {
+        let desk = task.await.unwrap();
+        assert_eq!(desk.ended, None, "a desktop client was disturbed");
+        desktops.push(desk);
+    }
 
     // (d) Convergence: each client gets everything every other one has.
     let targets: Vec<StateVector> = clients.iter().map(|l| state_vector_of(&l.client)).collect();
@@ -1138,31 +1226,16 @@ async fn killing_a_node_under_load_loses_nothing_its_clients_had_and_disturbs_no
     for (i, loaded) in clients.iter().enumerate() {
         assert_eq!(doc_items(&loaded.client.doc), expected, "client {i}");
     }
-    assert_eq!(expected[&desk_uuid]["x_mm"].as_f64(), Some(desk_x));
-    // The desktop client was told of every item (it made its own): it reads what is still
-    // on its way until it was told of all of them.
-    let expected_uuids: std::collections::BTreeSet<String> = expected.keys().cloned().collect();
-    while desk_items != expected_uuids {
-        let msg = next_command(&mut desk).await;
-        if msg["command"]["action"] == "add_item" {
-            desk_items.insert(msg["command"]["item_id"].as_str().unwrap().to_owned());
-        }
+    // The desktop clients are told of every item (what is still on its way is read), and
+    // their rulers are where they last put them.
+    let expected_uuids: BTreeSet<String> = expected.keys().cloned().collect();
+    for desk in &mut desktops {
+        desk.await_told(&expected_uuids).await;
+        assert_eq!(expected[&desk.uuid]["x_mm"].as_f64(), Some(desk.x));
     }
-    // A desktop client joining on node A gets the same scene.
-    let (_late, _, got) = node_a.joiner(session, "late").await;
-    let full = got
-        .iter()
-        .find(|m| m["type"] == "sync:full_state")
-        .unwrap_or_else(|| panic!("no full state: {got:#?}"));
-    let scene = scene_by_uuid(&full["state"]);
-    assert_eq!(
-        scene
-            .keys()
-            .cloned()
-            .collect::<std::collections::BTreeSet<_>>(),
-        expected_uuids
-    );
-    assert_eq!(scene[&desk_uuid]["x_mm"].as_f64(), Some(desk_x));
+    // A desktop client joining on node B gets the same scene.
+    let (_late, scene) = desktop_rejoin(&node_b, session, "late").await;
+    assert_eq!(scene, expected_uuids);
     // (b) Every update any client received (so acknowledged: it went through Redis) is in
     // each surviving node's document and in Redis.
     let received: Vec<StateVector> = clients
