@@ -1217,8 +1217,21 @@ async fn killing_a_node_under_load_loses_nothing_its_clients_had_and_disturbs_no
         desktops.push(desk);
     }
 
-    // (d) Convergence: each client gets everything every other one has.
-    let targets: Vec<StateVector> = clients.iter().map(|l| state_vector_of(&l.client)).collect();
+    // (d) Convergence: each client gets everything every other one has, and what the
+    // desktop clients' nodes made of their commands (a ping's answer comes after them).
+    for desk in &mut desktops {
+        for msg in ping_collect(&mut desk.ws).await {
+            if msg["type"] == "command" {
+                desk.note(&msg);
+            }
+        }
+    }
+    let mut targets: Vec<StateVector> =
+        clients.iter().map(|l| state_vector_of(&l.client)).collect();
+    for node in [&node_a, &node_b] {
+        let (fresh, _) = YClient::join(node, &format!("/yjs/{session}")).await;
+        targets.push(state_vector_of(&fresh));
+    }
     for loaded in &mut clients {
         await_covering(&mut loaded.client, &targets).await;
     }
