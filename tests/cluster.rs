@@ -18,7 +18,7 @@ use std::collections::BTreeSet;
 use std::process::Stdio;
 use std::sync::Arc;
 
-use collab_core::session::{ConnKind, PresenceChange};
+use collab_core::session::{ConnKind, Input, PresenceChange};
 use common::child::ChildServer;
 use common::durable::close_client;
 use common::*;
@@ -1322,4 +1322,85 @@ async fn a_session_whose_channel_is_full_does_not_hold_back_another_sessions_fee
         got.extend(next_batch(&mut held).await.updates);
     }
     assert_eq!(got, appended);
+}
+
+/// The heartbeat does not wait for a session whose channel is full: when a node is found
+/// gone, the node's other sessions hear of it (and the heartbeat goes on renewing).
+#[tokio::test]
+async fn a_gone_node_reaches_every_session_though_some_channels_are_full() {
+    let redis = Redis::start().await;
+    let writer = RedisStore::connect(&redis.url).await.unwrap();
+    let reader = RedisStore::connect_with(&redis.url, std::time::Duration::from_millis(500))
+        .await
+        .unwrap();
+    let held_sessions: Vec<String> = (0..4).map(|i| format!("cluster-full-{i}")).collect();
+    let live = "cluster-hears-gone";
+    let meta = SessionMeta { initialized: true };
+    let mut held = Vec::new();
+    for session in &held_sessions {
+        held.push(reader.follow(session, 0).await.unwrap().expect("a feed"));
+    }
+    let mut following = reader.follow(live, 0).await.unwrap().expect("a feed");
+    // Fill the held sessions' channels (as in the test above: one batch each per round).
+    let doc = Doc::new();
+    for i in 0..40 {
+        let uuid = format!("8e7d3c1b-2a49-4f5e-9d8c-{i:012x}");
+        let data = ruler(&uuid, "r");
+        let update = edit(&doc, |txn, items| {
+            items.insert(txn, uuid.as_str(), item_prelim("ruler", &data));
+        });
+        for session in &held_sessions {
+            writer
+                .append(session, vec![update.clone()], meta.clone())
+                .await
+                .unwrap();
+        }
+        writer
+            .append(live, vec![update.clone()], meta.clone())
+            .await
+            .unwrap();
+        next_batch(&mut following).await;
+    }
+    // The reader hears of a connection of the writer's, so it watches the writer's node.
+    let writer_node = writer
+        .follow("cluster-writer-id", 0)
+        .await
+        .unwrap()
+        .expect("a feed")
+        .node;
+    writer
+        .publish_presence(
+            live,
+            vec![PresenceChange::Joined {
+                peer: 1,
+                kind: ConnKind::Legacy,
+                user: Some("w".into()),
+                connected_at: "2026-12-05T00:00:00.000Z".into(),
+                holds_name: false,
+            }],
+        )
+        .await
+        .unwrap();
+    // The writer stops and its alive key goes: the reader's heartbeat finds it gone.
+    drop(writer);
+    redis::cmd("DEL")
+        .arg(format!("collab:node:{writer_node}:alive"))
+        .query_async::<()>(&mut redis.conn().await)
+        .await
+        .unwrap();
+    loop {
+        let remote = tokio::time::timeout(PATIENCE, following.rx.recv())
+            .await
+            .expect("the live session hears the writer's node is gone")
+            .unwrap();
+        if let Remote::Presence(inputs) = remote {
+            if inputs
+                .iter()
+                .any(|input| matches!(input, Input::NodeGone { node } if *node == writer_node))
+            {
+                break;
+            }
+        }
+    }
+    drop(held);
 }

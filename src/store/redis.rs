@@ -656,7 +656,7 @@ async fn heartbeat(mut conn: ConnectionManager, shared: Arc<Shared>, stop: Cance
                     .map(|f| f.tx.clone())
                     .collect();
                 for tx in followers {
-                    let _ = tx.send(Remote::Reannounce).await;
+                    hand_over(tx, Remote::Reannounce);
                 }
             }
             Err(e) => {
@@ -693,6 +693,17 @@ async fn heartbeat(mut conn: ConnectionManager, shared: Arc<Shared>, stop: Cance
     }
 }
 
+/// Hands a session's task what the heartbeat found, without waiting for a full channel (the
+/// heartbeat must go on renewing this node's key whatever one session does): then a task of
+/// its own waits for room.
+fn hand_over(tx: mpsc::Sender<Remote>, remote: Remote) {
+    if let Err(mpsc::error::TrySendError::Full(remote)) = tx.try_send(remote) {
+        tokio::spawn(async move {
+            let _ = tx.send(remote).await;
+        });
+    }
+}
+
 /// Node `gone` stopped without its connections leaving: every followed session hears so,
 /// and its entries leave the sessions' presence hashes.
 async fn node_gone(conn: &mut ConnectionManager, shared: &Shared, gone: u64) {
@@ -706,9 +717,7 @@ async fn node_gone(conn: &mut ConnectionManager, shared: &Shared, gone: u64) {
             .collect()
     };
     for (session, tx) in followers {
-        let _ = tx
-            .send(Remote::Presence(vec![Input::NodeGone { node: gone }]))
-            .await;
+        hand_over(tx, Remote::Presence(vec![Input::NodeGone { node: gone }]));
         if let Err(e) = forget_node(conn, &session, gone).await {
             debug!(session = %session, gone, error = %e, "could not clear a gone node's presence");
         }
