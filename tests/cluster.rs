@@ -7,7 +7,8 @@
 //! and leaves, replacement (4000) and awareness cross nodes, and a node that stops renewing its
 //! heartbeat (killed: the binary as a child process) has its users leave on the others. A
 //! node killed (`kill -9`) while clients on every node edit continuously loses nothing its
-//! clients had received, and the other nodes' clients go on undisturbed.
+//! clients had received, and the other nodes' clients go on undisturbed. A session whose feed
+//! channel is full holds back neither the node's other sessions nor its heartbeat.
 //!
 //! No sleeps: every wait is for an event (a frame, Redis' "ready" line), bounded by
 //! `PATIENCE`.

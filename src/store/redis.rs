@@ -16,7 +16,8 @@
 //! - `collab:sessions`: the set of stored session ids.
 //! - `collab:nodes`: a counter that gives each node its id at start.
 //! - `collab:node:{n}:wake`: a one-entry stream a node writes to wake its own feed, which is
-//!   blocked reading the streams it follows, when it follows one more.
+//!   blocked reading the streams it follows, when it follows one more or a session it had
+//!   stopped reading (its channel was full) has room again.
 //! - `collab:{s}:present`: a hash of the session's connections on every node, `{node}:{peer}`
 //!   to the join (JSON: `k` the connection kind, `u` the user or `null`, `t` when it joined,
 //!   `h` whether its token binds the name): what a node that starts following the session
