@@ -5,27 +5,34 @@
 //! way round; a late joiner on a third node gets the whole state; a node that restarts loads
 //! the session from Redis and follows it again. Presence is session-wide: the user list, joins
 //! and leaves, replacement (4000) and awareness cross nodes, and a node that stops renewing its
-//! heartbeat (killed: the binary as a child process) has its users leave on the others.
+//! heartbeat (killed: the binary as a child process) has its users leave on the others. A
+//! node killed (`kill -9`) while clients on every node edit continuously loses nothing its
+//! clients had received, and the other nodes' clients go on undisturbed. A session whose feed
+//! channel is full holds back neither the node's other sessions nor its heartbeat.
 //!
 //! No sleeps: every wait is for an event (a frame, Redis' "ready" line), bounded by
 //! `PATIENCE`.
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::process::Stdio;
 use std::sync::Arc;
 
-use collab_core::session::{ConnKind, PresenceChange};
+use collab_core::session::{ConnKind, Input, PresenceChange};
 use common::child::ChildServer;
 use common::durable::close_client;
 use common::*;
-use futures_util::SinkExt;
+use futures_util::{SinkExt, StreamExt};
 use optiverse_collab::store::redis::RedisStore;
 use optiverse_collab::store::{Following, Remote, RemoteBatch, SessionMeta, Store};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
+use tokio::sync::{mpsc, watch};
+use tokio_tungstenite::tungstenite::Message as WsMessage;
 use yrs::sync::{Message, SyncMessage};
+use yrs::updates::decoder::Decode;
 use yrs::updates::encoder::Encode;
 use yrs::{Doc, Map, ReadTxn, StateVector, Transact};
 
@@ -87,8 +94,8 @@ impl Redis {
             .unwrap()
     }
 
-    /// The session's items as Redis holds them (a store of its own reads them).
-    async fn stored_items(&self, session: &str) -> std::collections::BTreeMap<String, Value> {
+    /// The session's document as Redis holds it (a store of its own reads it).
+    async fn stored_doc(&self, session: &str) -> Doc {
         let store = RedisStore::connect(&self.url).await.unwrap();
         let stored = store.load(session).await.unwrap().expect("stored in Redis");
         let doc = Doc::new();
@@ -96,7 +103,12 @@ impl Redis {
         for update in &stored.updates {
             apply_update(&doc, update);
         }
-        doc_items(&doc)
+        doc
+    }
+
+    /// The session's items as Redis holds them.
+    async fn stored_items(&self, session: &str) -> std::collections::BTreeMap<String, Value> {
+        doc_items(&self.stored_doc(session).await)
     }
 }
 
@@ -142,10 +154,8 @@ async fn spawn_redis(port: u16, dir: &std::path::Path) -> Child {
 /// Reads Updates until the client's document holds everything `targets` hold.
 async fn await_covering(client: &mut YClient, targets: &[StateVector]) {
     let covered = |client: &YClient| {
-        let have = client.doc.transact().state_vector();
-        targets
-            .iter()
-            .all(|target| target.iter().all(|(id, clock)| have.get(id) >= *clock))
+        let have = state_vector_of(client);
+        targets.iter().all(|target| covers(&have, target))
     };
     while !covered(client) {
         if let Message::Sync(SyncMessage::Update(update) | SyncMessage::SyncStep2(update)) =
@@ -850,4 +860,548 @@ async fn presence_in_redis_that_no_node_wrote_is_skipped() {
     assert_eq!(joined["user_id"], "valid", "{joined}");
     let (_bob, ack) = node_a.legacy(session, "bob").await;
     assert_eq!(listed(&ack), ["valid", "alice", "bob"], "{ack}");
+}
+
+/// Whether `have` holds everything `want` names.
+fn covers(have: &StateVector, want: &StateVector) -> bool {
+    want.iter().all(|(id, clock)| have.get(id) >= *clock)
+}
+
+/// A Yjs client of the load, with what it received from its node alone (its own edits are
+/// not in `received`: what it had received is what a node delivered, so what went through
+/// Redis first).
+struct Loaded {
+    client: YClient,
+    received: Doc,
+    /// How it stopped: `None` when told to, else what its socket did.
+    ended: Option<String>,
+}
+
+/// A new ruler's uuid: the `n`th of client `client`.
+fn load_uuid(client: usize, n: u32) -> String {
+    format!("{client:08x}-2a49-4f5e-9d8c-{n:012x}")
+}
+
+/// Edits continuously (a new ruler every `pace`) and applies what comes, until `stop` or
+/// until its socket ends (a close, an error, the end). Each received update is counted on
+/// `progress`.
+async fn yjs_load(
+    client: YClient,
+    received: Doc,
+    index: usize,
+    mut stop: watch::Receiver<bool>,
+    progress: mpsc::UnboundedSender<usize>,
+) -> Loaded {
+    let mut loaded = Loaded {
+        client,
+        received,
+        ended: None,
+    };
+    let mut pace = tokio::time::interval(std::time::Duration::from_millis(5));
+    let mut n = state_vector_of(&loaded.client).get(&loaded.client.doc.client_id());
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return loaded,
+            _ = pace.tick() => {
+                let uuid = load_uuid(index, n);
+                n += 1;
+                let data = ruler(&uuid, &format!("load {index}"));
+                let update = edit(&loaded.client.doc, |txn, items| {
+                    items.insert(txn, uuid.as_str(), item_prelim("ruler", &data));
+                });
+                let frame = Message::Sync(SyncMessage::Update(update)).encode_v1();
+                if let Err(e) = loaded.client.ws.send(WsMessage::binary(frame)).await {
+                    loaded.ended = Some(format!("send: {e}"));
+                    return loaded;
+                }
+            }
+            frame = loaded.client.ws.next() => match frame {
+                Some(Ok(WsMessage::Binary(bytes))) => {
+                    let decoded = Message::decode_v1(&bytes).expect("a y-websocket frame");
+                    if let Message::Sync(SyncMessage::Update(update) | SyncMessage::SyncStep2(update)) = decoded {
+                        loaded.client.apply(&update);
+                        apply_update(&loaded.received, &update);
+                        let _ = progress.send(index);
+                    }
+                }
+                Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => {}
+                other => {
+                    loaded.ended = Some(format!("{other:?}"));
+                    return loaded;
+                }
+            }
+        }
+    }
+}
+
+/// A desktop client of the load.
+struct Desktop {
+    ws: Ws,
+    uuid: String,
+    /// Where its ruler is (its `x_mm`).
+    x: f64,
+    /// The items it was told of (its own included).
+    told: BTreeSet<String>,
+    /// How it stopped: `None` when told to, else what its socket did.
+    ended: Option<String>,
+}
+
+impl Desktop {
+    /// Reads commands until it was told of exactly `items`.
+    async fn await_told(&mut self, items: &BTreeSet<String>) {
+        while &self.told != items {
+            let msg = next_command(&mut self.ws).await;
+            self.note(&msg);
+        }
+    }
+
+    fn note(&mut self, command: &Value) {
+        if command["command"]["action"] == "add_item" {
+            let uuid = command["command"]["item_id"].as_str().unwrap();
+            self.told.insert(uuid.to_owned());
+        }
+    }
+}
+
+/// Moves the desktop client's ruler continuously (`update_item`, the whole item, as the app
+/// sends it) and notes the commands it gets (each counted on `progress`), until `stop` or
+/// until its socket ends.
+async fn desktop_load(
+    mut desk: Desktop,
+    index: usize,
+    mut stop: watch::Receiver<bool>,
+    progress: mpsc::UnboundedSender<usize>,
+) -> Desktop {
+    let mut pace = tokio::time::interval(std::time::Duration::from_millis(10));
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return desk,
+            _ = pace.tick() => {
+                desk.x += 1.0;
+                let mut data = ruler(&desk.uuid, "desktop");
+                data["x_mm"] = json!(desk.x);
+                let msg = command("update_item", "ruler", &desk.uuid, data, "desk");
+                if let Err(e) = desk.ws.send(WsMessage::text(msg.to_string())).await {
+                    desk.ended = Some(format!("send: {e}"));
+                    return desk;
+                }
+            }
+            frame = desk.ws.next() => match frame {
+                Some(Ok(WsMessage::Text(text))) => {
+                    let msg: Value = serde_json::from_str(&text).unwrap();
+                    if msg["type"] == "command" {
+                        desk.note(&msg);
+                        let _ = progress.send(index);
+                    }
+                }
+                Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => {}
+                other => {
+                    desk.ended = Some(format!("{other:?}"));
+                    return desk;
+                }
+            }
+        }
+    }
+}
+
+/// A desktop client that uploaded an empty canvas (so it is told of every change as a
+/// command) and added its ruler.
+async fn desktop_on(mut ws: Ws, uuid: &str) -> Desktop {
+    send_json(
+        &mut ws,
+        &json!({"type": "sync:full_state", "state": {"items": []}}),
+    )
+    .await;
+    ping_collect(&mut ws).await;
+    send_json(
+        &mut ws,
+        &command("add_item", "ruler", uuid, ruler(uuid, "desktop"), "desk"),
+    )
+    .await;
+    Desktop {
+        ws,
+        uuid: uuid.to_owned(),
+        x: 0.0,
+        told: BTreeSet::from([uuid.to_owned()]),
+        ended: None,
+    }
+}
+
+/// The items a desktop client is told of on joining `node` as the app does (`sync:request`
+/// after the ack): the full state's and the `add_item`s that came after it; with its socket.
+async fn desktop_rejoin(node: &TestServer, session: &str, user: &str) -> (Ws, BTreeSet<String>) {
+    let (ws, _, got) = node.joiner(session, user).await;
+    let at = got
+        .iter()
+        .position(|m| m["type"] == "sync:full_state")
+        .unwrap_or_else(|| panic!("no full state: {got:#?}"));
+    let mut told: BTreeSet<String> = scene_by_uuid(&got[at]["state"]).into_keys().collect();
+    for msg in &got[at + 1..] {
+        if msg["type"] == "command" && msg["command"]["action"] == "add_item" {
+            told.insert(msg["command"]["item_id"].as_str().unwrap().to_owned());
+        }
+    }
+    (ws, told)
+}
+
+/// Waits until each of `indices` has received at least `more` updates (or commands) counted
+/// from now.
+async fn await_progress(
+    progress: &mut mpsc::UnboundedReceiver<usize>,
+    indices: &[usize],
+    more: usize,
+) {
+    let mut counts = std::collections::HashMap::new();
+    tokio::time::timeout(PATIENCE, async {
+        while !indices
+            .iter()
+            .all(|i| counts.get(i).copied().unwrap_or(0) >= more)
+        {
+            let index = progress.recv().await.expect("the load runs");
+            *counts.entry(index).or_insert(0) += 1;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no progress: {counts:?}"));
+}
+
+/// A Yjs client of the child node (`addr`), the handshake done.
+async fn child_yjs(addr: std::net::SocketAddr, path: &str) -> YClient {
+    let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}{path}"))
+        .await
+        .expect("the child node takes a Yjs connection");
+    let doc = Doc::new();
+    items(&doc);
+    let mut client = YClient { ws, doc };
+    client.handshake().await;
+    client
+}
+
+/// `kill -9` of one of three nodes (the real binary, as a child process) while Yjs clients on
+/// all three and desktop clients on two edit one session continuously. What the killed
+/// node's clients had received is in Redis (it was appended before it was delivered); they
+/// reconnect to the other nodes (the desktop one gets a scene with every item it had been
+/// told of) and go on. The other nodes' clients are never disconnected and keep
+/// receiving; every update any client received is in every surviving node's document and in
+/// Redis, and all surviving clients converge.
+#[tokio::test]
+async fn killing_a_node_under_load_loses_nothing_its_clients_had_and_disturbs_no_other_node() {
+    let redis = Redis::start().await;
+    let (node_a, node_b) = (redis.node().await, redis.node().await);
+    let (mut victim, victim_addr) = ChildServer::start(&["--cluster", &redis.url]).await;
+    let session = "cluster-kill-under-load";
+    let (stop_tx, stop) = watch::channel(false);
+    let (progress_tx, mut progress) = mpsc::unbounded_channel();
+
+    // Clients 0 and 1 on node A, 2 on node B, 3 and 4 on the victim; desktop clients on node
+    // B (5) and on the victim (6), first, so that they are told of every item as a command.
+    let desk = desktop_on(
+        node_b.legacy(session, "desk").await.0,
+        "6e7d3c1b-2a49-4f5e-9d8c-7b6a5f4e3d2c",
+    )
+    .await;
+    let desktop = tokio::spawn(desktop_load(desk, 5, stop.clone(), progress_tx.clone()));
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://{victim_addr}/ws/{session}/victim-desk"))
+            .await
+            .expect("the child node takes a desktop connection");
+    recv_ack(&mut ws, "victim-desk").await;
+    let desk = desktop_on(ws, "6e7d3c1b-2a49-4f5e-9d8c-7b6a5f4e3d2d").await;
+    let victim_desktop = tokio::spawn(desktop_load(desk, 6, stop.clone(), progress_tx.clone()));
+
+    let mut survivors = Vec::new();
+    for (index, node) in [(0, &node_a), (1, &node_a), (2, &node_b)] {
+        let (client, _) = YClient::join(node, &format!("/yjs/{session}?user=y{index}")).await;
+        survivors.push(tokio::spawn(yjs_load(
+            client,
+            Doc::new(),
+            index,
+            stop.clone(),
+            progress_tx.clone(),
+        )));
+    }
+    let mut on_victim = Vec::new();
+    for index in [3, 4] {
+        let client = child_yjs(victim_addr, &format!("/yjs/{session}?user=y{index}")).await;
+        on_victim.push(tokio::spawn(yjs_load(
+            client,
+            Doc::new(),
+            index,
+            stop.clone(),
+            progress_tx.clone(),
+        )));
+    }
+    // Mid-load: every client has received from the others.
+    await_progress(&mut progress, &[0, 1, 2, 3, 4, 5, 6], 30).await;
+    victim.kill();
+    let mut had = Vec::new();
+    for task in on_victim {
+        let loaded = tokio::time::timeout(PATIENCE, task)
+            .await
+            .expect("the killed node's clients see their socket end")
+            .unwrap();
+        assert!(
+            loaded.ended.is_some(),
+            "client {} was not cut",
+            had.len() + 3
+        );
+        had.push(loaded);
+    }
+    // (a) Everything they had received is in Redis: the killed node appended it before it
+    // delivered it.
+    let stored = redis.stored_doc(session).await.transact().state_vector();
+    for (i, loaded) in had.iter().enumerate() {
+        let received = loaded.received.transact().state_vector();
+        assert!(
+            covers(&stored, &received),
+            "client {} had received what Redis lacks: {received:?} vs {stored:?}",
+            i + 3
+        );
+    }
+    // The killed node's desktop client reconnects to node A as the app does: the scene it
+    // gets holds every item it had been told of.
+    let mut cut = tokio::time::timeout(PATIENCE, victim_desktop)
+        .await
+        .expect("the killed node's desktop client sees its socket end")
+        .unwrap();
+    assert!(cut.ended.is_some(), "the desktop client was not cut");
+    let (ws, scene) = desktop_rejoin(&node_a, session, "victim-desk").await;
+    assert!(
+        scene.is_superset(&cut.told),
+        "items it had been told of are missing: {:?}",
+        cut.told.difference(&scene).collect::<Vec<_>>()
+    );
+    cut.ws = ws;
+    cut.told = scene;
+    cut.ended = None;
+    let victim_desktop = tokio::spawn(desktop_load(cut, 6, stop.clone(), progress_tx.clone()));
+    // The Yjs ones reconnect, one to each surviving node, and go on editing.
+    let mut reconnected = Vec::new();
+    for (loaded, node) in had.into_iter().zip([&node_a, &node_b]) {
+        let index = reconnected.len() + 3;
+        let mut client = YClient::connect_with(
+            node,
+            &format!("/yjs/{session}?user=y{index}"),
+            loaded.client.doc,
+        )
+        .await;
+        client.handshake().await;
+        assert!(covers(
+            &state_vector_of(&client),
+            &loaded.received.transact().state_vector()
+        ));
+        reconnected.push(tokio::spawn(yjs_load(
+            client,
+            loaded.received,
+            index,
+            stop.clone(),
+            progress_tx.clone(),
+        )));
+    }
+    // (c) The other nodes' clients keep receiving, the reconnected ones too.
+    await_progress(&mut progress, &[0, 1, 2, 3, 4, 5, 6], 30).await;
+    stop_tx.send(true).unwrap();
+
+    let mut clients = Vec::new();
+    for task in survivors.into_iter().chain(reconnected) {
+        let loaded = task.await.unwrap();
+        assert_eq!(
+            loaded.ended, None,
+            "a client of a surviving node was disturbed"
+        );
+        clients.push(loaded);
+    }
+    let mut desktops = Vec::new();
+    for task in [desktop, victim_desktop] {
+        let desk = task.await.unwrap();
+        assert_eq!(desk.ended, None, "a desktop client was disturbed");
+        desktops.push(desk);
+    }
+
+    // (d) Convergence: each client gets everything every other one has, and what the
+    // desktop clients' nodes made of their commands (a ping's answer comes after them).
+    for desk in &mut desktops {
+        for msg in ping_collect(&mut desk.ws).await {
+            if msg["type"] == "command" {
+                desk.note(&msg);
+            }
+        }
+    }
+    let mut targets: Vec<StateVector> =
+        clients.iter().map(|l| state_vector_of(&l.client)).collect();
+    for node in [&node_a, &node_b] {
+        let (fresh, _) = YClient::join(node, &format!("/yjs/{session}")).await;
+        targets.push(state_vector_of(&fresh));
+    }
+    for loaded in &mut clients {
+        await_covering(&mut loaded.client, &targets).await;
+    }
+    let expected = doc_items(&clients[0].client.doc);
+    for (i, loaded) in clients.iter().enumerate() {
+        assert_eq!(doc_items(&loaded.client.doc), expected, "client {i}");
+    }
+    // The desktop clients are told of every item (what is still on its way is read), and
+    // their rulers are where they last put them.
+    let expected_uuids: BTreeSet<String> = expected.keys().cloned().collect();
+    for desk in &mut desktops {
+        desk.await_told(&expected_uuids).await;
+        assert_eq!(expected[&desk.uuid]["x_mm"].as_f64(), Some(desk.x));
+    }
+    // A desktop client joining on node B gets the same scene.
+    let (_late, scene) = desktop_rejoin(&node_b, session, "late").await;
+    assert_eq!(scene, expected_uuids);
+    // (b) Every update any client received (so acknowledged: it went through Redis) is in
+    // each surviving node's document and in Redis.
+    let received: Vec<StateVector> = clients
+        .iter()
+        .map(|l| l.received.transact().state_vector())
+        .collect();
+    for (name, node) in [("A", &node_a), ("B", &node_b)] {
+        let (fresh, _) = YClient::join(node, &format!("/yjs/{session}")).await;
+        let have = state_vector_of(&fresh);
+        for (i, want) in received.iter().enumerate() {
+            assert!(
+                covers(&have, want),
+                "node {name} lacks what client {i} received"
+            );
+        }
+        assert_eq!(
+            doc_items(&fresh.doc),
+            expected,
+            "the document of node {name}"
+        );
+    }
+    let stored = redis.stored_doc(session).await;
+    for (i, want) in received.iter().enumerate() {
+        assert!(
+            covers(&stored.transact().state_vector(), want),
+            "Redis lacks what client {i} received"
+        );
+    }
+    assert_eq!(doc_items(&stored), expected, "what Redis holds");
+}
+
+/// One node's feed with two followed sessions, one of which never takes what it is handed
+/// (its channel fills): the other's remote updates still come, each as it is appended; and
+/// once the stalled one reads, it gets every update it was not handed, in order.
+#[tokio::test]
+async fn a_session_whose_channel_is_full_does_not_hold_back_another_sessions_feed() {
+    let redis = Redis::start().await;
+    let writer = RedisStore::connect(&redis.url).await.unwrap();
+    let reader = RedisStore::connect(&redis.url).await.unwrap();
+    let (stalled, live) = ("cluster-stalled", "cluster-live");
+    let meta = SessionMeta { initialized: true };
+    let mut held = reader.follow(stalled, 0).await.unwrap().expect("a feed");
+    let mut following = reader.follow(live, 0).await.unwrap().expect("a feed");
+
+    // Each round appends to the held session, then to the live one, and awaits the live
+    // one's batch: its read came after the held session's entry, so each round hands (or
+    // tries to hand) the held session one more batch, many more than its channel holds.
+    let doc = Doc::new();
+    let mut appended = Vec::new();
+    for i in 0..60 {
+        let uuid = format!("7e7d3c1b-2a49-4f5e-9d8c-{i:012x}");
+        let data = ruler(&uuid, "r");
+        let update = edit(&doc, |txn, items| {
+            items.insert(txn, uuid.as_str(), item_prelim("ruler", &data));
+        });
+        writer
+            .append(stalled, vec![update.clone()], meta.clone())
+            .await
+            .unwrap();
+        writer
+            .append(live, vec![update.clone()], meta.clone())
+            .await
+            .unwrap();
+        let batch = next_batch(&mut following).await;
+        assert_eq!(batch.updates, std::slice::from_ref(&update), "round {i}");
+        appended.push(update);
+    }
+    // The held session reads at last: every update, once, in order.
+    let mut got = Vec::new();
+    while got.len() < appended.len() {
+        got.extend(next_batch(&mut held).await.updates);
+    }
+    assert_eq!(got, appended);
+}
+
+/// The heartbeat does not wait for a session whose channel is full: when a node is found
+/// gone, the node's other sessions hear of it (and the heartbeat goes on renewing).
+#[tokio::test]
+async fn a_gone_node_reaches_every_session_though_some_channels_are_full() {
+    let redis = Redis::start().await;
+    let writer = RedisStore::connect(&redis.url).await.unwrap();
+    let reader = RedisStore::connect_with(&redis.url, std::time::Duration::from_millis(500))
+        .await
+        .unwrap();
+    let held_sessions: Vec<String> = (0..4).map(|i| format!("cluster-full-{i}")).collect();
+    let live = "cluster-hears-gone";
+    let meta = SessionMeta { initialized: true };
+    let mut held = Vec::new();
+    for session in &held_sessions {
+        held.push(reader.follow(session, 0).await.unwrap().expect("a feed"));
+    }
+    let mut following = reader.follow(live, 0).await.unwrap().expect("a feed");
+    // Fill the held sessions' channels (as in the test above: one batch each per round).
+    let doc = Doc::new();
+    for i in 0..40 {
+        let uuid = format!("8e7d3c1b-2a49-4f5e-9d8c-{i:012x}");
+        let data = ruler(&uuid, "r");
+        let update = edit(&doc, |txn, items| {
+            items.insert(txn, uuid.as_str(), item_prelim("ruler", &data));
+        });
+        for session in &held_sessions {
+            writer
+                .append(session, vec![update.clone()], meta.clone())
+                .await
+                .unwrap();
+        }
+        writer
+            .append(live, vec![update.clone()], meta.clone())
+            .await
+            .unwrap();
+        next_batch(&mut following).await;
+    }
+    // The reader hears of a connection of the writer's, so it watches the writer's node.
+    let writer_node = writer
+        .follow("cluster-writer-id", 0)
+        .await
+        .unwrap()
+        .expect("a feed")
+        .node;
+    writer
+        .publish_presence(
+            live,
+            vec![PresenceChange::Joined {
+                peer: 1,
+                kind: ConnKind::Legacy,
+                user: Some("w".into()),
+                connected_at: "2026-12-05T00:00:00.000Z".into(),
+                holds_name: false,
+            }],
+        )
+        .await
+        .unwrap();
+    // The writer stops and its alive key goes: the reader's heartbeat finds it gone.
+    drop(writer);
+    redis::cmd("DEL")
+        .arg(format!("collab:node:{writer_node}:alive"))
+        .query_async::<()>(&mut redis.conn().await)
+        .await
+        .unwrap();
+    loop {
+        let remote = tokio::time::timeout(PATIENCE, following.rx.recv())
+            .await
+            .expect("the live session hears the writer's node is gone")
+            .unwrap();
+        if let Remote::Presence(inputs) = remote {
+            if inputs
+                .iter()
+                .any(|input| matches!(input, Input::NodeGone { node } if *node == writer_node))
+            {
+                break;
+            }
+        }
+    }
+    drop(held);
 }

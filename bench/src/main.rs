@@ -11,6 +11,9 @@
 //!
 //! With `--server-pid` the server's CPU seconds over the measured window (its threads' run
 //! time from `/proc/PID/task/*/schedstat`, in nanoseconds) are reported per delivered update.
+//! Several nodes of one cluster: `--url` once per node (clients are assigned to them in turn)
+//! and `--server-pid` once per node (their CPU is summed: the cluster's per delivery);
+//! `--redis-pid` reports the shared Redis' CPU beside it.
 
 use collab_load::{proc_stats, stats, yjs_client};
 
@@ -46,9 +49,10 @@ enum Protocol {
     about = "Load generator for y-websocket and Optiverse servers"
 )]
 pub struct Args {
-    /// Server base URL.
-    #[arg(long, default_value = "ws://127.0.0.1:8765")]
-    url: String,
+    /// Server base URL; repeat for several nodes of one cluster (clients are assigned to
+    /// them round-robin, in the order given).
+    #[arg(long = "url", default_value = "ws://127.0.0.1:8765")]
+    urls: Vec<String>,
     /// Path of a room; `{room}` and `{user}` are replaced.
     #[arg(long, default_value = "/yjs/{room}")]
     path_template: String,
@@ -78,9 +82,13 @@ pub struct Args {
     /// Clients that join the preloaded room, one after another (join).
     #[arg(long, default_value_t = 20)]
     joiners: usize,
-    /// The server's process id, for CPU and RSS figures.
+    /// The server's process id, for CPU and RSS figures; repeat for several nodes (summed).
+    #[arg(long = "server-pid")]
+    server_pids: Vec<u32>,
+    /// A Redis shared by the nodes: its CPU over the same window is reported beside theirs
+    /// (fanout).
     #[arg(long)]
-    server_pid: Option<u32>,
+    redis_pid: Option<u32>,
     /// Receivers do not apply updates to a local document (cheaper; says so in the output).
     #[arg(long)]
     no_apply: bool,
@@ -96,13 +104,33 @@ pub struct Args {
 }
 
 impl Args {
-    fn url_for(&self, room: usize, user: &str) -> String {
+    /// The URL of a room for the `client`th client of the run (its node: round-robin).
+    fn url_for(&self, room: usize, client: usize, user: &str) -> String {
         let path = self
             .path_template
             .replace("{room}", &format!("{}-{room}", self.room_prefix))
             .replace("{user}", user);
-        format!("{}{}", self.url.trim_end_matches('/'), path)
+        let base = &self.urls[client % self.urls.len()];
+        format!("{}{}", base.trim_end_matches('/'), path)
     }
+
+    /// CPU seconds of every server process, summed (`None` without `--server-pid`).
+    fn server_cpu_seconds(&self) -> Option<f64> {
+        sum_over(&self.server_pids, proc_stats::cpu_seconds)
+    }
+
+    /// Resident memory of every server process, summed, in KiB.
+    fn server_rss_kib(&self) -> Option<u64> {
+        sum_over(&self.server_pids, proc_stats::rss_kib)
+    }
+}
+
+/// The sum of `read` over `pids`; `None` when there are none or one cannot be read.
+fn sum_over<T: std::iter::Sum>(pids: &[u32], read: impl Fn(u32) -> Option<T>) -> Option<T> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|&pid| read(pid)).sum()
 }
 
 #[tokio::main]
@@ -177,7 +205,7 @@ async fn fanout(args: &Args) -> Result<Value, String> {
     for room in 0..args.rooms {
         for client in 0..args.clients {
             let config = yjs_client::ClientConfig {
-                url: args.url_for(room, &format!("u{client}")),
+                url: args.url_for(room, room * args.clients + client, &format!("u{client}")),
                 item_id: format!("{}-r{room}-c{client}", args.room_prefix),
                 rate: args.rate,
                 apply: !args.no_apply,
@@ -216,9 +244,11 @@ async fn fanout(args: &Args) -> Result<Value, String> {
         })
     };
     tokio::time::sleep(window.0).await;
-    let cpu_start = args.server_pid.and_then(proc_stats::cpu_seconds);
+    let cpu_start = args.server_cpu_seconds();
+    let redis_start = args.redis_pid.and_then(proc_stats::cpu_seconds);
     tokio::time::sleep(window.1 - window.0).await;
-    let cpu_end = args.server_pid.and_then(proc_stats::cpu_seconds);
+    let cpu_end = args.server_cpu_seconds();
+    let redis_end = args.redis_pid.and_then(proc_stats::cpu_seconds);
     let mut latencies = Latencies::default();
     let mut failures = Vec::new();
     for task in tasks {
@@ -248,7 +278,14 @@ async fn fanout(args: &Args) -> Result<Value, String> {
         "lost": expected.saturating_sub(delivered),
         "latency_ms": latencies.summary_ms(),
         "client_failures": failures.len(),
+        "nodes": args.urls.len(),
     });
+    if let Some(redis) = redis_start.zip(redis_end).map(|(a, b)| b - a) {
+        report["redis_cpu_s"] = json!(redis);
+        if delivered > 0 {
+            report["redis_cpu_us_per_delivery"] = json!(redis * 1e6 / delivered as f64);
+        }
+    }
     if let Some(cpu) = cpu {
         report["server_cpu_s"] = json!(cpu);
         if delivered > 0 {
@@ -263,16 +300,16 @@ async fn fanout(args: &Args) -> Result<Value, String> {
 
 async fn join(args: &Args) -> Result<Value, String> {
     let fixtures = fixture_items(args);
-    let url = args.url_for(0, "loader");
+    let url = args.url_for(0, 0, "loader");
     let preload_bytes = yjs_client::preload(&url, &fixtures, args.items).await?;
-    let cpu_start = args.server_pid.and_then(proc_stats::cpu_seconds);
+    let cpu_start = args.server_cpu_seconds();
     let mut latencies = Latencies::default();
     let mut bytes = 0usize;
     let started = Instant::now();
     for k in 0..args.joiners {
         let t = Instant::now();
         let received = yjs_client::join_and_sync(
-            &args.url_for(0, &format!("j{k}")),
+            &args.url_for(0, k + 1, &format!("j{k}")),
             args.items,
             !args.no_apply,
         )
@@ -281,7 +318,7 @@ async fn join(args: &Args) -> Result<Value, String> {
         bytes = received;
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let cpu_end = args.server_pid.and_then(proc_stats::cpu_seconds);
+    let cpu_end = args.server_cpu_seconds();
     let mut report = json!({
         "scenario": "join",
         "items": args.items,
@@ -299,7 +336,7 @@ async fn join(args: &Args) -> Result<Value, String> {
 }
 
 async fn idle(args: &Args) -> Result<Value, String> {
-    let rss_before = args.server_pid.and_then(proc_stats::rss_kib);
+    let rss_before = args.server_rss_kib();
     let total = args.rooms * args.clients;
     let connected = Arc::new(AtomicU64::new(0));
     let hold = Arc::new(tokio::sync::Notify::new());
@@ -307,7 +344,7 @@ async fn idle(args: &Args) -> Result<Value, String> {
     let mut tasks = Vec::with_capacity(total);
     for room in 0..args.rooms {
         for client in 0..args.clients {
-            let url = args.url_for(room, &format!("u{client}"));
+            let url = args.url_for(room, room * args.clients + client, &format!("u{client}"));
             let (connected, hold, ready) = (connected.clone(), hold.clone(), ready.clone());
             tasks.push(tokio::spawn(async move {
                 yjs_client::hold_idle(&url, connected, ready, hold).await
@@ -319,7 +356,7 @@ async fn idle(args: &Args) -> Result<Value, String> {
     }
     ready.wait().await;
     tokio::time::sleep(Duration::from_secs_f64(args.warmup)).await;
-    let rss_after = args.server_pid.and_then(proc_stats::rss_kib);
+    let rss_after = args.server_rss_kib();
     hold.notify_waiters();
     let mut failures = 0;
     for task in tasks {

@@ -16,7 +16,8 @@
 //! - `collab:sessions`: the set of stored session ids.
 //! - `collab:nodes`: a counter that gives each node its id at start.
 //! - `collab:node:{n}:wake`: a one-entry stream a node writes to wake its own feed, which is
-//!   blocked reading the streams it follows, when it follows one more.
+//!   blocked reading the streams it follows, when it follows one more or a session it had
+//!   stopped reading (its channel was full) has room again.
 //! - `collab:{s}:present`: a hash of the session's connections on every node, `{node}:{peer}`
 //!   to the join (JSON: `k` the connection kind, `u` the user or `null`, `t` when it joined,
 //!   `h` whether its token binds the name): what a node that starts following the session
@@ -193,6 +194,9 @@ struct Follower {
     /// Position of the last presence entry read.
     presence_after: u64,
     tx: mpsc::Sender<Remote>,
+    /// Its channel was full: its streams are left out of the feed's reads until it has room
+    /// again, then read on from `after` and `presence_after`.
+    stalled: bool,
 }
 
 #[derive(Default)]
@@ -297,6 +301,7 @@ impl RedisStore {
         tokio::spawn(heartbeat(conn.clone(), shared.clone(), stop.clone()));
         tokio::spawn(feed(
             feed_conn,
+            conn.clone(),
             shared.clone(),
             position(&wake)?,
             stop.clone(),
@@ -326,10 +331,12 @@ async fn wake(conn: &mut ConnectionManager, node: u64) -> Result<String, StoreEr
 }
 
 /// Reads every followed stream, and its presence stream, from where its follower stands,
-/// and hands each follower what the other nodes appended. Runs until the store is dropped;
-/// a failed read is logged and retried (the connection reconnects by itself).
+/// and hands each follower what the other nodes appended. A follower whose channel is full
+/// is not waited for: it stalls ([`stall`]) and the others go on. Runs until the store is
+/// dropped; a failed read is logged and retried (the connection reconnects by itself).
 async fn feed(
     mut conn: ConnectionManager,
+    wake_conn: ConnectionManager,
     shared: Arc<Shared>,
     mut wake_after: u64,
     stop: CancellationToken,
@@ -340,12 +347,18 @@ async fn feed(
         let (keys, ids): (Vec<String>, Vec<String>) = {
             let followers = shared.followers();
             std::iter::once((wake.clone(), entry_id(wake_after)))
-                .chain(followers.by_key.iter().flat_map(|(key, f)| {
-                    [
-                        (key.clone(), entry_id(f.after)),
-                        (presence_key(&f.session), entry_id(f.presence_after)),
-                    ]
-                }))
+                .chain(
+                    followers
+                        .by_key
+                        .iter()
+                        .filter(|(_, f)| !f.stalled)
+                        .flat_map(|(key, f)| {
+                            [
+                                (key.clone(), entry_id(f.after)),
+                                (presence_key(&f.session), entry_id(f.presence_after)),
+                            ]
+                        }),
+                )
                 .unzip()
         };
         let mut read = redis::cmd("XREAD");
@@ -388,7 +401,15 @@ async fn feed(
             }
             let presence_of = shared.followers().by_presence_key.get(&stream.key).cloned();
             if let Some(key) = presence_of {
-                forward_presence(&shared, &key, &stream.ids, upto, &warnings).await;
+                forward_presence(
+                    &shared,
+                    &wake_conn,
+                    &key,
+                    &stream.ids,
+                    upto,
+                    &warnings,
+                    &stop,
+                );
                 continue;
             }
             let (token, after, tx) = {
@@ -396,7 +417,18 @@ async fn feed(
                 let Some(f) = followers.by_key.get(&stream.key) else {
                     continue;
                 };
+                if f.stalled {
+                    continue;
+                }
                 (f.token, f.after, f.tx.clone())
+            };
+            let permit = match tx.try_reserve() {
+                Ok(permit) => permit,
+                Err(mpsc::error::TrySendError::Full(())) => {
+                    stall(&shared, &wake_conn, &stream.key, token, tx.clone(), &stop);
+                    continue;
+                }
+                Err(mpsc::error::TrySendError::Closed(())) => continue,
             };
             let batch = match remote_batch(&stream.ids, shared.node, after, upto) {
                 Ok(batch) => batch,
@@ -410,11 +442,7 @@ async fn feed(
                     }
                 }
             };
-            // Awaited: a session task that is behind holds its stream's feed back (and
-            // this node's other sessions with it), and nothing is dropped.
-            if tx.send(Remote::Updates(batch)).await.is_err() {
-                continue;
-            }
+            permit.send(Remote::Updates(batch));
             if let Some(f) = shared.followers().by_key.get_mut(&stream.key) {
                 if f.token == token {
                     f.after = upto;
@@ -424,14 +452,63 @@ async fn feed(
     }
 }
 
+/// Leaves the follower of stream `key` out of the feed's reads until its channel has room:
+/// what was read for it is not handed over and its positions stay, so it is read again from
+/// there. Its task's turn to read gives the room back; then the feed is woken to read it.
+fn stall(
+    shared: &Arc<Shared>,
+    wake_conn: &ConnectionManager,
+    key: &str,
+    token: u64,
+    tx: mpsc::Sender<Remote>,
+    stop: &CancellationToken,
+) {
+    match shared.followers().by_key.get_mut(key) {
+        Some(f) if f.token == token && !f.stalled => f.stalled = true,
+        _ => return,
+    }
+    debug!(
+        node = shared.node,
+        key, "cluster feed: a session's channel is full; read later"
+    );
+    let (shared, mut conn, key, stop) = (
+        shared.clone(),
+        wake_conn.clone(),
+        key.to_owned(),
+        stop.clone(),
+    );
+    tokio::spawn(async move {
+        let room = tokio::select! {
+            room = tx.reserve() => room,
+            _ = stop.cancelled() => return,
+        };
+        // Closed: the session let go of its feed, and its follower is gone with it.
+        let Ok(permit) = room else {
+            return;
+        };
+        drop(permit);
+        if let Some(f) = shared.followers().by_key.get_mut(&key) {
+            if f.token == token {
+                f.stalled = false;
+            }
+        }
+        // Without the wake the feed reads it anyway once its blocking read ends.
+        if let Err(e) = wake(&mut conn, shared.node).await {
+            debug!(node = shared.node, error = %e, "could not wake the cluster feed");
+        }
+    });
+}
+
 /// Hands the follower of stream `key` the other nodes' presence entries (of nodes not known
-/// gone), and moves it past them.
-async fn forward_presence(
-    shared: &Shared,
+/// gone), and moves it past them; stalls it if its channel is full.
+fn forward_presence(
+    shared: &Arc<Shared>,
+    wake_conn: &ConnectionManager,
     key: &str,
     entries: &[StreamId],
     upto: u64,
     warnings: &WarnLimiter,
+    stop: &CancellationToken,
 ) {
     let (token, tx, inputs) = {
         let mut followers = shared.followers();
@@ -453,10 +530,20 @@ async fn forward_presence(
         let Some(f) = followers.by_key.get(key) else {
             return;
         };
+        if f.stalled {
+            return;
+        }
         (f.token, f.tx.clone(), inputs)
     };
-    if !inputs.is_empty() && tx.send(Remote::Presence(inputs)).await.is_err() {
-        return;
+    if !inputs.is_empty() {
+        match tx.try_reserve() {
+            Ok(permit) => permit.send(Remote::Presence(inputs)),
+            Err(mpsc::error::TrySendError::Full(())) => {
+                stall(shared, wake_conn, key, token, tx.clone(), stop);
+                return;
+            }
+            Err(mpsc::error::TrySendError::Closed(())) => return,
+        }
     }
     if let Some(f) = shared.followers().by_key.get_mut(key) {
         if f.token == token {
@@ -570,7 +657,7 @@ async fn heartbeat(mut conn: ConnectionManager, shared: Arc<Shared>, stop: Cance
                     .map(|f| f.tx.clone())
                     .collect();
                 for tx in followers {
-                    let _ = tx.send(Remote::Reannounce).await;
+                    hand_over(tx, Remote::Reannounce);
                 }
             }
             Err(e) => {
@@ -607,6 +694,17 @@ async fn heartbeat(mut conn: ConnectionManager, shared: Arc<Shared>, stop: Cance
     }
 }
 
+/// Hands a session's task what the heartbeat found, without waiting for a full channel (the
+/// heartbeat must go on renewing this node's key whatever one session does): then a task of
+/// its own waits for room.
+fn hand_over(tx: mpsc::Sender<Remote>, remote: Remote) {
+    if let Err(mpsc::error::TrySendError::Full(remote)) = tx.try_send(remote) {
+        tokio::spawn(async move {
+            let _ = tx.send(remote).await;
+        });
+    }
+}
+
 /// Node `gone` stopped without its connections leaving: every followed session hears so,
 /// and its entries leave the sessions' presence hashes.
 async fn node_gone(conn: &mut ConnectionManager, shared: &Shared, gone: u64) {
@@ -620,9 +718,7 @@ async fn node_gone(conn: &mut ConnectionManager, shared: &Shared, gone: u64) {
             .collect()
     };
     for (session, tx) in followers {
-        let _ = tx
-            .send(Remote::Presence(vec![Input::NodeGone { node: gone }]))
-            .await;
+        hand_over(tx, Remote::Presence(vec![Input::NodeGone { node: gone }]));
         if let Err(e) = forget_node(conn, &session, gone).await {
             debug!(session = %session, gone, error = %e, "could not clear a gone node's presence");
         }
@@ -955,6 +1051,7 @@ impl Store for RedisStore {
                         after,
                         presence_after,
                         tx,
+                        stalled: false,
                     },
                 );
                 token
