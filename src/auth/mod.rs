@@ -13,7 +13,6 @@ pub mod http;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -316,8 +315,7 @@ pub struct LiveGrant {
     /// The token names this session (not `*`): a revocation of the session covers it.
     revocable: bool,
     iat_ms: u64,
-    /// Here, not in the connection's task: an unauthenticated connection holds no timer.
-    expiry: Pin<Box<tokio::time::Sleep>>,
+    expires: tokio::time::Instant,
     revocations: watch::Receiver<RevocationMap>,
 }
 
@@ -331,7 +329,7 @@ impl LiveGrant {
             session: session.to_owned(),
             revocable: claims.session == session,
             iat_ms: claims.iat_ms,
-            expiry: Box::pin(tokio::time::sleep(left)),
+            expires: tokio::time::Instant::now() + left,
             revocations: revocations.subscribe(),
         }
     }
@@ -342,22 +340,24 @@ impl LiveGrant {
         revokes(&map, &self.session, self.revocable, self.iat_ms)
     }
 
-    /// Waits until the token expires or is revoked; the close that says which.
-    pub async fn ended(&mut self) -> CloseReason {
+    /// Waits until the token expires or is revoked; the close that says which. The
+    /// connection boxes this future once (its timer included), so an unauthenticated
+    /// connection's task holds none of it.
+    pub async fn ended(self: Box<Self>) -> CloseReason {
         let LiveGrant {
             session,
             revocable,
             iat_ms,
-            expiry,
-            revocations,
-        } = self;
+            expires,
+            mut revocations,
+        } = *self;
         let revoked = async {
             while revocations.changed().await.is_ok() {
                 if revokes(
                     &revocations.borrow_and_update(),
-                    session,
-                    *revocable,
-                    *iat_ms,
+                    &session,
+                    revocable,
+                    iat_ms,
                 ) {
                     return;
                 }
@@ -366,7 +366,7 @@ impl LiveGrant {
             std::future::pending::<()>().await;
         };
         tokio::select! {
-            () = expiry.as_mut() => CLOSE_TOKEN_EXPIRED,
+            () = tokio::time::sleep_until(expires) => CLOSE_TOKEN_EXPIRED,
             () = revoked => CLOSE_TOKEN_REVOKED,
         }
     }

@@ -79,7 +79,7 @@ impl Connection {
             let mut token_end: Option<TokenEnd> = self
                 .live
                 .take()
-                .map(|mut live| Box::pin(async move { live.ended().await }) as TokenEnd);
+                .map(|live| Box::pin(live.ended()) as TokenEnd);
             let ending = loop {
                 // The select only decides; what must be awaited comes after it, so that the
                 // select's state and the awaited future do not both stay in the task.
