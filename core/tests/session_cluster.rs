@@ -298,11 +298,14 @@ fn awareness_of_other_nodes_follows_the_same_rules_and_goes_with_its_node() {
 // The order of updates (ARCHITECTURE "Cluster", "Order")
 // -------------------------------------------------------------------------------------------
 
-/// One node of a modelled cluster: its session, its desktop client, how far its feed has
+/// One node of a modelled cluster: its session, its desktop client, a Yjs client (its
+/// document, and how much of what the node applied it has received), how far its feed has
 /// read the stream, and how much of what it stored it has appended.
 struct Node {
     world: World,
     desktop: Desktop,
+    yjs: Doc,
+    yjs_received: usize,
     read: usize,
     appended: usize,
 }
@@ -337,6 +340,8 @@ impl Cluster {
         let mut nodes = vec![Node {
             appended: world.persisted.len(),
             read: stream.len(),
+            yjs: Doc::new(),
+            yjs_received: 0,
             world,
             desktop: host,
         }];
@@ -347,11 +352,17 @@ impl Cluster {
             nodes.push(Node {
                 appended: world.persisted.len(),
                 read: stream.len(),
+                yjs: Doc::new(),
+                yjs_received: 0,
                 world,
                 desktop,
             });
         }
-        Cluster { stream, nodes }
+        let mut cluster = Cluster { stream, nodes };
+        for n in 0..3 {
+            cluster.yjs_receive(n);
+        }
+        cluster
     }
 
     /// Appends what node `n` stored since its last append: its own clients' changes, which
@@ -386,6 +397,16 @@ impl Cluster {
         true
     }
 
+    /// Node `n`'s Yjs client receives what its node applied since it last did (what the
+    /// node stored: its own clients' changes and the other nodes').
+    fn yjs_receive(&mut self, n: usize) {
+        let node = &mut self.nodes[n];
+        for update in &node.world.persisted[node.yjs_received..] {
+            apply_update(&node.yjs, update);
+        }
+        node.yjs_received = node.world.persisted.len();
+    }
+
     /// Node `n`'s desktop client reads what arrived; none of it is an error.
     fn read(&mut self, n: usize) {
         let node = &mut self.nodes[n];
@@ -396,8 +417,10 @@ impl Cluster {
 
 /// One step of a run: a desktop client's edit of a field of an item from what its canvas
 /// shows (a drag sends `move_item` then `update_item`, as the app does); a desktop client
-/// reading what arrived; a node's feed handing it the next entry; a node's correction
-/// timer. Values come from a small set, so that clients often send a value they were told.
+/// reading what arrived; a Yjs client's edit of `x_mm` or `name` on its document (which may
+/// be behind its node's), and its receiving; a node's feed handing it the next entry; a
+/// node's correction timer. Values come from a small set, so that clients often send a value
+/// they were told.
 #[derive(Debug, Clone)]
 enum Step {
     Edit {
@@ -407,6 +430,13 @@ enum Step {
         value: u8,
     },
     Read(usize),
+    YjsEdit {
+        node: usize,
+        item: usize,
+        field: usize,
+        value: u8,
+    },
+    YjsReceive(usize),
     Feed(usize),
     Tick(usize),
 }
@@ -417,6 +447,10 @@ fn any_step() -> impl Strategy<Value = Step> {
             Step::Edit { node, item, field, value }
         }),
         2 => (0..3usize).prop_map(Step::Read),
+        1 => (0..3usize, 0..2usize, 0..2usize, 0..4u8).prop_map(|(node, item, field, value)| {
+            Step::YjsEdit { node, item, field, value }
+        }),
+        1 => (0..3usize).prop_map(Step::YjsReceive),
         3 => (0..3usize).prop_map(Step::Feed),
         1 => (0..3usize).prop_map(Step::Tick),
     ]
@@ -451,6 +485,25 @@ fn run(cluster: &mut Cluster, step: &Step) {
             cluster.append(node);
         }
         Step::Read(node) => cluster.read(node),
+        Step::YjsEdit {
+            node,
+            item,
+            field,
+            value,
+        } => {
+            let uuid = ["u1", "u2"][item];
+            let write = match field {
+                0 => ("x_mm", json!(f64::from(value) + 0.5)),
+                _ => ("name", json!(format!("N{value}"))),
+            };
+            let Node { world, yjs, .. } = &mut cluster.nodes[node];
+            let update = edit(yjs, |txn, items| set_fields(txn, items, uuid, &[write]));
+            world
+                .api_update(&update)
+                .expect("a Yjs client's update is taken");
+            cluster.append(node);
+        }
+        Step::YjsReceive(node) => cluster.yjs_receive(node),
         Step::Feed(node) => {
             cluster.feed(node);
         }
@@ -466,10 +519,11 @@ fn run(cluster: &mut Cluster, step: &Step) {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 
-    /// Three nodes, each applying its own desktop client's commands at once and the others'
-    /// updates when its feed hands them (any interleaving of edits, reads, feeds and
-    /// correction timers): once every feed has read the stream and every client has pinged,
-    /// every node's document is the stream's, and every canvas shows it.
+    /// Three nodes, each applying its own clients' changes (a desktop client's, a Yjs
+    /// client's) at once and the others' when its feed hands them, in any interleaving of
+    /// edits, reads, feed steps and correction timers: once every feed has read the stream
+    /// and every client has pinged or received, every node's document and every Yjs client's
+    /// is the stream's, every canvas shows it, and nothing more is owed.
     #[test]
     fn nodes_applying_the_stream_in_their_own_orders_agree_and_so_do_their_canvases(
         steps in prop::collection::vec(any_step(), 1..60)
@@ -492,8 +546,12 @@ proptest! {
             apply_update(&stored, update);
         }
         let expected = doc_items(&stored);
+        for n in 0..3 {
+            cluster.yjs_receive(n);
+        }
         for node in &mut cluster.nodes {
             prop_assert_eq!(&doc_items(&node.world.doc()), &expected, "{}'s node", node.desktop.name);
+            prop_assert_eq!(&doc_items(&node.yjs), &expected, "the Yjs client of {}'s node", node.desktop.name);
             let shown = node.world.items();
             node.desktop.canvas.assert_shows(&shown, &node.desktop.name);
         }
