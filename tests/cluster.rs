@@ -8,7 +8,9 @@
 //! heartbeat (killed: the binary as a child process) has its users leave on the others. A
 //! node killed (`kill -9`) while clients on every node edit continuously loses nothing its
 //! clients had received, and the other nodes' clients go on undisturbed. A session whose feed
-//! channel is full holds back neither the node's other sessions nor its heartbeat.
+//! channel is full holds back neither the node's other sessions nor its heartbeat. Conflicting
+//! bursts from desktop and Yjs clients on three nodes, which no two nodes apply in the same
+//! order, leave every replica and every desktop canvas showing one document.
 //!
 //! No sleeps: every wait is for an event (a frame, Redis' "ready" line), bounded by
 //! `PATIENCE`.
@@ -23,7 +25,8 @@ use collab_core::session::{ConnKind, Input, PresenceChange};
 use common::child::ChildServer;
 use common::durable::close_client;
 use common::*;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
+use optiverse_collab::config::Config;
 use optiverse_collab::store::redis::RedisStore;
 use optiverse_collab::store::{Following, Remote, RemoteBatch, SessionMeta, Store};
 use serde_json::{json, Value};
@@ -70,7 +73,11 @@ impl Redis {
 
     /// A node of the cluster, in process.
     async fn node(&self) -> TestServer {
-        let mut config = test_config();
+        self.node_with(test_config()).await
+    }
+
+    /// A node of the cluster with `config` (its `cluster` set to this Redis).
+    async fn node_with(&self, mut config: Config) -> TestServer {
         config.cluster = Some(self.url.clone());
         let store: Arc<dyn Store> = Arc::new(RedisStore::connect(&self.url).await.unwrap());
         TestServer::start_with(config, store).await
@@ -1404,4 +1411,296 @@ async fn a_gone_node_reaches_every_session_though_some_channels_are_full() {
         }
     }
     drop(held);
+}
+
+/// How many sessions [`conflicting_edits_on_three_nodes_leave_every_replica_and_canvas_alike`]
+/// runs, each with its own interleaving.
+const CONFLICT_ROUNDS: usize = 10;
+
+/// Each node applies its own clients' changes at once and other nodes' as its feed brings
+/// them, so no two nodes apply one session's updates in the same order (ARCHITECTURE
+/// "Cluster", "Order"). Desktop clients on three nodes and a Yjs client each send, without
+/// waiting, a burst of moves and renames of the same two items (every one a different value),
+/// reading what comes meanwhile and building each command from their canvas, as the app does.
+/// Once every node holds every update, each node's document, Redis' and the Yjs client's are
+/// the same; every desktop client's canvas (its own edits, then what it received, applied as
+/// the client applies it) shows that document, with nothing more owed to it (PROTOCOL §3.3);
+/// and no command was refused. Corrections fall due during the bursts too (a short
+/// `--correction-delay`), not only at the pings that end them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conflicting_edits_on_three_nodes_leave_every_replica_and_canvas_alike() {
+    let redis = Redis::start().await;
+    let mut config = test_config();
+    config.correction_delay = std::time::Duration::from_millis(2);
+    let nodes = [
+        redis.node_with(config.clone()).await,
+        redis.node_with(config.clone()).await,
+        redis.node_with(config).await,
+    ];
+    for round in 0..CONFLICT_ROUNDS {
+        conflicting_round(&redis, &nodes, round).await;
+    }
+}
+
+/// A desktop client of the conflict test: its socket and its canvas.
+struct Editor {
+    name: String,
+    ws: Ws,
+    canvas: Canvas,
+    /// The `error` frames it got (none is expected).
+    errors: Vec<Value>,
+}
+
+impl Editor {
+    fn receive(&mut self, msg: &Value) {
+        if msg["type"] == "error" {
+            self.errors.push(msg.clone());
+        }
+        self.canvas.apply(msg);
+    }
+
+    /// Applies whatever has arrived, without waiting.
+    fn receive_arrived(&mut self) {
+        while let Some(frame) = self.ws.next().now_or_never() {
+            match frame {
+                Some(Ok(WsMessage::Text(text))) => {
+                    let msg: Value = serde_json::from_str(&text).unwrap();
+                    self.receive(&msg);
+                }
+                Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => {}
+                other => panic!("{}'s socket: {other:?}", self.name),
+            }
+        }
+    }
+
+    /// Applies what arrives until its canvas holds every one of `uuids`.
+    async fn await_items(&mut self, uuids: &[String]) {
+        while !uuids.iter().all(|u| self.canvas.objects.contains_key(u)) {
+            let msg = recv_json(&mut self.ws).await;
+            self.receive(&msg);
+        }
+    }
+
+    /// Sends `ping` and applies everything before the `pong`: its commands were applied (and
+    /// stored), and the corrections owed to it have arrived.
+    async fn settle(&mut self) {
+        for msg in ping_collect(&mut self.ws).await {
+            self.receive(&msg);
+        }
+    }
+
+    /// A local edit: the canvas shows `fields`, and each of `actions` carries the whole dict.
+    async fn edit(&mut self, uuid: &str, fields: Value, actions: &[&str]) {
+        self.canvas.set(uuid, &fields);
+        let mut data = fields;
+        data["item_uuid"] = json!(uuid);
+        let item_type = data["item_type"].as_str().expect("an item_type").to_owned();
+        for action in actions {
+            let msg = command(action, &item_type, uuid, data.clone(), &self.name);
+            send_json(&mut self.ws, &msg).await;
+        }
+    }
+}
+
+/// Editor `index`'s burst: each step reads what arrived, then drags one of the two items
+/// (`move_item` then `update_item`, as every drag step of the app) or renames it, starting
+/// from what its canvas shows.
+async fn conflicting_desktop_burst(
+    mut editor: Editor,
+    index: usize,
+    uuids: [String; 2],
+    steps: usize,
+) -> Editor {
+    for step in 0..steps {
+        editor.receive_arrived();
+        let uuid = &uuids[(step + index) % 2];
+        let mut fields = editor.canvas.objects[uuid].clone();
+        if step % 3 == 2 {
+            fields["name"] = json!(format!("{} rename {step}", editor.name));
+            editor.edit(uuid, fields, &["update_item"]).await;
+        } else {
+            let x = (1000 * (index + 1) + step) as f64 + 0.5;
+            fields["x_mm"] = json!(x);
+            fields["y_mm"] = json!(-x);
+            fields["angle_deg"] = json!((step * 15 % 360) as f64);
+            editor
+                .edit(uuid, fields, &["move_item", "update_item"])
+                .await;
+        }
+        tokio::task::yield_now().await;
+    }
+    editor
+}
+
+/// The Yjs client's burst: each step applies what arrived, then sets `x_mm` and `name` of one
+/// of the two items.
+async fn conflicting_yjs_burst(mut client: YClient, uuids: [String; 2], steps: usize) -> YClient {
+    for step in 0..steps {
+        while let Some(frame) = client.ws.next().now_or_never() {
+            match frame {
+                Some(Ok(WsMessage::Binary(bytes))) => {
+                    let decoded = Message::decode_v1(&bytes).expect("a y-websocket frame");
+                    if let Message::Sync(
+                        SyncMessage::Update(update) | SyncMessage::SyncStep2(update),
+                    ) = decoded
+                    {
+                        client.apply(&update);
+                    }
+                }
+                Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => {}
+                other => panic!("the Yjs client's socket: {other:?}"),
+            }
+        }
+        let uuid = uuids[step % 2].clone();
+        let x = -(step as f64) - 0.25;
+        client
+            .edit_and_send(|txn, items| {
+                set_fields(
+                    txn,
+                    items,
+                    &uuid,
+                    &[("x_mm", json!(x)), ("name", json!(format!("yjs {step}")))],
+                );
+            })
+            .await;
+        tokio::task::yield_now().await;
+    }
+    client
+}
+
+async fn conflicting_round(redis: &Redis, nodes: &[TestServer; 3], round: usize) {
+    let session = format!("cluster-conflict-{round}");
+    let fixtures = [fixture_item(1), fixture_item(2)];
+    let uuids = [fixtures[0].1.clone(), fixtures[1].1.clone()];
+    // A watcher on each node: what it has received is what its node applied.
+    let mut watchers = Vec::new();
+    for node in nodes {
+        watchers.push(YClient::join(node, &format!("/yjs/{session}")).await.0);
+    }
+    // d0 hosts (it uploads its empty canvas) and adds both items; d1 and d2 connect as the
+    // app's "Connect to server" does.
+    let (ws, _) = nodes[0].settled(&session, "d0").await;
+    let mut host = Editor {
+        name: "d0".into(),
+        ws,
+        canvas: Canvas::default(),
+        errors: Vec::new(),
+    };
+    for (item_type, uuid, data) in &fixtures {
+        host.edit(uuid, expected_item(data, item_type), &["add_item"])
+            .await;
+    }
+    let mut editors = vec![host];
+    for (index, node) in nodes.iter().enumerate().skip(1) {
+        let name = format!("d{index}");
+        let (ws, _, got) = node.joiner(&session, &name).await;
+        let mut editor = Editor {
+            name,
+            ws,
+            canvas: Canvas::default(),
+            errors: Vec::new(),
+        };
+        for msg in &got {
+            editor.receive(msg);
+        }
+        editors.push(editor);
+    }
+    for editor in &mut editors {
+        editor.await_items(&uuids).await;
+    }
+    // The Yjs client, on a different node each round.
+    let (mut yjs, _) = YClient::join(&nodes[round % 3], &format!("/yjs/{session}?user=y")).await;
+    while !uuids.iter().all(|u| yjs.item(u).is_some()) {
+        if let Message::Sync(SyncMessage::Update(update)) = yjs.recv().await {
+            yjs.apply(&update);
+        }
+    }
+
+    // All at once.
+    let steps = 12 + round;
+    let desktop_bursts: Vec<_> = editors
+        .into_iter()
+        .enumerate()
+        .map(|(index, editor)| {
+            tokio::spawn(conflicting_desktop_burst(
+                editor,
+                index,
+                uuids.clone(),
+                steps,
+            ))
+        })
+        .collect();
+    let yjs_burst = tokio::spawn(conflicting_yjs_burst(yjs, uuids.clone(), steps));
+    let mut editors = Vec::new();
+    for burst in desktop_bursts {
+        editors.push(burst.await.unwrap());
+    }
+    let mut yjs = yjs_burst.await.unwrap();
+
+    // Settle. Once each client's barrier is answered, its changes are in Redis; once each
+    // watcher holds what Redis holds, its node has applied every update; then each desktop
+    // client's ping brings what it is owed, and a second one finds nothing more.
+    for editor in &mut editors {
+        editor.settle().await;
+    }
+    yjs.sync().await;
+    let stored = redis.stored_doc(&session).await;
+    let everything = [stored.transact().state_vector()];
+    for watcher in &mut watchers {
+        await_covering(watcher, &everything).await;
+    }
+    await_covering(&mut yjs, &everything).await;
+    for editor in &mut editors {
+        editor.settle().await;
+    }
+    for editor in &mut editors {
+        assert_eq!(
+            ping_collect(&mut editor.ws).await,
+            Vec::<Value>::new(),
+            "round {round}: {} was sent more after settling",
+            editor.name
+        );
+    }
+
+    // (a) The replicas: Redis, every node's document (a fresh client's SyncStep2), what each
+    // watcher was sent.
+    let expected = doc_items(&stored);
+    assert_eq!(expected.len(), 2, "{expected:#?}");
+    for (i, node) in nodes.iter().enumerate() {
+        let (fresh, _) = YClient::join(node, &format!("/yjs/{session}")).await;
+        assert_eq!(
+            doc_items(&fresh.doc),
+            expected,
+            "round {round}: the document of node {i}"
+        );
+    }
+    for (i, watcher) in watchers.iter().enumerate() {
+        assert_eq!(
+            doc_items(&watcher.doc),
+            expected,
+            "round {round}: what node {i} sent its watcher"
+        );
+    }
+    // (c) The Yjs client.
+    assert_eq!(
+        doc_items(&yjs.doc),
+        expected,
+        "round {round}: the Yjs client"
+    );
+    // (b) Every desktop canvas shows the document.
+    let shown: std::collections::BTreeMap<String, Value> = expected
+        .iter()
+        .map(|(uuid, fields)| (uuid.clone(), normalize(fields)))
+        .collect();
+    for editor in &editors {
+        assert_eq!(
+            editor.errors,
+            Vec::<Value>::new(),
+            "round {round}: {} was refused",
+            editor.name
+        );
+        editor
+            .canvas
+            .assert_shows(&shown, &format!("round {round}: {}", editor.name));
+    }
 }

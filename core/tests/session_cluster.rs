@@ -2,6 +2,8 @@
 //! of its members, and what it makes of theirs (`Input::RemoteJoined`, `RemoteLeft`,
 //! `RemoteAwareness`, `NodeGone`): the user list, `user:joined`/`user:left`, replacement of
 //! the older connection of a user, and awareness under the same rules as local connections'.
+//! And the order of updates: nodes that apply their own clients' changes at once and the
+//! others' as the stream brings them end with one document, and every desktop canvas shows it.
 
 mod common;
 
@@ -11,8 +13,11 @@ use collab_core::session::{
     CLOSE_REPLACED,
 };
 use common::*;
+use proptest::prelude::*;
+use serde_json::json;
 use yrs::sync::Message;
 use yrs::updates::encoder::Encode;
+use yrs::Doc;
 
 /// This node's id in these tests.
 const NODE: u64 = 1;
@@ -287,4 +292,268 @@ fn awareness_of_other_nodes_follows_the_same_rules_and_goes_with_its_node() {
         matches!(&got[..], [Message::Awareness(u)] if awareness_entries(u)[&8] == (1, "null".to_owned())),
         "{got:?}"
     );
+}
+
+// -------------------------------------------------------------------------------------------
+// The order of updates (ARCHITECTURE "Cluster", "Order")
+// -------------------------------------------------------------------------------------------
+
+/// One node of a modelled cluster: its session, its desktop client, a Yjs client (its
+/// document, and how much of what the node applied it has received), how far its feed has
+/// read the stream, and how much of what it stored it has appended.
+struct Node {
+    world: World,
+    desktop: Desktop,
+    yjs: Doc,
+    yjs_received: usize,
+    read: usize,
+    appended: usize,
+}
+
+/// Nodes sharing one stream, as `--cluster` nodes share a Redis stream: each entry is the
+/// node that appended it and the update.
+struct Cluster {
+    stream: Vec<(usize, Vec<u8>)>,
+    nodes: Vec<Node>,
+}
+
+impl Cluster {
+    /// Node 0's desktop client (a host) adds two items; nodes 1 and 2 load them from the
+    /// stream, and a desktop client connects to each ("Connect to server").
+    fn of_three() -> Cluster {
+        let mut world = World::new();
+        let mut host = Desktop::connect(&mut world, "d0", true, Canvas::default());
+        for (i, uuid) in ["u1", "u2"].into_iter().enumerate() {
+            let data = json!({"_type": "component", "item_uuid": uuid, "name": format!("L{i}"),
+                              "z_value": 0, "x_mm": 0.0, "y_mm": 0.0, "angle_deg": 0.0});
+            host.edit(
+                &mut world,
+                "add_item",
+                uuid,
+                &expected_item(&data, "component"),
+            );
+        }
+        host.settle(&mut world);
+        let stream: Vec<(usize, Vec<u8>)> =
+            world.persisted.iter().map(|u| (0, u.clone())).collect();
+        let loaded = world.persisted.clone();
+        let mut nodes = vec![Node {
+            appended: world.persisted.len(),
+            read: stream.len(),
+            yjs: Doc::new(),
+            yjs_received: 0,
+            world,
+            desktop: host,
+        }];
+        for name in ["d1", "d2"] {
+            let mut world = World::loaded(&loaded, true);
+            let desktop = Desktop::connect(&mut world, name, false, Canvas::default());
+            assert_eq!(desktop.canvas.objects.len(), 2, "{name} got the scene");
+            nodes.push(Node {
+                appended: world.persisted.len(),
+                read: stream.len(),
+                yjs: Doc::new(),
+                yjs_received: 0,
+                world,
+                desktop,
+            });
+        }
+        let mut cluster = Cluster { stream, nodes };
+        for n in 0..3 {
+            cluster.yjs_receive(n);
+        }
+        cluster
+    }
+
+    /// Appends what node `n` stored since its last append: its own clients' changes, which
+    /// it applied before appending them.
+    fn append(&mut self, n: usize) {
+        let node = &mut self.nodes[n];
+        for update in &node.world.persisted[node.appended..] {
+            self.stream.push((n, update.clone()));
+        }
+        node.appended = node.world.persisted.len();
+    }
+
+    /// Node `n`'s feed hands it the next entry another node appended (as an HTTP update;
+    /// what that stores is dropped: it is in the stream). False at the end of the stream.
+    fn feed(&mut self, n: usize) -> bool {
+        let node = &mut self.nodes[n];
+        while self
+            .stream
+            .get(node.read)
+            .is_some_and(|(from, _)| *from == n)
+        {
+            node.read += 1;
+        }
+        let Some((_, update)) = self.stream.get(node.read) else {
+            return false;
+        };
+        node.read += 1;
+        node.world
+            .api_update(update)
+            .expect("another node's update is taken");
+        node.appended = node.world.persisted.len();
+        true
+    }
+
+    /// Node `n`'s Yjs client receives what its node applied since it last did (what the
+    /// node stored: its own clients' changes and the other nodes').
+    fn yjs_receive(&mut self, n: usize) {
+        let node = &mut self.nodes[n];
+        for update in &node.world.persisted[node.yjs_received..] {
+            apply_update(&node.yjs, update);
+        }
+        node.yjs_received = node.world.persisted.len();
+    }
+
+    /// Node `n`'s desktop client reads what arrived; none of it is an error.
+    fn read(&mut self, n: usize) {
+        let node = &mut self.nodes[n];
+        let got = node.desktop.receive(&mut node.world);
+        assert!(got.iter().all(|m| m["type"] != "error"), "{got:#?}");
+    }
+}
+
+/// One step of a run: a desktop client's edit of a field of an item from what its canvas
+/// shows (a drag sends `move_item` then `update_item`, as the app does); a desktop client
+/// reading what arrived; a Yjs client's edit of `x_mm` or `name` on its document (which may
+/// be behind its node's), and its receiving; a node's feed handing it the next entry; a
+/// node's correction timer. Values come from a small set, so that clients often send a value
+/// they were told.
+#[derive(Debug, Clone)]
+enum Step {
+    Edit {
+        node: usize,
+        item: usize,
+        field: usize,
+        value: u8,
+    },
+    Read(usize),
+    YjsEdit {
+        node: usize,
+        item: usize,
+        field: usize,
+        value: u8,
+    },
+    YjsReceive(usize),
+    Feed(usize),
+    Tick(usize),
+}
+
+fn any_step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        4 => (0..3usize, 0..2usize, 0..3usize, 0..4u8).prop_map(|(node, item, field, value)| {
+            Step::Edit { node, item, field, value }
+        }),
+        2 => (0..3usize).prop_map(Step::Read),
+        1 => (0..3usize, 0..2usize, 0..2usize, 0..4u8).prop_map(|(node, item, field, value)| {
+            Step::YjsEdit { node, item, field, value }
+        }),
+        1 => (0..3usize).prop_map(Step::YjsReceive),
+        3 => (0..3usize).prop_map(Step::Feed),
+        1 => (0..3usize).prop_map(Step::Tick),
+    ]
+}
+
+fn run(cluster: &mut Cluster, step: &Step) {
+    match *step {
+        Step::Edit {
+            node,
+            item,
+            field,
+            value,
+        } => {
+            let uuid = ["u1", "u2"][item];
+            let Node { world, desktop, .. } = &mut cluster.nodes[node];
+            let mut fields = desktop.canvas.objects[uuid].clone();
+            match field {
+                0 => {
+                    fields["x_mm"] = json!(f64::from(value) + 0.5);
+                    desktop.edit(world, "move_item", uuid, &fields);
+                    desktop.edit(world, "update_item", uuid, &fields);
+                }
+                1 => {
+                    fields["name"] = json!(format!("N{value}"));
+                    desktop.edit(world, "update_item", uuid, &fields);
+                }
+                _ => {
+                    fields["z_value"] = json!(value);
+                    desktop.edit(world, "update_item", uuid, &fields);
+                }
+            }
+            cluster.append(node);
+        }
+        Step::Read(node) => cluster.read(node),
+        Step::YjsEdit {
+            node,
+            item,
+            field,
+            value,
+        } => {
+            let uuid = ["u1", "u2"][item];
+            let write = match field {
+                0 => ("x_mm", json!(f64::from(value) + 0.5)),
+                _ => ("name", json!(format!("N{value}"))),
+            };
+            let Node { world, yjs, .. } = &mut cluster.nodes[node];
+            let update = edit(yjs, |txn, items| set_fields(txn, items, uuid, &[write]));
+            world
+                .api_update(&update)
+                .expect("a Yjs client's update is taken");
+            cluster.append(node);
+        }
+        Step::YjsReceive(node) => cluster.yjs_receive(node),
+        Step::Feed(node) => {
+            cluster.feed(node);
+        }
+        Step::Tick(node) => {
+            let world = &mut cluster.nodes[node].world;
+            if world.session.next_deadline().is_some() {
+                world.tick_at_deadline();
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Three nodes, each applying its own clients' changes (a desktop client's, a Yjs
+    /// client's) at once and the others' when its feed hands them, in any interleaving of
+    /// edits, reads, feed steps and correction timers: once every feed has read the stream
+    /// and every client has pinged or received, every node's document and every Yjs client's
+    /// is the stream's, every canvas shows it, and nothing more is owed.
+    #[test]
+    fn nodes_applying_the_stream_in_their_own_orders_agree_and_so_do_their_canvases(
+        steps in prop::collection::vec(any_step(), 1..60)
+    ) {
+        let mut cluster = Cluster::of_three();
+        for step in &steps {
+            run(&mut cluster, step);
+        }
+        for n in 0..3 {
+            while cluster.feed(n) {}
+        }
+        for node in &mut cluster.nodes {
+            node.desktop.settle(&mut node.world);
+            let more = node.desktop.settle(&mut node.world);
+            prop_assert!(more.is_empty(), "{} was sent more: {more:#?}", node.desktop.name);
+        }
+        let stored = Doc::new();
+        items(&stored);
+        for (_, update) in &cluster.stream {
+            apply_update(&stored, update);
+        }
+        let expected = doc_items(&stored);
+        for n in 0..3 {
+            cluster.yjs_receive(n);
+        }
+        for node in &mut cluster.nodes {
+            prop_assert_eq!(&doc_items(&node.world.doc()), &expected, "{}'s node", node.desktop.name);
+            prop_assert_eq!(&doc_items(&node.yjs), &expected, "the Yjs client of {}'s node", node.desktop.name);
+            let shown = node.world.items();
+            node.desktop.canvas.assert_shows(&shown, &node.desktop.name);
+        }
+    }
 }
