@@ -210,19 +210,20 @@ async fn next_of(ws: &mut Ws, kind: &str) -> Value {
     }
 }
 
-/// The `user_id`s of an ack's user list, in order.
-fn listed(ack: &Value) -> Vec<&str> {
-    ack["users"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no users: {ack}"))
-        .iter()
-        .map(|u| u["user_id"].as_str().unwrap())
-        .collect()
-}
-
 fn ruler(uuid: &str, name: &str) -> Value {
     json!({"item_uuid": uuid, "x_mm": 1.5, "y_mm": -2.0, "angle_deg": 0.0, "name": name,
         "points": [[0.0, 0.0], [25.4, 0.0]], "z_value": 2, "locked": false})
+}
+
+/// Another node's desktop connection `peer` of `user` joining, as a node publishes it.
+fn desktop_join(peer: u64, user: &str) -> PresenceChange {
+    PresenceChange::Joined {
+        peer,
+        kind: ConnKind::Legacy,
+        user: Some(user.into()),
+        connected_at: "2026-12-05T00:00:00.000Z".into(),
+        holds_name: false,
+    }
 }
 
 #[tokio::test]
@@ -850,16 +851,7 @@ async fn presence_in_redis_that_no_node_wrote_is_skipped() {
     // Then what a node writes: alice hears of it, and of nothing before it.
     let other = RedisStore::connect(&redis.url).await.unwrap();
     other
-        .publish_presence(
-            session,
-            vec![PresenceChange::Joined {
-                peer: 1,
-                kind: ConnKind::Legacy,
-                user: Some("valid".into()),
-                connected_at: "2026-12-05T00:00:00.000Z".into(),
-                holds_name: false,
-            }],
-        )
+        .publish_presence(session, vec![desktop_join(1, "valid")])
         .await
         .unwrap();
     let joined = recv_json(&mut alice).await;
@@ -1377,16 +1369,7 @@ async fn a_gone_node_reaches_every_session_though_some_channels_are_full() {
         .expect("a feed")
         .node;
     writer
-        .publish_presence(
-            live,
-            vec![PresenceChange::Joined {
-                peer: 1,
-                kind: ConnKind::Legacy,
-                user: Some("w".into()),
-                connected_at: "2026-12-05T00:00:00.000Z".into(),
-                holds_name: false,
-            }],
-        )
+        .publish_presence(live, vec![desktop_join(1, "w")])
         .await
         .unwrap();
     // The writer stops and its alive key goes: the reader's heartbeat finds it gone.

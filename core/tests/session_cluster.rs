@@ -133,13 +133,11 @@ fn users_of_other_nodes_are_listed_joined_and_left() {
     );
     world.advance(std::time::Duration::from_secs(1));
     let (carol, ack) = world.legacy("carol");
-    let users: Vec<&str> = ack["users"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|u| u["user_id"].as_str().unwrap())
-        .collect();
-    assert_eq!(users, ["alice", "bob", "carol"], "in the order they joined");
+    assert_eq!(
+        names(&ack),
+        ["alice", "bob", "carol"],
+        "in the order they joined"
+    );
     assert_eq!(ack["is_host"], false);
     // bob's connection on this node too: his leave on the other node is no leave.
     let (bob_here, _) = world.yjs(Some("bob"));

@@ -11,16 +11,6 @@ use collab_core::session::{ConnKind, CLOSE_REPLACED, CLOSE_SLOW};
 use common::*;
 use serde_json::{json, Value};
 
-/// The user names of an ack's `users`, in order.
-fn names(ack: &Value) -> Vec<String> {
-    ack["users"]
-        .as_array()
-        .unwrap_or_else(|| panic!("users is a list: {ack}"))
-        .iter()
-        .map(|u| u["user_id"].as_str().unwrap().to_owned())
-        .collect()
-}
-
 /// The `connected_at` of `user` in an ack's list.
 fn connected_at(ack: &Value, user: &str) -> Value {
     ack["users"]

@@ -383,3 +383,13 @@ pub async fn close_frame(ws: &mut Ws) -> (u16, String) {
 pub async fn ping_collect_folded(ws: &mut Ws) -> Vec<Value> {
     fold_fixes(&ping_collect(ws).await)
 }
+
+/// The `user_id`s of an ack's user list, in order.
+pub fn listed(ack: &Value) -> Vec<&str> {
+    ack["users"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no users: {ack}"))
+        .iter()
+        .map(|u| u["user_id"].as_str().unwrap())
+        .collect()
+}

@@ -511,3 +511,13 @@ impl World {
         doc
     }
 }
+
+/// The `user_id`s of an ack's user list, in order.
+pub fn names(ack: &Value) -> Vec<String> {
+    ack["users"]
+        .as_array()
+        .unwrap_or_else(|| panic!("users is a list: {ack}"))
+        .iter()
+        .map(|u| u["user_id"].as_str().unwrap().to_owned())
+        .collect()
+}
