@@ -1069,11 +1069,7 @@ async fn child_yjs(addr: std::net::SocketAddr, path: &str) -> YClient {
     let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}{path}"))
         .await
         .expect("the child node takes a Yjs connection");
-    let doc = Doc::new();
-    items(&doc);
-    let mut client = YClient { ws, doc };
-    client.handshake().await;
-    client
+    YClient::over(ws).await
 }
 
 /// `kill -9` of one of three nodes (the real binary, as a child process) while Yjs clients on

@@ -18,7 +18,7 @@ use optiverse_collab::config::Secret;
 use serde_json::json;
 use tokio::process::{Child, Command};
 use tokio_tungstenite::{connect_async_tls_with_config, Connector};
-use yrs::{Doc, Map as _};
+use yrs::Map as _;
 
 const KEY: &str = "the TLS proxy test's key, 32 bytes or more";
 
@@ -138,11 +138,7 @@ async fn wss(url: &str, connector: &Connector) -> Result<Ws, u16> {
 
 async fn yjs_over_tls(url: &str, connector: &Connector) -> YClient {
     let ws = wss(url, connector).await.expect("the upgrade is accepted");
-    let doc = Doc::new();
-    items(&doc);
-    let mut client = YClient { ws, doc };
-    client.handshake().await;
-    client
+    YClient::over(ws).await
 }
 
 #[tokio::test]

@@ -25,6 +25,15 @@ impl YClient {
         YClient { ws, doc }
     }
 
+    /// A client over a connection opened elsewhere (a child process, TLS), the handshake done.
+    pub async fn over(ws: Ws) -> YClient {
+        let doc = Doc::new();
+        super::items(&doc);
+        let mut client = YClient { ws, doc };
+        client.handshake().await;
+        client
+    }
+
     /// Connects and runs the handshake; returns what came besides the sync messages.
     pub async fn join(server: &TestServer, path: &str) -> (YClient, Vec<Message>) {
         let mut client = YClient::connect_with(server, path, Doc::new()).await;
