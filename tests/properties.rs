@@ -199,7 +199,7 @@ fn session_op() -> impl Strategy<Value = SessionOp> {
         1 => (c(), any::<Option<u8>>()).prop_map(|(client, state)| SessionOp::Awareness { client, state }),
         1 => yjs_op().prop_map(|op| SessionOp::Api { op }),
         2 => Just(SessionOp::Pause),
-        1 => Just(SessionOp::SharePresence),
+        2 => Just(SessionOp::SharePresence),
         2 => (p(), p(), p(), any::<Option<u8>>(), p(), any::<bool>()).prop_map(
             |(node, peer, kind, user, connected_at, holds_name)| SessionOp::RemoteJoined {
                 node,
@@ -211,7 +211,7 @@ fn session_op() -> impl Strategy<Value = SessionOp> {
             }
         ),
         1 => (p(), p()).prop_map(|(node, peer)| SessionOp::RemoteLeft { node, peer }),
-        3 => (p(), p(), vec(remote_state(), 0..4))
+        4 => (p(), p(), vec(remote_state(), 1..5))
             .prop_map(|(node, peer, states)| SessionOp::RemoteAwareness { node, peer, states }),
         1 => p().prop_map(|node| SessionOp::NodeGone { node }),
     ]

@@ -81,7 +81,8 @@ pub struct SessionScript {
     /// fixture scene 0 or 1 (hosts may share items), or the whole of scene 2.
     pub benches: u8,
     /// Bit 0: small awareness bounds, so that awareness updates fill the session and evict
-    /// ([`World::limits`]); the other bits size them.
+    /// ([`World::limits`]; bits 2 to 7 size them); bit 1: the session shares its presence from
+    /// the start (else only after [`SessionOp::SharePresence`]).
     pub limits: u8,
     pub ops: Vec<SessionOp>,
 }
@@ -224,7 +225,7 @@ pub struct RemoteState {
 pub enum RemoteJson {
     /// A removal.
     Null,
-    /// A JSON object of about `n + 12` bytes.
+    /// A JSON object of `n % 48 + 10` bytes.
     Object(u8),
     /// Any text (the session refuses what is no JSON object).
     Text(String),
@@ -574,7 +575,7 @@ impl World {
     }
 
     /// The default bounds, or (bit 0) awareness bounds a few states reach: up to 4 states,
-    /// 64 to 304 bytes in all, 96 bytes each (a local Yjs state takes about 30).
+    /// 64 to 184 bytes in all, 96 bytes each (a local Yjs state takes about 30).
     fn limits(bits: u8) -> SessionLimits {
         let defaults = SessionLimits::default();
         if bits & 1 == 0 {
@@ -582,8 +583,8 @@ impl World {
         }
         SessionLimits {
             max_awareness_bytes: 96,
-            max_awareness_states: 1 + usize::from((bits >> 1) % 4),
-            max_awareness_total_bytes: 64 + 8 * usize::from(bits >> 3),
+            max_awareness_states: 1 + usize::from((bits >> 2) % 4),
+            max_awareness_total_bytes: 64 + 8 * usize::from(bits >> 4),
             ..defaults
         }
     }
@@ -987,8 +988,9 @@ impl World {
             .map(|state| {
                 let json = match &state.json {
                     RemoteJson::Null => "null".to_owned(),
+                    // Within the small bound on one state (96 bytes): a few fill the session.
                     RemoteJson::Object(n) => {
-                        json!({"pad": "x".repeat(usize::from(*n))}).to_string()
+                        json!({"pad": "x".repeat(usize::from(*n % 48))}).to_string()
                     }
                     RemoteJson::Text(text) => text.clone(),
                 };
@@ -1394,6 +1396,9 @@ fn apply_to(doc: &Doc, update: &[u8]) {
 /// Runs a script and asserts the invariants along the way and convergence at the end.
 pub fn run(script: &SessionScript) {
     let mut world = World::new(script);
+    if script.limits & 2 != 0 {
+        world.step(&SessionOp::SharePresence);
+    }
     for op in &script.ops {
         world.step(op);
     }
