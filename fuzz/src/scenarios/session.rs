@@ -4,7 +4,8 @@
 //! clients and 0–2 Yjs connections (`/yjs/` anonymous or named, or `/ws/...?yjs=1`), plus the
 //! HTTP API. They join, leave, are dropped as slow consumers (1013), reconnect (closing the
 //! old socket first, or replacing it: the session closes the old one 4000), edit, ping, and
-//! apply what the session sent them whenever the script says.
+//! apply what the session sent them whenever the script says. Once the session shares its
+//! presence, other nodes' connections join, leave and send awareness states, and nodes go.
 //!
 //! Each desktop client reads the JSON the session wrote and behaves as the real one does
 //! (`../shared/optiverse-client`, README): its role comes from the script; a host keeps its
@@ -27,7 +28,9 @@
 //! and the updates the session gave to persist, loaded as the server loads its store, give
 //! the same document. What the session held is learnt incrementally, from the persisted
 //! updates applied to a replica whose observer records each changed field once, so the
-//! check costs little per step.
+//! check costs little per step. With presence shared, after every step: the user list names
+//! each name once, exactly the local and remote members' names; the awareness states hold at
+//! most their total bound; a remote connection that left (or whose node went) holds no state.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
