@@ -10,7 +10,7 @@ use proptest::collection::vec;
 use proptest::prelude::*;
 use scenarios::legacy::{Change, LegacyOp, LegacyScript, YjsOp};
 use scenarios::merge::{Finish, MergeOp, MergeScript, Val};
-use scenarios::session::{SessionOp, SessionScript};
+use scenarios::session::{RemoteJson, RemoteState, SessionOp, SessionScript};
 use scenarios::untrusted;
 
 fn val() -> impl Strategy<Value = Val> {
@@ -199,16 +199,45 @@ fn session_op() -> impl Strategy<Value = SessionOp> {
         1 => (c(), any::<Option<u8>>()).prop_map(|(client, state)| SessionOp::Awareness { client, state }),
         1 => yjs_op().prop_map(|op| SessionOp::Api { op }),
         2 => Just(SessionOp::Pause),
+        2 => Just(SessionOp::SharePresence),
+        2 => (p(), p(), p(), any::<Option<u8>>(), p(), any::<bool>()).prop_map(
+            |(node, peer, kind, user, connected_at, holds_name)| SessionOp::RemoteJoined {
+                node,
+                peer,
+                kind,
+                user,
+                connected_at,
+                holds_name,
+            }
+        ),
+        1 => (p(), p()).prop_map(|(node, peer)| SessionOp::RemoteLeft { node, peer }),
+        4 => (p(), p(), vec(remote_state(), 1..5))
+            .prop_map(|(node, peer, states)| SessionOp::RemoteAwareness { node, peer, states }),
+        1 => p().prop_map(|node| SessionOp::NodeGone { node }),
     ]
 }
 
+fn remote_state() -> impl Strategy<Value = RemoteState> {
+    let json = prop_oneof![
+        1 => Just(RemoteJson::Null),
+        4 => any::<u8>().prop_map(RemoteJson::Object),
+        1 => any::<String>().prop_map(RemoteJson::Text),
+    ];
+    (any::<u8>(), any::<u8>(), json).prop_map(|(client, clock, json)| RemoteState {
+        client,
+        clock,
+        json,
+    })
+}
+
 fn session_script() -> impl Strategy<Value = SessionScript> {
-    (any::<[u8; 4]>(), vec(session_op(), 0..60)).prop_map(
-        |([desktops, yjs, roles, benches], ops)| SessionScript {
+    (any::<[u8; 5]>(), vec(session_op(), 0..60)).prop_map(
+        |([desktops, yjs, roles, benches, limits], ops)| SessionScript {
             desktops,
             yjs,
             roles,
             benches,
+            limits,
             ops,
         },
     )

@@ -513,6 +513,32 @@ fn an_oversize_awareness_state_is_refused_and_not_broadcast() {
     );
 }
 
+/// An update that carries a stale entry (an older clock, skipped) smaller than the state it
+/// names must not make room it does not free: the session's states stay within their total
+/// bound (found by the `session` fuzz scenario).
+#[test]
+fn a_stale_smaller_entry_makes_no_room_for_the_rest_of_its_update() {
+    let limits = SessionLimits {
+        max_awareness_total_bytes: 96,
+        ..SessionLimits::default()
+    };
+    let mut world = World::with_limits(&limits);
+    let (a, _) = world.yjs(None);
+    let state = |len: usize| format!("{{\"pad\":\"{}\"}}", "x".repeat(len - 10));
+    world.send_yjs(a, awareness(&[(3, 9, &state(25)), (2, 0, &state(30))]));
+    assert_eq!(world.session.awareness_bytes(), 55);
+    // Clock 0 < 9: state 3 keeps its 25 bytes, so 42 new bytes do not fit in 96.
+    world.send_yjs(
+        a,
+        awareness(&[(3, 0, &state(10)), (1, 0, &state(22)), (0, 0, &state(20))]),
+    );
+    assert!(
+        world.session.awareness_bytes() <= limits.max_awareness_total_bytes,
+        "awareness states hold {} bytes, over the bound",
+        world.session.awareness_bytes()
+    );
+}
+
 /// A Yjs client may write anything into a field the desktop client reads as a number or a
 /// boolean; desktop clients are not sent such a value (it would raise in their handler and lose
 /// the item there): the field is left out of what they get, and they show its default. The

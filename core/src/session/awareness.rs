@@ -129,8 +129,9 @@ impl AwarenessStates {
         let owner = owner.into();
         let update =
             AwarenessUpdate::decode_v1(bytes.bytes()).map_err(|e| AwarenessError(e.to_string()))?;
-        // Net change of the total, counting every entry as accepted (an entry with an old clock
-        // is skipped below, so this may only overestimate).
+        // Net change of the total, counting only the entries applied below (a stale one that
+        // would shrink a state frees nothing); removals are not counted, so this may only
+        // overestimate.
         let mut added_bytes = 0i64;
         let mut new_clients = 0usize;
         for (client, entry) in &update.clients {
@@ -155,6 +156,7 @@ impl AwarenessStates {
                         "awareness client {client} belongs to another connection"
                     )));
                 }
+                _ if !self.accepts(*client, entry.clock, removal) => {}
                 Some(state) if !removal => {
                     added_bytes += len_i64(&entry.json) - len_i64(&state.json);
                 }
@@ -178,11 +180,7 @@ impl AwarenessStates {
         }
         for (client, entry) in update.clients {
             let removal = is_null(&entry.json);
-            let accept = match self.states.get(&client) {
-                Some(state) => state.clock < entry.clock || (state.clock == entry.clock && removal),
-                None => !removal && self.removed.get(&client).is_none_or(|c| *c < entry.clock),
-            };
-            if !accept {
+            if !self.accepts(client, entry.clock, removal) {
                 continue;
             }
             if removal {
@@ -215,6 +213,16 @@ impl AwarenessStates {
                 .filter_map(|(victim, removals)| Some((victim, encode(removals)?)))
                 .collect(),
         })
+    }
+
+    /// Whether an entry for `client` at `clock` changes its state (y-protocols' rule): a
+    /// higher clock, or a removal at the same clock; a removed state comes back only with a
+    /// higher clock than its removal's.
+    fn accepts(&self, client: ClientID, clock: u32, removal: bool) -> bool {
+        match self.states.get(&client) {
+            Some(state) => state.clock < clock || (state.clock == clock && removal),
+            None => !removal && self.removed.get(&client).is_none_or(|c| *c < clock),
+        }
     }
 
     /// The states to remove so that `owner`'s update, adding `added_bytes` and `new_clients`

@@ -4,7 +4,8 @@
 //! clients and 0–2 Yjs connections (`/yjs/` anonymous or named, or `/ws/...?yjs=1`), plus the
 //! HTTP API. They join, leave, are dropped as slow consumers (1013), reconnect (closing the
 //! old socket first, or replacing it: the session closes the old one 4000), edit, ping, and
-//! apply what the session sent them whenever the script says.
+//! apply what the session sent them whenever the script says. Once the session shares its
+//! presence, other nodes' connections join, leave and send awareness states, and nodes go.
 //!
 //! Each desktop client reads the JSON the session wrote and behaves as the real one does
 //! (`../shared/optiverse-client`, README): its role comes from the script; a host keeps its
@@ -27,9 +28,11 @@
 //! and the updates the session gave to persist, loaded as the server loads its store, give
 //! the same document. What the session held is learnt incrementally, from the persisted
 //! updates applied to a replica whose observer records each changed field once, so the
-//! check costs little per step.
+//! check costs little per step. With presence shared, after every step: the user list names
+//! each name once, exactly the local and remote members' names; the awareness states hold at
+//! most their total bound; a remote connection that left (or whose node went) holds no state.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -41,15 +44,15 @@ use collab_core::doc::{
 use collab_core::protocol::json::{parse_client_message, ClientMessage};
 use collab_core::protocol::yjs::YjsMessage;
 use collab_core::session::{
-    CloseReason, ConnKind, Input, Now, Output, Payload, PayloadKind, Session, SessionLimits,
-    CLOSE_REPLACED, CLOSE_SLOW,
+    CloseReason, ConnKind, Event, Input, Now, Output, Payload, PayloadKind, Refused, Session,
+    SessionLimits, CLOSE_REPLACED, CLOSE_SLOW,
 };
 use serde_json::{json, Map, Value};
 use yrs::sync::awareness::{AwarenessUpdate, AwarenessUpdateEntry};
 use yrs::sync::{Message, SyncMessage};
 use yrs::updates::decoder::Decode;
 use yrs::updates::encoder::Encode;
-use yrs::{Doc, ReadTxn, StateVector, Transact, Update};
+use yrs::{ClientID, Doc, ReadTxn, StateVector, Transact, Update};
 
 use super::held::{Held, Persisted};
 use super::legacy::{
@@ -80,6 +83,10 @@ pub struct SessionScript {
     /// Bits `2i` and `2i + 1`: the bench host `i` starts with: none, the first two items of
     /// fixture scene 0 or 1 (hosts may share items), or the whole of scene 2.
     pub benches: u8,
+    /// Bit 0: small awareness bounds, so that awareness updates fill the session and evict
+    /// ([`World::limits`]; bits 2 to 7 size them); bit 1: the session shares its presence from
+    /// the start (else only after [`SessionOp::SharePresence`]).
+    pub limits: u8,
     pub ops: Vec<SessionOp>,
 }
 
@@ -91,6 +98,7 @@ impl<'a> arbitrary::Arbitrary<'a> for SessionScript {
             yjs: u.arbitrary()?,
             roles: u.arbitrary()?,
             benches: u.arbitrary()?,
+            limits: u.arbitrary()?,
             ops: super::util::steps_up_to(u, MAX_SESSION_STEPS)?,
         })
     }
@@ -173,6 +181,85 @@ pub enum SessionOp {
     },
     /// Time passes until the session's next deadline (corrections owed, awareness expiry).
     Pause,
+    /// The session starts sharing its presence with other nodes (as node [`LOCAL_NODE`]);
+    /// before, it ignores the remote inputs below.
+    SharePresence,
+    /// Another node's connection joins (node `node % 4`: 0 is this node's own id).
+    RemoteJoined {
+        node: u8,
+        peer: u8,
+        /// `% 3`: `/ws/` desktop, `/ws/...?yjs=1`, `/yjs/`.
+        kind: u8,
+        /// An index into [`REMOTE_NAMES`] (local members' names included), `None`: anonymous.
+        user: Option<u8>,
+        /// `% 4`: now, older or newer than every local join, or a string that is no time.
+        connected_at: u8,
+        holds_name: bool,
+    },
+    RemoteLeft {
+        node: u8,
+        peer: u8,
+    },
+    /// Another node's connection sends awareness states (client ids of its own).
+    RemoteAwareness {
+        node: u8,
+        peer: u8,
+        states: Vec<RemoteState>,
+    },
+    /// Another node stops without saying.
+    NodeGone {
+        node: u8,
+    },
+}
+
+/// One entry of a remote awareness update.
+#[cfg_attr(not(test), derive(arbitrary::Arbitrary))]
+#[derive(Debug, Clone)]
+pub struct RemoteState {
+    /// `% 4`: one of the four client ids of the remote connection ([`remote_client_id`]).
+    pub client: u8,
+    pub clock: u8,
+    pub json: RemoteJson,
+}
+
+/// An awareness state's JSON.
+#[cfg_attr(not(test), derive(arbitrary::Arbitrary))]
+#[derive(Debug, Clone)]
+pub enum RemoteJson {
+    /// A removal.
+    Null,
+    /// A JSON object of `n % 48 + 10` bytes.
+    Object(u8),
+    /// Any text (the session refuses what is no JSON object).
+    Text(String),
+}
+
+/// This node's id once it shares its presence.
+const LOCAL_NODE: u64 = 0;
+
+/// Names of remote connections: the local members' (desktops `d*`, Yjs `y*`) and others.
+pub const REMOTE_NAMES: [&str; 8] = ["d0", "d1", "d2", "d3", "y0", "y1", "r0", "r1"];
+
+fn remote_node(node: u8) -> u64 {
+    u64::from(node % 4)
+}
+
+fn remote_peer(peer: u8) -> PeerId {
+    // Small ids: the same as local connections' (another node's ids are its own).
+    PeerId::from(peer % 4) + 1
+}
+
+/// The client ids a remote connection's awareness states use: its own, so that a removed
+/// connection's states can be probed for ([`World::assert_no_states_of`]).
+fn remote_client_id(node: u64, peer: PeerId, client: u8) -> ClientID {
+    ClientID::new(10_000 + node * 100 + peer * 10 + u64::from(client % 4))
+}
+
+/// A remote member, as the session should know it.
+#[derive(Debug, Clone)]
+struct RemoteMember {
+    user: Option<Arc<str>>,
+    holds_name: bool,
 }
 
 /// How a desktop client acts, from its connect dialog (the server cannot tell).
@@ -397,6 +484,16 @@ struct World {
     replica: Persisted,
     /// The same updates, loaded at the end as the server loads its store.
     persisted: Vec<Vec<u8>>,
+    limits: SessionLimits,
+    /// `share_presence` was called.
+    shared: bool,
+    /// The other nodes' connections the session heard join and not leave.
+    remote: BTreeMap<(u64, PeerId), RemoteMember>,
+    /// The other nodes' connections that sent awareness updates.
+    remote_awareness: BTreeSet<(u64, PeerId)>,
+    /// While a local connection's awareness update is fed: under small bounds the session
+    /// may refuse it when no other connection holds more than it would (awareness.rs).
+    awareness_refusable: bool,
 }
 
 impl World {
@@ -459,12 +556,9 @@ impl World {
             })
             .collect();
         let start = Instant::now();
+        let limits = World::limits(script.limits);
         World {
-            session: Session::new(
-                Arc::from("fuzz"),
-                Scene::default(),
-                &SessionLimits::default(),
-            ),
+            session: Session::new(Arc::from("fuzz"), Scene::default(), &limits),
             start,
             now: Now::at(start, SystemTime::UNIX_EPOCH + WALL_START),
             desktops,
@@ -475,6 +569,26 @@ impl World {
             step: 0,
             replica: Persisted::default(),
             persisted: Vec::new(),
+            limits,
+            shared: false,
+            remote: BTreeMap::new(),
+            remote_awareness: BTreeSet::new(),
+            awareness_refusable: false,
+        }
+    }
+
+    /// The default bounds, or (bit 0) awareness bounds a few states reach: up to 4 states,
+    /// 64 to 184 bytes in all, 96 bytes each (a local Yjs state takes about 30).
+    fn limits(bits: u8) -> SessionLimits {
+        let defaults = SessionLimits::default();
+        if bits & 1 == 0 {
+            return defaults;
+        }
+        SessionLimits {
+            max_awareness_bytes: 96,
+            max_awareness_states: 1 + usize::from((bits >> 2) % 4),
+            max_awareness_total_bytes: 64 + 8 * usize::from(bits >> 4),
+            ..defaults
         }
     }
 
@@ -500,9 +614,21 @@ impl World {
             self.replica.apply(update);
         }
         self.persisted.extend(out.persist);
-        if let Some(event) = out.events.first() {
-            panic!("the session reported {event:?} for valid input");
+        for event in &out.events {
+            let expected = match event {
+                // Remote updates come from the script: any may break the awareness rules.
+                Event::RemoteAwarenessRejected { .. } => true,
+                Event::Rejected { .. } => self.awareness_refusable,
+                _ => false,
+            };
+            assert!(expected, "the session reported {event:?} for valid input");
         }
+        assert!(
+            self.session.awareness_bytes() <= self.limits.max_awareness_total_bytes,
+            "awareness states hold {} bytes, over the bound {}",
+            self.session.awareness_bytes(),
+            self.limits.max_awareness_total_bytes
+        );
         for (peer, reason) in &out.closes {
             if tracing() {
                 eprintln!("  closes {peer}: {} {}", reason.code, reason.reason);
@@ -596,9 +722,39 @@ impl World {
 
     /// Opens a new connection for `endpoint` (its old one, if any, stays a member: the
     /// session replaces it or a `Leave` follows).
+    /// A connection another node's connection holds the name of is refused, changing nothing
+    /// (PROTOCOL §3.5; local connections here hold no name).
     fn connect(&mut self, endpoint: Endpoint) -> Vec<(PeerId, CloseReason)> {
         let peer = self.next_peer;
         self.next_peer += 1;
+        let (kind, user) = match endpoint {
+            Endpoint::Desktop(i) => (
+                ConnKind::Legacy,
+                Some(Arc::from(self.desktops[i].name.as_str())),
+            ),
+            Endpoint::Yjs(j) => (self.yjs[j].kind, self.yjs[j].user.clone()),
+        };
+        if self
+            .remote
+            .values()
+            .any(|m| m.holds_name && m.user.is_some() && m.user == user)
+        {
+            let join = Input::Join {
+                peer,
+                kind,
+                user,
+                access: collab_core::session::Access::OPEN,
+            };
+            let mut out = Output::default();
+            let refused = self.session.handle(join, &self.now, &mut out);
+            assert_eq!(
+                refused,
+                Err(Refused::NameHeld),
+                "a join of a name another node's connection holds"
+            );
+            assert!(out.is_empty(), "a refused join changed something: {out:?}");
+            return Vec::new();
+        }
         self.live.insert(peer, endpoint);
         match endpoint {
             Endpoint::Desktop(i) => {
@@ -660,6 +816,10 @@ impl World {
             return;
         };
         let closes = self.connect(endpoint);
+        if self.peer_of(endpoint) == Some(old) {
+            // Refused: the name is another node's.
+            return;
+        }
         let speaks_json = match endpoint {
             Endpoint::Desktop(_) => true,
             Endpoint::Yjs(j) => self.yjs[j].kind.speaks_json(),
@@ -780,7 +940,137 @@ impl World {
             clients: HashMap::from([(y.replica.doc.client_id(), entry)]),
         };
         let checked = CheckedAwareness::check(update.encode_v1()).expect("an awareness update");
+        self.awareness_refusable = self.limits.max_awareness_total_bytes
+            < SessionLimits::default().max_awareness_total_bytes;
         self.yjs_send(j, YjsMessage::Awareness(checked));
+        self.awareness_refusable = false;
+    }
+
+    fn remote_joined(
+        &mut self,
+        node: u64,
+        peer: PeerId,
+        join: (ConnKind, Option<Arc<str>>, Arc<str>, bool),
+    ) {
+        let (kind, user, connected_at, holds_name) = join;
+        self.input(Input::RemoteJoined {
+            node,
+            peer,
+            kind,
+            user: user.clone(),
+            connected_at,
+            holds_name,
+        });
+        if self.shared && node != LOCAL_NODE {
+            self.remote
+                .insert((node, peer), RemoteMember { user, holds_name });
+        }
+    }
+
+    /// Another node's connection leaves: its awareness states go with it.
+    fn remote_left(&mut self, node: u64, peer: PeerId) {
+        self.input(Input::RemoteLeft { node, peer });
+        if self.shared {
+            self.remote.remove(&(node, peer));
+            self.assert_no_states_of(node, Some(peer));
+        }
+    }
+
+    /// Another node is gone: its connections leave, their awareness states with them.
+    fn node_gone(&mut self, node: u64) {
+        self.input(Input::NodeGone { node });
+        if self.shared {
+            self.remote.retain(|(n, _), _| *n != node);
+            self.assert_no_states_of(node, None);
+        }
+    }
+
+    fn remote_awareness(&mut self, node: u64, peer: PeerId, states: &[RemoteState]) {
+        let clients = states
+            .iter()
+            .map(|state| {
+                let json = match &state.json {
+                    RemoteJson::Null => "null".to_owned(),
+                    // Within the small bound on one state (96 bytes): a few fill the session.
+                    RemoteJson::Object(n) => {
+                        json!({"pad": "x".repeat(usize::from(*n % 48))}).to_string()
+                    }
+                    RemoteJson::Text(text) => text.clone(),
+                };
+                let entry = AwarenessUpdateEntry {
+                    clock: u32::from(state.clock),
+                    json: json.into(),
+                };
+                (remote_client_id(node, peer, state.client), entry)
+            })
+            .collect();
+        let bytes = AwarenessUpdate { clients }.encode_v1();
+        let Ok(update) = CheckedAwareness::check(bytes) else {
+            return;
+        };
+        self.input(Input::RemoteAwareness { node, peer, update });
+        self.remote_awareness.insert((node, peer));
+    }
+
+    /// Asserts that the session holds no awareness state of `node`'s connection `peer`, or of
+    /// any of its connections: a probe removes each of their client ids, as another remote
+    /// connection. Only the owner of a state may remove it, so the probe is refused while
+    /// one is held, and it changes nothing when none is (a removal of an unknown client).
+    fn assert_no_states_of(&mut self, node: u64, peer: Option<PeerId>) {
+        let probe = (node % 3) + 1;
+        let clients: HashMap<ClientID, AwarenessUpdateEntry> = self
+            .remote_awareness
+            .iter()
+            .filter(|(n, p)| *n == node && peer.is_none_or(|peer| *p == peer))
+            .flat_map(|(n, p)| (0..4).map(|c| remote_client_id(*n, *p, c)))
+            .map(|client| {
+                let entry = AwarenessUpdateEntry {
+                    clock: 0,
+                    json: "null".into(),
+                };
+                (client, entry)
+            })
+            .collect();
+        if clients.is_empty() {
+            return;
+        }
+        let update = AwarenessUpdate { clients }.encode_v1();
+        let update = CheckedAwareness::check(update).expect("a removal passes the guard");
+        let mut out = Output::default();
+        let input = Input::RemoteAwareness {
+            node: probe,
+            peer: PeerId::MAX,
+            update,
+        };
+        self.session
+            .handle(input, &self.now, &mut out)
+            .expect("an awareness update is never refused as a whole");
+        assert!(
+            out.is_empty(),
+            "node {node}'s connection {peer:?} left, yet its awareness states remain: {:?}",
+            out.events
+        );
+    }
+
+    /// The session's user list: each name once, exactly the names of the connections in the
+    /// session on this node and on the others.
+    fn assert_users(&mut self) {
+        let users = self.session.summary().users;
+        let listed: BTreeSet<&str> = users.iter().map(String::as_str).collect();
+        assert_eq!(listed.len(), users.len(), "a name listed twice: {users:?}");
+        let local_desktops = self
+            .desktops
+            .iter()
+            .filter(|d| d.peer.is_some())
+            .map(|d| d.name.as_str());
+        let local_yjs = self
+            .yjs
+            .iter()
+            .filter(|y| y.peer.is_some())
+            .filter_map(|y| y.user.as_deref());
+        let remote = self.remote.values().filter_map(|m| m.user.as_deref());
+        let expected: BTreeSet<&str> = local_desktops.chain(local_yjs).chain(remote).collect();
+        assert_eq!(listed, expected, "the user list");
     }
 
     fn api(&mut self, op: &YjsOp) {
@@ -925,7 +1215,40 @@ impl World {
                     self.advance_to(at.max(self.now.instant));
                 }
             }
+            SessionOp::SharePresence => {
+                self.session.share_presence(LOCAL_NODE);
+                self.shared = true;
+            }
+            SessionOp::RemoteJoined {
+                node,
+                peer,
+                kind,
+                user,
+                connected_at,
+                holds_name,
+            } => {
+                let kind =
+                    [ConnKind::Legacy, ConnKind::LegacyYjs, ConnKind::Yjs][usize::from(kind % 3)];
+                let user =
+                    user.map(|u| Arc::from(REMOTE_NAMES[usize::from(u) % REMOTE_NAMES.len()]));
+                let connected_at: Arc<str> = match connected_at % 4 {
+                    0 => self.now.timestamp.clone(),
+                    1 => Arc::from("2000-01-01T00:00:00.000Z"),
+                    2 => Arc::from("2100-01-01T00:00:00.000Z"),
+                    _ => Arc::from(format!("not a time {connected_at}")),
+                };
+                let join = (kind, user, connected_at, *holds_name);
+                self.remote_joined(remote_node(*node), remote_peer(*peer), join);
+            }
+            SessionOp::RemoteLeft { node, peer } => {
+                self.remote_left(remote_node(*node), remote_peer(*peer))
+            }
+            SessionOp::RemoteAwareness { node, peer, states } => {
+                self.remote_awareness(remote_node(*node), remote_peer(*peer), states)
+            }
+            SessionOp::NodeGone { node } => self.node_gone(remote_node(*node)),
         }
+        self.assert_users();
     }
 
     /// Every connection comes back, everything is delivered and every deadline passes.
@@ -963,6 +1286,11 @@ impl World {
     }
 
     fn check(&mut self) {
+        // Every other node goes: only this node's members are listed.
+        for node in 1..4 {
+            self.node_gone(node);
+        }
+        self.assert_users();
         self.settle();
         // The document, as the session encodes it and as its persisted updates load.
         let encoded = self.session.encode_state().expect("the session encodes");
@@ -1071,6 +1399,9 @@ fn apply_to(doc: &Doc, update: &[u8]) {
 /// Runs a script and asserts the invariants along the way and convergence at the end.
 pub fn run(script: &SessionScript) {
     let mut world = World::new(script);
+    if script.limits & 2 != 0 {
+        world.step(&SessionOp::SharePresence);
+    }
     for op in &script.ops {
         world.step(op);
     }
