@@ -286,9 +286,12 @@ impl SessionTask {
             }
             // Members are left only at shutdown (an idle session has none; a failed one
             // closed them): they get what was queued for them, then 1001.
+            let shared = self.session.shares_presence();
             for (peer, outbox) in &self.outboxes {
                 outbox.close(CLOSE_GOING_AWAY);
-                self.presence_due.push(PresenceChange::Left { peer: *peer });
+                if shared {
+                    self.presence_due.push(PresenceChange::Left { peer: *peer });
+                }
             }
             // Other nodes (`--cluster`) hear that these connections, and a failed session's,
             // are gone.
@@ -630,8 +633,11 @@ impl SessionTask {
             let _ = reply.send(Err("the session failed".to_owned()));
         }
         self.presence_due.clear();
+        let shared = self.session.shares_presence();
         for (peer, outbox) in std::mem::take(&mut self.outboxes) {
-            self.presence_due.push(PresenceChange::Left { peer });
+            if shared {
+                self.presence_due.push(PresenceChange::Left { peer });
+            }
             outbox.close(CLOSE_INTERNAL);
             metrics::gauge!("collab_connections").decrement(1.0);
         }

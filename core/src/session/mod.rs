@@ -519,6 +519,11 @@ impl Session {
         });
     }
 
+    /// Whether the session tells other nodes of its presence ([`Session::share_presence`]).
+    pub fn shares_presence(&self) -> bool {
+        self.cluster.is_some()
+    }
+
     pub fn id(&self) -> &Arc<str> {
         &self.id
     }
