@@ -182,9 +182,10 @@ pub async fn revoke(State(state): State<AppState>, uri: Uri) -> Response {
     };
     let now = SystemTime::now();
     match revocations.revoke(&session, now).await {
-        Ok(()) => {
+        Ok(revoked_before) => {
             tracing::info!(session = %session, "tokens revoked");
-            Json(json!({"session": session, "revoked_before": timestamp(now)})).into_response()
+            Json(json!({"session": session, "revoked_before": timestamp(revoked_before)}))
+                .into_response()
         }
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
     }

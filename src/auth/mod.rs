@@ -214,15 +214,20 @@ impl Revocations {
         self.current.subscribe()
     }
 
-    /// Revokes every token of `session` issued before `at`: written to the file first, then
-    /// published (live connections close).
-    pub async fn revoke(&self, session: &str, at: SystemTime) -> Result<(), String> {
+    /// Revokes every token of `session` issued up to `at`, its millisecond included (tokens
+    /// carry their issue time in milliseconds, so one minted just before `at` may carry the
+    /// same one): written to the file first, then published (live connections close). Returns
+    /// once that millisecond is past, so a token minted after the answer is not revoked. The
+    /// result is the time every earlier token was issued before.
+    pub async fn revoke(&self, session: &str, at: SystemTime) -> Result<SystemTime, String> {
         let at_ms = u64::try_from(
             at.duration_since(UNIX_EPOCH)
                 .unwrap_or_default()
                 .as_millis(),
         )
-        .unwrap_or(u64::MAX);
+        .unwrap_or(u64::MAX)
+        .saturating_add(1);
+        let revoked_before = UNIX_EPOCH + Duration::from_millis(at_ms);
         let _writing = self.writing.lock().await;
         let mut map = HashMap::clone(&self.current.borrow());
         let entry = map.entry(session.to_owned()).or_default();
@@ -234,7 +239,10 @@ impl Revocations {
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("cannot write the revocations: {e}"))?;
         self.current.send_replace(Arc::new(map));
-        Ok(())
+        if let Ok(left) = revoked_before.duration_since(SystemTime::now()) {
+            tokio::time::sleep(left).await;
+        }
+        Ok(revoked_before)
     }
 }
 
@@ -428,5 +436,24 @@ mod tests {
         assert!(!Revocations::is_revoked(&map, "lab", &new));
         assert!(!Revocations::is_revoked(&map, "lab", &star));
         assert!(!Revocations::is_revoked(&map, "other", &old));
+    }
+
+    #[tokio::test]
+    async fn a_token_minted_in_the_revocations_millisecond_is_revoked_and_one_after_the_answer_is_not(
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let revocations = Revocations::load(dir.path()).unwrap();
+        let keys = Keys::new(KEY).unwrap();
+        let at = SystemTime::now();
+        let (_, same_instant) = keys.mint(&request(Duration::from_secs(60)), at).unwrap();
+        let revoked_before = revocations.revoke("lab", at).await.unwrap();
+        assert!(revocations.check("lab", &same_instant));
+        let (_, after) = keys
+            .mint(&request(Duration::from_secs(60)), SystemTime::now())
+            .unwrap();
+        assert!(SystemTime::now() >= revoked_before);
+        assert!(!revocations.check("lab", &after));
+        let reloaded = Revocations::load(dir.path()).unwrap();
+        assert!(reloaded.check("lab", &same_instant));
     }
 }
