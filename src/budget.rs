@@ -9,13 +9,15 @@
 //! until what stays fits; the others keep being served. The bytes of a shed holder count until
 //! its owner lets them go, but are not shed twice.
 //!
+//! An account lives inside its owner's own shared allocation (a connection's outbox): the
+//! budget knows each sheddable owner by a weak reference ([`Holder`]), so an idle connection
+//! costs the budget no allocation of its own.
+//!
 //! Hand-rolled: a counter and a list, and the rule (who is shed) is this server's.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-
-use futures_util::task::AtomicWaker;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 /// The budget: a limit, what is held, and who holds it.
 #[derive(Debug)]
@@ -26,20 +28,24 @@ pub struct Budget {
     /// The most one connection ever had queued.
     largest_queue: AtomicUsize,
     shed_total: AtomicU64,
-    holders: Mutex<HashMap<u64, Arc<Holder>>>,
-    next_id: AtomicU64,
+    /// The sheddable holders, by the address of their account (stable: it is inside the
+    /// holder's `Arc`; removed by the account's drop, before the address can be reused).
+    holders: Mutex<HashMap<usize, Weak<dyn Holder>>>,
 }
 
-/// What one account shares with the budget.
-#[derive(Debug, Default)]
-struct Holder {
-    /// Counted but never shed (a session's awareness states: bounded per session, and no
-    /// one peer's).
-    fixed: bool,
-    bytes: AtomicUsize,
-    shed: AtomicBool,
-    /// The owner's task, woken when it is shed.
-    waker: AtomicWaker,
+/// An owner of an account that the budget may shed.
+pub trait Holder: Send + Sync {
+    fn account(&self) -> &Account;
+    /// The owner was shed: wake whoever must end it.
+    fn wake(&self);
+}
+
+impl std::fmt::Debug for dyn Holder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Holder")
+            .field("bytes", &self.account().bytes())
+            .finish()
+    }
 }
 
 /// What the budget holds now, for `/health` and `/api/process`.
@@ -66,7 +72,6 @@ impl Budget {
             largest_queue: AtomicUsize::new(0),
             shed_total: AtomicU64::new(0),
             holders: Mutex::new(HashMap::new()),
-            next_id: AtomicU64::new(0),
         })
     }
 
@@ -75,28 +80,31 @@ impl Budget {
         Budget::new(usize::MAX)
     }
 
-    /// A new holder of bytes, holding none yet.
+    /// A new account, holding nothing yet. It can be shed once its owner, holding it in an
+    /// `Arc`, is registered ([`Budget::register`]).
     pub fn account(self: &Arc<Self>) -> Account {
-        self.open(false)
+        Account::new(self.clone(), false)
     }
 
-    /// A holder whose bytes count but which is never shed.
+    /// An account whose bytes count but which is never shed (a session's awareness states:
+    /// bounded per session, and no one peer's).
     pub fn fixed_account(self: &Arc<Self>) -> Account {
-        self.open(true)
+        Account::new(self.clone(), true)
     }
 
-    fn open(self: &Arc<Self>, fixed: bool) -> Account {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let holder = Arc::new(Holder {
-            fixed,
-            ..Holder::default()
-        });
-        self.holders().insert(id, holder.clone());
-        Account {
-            budget: self.clone(),
-            id,
-            holder,
-        }
+    /// An account of its own, registered: shed, its owner learns it at its next growth.
+    pub fn standalone_account(self: &Arc<Self>) -> Arc<Account> {
+        let account = Arc::new(self.account());
+        let holder: Arc<dyn Holder> = account.clone();
+        self.register(&holder);
+        account
+    }
+
+    /// Makes `holder` sheddable, until its account is dropped.
+    pub fn register(&self, holder: &Arc<dyn Holder>) {
+        let account = holder.account();
+        debug_assert!(std::ptr::eq(&*account.budget, self) && !account.fixed);
+        self.holders().insert(account.key(), Arc::downgrade(holder));
     }
 
     pub fn usage(&self) -> BudgetUse {
@@ -114,41 +122,48 @@ impl Budget {
         self.largest_queue.fetch_max(bytes, Ordering::Relaxed);
     }
 
-    fn holders(&self) -> MutexGuard<'_, HashMap<u64, Arc<Holder>>> {
+    fn holders(&self) -> MutexGuard<'_, HashMap<usize, Weak<dyn Holder>>> {
         self.holders.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The total passed the limit after `grower` grew: sheds the costliest holders not shed
     /// yet until the rest fits. `Err` when `grower` itself is among them.
-    fn shed_over_limit(&self, grower: u64) -> Result<(), OverBudget> {
+    fn shed_over_limit(&self, grower: usize) -> Result<(), OverBudget> {
         let holders = self.holders();
+        // Dropped after the lock: the last reference to a holder may be one of these, and
+        // its account's drop takes the lock.
+        let live: Vec<Arc<dyn Holder>> = holders.values().filter_map(Weak::upgrade).collect();
         let used = self.used.load(Ordering::Relaxed);
-        let mut live: Vec<(u64, usize, &Arc<Holder>)> = holders
+        let being_freed: usize = live
             .iter()
-            .filter(|(_, h)| !h.fixed && !h.shed.load(Ordering::Relaxed))
-            .map(|(id, h)| (*id, h.bytes.load(Ordering::Relaxed), h))
-            .collect();
-        let being_freed: usize = holders
-            .values()
-            .filter(|h| h.shed.load(Ordering::Relaxed))
-            .map(|h| h.bytes.load(Ordering::Relaxed))
+            .map(|h| h.account())
+            .filter(|a| a.is_shed())
+            .map(Account::bytes)
             .sum();
         let mut held = used.saturating_sub(being_freed);
-        live.sort_unstable_by_key(|(_, bytes, _)| std::cmp::Reverse(*bytes));
+        let mut candidates: Vec<(usize, &Arc<dyn Holder>)> = live
+            .iter()
+            .filter(|h| !h.account().is_shed())
+            .map(|h| (h.account().bytes(), h))
+            .collect();
+        candidates.sort_unstable_by_key(|(bytes, _)| std::cmp::Reverse(*bytes));
         let mut result = Ok(());
-        for (id, bytes, holder) in live {
+        for (bytes, holder) in candidates {
             if held <= self.limit || bytes == 0 {
                 break;
             }
-            holder.shed.store(true, Ordering::Relaxed);
-            holder.waker.wake();
+            let account = holder.account();
+            account.shed.store(true, Ordering::Relaxed);
+            holder.wake();
             self.shed_total.fetch_add(1, Ordering::Relaxed);
             metrics::counter!("collab_budget_shed_total").increment(1);
             held -= bytes;
-            if id == grower {
+            if account.key() == grower {
                 result = Err(OverBudget);
             }
         }
+        drop(holders);
+        drop(live);
         result
     }
 }
@@ -157,11 +172,26 @@ impl Budget {
 #[derive(Debug)]
 pub struct Account {
     budget: Arc<Budget>,
-    id: u64,
-    holder: Arc<Holder>,
+    bytes: AtomicUsize,
+    shed: AtomicBool,
+    fixed: bool,
 }
 
 impl Account {
+    fn new(budget: Arc<Budget>, fixed: bool) -> Account {
+        Account {
+            budget,
+            bytes: AtomicUsize::new(0),
+            shed: AtomicBool::new(false),
+            fixed,
+        }
+    }
+
+    /// How the budget knows this account among its holders: its address.
+    fn key(&self) -> usize {
+        std::ptr::from_ref(self) as usize
+    }
+
     /// Adds `n` bytes. `Err` when the budget is over its limit and this holder is the
     /// costliest (it is then shed: [`Account::is_shed`]); the bytes are counted either way,
     /// until the owner lets them go.
@@ -173,28 +203,28 @@ impl Account {
                 Ok(())
             };
         }
-        self.holder.bytes.fetch_add(n, Ordering::Relaxed);
+        self.bytes.fetch_add(n, Ordering::Relaxed);
         let used = self.budget.used.fetch_add(n, Ordering::Relaxed) + n;
         self.budget.peak.fetch_max(used, Ordering::Relaxed);
         if self.is_shed() {
             return Err(OverBudget);
         }
         if used > self.budget.limit {
-            return self.budget.shed_over_limit(self.id);
+            return self.budget.shed_over_limit(self.key());
         }
         Ok(())
     }
 
     /// Gives back `n` bytes.
     pub fn shrink(&self, n: usize) {
-        let n = n.min(self.holder.bytes.load(Ordering::Relaxed));
-        self.holder.bytes.fetch_sub(n, Ordering::Relaxed);
+        let n = n.min(self.bytes.load(Ordering::Relaxed));
+        self.bytes.fetch_sub(n, Ordering::Relaxed);
         self.budget.used.fetch_sub(n, Ordering::Relaxed);
     }
 
     /// Sets what this holder holds to `bytes`.
     pub fn set(&self, bytes: usize) -> Result<(), OverBudget> {
-        let held = self.holder.bytes.load(Ordering::Relaxed);
+        let held = self.bytes.load(Ordering::Relaxed);
         if bytes >= held {
             self.grow(bytes - held)
         } else {
@@ -204,17 +234,12 @@ impl Account {
     }
 
     pub fn bytes(&self) -> usize {
-        self.holder.bytes.load(Ordering::Relaxed)
+        self.bytes.load(Ordering::Relaxed)
     }
 
     /// Whether the budget shed this holder (its owner must end it).
     pub fn is_shed(&self) -> bool {
-        self.holder.shed.load(Ordering::Relaxed)
-    }
-
-    /// Wakes `waker` when this holder is shed.
-    pub fn register(&self, waker: &std::task::Waker) {
-        self.holder.waker.register(waker);
+        self.shed.load(Ordering::Relaxed)
     }
 
     pub fn budget(&self) -> &Arc<Budget> {
@@ -222,10 +247,21 @@ impl Account {
     }
 }
 
+/// An account of its own ([`Budget::standalone_account`]): its owner polls it.
+impl Holder for Account {
+    fn account(&self) -> &Account {
+        self
+    }
+
+    fn wake(&self) {}
+}
+
 impl Drop for Account {
     fn drop(&mut self) {
         self.shrink(self.bytes());
-        self.budget.holders().remove(&self.id);
+        if !self.fixed {
+            self.budget.holders().remove(&self.key());
+        }
     }
 }
 
@@ -250,7 +286,11 @@ mod tests {
     #[test]
     fn the_costliest_holders_are_shed_first_until_the_rest_fits() {
         let budget = Budget::new(100);
-        let (big, middle, small) = (budget.account(), budget.account(), budget.account());
+        let (big, middle, small) = (
+            budget.standalone_account(),
+            budget.standalone_account(),
+            budget.standalone_account(),
+        );
         big.grow(50).unwrap();
         middle.grow(30).unwrap();
         small.grow(10).unwrap();
@@ -270,5 +310,52 @@ mod tests {
         let fixed = budget.fixed_account();
         assert_eq!(fixed.grow(200), Ok(()));
         assert!(small.is_shed() && !fixed.is_shed());
+    }
+
+    /// An owner with its account inside, as a connection's outbox holds one.
+    struct Owner {
+        account: Account,
+        woken: AtomicBool,
+    }
+
+    impl Holder for Owner {
+        fn account(&self) -> &Account {
+            &self.account
+        }
+
+        fn wake(&self) {
+            self.woken.store(true, Ordering::Relaxed);
+        }
+    }
+
+    fn owner(budget: &Arc<Budget>) -> Arc<Owner> {
+        let owner = Arc::new(Owner {
+            account: budget.account(),
+            woken: AtomicBool::new(false),
+        });
+        let holder: Arc<dyn Holder> = owner.clone();
+        budget.register(&holder);
+        owner
+    }
+
+    #[test]
+    fn a_shed_owner_is_woken_and_a_dropped_one_is_forgotten() {
+        let budget = Budget::new(100);
+        let (big, small) = (owner(&budget), owner(&budget));
+        big.account.grow(60).unwrap();
+        small.account.grow(30).unwrap();
+        assert_eq!(small.account.grow(20), Ok(()));
+        assert!(big.account.is_shed() && big.woken.load(Ordering::Relaxed));
+        assert!(!small.woken.load(Ordering::Relaxed));
+        drop(big);
+        assert_eq!(budget.holders().len(), 1);
+        assert_eq!(budget.usage().used_bytes, 50);
+        // An account never registered is counted, never shed.
+        let unregistered = budget.account();
+        assert_eq!(unregistered.grow(500), Ok(()));
+        assert!(small.account.is_shed() && !unregistered.is_shed());
+        drop((small, unregistered));
+        assert!(budget.holders().is_empty());
+        assert_eq!(budget.usage().used_bytes, 0);
     }
 }

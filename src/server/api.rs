@@ -1,6 +1,7 @@
 //! The HTTP API: health, metrics, session listings (in memory; in the store), the scene as
 //! JSON, and the document as one Yjs update (read and write).
 
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use axum::body::Body;
@@ -136,8 +137,8 @@ async fn read_body(
     state: &AppState,
     body: Body,
     max: usize,
-) -> Result<(Vec<u8>, Account), Response> {
-    let account = state.budget.account();
+) -> Result<(Vec<u8>, Arc<Account>), Response> {
+    let account = state.budget.standalone_account();
     let read = async {
         let mut bytes = Vec::new();
         let mut chunks = body.into_data_stream();

@@ -18,7 +18,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use collab_core::session::{Buckets, Cost, Rate, Rates};
 
-use super::listener::ConnectionSlot;
+use super::listener::ClientAddr;
 use super::AppState;
 
 /// Most clients tracked at once.
@@ -100,8 +100,7 @@ impl ApiRate {
 pub async fn limit(State(state): State<AppState>, request: Request, next: Next) -> Response {
     // Every connection the listener serves has a slot; a request without one (none today)
     // is not limited.
-    if let Some(slot) = request.extensions().get::<ConnectionSlot>() {
-        let client = slot.client();
+    if let Some(&ClientAddr(client)) = request.extensions().get::<ClientAddr>() {
         if !state.api_rate.allow(client, Instant::now()) {
             if state.rejected_warnings.allow() {
                 tracing::warn!(%client, "HTTP API rate exceeded: 429");

@@ -21,7 +21,7 @@ use collab_core::session::{CloseReason, ConnKind, CLOSE_IDLE};
 
 use crate::auth::LiveGrant;
 use crate::config::Config;
-use crate::session::{SessionHandle, SessionMsg};
+use crate::session::{FromPeer, SessionHandle, SessionMsg};
 use crate::transport::{Ending, Event, Frame, Outbox, Socket};
 use crate::warn_limit::WarnLimiter;
 
@@ -155,7 +155,10 @@ impl Connection {
             return None;
         }
         match json::parse_client_message(text) {
-            Ok(msg) => Some(SessionMsg::Json(self.peer, Box::new(msg))),
+            Ok(message) => Some(SessionMsg::Json(Box::new(FromPeer {
+                peer: self.peer,
+                message,
+            }))),
             Err(e) => {
                 self.reject(e);
                 None
@@ -173,7 +176,10 @@ impl Connection {
             return None;
         }
         match yjs::decode(bytes) {
-            Ok(msg) => Some(SessionMsg::Yjs(self.peer, Box::new(msg))),
+            Ok(message) => Some(SessionMsg::Yjs(Box::new(FromPeer {
+                peer: self.peer,
+                message,
+            }))),
             Err(e) => {
                 self.reject(ProtocolError::new(ErrorCode::BadMessage, e.to_string()));
                 None

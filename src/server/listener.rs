@@ -4,8 +4,8 @@
 //!
 //! Served here rather than by `axum::serve`, which has neither limit: every accepted socket
 //! first takes a slot ([`Admission`]); one over a limit is answered `503` with `Retry-After`
-//! and closed. The slot travels with the connection's requests ([`ConnectionSlot`]), so an
-//! upgraded WebSocket keeps it until its socket closes.
+//! and closed. The slot travels in the connection's stream ([`HttpStream`]), so an upgraded
+//! WebSocket keeps it until its socket closes.
 
 use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
@@ -15,19 +15,19 @@ use std::time::Duration;
 
 use axum::http::{Request, Response, StatusCode, Version};
 use axum::Router;
-use dashmap::DashMap;
 use futures_util::future::Either;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower_service::Service;
 use tracing::{debug, warn};
 
+use crate::admission::{Admission, Refusal};
 use crate::transport::HttpStream;
 use crate::warn_limit::WarnLimiter;
 
@@ -72,69 +72,10 @@ pub fn client_of(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// Open connections, in total and per client.
-struct Admission {
-    total: Arc<Semaphore>,
-    per_client: DashMap<IpAddr, usize>,
-    max_per_client: usize,
-}
-
+/// The client a connection counts against (see [`client_of`]), in every request's
+/// extensions.
 #[derive(Debug, Clone, Copy)]
-enum Refusal {
-    Full,
-    Client,
-}
-
-impl Admission {
-    fn admit(self: &Arc<Self>, client: IpAddr) -> Result<ConnectionSlot, Refusal> {
-        let permit = self
-            .total
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| Refusal::Full)?;
-        {
-            let mut open = self.per_client.entry(client).or_insert(0);
-            if *open >= self.max_per_client {
-                return Err(Refusal::Client);
-            }
-            *open += 1;
-        }
-        Ok(ConnectionSlot(Arc::new(Slot {
-            admission: self.clone(),
-            client,
-            _permit: permit,
-        })))
-    }
-}
-
-struct Slot {
-    admission: Arc<Admission>,
-    client: IpAddr,
-    _permit: OwnedSemaphorePermit,
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.admission
-            .per_client
-            .remove_if_mut(&self.client, |_, open| {
-                *open -= 1;
-                *open == 0
-            });
-    }
-}
-
-/// A connection's place among the admitted ones, in every request's extensions: held until
-/// the last copy is dropped, so a WebSocket that takes it over holds it for its life.
-#[derive(Clone)]
-pub struct ConnectionSlot(Arc<Slot>);
-
-impl ConnectionSlot {
-    /// The client the connection counts against (see [`client_of`]).
-    pub fn client(&self) -> IpAddr {
-        self.0.client
-    }
-}
+pub struct ClientAddr(pub IpAddr);
 
 /// Accepts connections until `shutdown`, then lets each finish its request (graceful).
 /// Connection tasks are in `tracker`.
@@ -145,11 +86,7 @@ pub async fn serve(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let admission = Arc::new(Admission {
-        total: Arc::new(Semaphore::new(limits.max_connections)),
-        per_client: DashMap::new(),
-        max_per_client: limits.max_connections_per_client,
-    });
+    let admission = Admission::new(limits.max_connections, limits.max_connections_per_client);
     let refusals = Arc::new(Semaphore::new(REFUSALS_IN_FLIGHT));
     let mut builder = Builder::new(TokioExecutor::new());
     builder
@@ -192,9 +129,8 @@ pub async fn serve(
         match admission.admit(client_of(peer.ip())) {
             Ok(slot) => {
                 let connection = serve_connection(
-                    HttpStream::new(stream, limits.write_timeout),
+                    HttpStream::new(stream, limits.write_timeout, slot),
                     peer,
-                    slot,
                     app.clone(),
                     builder.clone(),
                     limits.header_timeout,
@@ -255,13 +191,13 @@ async fn refuse(mut stream: TcpStream, refusal: Refusal) {
 async fn serve_connection(
     stream: HttpStream,
     peer: SocketAddr,
-    slot: ConnectionSlot,
     app: Router,
     builder: Arc<Builder<TokioExecutor>>,
     header_timeout: Duration,
     close: CancellationToken,
 ) {
     let requested = Arc::new(AtomicBool::new(false));
+    let client = ClientAddr(stream.client());
     let service = {
         let (requested, close) = (requested.clone(), close.clone());
         hyper::service::service_fn(move |mut request: Request<Incoming>| {
@@ -275,7 +211,7 @@ async fn serve_connection(
                 *refused.status_mut() = StatusCode::HTTP_VERSION_NOT_SUPPORTED;
                 return Either::Left(std::future::ready(Ok(refused)));
             }
-            request.extensions_mut().insert(slot.clone());
+            request.extensions_mut().insert(client);
             // A clone of the router shares its route table.
             Either::Right(app.clone().call(request))
         })
@@ -350,28 +286,5 @@ mod tests {
                 .unwrap();
             assert_eq!(length, body.len(), "{text}");
         }
-    }
-
-    #[tokio::test]
-    async fn a_slot_is_freed_with_its_last_copy() {
-        let admission = Arc::new(Admission {
-            total: Arc::new(Semaphore::new(3)),
-            per_client: DashMap::new(),
-            max_per_client: 2,
-        });
-        let a: IpAddr = "10.0.0.1".parse().unwrap();
-        let b: IpAddr = "10.0.0.2".parse().unwrap();
-        let first = admission.admit(a).ok().unwrap();
-        let second = admission.admit(a).ok().unwrap();
-        assert!(matches!(admission.admit(a), Err(Refusal::Client)));
-        let third = admission.admit(b).ok().unwrap();
-        assert!(matches!(admission.admit(b), Err(Refusal::Full)));
-        let copy = first.clone();
-        drop(first);
-        assert!(matches!(admission.admit(a), Err(Refusal::Full)));
-        drop(copy);
-        let again = admission.admit(a).ok().unwrap();
-        drop((second, third, again));
-        assert!(admission.per_client.is_empty());
     }
 }

@@ -12,7 +12,6 @@ use axum::extract::{Query, State};
 use axum::http::Uri;
 use axum::response::Response;
 use axum::Extension;
-use futures_util::FutureExt;
 use tracing::{info, warn};
 
 use collab_core::protocol::json::{self, ErrorCode, ProtocolError};
@@ -22,7 +21,6 @@ use collab_core::session::{
 };
 
 use super::connection::{Connection, ConnectionTarget};
-use super::listener::ConnectionSlot;
 use super::path::{normalize_name, parse_segments};
 use super::AppState;
 use crate::auth::http::Grant;
@@ -42,7 +40,6 @@ pub async fn legacy(
     uri: Uri,
     Query(params): Query<HashMap<String, String>>,
     State(state): State<AppState>,
-    slot: Option<Extension<ConnectionSlot>>,
     grant: Option<Extension<Grant>>,
 ) -> Response {
     let kind = if flag(&params, "yjs") {
@@ -58,7 +55,7 @@ pub async fn legacy(
             kind,
         }
     });
-    upgrade(ws, state, target, slot, grant)
+    upgrade(ws, state, target, grant)
 }
 
 /// `/yjs/...` (as `/ws/...`)
@@ -67,7 +64,6 @@ pub async fn yjs(
     uri: Uri,
     Query(params): Query<HashMap<String, String>>,
     State(state): State<AppState>,
-    slot: Option<Extension<ConnectionSlot>>,
     grant: Option<Extension<Grant>>,
 ) -> Response {
     // A token that binds a name names an unnamed connection.
@@ -86,17 +82,16 @@ pub async fn yjs(
         }),
         _ => None,
     };
-    upgrade(ws, state, target, slot, grant)
+    upgrade(ws, state, target, grant)
 }
 
 /// Answers the upgrade (101) and, in a set-up task, opens the socket and joins the session.
-/// The connection's admission slot (`listener`) goes with the socket: the WebSocket counts
-/// as an open connection until it closes.
+/// The connection's admission slot goes with the socket: the WebSocket counts as an open
+/// connection until it closes.
 fn upgrade(
     upgrade: Upgrade,
     state: AppState,
     target: Option<ConnectionTarget>,
-    slot: Option<Extension<ConnectionSlot>>,
     grant: Option<Extension<Grant>>,
 ) -> Response {
     let grant = grant.map(|Extension(Grant(claims))| claims);
@@ -109,7 +104,7 @@ fn upgrade(
         if let Some((connection, socket)) = join(upgrading, state, target, grant).await {
             // A combinator, not an `async` block: that would store the serving future twice
             // (rust-lang/rust#62958), in every idle connection's task.
-            connections.spawn(connection.serve(socket).map(move |()| drop(slot)));
+            connections.spawn(connection.serve(socket));
         }
     });
     response

@@ -56,17 +56,17 @@ pub enum JoinError {
 
 /// What a session's task can be asked.
 ///
-/// Payloads are boxed down to 16 bytes: every session's queue allocates room for 32 of its
-/// largest message, and thousands of sessions sit idle.
+/// Every payload is one pointer (the sender of a message goes in its box): every session's
+/// queue allocates room for 32 messages at once, and thousands of sessions sit idle.
 #[derive(Debug)]
 pub enum SessionMsg {
-    Join(Box<JoinRequest>, oneshot::Sender<Result<(), JoinError>>),
+    Join(Box<PendingJoin>),
     Leave(PeerId),
     /// A valid JSON message. `ping` goes through the session too, so a `pong` tells the
     /// client that everything it sent before was applied.
-    Json(PeerId, Box<ClientMessage>),
+    Json(Box<FromPeer<ClientMessage>>),
     /// A valid y-websocket message.
-    Yjs(PeerId, Box<YjsMessage>),
+    Yjs(Box<FromPeer<YjsMessage>>),
     /// `POST /api/sessions/{s}/update`.
     ApplyUpdate(Box<ApiUpdate>),
     /// `GET /api/sessions/{s}/scene`: the scene's `state` JSON.
@@ -77,7 +77,21 @@ pub enum SessionMsg {
     Summary(oneshot::Sender<Summary>),
 }
 
-const _: () = assert!(std::mem::size_of::<SessionMsg>() <= 24);
+const _: () = assert!(std::mem::size_of::<SessionMsg>() <= 16);
+
+/// A message and the connection it came from.
+#[derive(Debug)]
+pub struct FromPeer<T> {
+    pub peer: PeerId,
+    pub message: T,
+}
+
+/// A join and where its outcome goes.
+#[derive(Debug)]
+pub struct PendingJoin {
+    pub request: JoinRequest,
+    pub reply: oneshot::Sender<Result<(), JoinError>>,
+}
 
 /// An update posted to the HTTP API, and where its outcome goes once it is stored.
 #[derive(Debug)]

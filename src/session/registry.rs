@@ -19,7 +19,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::task::{self, TaskContext};
-use super::{JoinError, JoinRequest, SessionHandle, SessionMsg, SessionStatus, SessionTable};
+use super::{
+    JoinError, JoinRequest, PendingJoin, SessionHandle, SessionMsg, SessionStatus, SessionTable,
+};
 use crate::budget::Budget;
 use crate::store::Store;
 
@@ -215,16 +217,16 @@ impl Registry {
         for _ in 0..RETRIES {
             let handle = self.get_or_start(id).await?;
             let (tx, rx) = oneshot::channel();
-            let msg = SessionMsg::Join(
-                Box::new(JoinRequest {
+            let msg = SessionMsg::Join(Box::new(PendingJoin {
+                request: JoinRequest {
                     peer: request.peer,
                     kind: request.kind,
                     user: request.user.clone(),
                     access: request.access,
                     outbox: request.outbox.clone(),
-                }),
-                tx,
-            );
+                },
+                reply: tx,
+            }));
             if handle.send(msg).await.is_err() {
                 continue;
             }

@@ -20,7 +20,10 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, error, warn};
 
 use super::registry::SessionConfig;
-use super::{ApiUpdate, JoinError, JoinRequest, SessionHandle, SessionMsg, SessionTable};
+use super::{
+    ApiUpdate, FromPeer, JoinError, JoinRequest, PendingJoin, SessionHandle, SessionMsg,
+    SessionTable,
+};
 use crate::budget::Account;
 use crate::store::{Following, Remote, RemoteBatch, SessionMeta, Store, StoreError, StoredSession};
 use crate::transport::{Frame, Outbox, Overflow, Sent};
@@ -181,8 +184,8 @@ async fn load(context: &TaskContext, id: &str) -> Result<(Session, StoredLog), S
 async fn refuse_queued(mut rx: mpsc::Receiver<SessionMsg>, reason: JoinError) {
     rx.close();
     while let Some(msg) = rx.recv().await {
-        if let SessionMsg::Join(_, reply) = msg {
-            let _ = reply.send(Err(reason.clone()));
+        if let SessionMsg::Join(join) = msg {
+            let _ = join.reply.send(Err(reason.clone()));
         }
     }
 }
@@ -214,6 +217,11 @@ impl SessionTask {
                     .session
                     .next_deadline()
                     .map(tokio::time::Instant::from_std);
+                // One timer for both: each would stay in every idle session's task.
+                let wake_at = match (deadline, evict_at) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
                 let handled = tokio::select! {
                     n = rx.recv_many(&mut batch, BATCH) => {
                         if n == 0 {
@@ -252,13 +260,13 @@ impl SessionTask {
                             }
                         }))
                     }
-                    _ = sleep_until_opt(deadline) => {
+                    _ = sleep_until_opt(wake_at) => {
+                        if evict_at.is_some_and(|at| at <= tokio::time::Instant::now()) {
+                            debug!(session = %self.handle.id, "evicting idle session");
+                            break;
+                        }
                         let now = now();
                         catch_unwind(AssertUnwindSafe(|| self.input(Input::Tick, &now)))
-                    }
-                    _ = sleep_until_opt(evict_at) => {
-                        debug!(session = %self.handle.id, "evicting idle session");
-                        break;
                     }
                     // The registry needs room for another session (`--max-sessions`).
                     _ = status.evict.notified(), if evict_at.is_some() => {
@@ -304,14 +312,15 @@ impl SessionTask {
 
     fn handle(&mut self, msg: SessionMsg, now: &Now) {
         match msg {
-            SessionMsg::Join(request, reply) => {
+            SessionMsg::Join(join) => {
+                let PendingJoin { request, reply } = *join;
                 let JoinRequest {
                     peer,
                     kind,
                     user,
                     access,
                     outbox,
-                } = *request;
+                } = request;
                 let input = Input::Join {
                     peer,
                     kind,
@@ -335,20 +344,14 @@ impl SessionTask {
                 let _ = reply.send(result);
             }
             SessionMsg::Leave(peer) => self.input(Input::Leave { peer }, now),
-            SessionMsg::Json(peer, message) => self.input(
-                Input::Json {
-                    peer,
-                    message: *message,
-                },
-                now,
-            ),
-            SessionMsg::Yjs(peer, message) => self.input(
-                Input::Yjs {
-                    peer,
-                    message: *message,
-                },
-                now,
-            ),
+            SessionMsg::Json(json) => {
+                let FromPeer { peer, message } = *json;
+                self.input(Input::Json { peer, message }, now);
+            }
+            SessionMsg::Yjs(yjs) => {
+                let FromPeer { peer, message } = *yjs;
+                self.input(Input::Yjs { peer, message }, now);
+            }
             SessionMsg::ApplyUpdate(request) => {
                 let ApiUpdate { update, reply } = *request;
                 let result = self

@@ -195,7 +195,8 @@ impl Upgrading {
         };
         // tungstenite starts with what hyper already read past the request.
         let read = parts.read_buf.to_vec();
-        Some(Socket::new(parts.io.into_inner().into_inner(), read, config).await)
+        let (stream, slot) = parts.io.into_inner().into_parts();
+        Some(Socket::new(stream, slot, read, config).await)
     }
 }
 

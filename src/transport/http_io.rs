@@ -5,6 +5,7 @@
 
 use std::future::Future;
 use std::io::{self, IoSlice};
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -13,27 +14,37 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
-/// A TCP stream whose writes may be blocked at most `write_timeout` in a row.
+use crate::admission::Slot;
+
+/// A TCP stream whose writes may be blocked at most `write_timeout` in a row, with the
+/// connection's admission slot.
 pub struct HttpStream {
     stream: TcpStream,
     write_timeout: Duration,
     /// Armed while a write is blocked; boxed, so the stream stays `Unpin` and an idle
     /// connection holds no timer.
     blocked: Option<Pin<Box<Sleep>>>,
+    slot: Slot,
 }
 
 impl HttpStream {
-    pub fn new(stream: TcpStream, write_timeout: Duration) -> HttpStream {
+    pub fn new(stream: TcpStream, write_timeout: Duration, slot: Slot) -> HttpStream {
         HttpStream {
             stream,
             write_timeout,
             blocked: None,
+            slot,
         }
     }
 
-    /// The bare stream, for an upgraded connection (which has limits of its own).
-    pub fn into_inner(self) -> TcpStream {
-        self.stream
+    /// The client the connection counts against.
+    pub fn client(&self) -> IpAddr {
+        self.slot.client()
+    }
+
+    /// The bare stream and its slot, for an upgraded connection (which has limits of its own).
+    pub fn into_parts(self) -> (TcpStream, Slot) {
+        (self.stream, self.slot)
     }
 
     /// After a write operation answered `result`: a blocked one waits for the deadline too,

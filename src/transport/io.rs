@@ -2,7 +2,7 @@
 //!
 //! The session task writes broadcast frames straight into the stream (see
 //! [`super::outbox`]); the connection task reads it through tungstenite. So the
-//! stream is shared (`Arc<TcpStream>`: tokio's readiness-based `try_read`/`try_write` take
+//! stream is shared (`Arc<Tcp>`: tokio's readiness-based `try_read`/`try_write` take
 //! `&self`), and every write, tungstenite's included, goes through the connection's outbox,
 //! which keeps frames whole and in order.
 
@@ -16,33 +16,50 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::outbox::{Wire, Writer};
+use crate::admission::Slot;
 
-impl Wire for TcpStream {
+/// The upgraded TCP stream, with the admission slot it holds until it closes (in the same
+/// allocation: every connection has one).
+pub struct Tcp {
+    stream: TcpStream,
+    _slot: Slot,
+}
+
+impl Tcp {
+    pub(super) fn new(stream: TcpStream, slot: Slot) -> Tcp {
+        Tcp {
+            stream,
+            _slot: slot,
+        }
+    }
+}
+
+impl Wire for Tcp {
     fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
         // `send`, not `writev`: a socket call skips the file-position lock.
-        TcpStream::try_write(self, buf)
+        self.stream.try_write(buf)
     }
 
     fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        TcpStream::try_write_vectored(self, bufs)
+        self.stream.try_write_vectored(bufs)
     }
 
     fn poll_writable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.poll_write_ready(cx)
+        self.stream.poll_write_ready(cx)
     }
 }
 
 /// What tungstenite reads from and writes to: reads come from the socket, writes go through
 /// the outbox. Reads are followed frame by frame ([`Inbound`]).
 pub struct SocketIo {
-    stream: Arc<TcpStream>,
+    stream: Arc<Tcp>,
     writer: Writer,
     /// Its unfinished message's bytes are what the connection's budget account holds for it.
     inbound: Inbound,
 }
 
 impl SocketIo {
-    pub(super) fn new(stream: Arc<TcpStream>, writer: Writer) -> SocketIo {
+    pub(super) fn new(stream: Arc<Tcp>, writer: Writer) -> SocketIo {
         SocketIo {
             stream,
             writer,
@@ -198,8 +215,8 @@ impl AsyncRead for SocketIo {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         loop {
-            ready!(self.stream.poll_read_ready(cx))?;
-            match self.stream.try_read(buf.initialize_unfilled()) {
+            ready!(self.stream.stream.poll_read_ready(cx))?;
+            match self.stream.stream.try_read(buf.initialize_unfilled()) {
                 Ok(n) => {
                     self.get_mut()
                         .follow(&buf.initialized()[buf.filled().len()..][..n]);

@@ -31,7 +31,7 @@ use futures_util::task::AtomicWaker;
 
 use super::frame::wire_len;
 use super::Frame;
-use crate::budget::Account;
+use crate::budget::{Account, Holder};
 
 /// Where a connection's bytes go: the socket, written without waiting.
 pub trait Wire: Send + Sync {
@@ -111,6 +111,16 @@ impl std::fmt::Debug for Shared {
             .field("queued_bytes", &queue.bytes)
             .field("close", &queue.close)
             .finish()
+    }
+}
+
+impl Holder for Shared {
+    fn account(&self) -> &Account {
+        &self.account
+    }
+
+    fn wake(&self) {
+        self.waker.wake();
     }
 }
 
@@ -406,6 +416,8 @@ pub fn outbox(bounds: Bounds, account: Account, wire: Arc<dyn Wire>) -> (Outbox,
         bounds,
         account,
     });
+    let holder: Arc<dyn Holder> = shared.clone();
+    shared.account.budget().register(&holder);
     (
         Outbox {
             shared: shared.clone(),
@@ -441,8 +453,8 @@ impl Inbox {
     /// Writes what is queued; ready with what the connection must do next.
     pub(super) fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Next> {
         // Registered before looking: a push or close after the look wakes this task.
+        // The budget wakes it too, when it sheds the connection ([`Holder`]).
         self.shared.waker.register(cx.waker());
-        self.shared.account.register(cx.waker());
         if self.shared.account.is_shed() {
             // The memory budget shed it: its queue goes now, the close after.
             self.shared.shed();

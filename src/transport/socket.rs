@@ -18,8 +18,9 @@ use tokio_tungstenite::WebSocketStream;
 use tungstenite::protocol::{Role, WebSocketConfig};
 use tungstenite::{Message, Utf8Bytes};
 
-use super::io::SocketIo;
+use super::io::{SocketIo, Tcp};
 use super::outbox::{outbox, Bounds, Inbox, Next, Outbox};
+use crate::admission::Slot;
 use crate::budget::Budget;
 
 /// A connection's read buffer, which is also the most read per call: every idle connection
@@ -73,14 +74,16 @@ pub enum Ending {
 }
 
 impl Socket {
-    /// Wraps an upgraded TCP stream; `read` is what the HTTP server already read past the
-    /// upgrade request. The [`Outbox`] is the session's way to the socket.
+    /// Wraps an upgraded TCP stream, which keeps its admission slot; `read` is what the HTTP
+    /// server already read past the upgrade request. The [`Outbox`] is the session's way to
+    /// the socket.
     pub(super) async fn new(
         stream: TcpStream,
+        slot: Slot,
         read: Vec<u8>,
         config: SocketConfig,
     ) -> (Socket, Outbox) {
-        let stream = Arc::new(stream);
+        let stream = Arc::new(Tcp::new(stream, slot));
         let (outbox, inbox) = outbox(config.bounds, config.budget.account(), stream.clone());
         let limit = config.max_message_bytes;
         let ws_config = WebSocketConfig::default()
