@@ -15,9 +15,10 @@
 //!
 //! Hand-rolled: a counter and a list, and the rule (who is shed) is this server's.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
+
+use slab::Slab;
 
 /// The budget: a limit, what is held, and who holds it.
 #[derive(Debug)]
@@ -28,9 +29,8 @@ pub struct Budget {
     /// The most one connection ever had queued.
     largest_queue: AtomicUsize,
     shed_total: AtomicU64,
-    /// The sheddable holders, by the address of their account (stable: it is inside the
-    /// holder's `Arc`; removed by the account's drop, before the address can be reused).
-    holders: Mutex<HashMap<usize, Weak<dyn Holder>>>,
+    /// The sheddable holders; each account knows its entry and removes it when dropped.
+    holders: Mutex<Slab<Weak<dyn Holder>>>,
 }
 
 /// An owner of an account that the budget may shed.
@@ -71,7 +71,7 @@ impl Budget {
             peak: AtomicUsize::new(0),
             largest_queue: AtomicUsize::new(0),
             shed_total: AtomicU64::new(0),
-            holders: Mutex::new(HashMap::new()),
+            holders: Mutex::new(Slab::new()),
         })
     }
 
@@ -83,13 +83,13 @@ impl Budget {
     /// A new account, holding nothing yet. It can be shed once its owner, holding it in an
     /// `Arc`, is registered ([`Budget::register`]).
     pub fn account(self: &Arc<Self>) -> Account {
-        Account::new(self.clone(), false)
+        Account::new(self.clone())
     }
 
     /// An account whose bytes count but which is never shed (a session's awareness states:
     /// bounded per session, and no one peer's).
     pub fn fixed_account(self: &Arc<Self>) -> Account {
-        Account::new(self.clone(), true)
+        Account::new(self.clone())
     }
 
     /// An account of its own, registered: shed, its owner learns it at its next growth.
@@ -103,8 +103,18 @@ impl Budget {
     /// Makes `holder` sheddable, until its account is dropped.
     pub fn register(&self, holder: &Arc<dyn Holder>) {
         let account = holder.account();
-        debug_assert!(std::ptr::eq(&*account.budget, self) && !account.fixed);
-        self.holders().insert(account.key(), Arc::downgrade(holder));
+        debug_assert!(std::ptr::eq(&*account.budget, self));
+        let mut holders = self.holders();
+        let entry = holders.insert(Arc::downgrade(holder));
+        // Past `u32::MAX` holders (never: each is a connection or a request) it stays unshed.
+        match u32::try_from(entry) {
+            Ok(entry) if entry != Account::UNREGISTERED => {
+                account.entry.store(entry, Ordering::Relaxed);
+            }
+            _ => {
+                holders.remove(entry);
+            }
+        }
     }
 
     pub fn usage(&self) -> BudgetUse {
@@ -122,17 +132,20 @@ impl Budget {
         self.largest_queue.fetch_max(bytes, Ordering::Relaxed);
     }
 
-    fn holders(&self) -> MutexGuard<'_, HashMap<usize, Weak<dyn Holder>>> {
+    fn holders(&self) -> MutexGuard<'_, Slab<Weak<dyn Holder>>> {
         self.holders.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The total passed the limit after `grower` grew: sheds the costliest holders not shed
     /// yet until the rest fits. `Err` when `grower` itself is among them.
-    fn shed_over_limit(&self, grower: usize) -> Result<(), OverBudget> {
+    fn shed_over_limit(&self, grower: &Account) -> Result<(), OverBudget> {
         let holders = self.holders();
         // Dropped after the lock: the last reference to a holder may be one of these, and
         // its account's drop takes the lock.
-        let live: Vec<Arc<dyn Holder>> = holders.values().filter_map(Weak::upgrade).collect();
+        let live: Vec<Arc<dyn Holder>> = holders
+            .iter()
+            .filter_map(|(_, holder)| holder.upgrade())
+            .collect();
         let used = self.used.load(Ordering::Relaxed);
         let being_freed: usize = live
             .iter()
@@ -158,7 +171,7 @@ impl Budget {
             self.shed_total.fetch_add(1, Ordering::Relaxed);
             metrics::counter!("collab_budget_shed_total").increment(1);
             held -= bytes;
-            if account.key() == grower {
+            if std::ptr::eq(account, grower) {
                 result = Err(OverBudget);
             }
         }
@@ -173,23 +186,21 @@ impl Budget {
 pub struct Account {
     budget: Arc<Budget>,
     bytes: AtomicUsize,
+    /// Its entry among the budget's holders, once registered.
+    entry: AtomicU32,
     shed: AtomicBool,
-    fixed: bool,
 }
 
 impl Account {
-    fn new(budget: Arc<Budget>, fixed: bool) -> Account {
+    const UNREGISTERED: u32 = u32::MAX;
+
+    fn new(budget: Arc<Budget>) -> Account {
         Account {
             budget,
             bytes: AtomicUsize::new(0),
+            entry: AtomicU32::new(Account::UNREGISTERED),
             shed: AtomicBool::new(false),
-            fixed,
         }
-    }
-
-    /// How the budget knows this account among its holders: its address.
-    fn key(&self) -> usize {
-        std::ptr::from_ref(self) as usize
     }
 
     /// Adds `n` bytes. `Err` when the budget is over its limit and this holder is the
@@ -210,7 +221,7 @@ impl Account {
             return Err(OverBudget);
         }
         if used > self.budget.limit {
-            return self.budget.shed_over_limit(self.key());
+            return self.budget.shed_over_limit(self);
         }
         Ok(())
     }
@@ -259,8 +270,9 @@ impl Holder for Account {
 impl Drop for Account {
     fn drop(&mut self) {
         self.shrink(self.bytes());
-        if !self.fixed {
-            self.budget.holders().remove(&self.key());
+        let entry = *self.entry.get_mut();
+        if entry != Account::UNREGISTERED {
+            self.budget.holders().try_remove(entry as usize);
         }
     }
 }

@@ -19,7 +19,7 @@ use collab_core::protocol::json::ClientMessage;
 use collab_core::protocol::yjs::YjsMessage;
 use collab_core::session::{Access, ConnKind, Summary};
 use dashmap::DashMap;
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::transport::Outbox;
 pub use registry::Registry;
@@ -75,6 +75,9 @@ pub enum SessionMsg {
     EncodeState(oneshot::Sender<Result<Vec<u8>, String>>),
     /// `GET /api/sessions`.
     Summary(oneshot::Sender<Summary>),
+    /// The registry needs room for another session (`--max-sessions`): leave memory if
+    /// still idle.
+    Evict,
 }
 
 const _: () = assert!(std::mem::size_of::<SessionMsg>() <= 16);
@@ -109,13 +112,12 @@ pub struct SessionHandle {
 }
 
 /// What the registry reads of a session without asking its task: since when it has been idle
-/// (no members), to pick the one to evict when memory is full, and the request to leave.
+/// (no members), to pick the one to evict when memory is full.
 #[derive(Debug, Default)]
 pub struct SessionStatus {
     /// Milliseconds from the registry's epoch at which the session became idle, plus one;
     /// [`SessionStatus::BUSY`] while it has members or has been asked to leave.
     idle_since: AtomicU64,
-    evict: Notify,
 }
 
 impl SessionStatus {
@@ -131,17 +133,12 @@ impl SessionStatus {
         self.idle_since.store(value, Ordering::Relaxed);
     }
 
-    /// Asks an idle session to leave memory, if it is still idle since `since` and no one
-    /// else asked it; true when this call asked.
+    /// Claims the eviction of an idle session, if it is still idle since `since` and no one
+    /// else claimed it; true when this call did (it then asks: [`SessionMsg::Evict`]).
     fn claim_eviction(&self, since: u64) -> bool {
-        let claimed = self
-            .idle_since
+        self.idle_since
             .compare_exchange(since, Self::BUSY, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok();
-        if claimed {
-            self.evict.notify_one();
-        }
-        claimed
+            .is_ok()
     }
 }
 

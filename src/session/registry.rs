@@ -156,7 +156,7 @@ impl Registry {
         if let Ok(slot) = self.slots.clone().try_acquire_owned() {
             return Some(slot);
         }
-        if !self.evict_idlest() {
+        if !self.evict_idlest().await {
             return None;
         }
         tokio::time::timeout(EVICTION_WAIT, self.slots.clone().acquire_owned())
@@ -166,7 +166,7 @@ impl Registry {
     }
 
     /// Asks the session idle longest to leave memory; false when none is idle.
-    fn evict_idlest(&self) -> bool {
+    async fn evict_idlest(&self) -> bool {
         loop {
             let idlest = self
                 .context
@@ -183,6 +183,8 @@ impl Registry {
             };
             // Another caller may have picked the same one: one caller per eviction.
             if handle.status.claim_eviction(since) {
+                // A session that stopped meanwhile has given its slot back.
+                let _ = handle.send(SessionMsg::Evict).await;
                 return true;
             }
         }

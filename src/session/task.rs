@@ -3,13 +3,12 @@
 //! nothing is sent before it is durable). It also owns what needs I/O or a clock: the store's
 //! log and compaction, the members' outboxes, eviction, and the session's timers.
 
-use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use collab_core::doc::{CheckedUpdate, GuardedDoc, PeerId, Scene};
+use collab_core::doc::{CheckedUpdate, GuardedDoc, PeerMap, PeerSet, Scene};
 use collab_core::session::{
     Event, Input, Now, Output, PresenceChange, Refused, Session, CLOSE_GOING_AWAY, CLOSE_INTERNAL,
     CLOSE_SLOW,
@@ -67,10 +66,10 @@ struct SessionTask {
     session: Session,
     context: Arc<TaskContext>,
     handle: SessionHandle,
-    outboxes: HashMap<PeerId, Outbox>,
+    outboxes: PeerMap<Outbox>,
     /// Members with frames sent that are not known to have reached their socket while the
     /// session may want to know ([`Session::delivered`]: what a catch-up is computed against).
-    unconfirmed: HashSet<PeerId>,
+    unconfirmed: PeerSet,
     /// What the session produced and the batch has not delivered yet.
     out: Output,
     /// Presence changes for the other nodes (`--cluster`), written before each delivery.
@@ -82,6 +81,9 @@ struct SessionTask {
     warnings: WarnLimiter,
     /// The store failed; the in-memory document holds changes that are not durable.
     failed: bool,
+    /// The registry asked it to leave memory ([`SessionMsg::Evict`]): it does once the
+    /// batch is handled, unless a member joined meanwhile.
+    evict_requested: bool,
     /// This session's place among those in memory, given back when the task ends.
     _slot: OwnedSemaphorePermit,
     /// The session's awareness states in the memory budget.
@@ -125,8 +127,8 @@ pub(super) async fn run(
                 session,
                 context,
                 handle,
-                outboxes: HashMap::new(),
-                unconfirmed: HashSet::new(),
+                outboxes: PeerMap::default(),
+                unconfirmed: PeerSet::default(),
                 out: Output::default(),
                 presence_due: Vec::new(),
                 replies: Vec::new(),
@@ -134,13 +136,15 @@ pub(super) async fn run(
                 stored,
                 warnings: WarnLimiter::default(),
                 failed: false,
+                evict_requested: false,
                 _slot: slot,
                 awareness_held,
             };
             task.publish_idle();
             // Served by a task of its own: a task keeps its future's whole size for its life,
             // and what loading needed must not stay with every idle session.
-            tasks.spawn(task.serve(rx, following));
+            // Boxed: only a cluster's sessions have one, and every idle task would hold its room.
+            tasks.spawn(task.serve(rx, following.map(Box::new)));
         }
         Err(e) => {
             error!(session = %handle.id, error = %e, "session could not be loaded");
@@ -201,15 +205,18 @@ impl SessionTask {
     fn serve(
         mut self,
         mut rx: mpsc::Receiver<SessionMsg>,
-        mut following: Option<Following>,
+        mut following: Option<Box<Following>>,
     ) -> impl Future<Output = ()> + Send {
         async move {
             let context = self.context.clone();
-            let status = self.handle.status.clone();
             // Grown by `recv_many` as needed and shrunk after a burst: an idle session (there
             // may be thousands) keeps no room for 256 messages.
             let mut batch = Vec::new();
             loop {
+                if std::mem::take(&mut self.evict_requested) && self.idle_since.is_some() {
+                    debug!(session = %self.handle.id, "evicting idle session to make room");
+                    break;
+                }
                 let evict_at = self
                     .idle_since
                     .map(|t| tokio::time::Instant::from_std(t + context.config.evict_after));
@@ -267,11 +274,6 @@ impl SessionTask {
                         }
                         let now = now();
                         catch_unwind(AssertUnwindSafe(|| self.input(Input::Tick, &now)))
-                    }
-                    // The registry needs room for another session (`--max-sessions`).
-                    _ = status.evict.notified(), if evict_at.is_some() => {
-                        debug!(session = %self.handle.id, "evicting idle session to make room");
-                        break;
                     }
                     _ = context.shutdown.cancelled() => break,
                 };
@@ -344,6 +346,7 @@ impl SessionTask {
                 let _ = reply.send(result);
             }
             SessionMsg::Leave(peer) => self.input(Input::Leave { peer }, now),
+            SessionMsg::Evict => self.evict_requested = true,
             SessionMsg::Json(json) => {
                 let FromPeer { peer, message } = *json;
                 self.input(Input::Json { peer, message }, now);
@@ -648,7 +651,7 @@ impl SessionTask {
 }
 
 /// The next of other nodes' updates or presence; never, without a feed.
-async fn recv_remote(following: &mut Option<Following>) -> Option<Remote> {
+async fn recv_remote(following: &mut Option<Box<Following>>) -> Option<Remote> {
     match following {
         Some(following) => following.rx.recv().await,
         None => std::future::pending().await,

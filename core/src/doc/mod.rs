@@ -11,6 +11,8 @@ pub mod ydoc;
 
 pub use guard::{CheckedAwareness, CheckedStateVector, CheckedUpdate};
 pub use legacy::{Action, Command, UploadedItem};
-pub use scene::{CommandMessage, Effects, FullState, Outgoing, PeerId, PeerMessage, Scene};
+pub use scene::{
+    CommandMessage, Effects, FullState, Outgoing, PeerId, PeerMap, PeerMessage, PeerSet, Scene,
+};
 pub use value::ItemFields;
 pub use ydoc::{DocError, GuardedDoc};

@@ -14,7 +14,9 @@
 //! connection was told of its removal), and a connection that uploaded its canvas is never
 //! sent a full state (README, "Choices").
 
+use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::BuildHasherDefault;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -31,6 +33,13 @@ use super::ydoc::{Change, DocError, GuardedDoc};
 
 /// Identifies one connection of a session.
 pub type PeerId = u64;
+
+/// A map by connection id. Ids are the server's own counter, never a peer's choice, so
+/// a fixed hasher is safe, and the map is 16 bytes smaller than with a random one: every
+/// session holds a few of them.
+pub type PeerMap<V> = HashMap<PeerId, V, BuildHasherDefault<DefaultHasher>>;
+/// A set of connection ids (see [`PeerMap`]).
+pub type PeerSet = HashSet<PeerId, BuildHasherDefault<DefaultHasher>>;
 
 /// Item type given to an item whose document entry carries none (e.g. written by a Yjs client).
 pub const DEFAULT_ITEM_TYPE: &str = "component";
@@ -116,7 +125,7 @@ pub struct Scene {
     stale: HashSet<Arc<str>>,
     /// The document's rebuild count the mirror follows: after a rebuild every item is read.
     rebuilds: u64,
-    peers: HashMap<PeerId, PeerView>,
+    peers: PeerMap<PeerView>,
     /// Corrections owed, by connection and item: when they are due, and whose command they
     /// answer.
     corrections: BTreeMap<(PeerId, Arc<str>), (Instant, Arc<str>)>,
@@ -157,7 +166,7 @@ impl Scene {
             doc,
             mirror,
             stale: HashSet::new(),
-            peers: HashMap::new(),
+            peers: PeerMap::default(),
             corrections: BTreeMap::new(),
             correction_delay: CORRECTION_DELAY,
             version,

@@ -486,8 +486,9 @@ pub struct Session {
     /// The document's state vector and its rebuild count, kept until the document changes.
     state_vector: Option<(u64, Arc<StateVector>)>,
     rates: Rates,
-    /// Set once the session shares its presence with other nodes.
-    cluster: Option<Cluster>,
+    /// Set once the session shares its presence with other nodes (boxed: every session holds
+    /// the room, few share).
+    cluster: Option<Box<Cluster>>,
 }
 
 impl Session {
@@ -513,9 +514,11 @@ impl Session {
     /// From now on the session tells other nodes (as `node`) of its members' joins, leaves
     /// and awareness changes ([`Output::presence`]), and takes theirs as inputs.
     pub fn share_presence(&mut self, node: u64) {
-        self.cluster.get_or_insert_with(|| Cluster {
-            node,
-            members: BTreeMap::new(),
+        self.cluster.get_or_insert_with(|| {
+            Box::new(Cluster {
+                node,
+                members: BTreeMap::new(),
+            })
         });
     }
 
