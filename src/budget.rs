@@ -40,14 +40,6 @@ pub trait Holder: Send + Sync {
     fn wake(&self);
 }
 
-impl std::fmt::Debug for dyn Holder {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Holder")
-            .field("bytes", &self.account().bytes())
-            .finish()
-    }
-}
-
 /// What the budget holds now, for `/health` and `/api/process`.
 #[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct BudgetUse {
@@ -80,15 +72,10 @@ impl Budget {
         Budget::new(usize::MAX)
     }
 
-    /// A new account, holding nothing yet. It can be shed once its owner, holding it in an
-    /// `Arc`, is registered ([`Budget::register`]).
+    /// A new account, holding nothing yet. Its bytes count; it can be shed once its owner,
+    /// holding it in an `Arc`, is registered ([`Budget::register`]). One never registered is
+    /// never shed (a session's awareness states: bounded per session, and no one peer's).
     pub fn account(self: &Arc<Self>) -> Account {
-        Account::new(self.clone())
-    }
-
-    /// An account whose bytes count but which is never shed (a session's awareness states:
-    /// bounded per session, and no one peer's).
-    pub fn fixed_account(self: &Arc<Self>) -> Account {
         Account::new(self.clone())
     }
 
@@ -318,10 +305,10 @@ mod tests {
         assert_eq!(middle.grow(100), Err(OverBudget));
         assert!(middle.is_shed() && !small.is_shed());
         assert_eq!(budget.usage().shed, 2);
-        // Fixed bytes count against the limit but are never shed.
-        let fixed = budget.fixed_account();
-        assert_eq!(fixed.grow(200), Ok(()));
-        assert!(small.is_shed() && !fixed.is_shed());
+        // An account never registered counts against the limit but is never shed.
+        let unregistered = budget.account();
+        assert_eq!(unregistered.grow(200), Ok(()));
+        assert!(small.is_shed() && !unregistered.is_shed());
     }
 
     /// An owner with its account inside, as a connection's outbox holds one.

@@ -122,7 +122,8 @@ pub(super) async fn run(
                     let _ = session.handle(input, &now, &mut out);
                 }
             }
-            let awareness_held = context.config.budget.fixed_account();
+            // Never registered: counted, never shed.
+            let awareness_held = context.config.budget.account();
             let task = SessionTask {
                 session,
                 context,
