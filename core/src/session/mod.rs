@@ -138,19 +138,52 @@ pub const CLOSE_TOKEN_REVOKED: CloseReason = CloseReason {
 };
 
 /// The time as a session sees it: an instant for its timers, and the wall-clock time that its
-/// messages carry (formatted once).
+/// messages carry (formatted once, when a message first needs it: most steps send none).
 #[derive(Debug, Clone)]
 pub struct Now {
     pub instant: Instant,
-    pub timestamp: Arc<str>,
+    wall: SystemTime,
+    timestamp: OnceLock<Arc<str>>,
 }
 
 impl Now {
     pub fn at(instant: Instant, wall: SystemTime) -> Now {
         Now {
             instant,
-            timestamp: json::timestamp(wall).into(),
+            wall,
+            timestamp: OnceLock::new(),
         }
+    }
+
+    /// The wall-clock time as messages carry it ([`json::timestamp`]).
+    pub fn timestamp(&self) -> &Arc<str> {
+        self.timestamp
+            .get_or_init(|| json::timestamp(self.wall).into())
+    }
+
+    /// The wall-clock time to the millisecond, as members keep their connection time.
+    fn millis(&self) -> UnixMillis {
+        UnixMillis::of(self.wall)
+    }
+}
+
+/// A wall-clock time to the millisecond, as the protocol's timestamps have it: what a member
+/// keeps of its connection time (a fifth of the bytes of the text, and no allocation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct UnixMillis(u64);
+
+impl UnixMillis {
+    fn of(wall: SystemTime) -> UnixMillis {
+        let since = wall
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        UnixMillis(u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    /// The same text as [`Now::timestamp`] of any time in this millisecond.
+    fn timestamp(self) -> Arc<str> {
+        let wall = SystemTime::UNIX_EPOCH + Duration::from_millis(self.0);
+        json::timestamp(wall).into()
     }
 }
 
@@ -448,7 +481,7 @@ struct Member {
     joined: u64,
     kind: ConnKind,
     user: Option<Arc<str>>,
-    connected_at: Arc<str>,
+    connected_at: UnixMillis,
     buckets: Buckets,
     access: Access,
     /// A Yjs member was sent the document (a SyncStep2 or a catch-up): once the shell confirms
@@ -608,7 +641,7 @@ impl Session {
 
     /// The scene as the `state` of `sync:full_state` (`GET /api/sessions/{s}/scene`).
     pub fn scene_json(&mut self, now: &Now) -> String {
-        json::encode_scene(&now.timestamp, &self.scene.full_state())
+        json::encode_scene(now.timestamp(), &self.scene.full_state())
     }
 
     /// The whole document as one v1 update.
@@ -643,16 +676,16 @@ impl Session {
         let local = self
             .members
             .values()
-            .map(|m| (m.joined, &m.user, &m.connected_at));
+            .map(|m| (m.joined, &m.user, m.connected_at.timestamp()));
         let remote = self
             .cluster
             .iter()
             .flat_map(|c| c.members.values())
-            .map(|m| (m.joined, &m.user, &m.connected_at));
+            .map(|m| (m.joined, &m.user, m.connected_at.clone()));
         let mut members: Vec<_> = local.chain(remote).collect();
         if self.cluster.is_some() {
             // Nodes hear of each other's joins late: the time of each join orders them.
-            members.sort_unstable_by(|a, b| (a.2, a.0).cmp(&(b.2, b.0)));
+            members.sort_unstable_by(|a, b| (&a.2, a.0).cmp(&(&b.2, b.0)));
         } else {
             members.sort_unstable_by_key(|(joined, _, _)| *joined);
         }
@@ -662,7 +695,7 @@ impl Session {
                 if !users.iter().any(|u| &u.user_id == name) {
                     users.push(UserEntry {
                         user_id: name.clone(),
-                        connected_at: connected_at.clone(),
+                        connected_at,
                     });
                 }
             }
@@ -746,7 +779,7 @@ impl Session {
                 joined: self.joins,
                 kind,
                 user: user.clone(),
-                connected_at: now.timestamp.clone(),
+                connected_at: now.millis(),
                 buckets: Buckets::new(&self.rates, now.instant),
                 access,
                 synced: false,
@@ -760,7 +793,7 @@ impl Session {
                 peer,
                 kind,
                 user: user.clone(),
-                connected_at: now.timestamp.clone(),
+                connected_at: now.timestamp().clone(),
                 holds_name: access.holds_name,
             };
             out.presence.insert(joined_at, joined);
@@ -772,12 +805,12 @@ impl Session {
             // `sync:request` it sends on the ack, and the session knows not to answer that
             // with a full state that would replace its canvas. A client acting as client only
             // logs it. No full state here: both clients ask for it (README, "Choices").
-            let joined = json::encode_user_event(&now.timestamp, true, name);
+            let joined = json::encode_user_event(now.timestamp(), true, name);
             out.sends.push((peer, Payload::text(joined)));
         }
         if let (true, Some(name)) = (kind.speaks_json(), &user) {
             let ack = json::encode_ack(
-                &now.timestamp,
+                now.timestamp(),
                 &self.id,
                 name,
                 is_host,
@@ -795,7 +828,7 @@ impl Session {
             }
         }
         if let (false, Some(name)) = (already_present, &user) {
-            let joined = Payload::text(json::encode_user_event(&now.timestamp, true, name));
+            let joined = Payload::text(json::encode_user_event(now.timestamp(), true, name));
             self.send_to_json_members(&joined, Some(peer), out);
         }
         Ok(())
@@ -806,7 +839,7 @@ impl Session {
     fn leave(&mut self, peer: PeerId, close: Option<CloseReason>, now: &Now, out: &mut Output) {
         let user = self.remove_member(peer, close, out);
         if let Some(user) = user.filter(|u| !self.has_user(u)) {
-            let left = Payload::text(json::encode_user_event(&now.timestamp, false, &user));
+            let left = Payload::text(json::encode_user_event(now.timestamp(), false, &user));
             self.send_to_json_members(&left, None, out);
         }
     }
@@ -825,7 +858,7 @@ impl Session {
                 peer: *peer,
                 kind: m.kind,
                 user: m.user.clone(),
-                connected_at: m.connected_at.clone(),
+                connected_at: m.connected_at.timestamp(),
                 holds_name: m.access.holds_name,
             })
             .collect()
@@ -864,7 +897,7 @@ impl Session {
                     m.kind.speaks_json()
                         && m.user.as_ref() == Some(name)
                         && (holds_name || !m.access.holds_name)
-                        && (&m.connected_at, own_node) < (&connected_at, node)
+                        && (&m.connected_at.timestamp(), own_node) < (&connected_at, node)
                 })
                 .map(|(id, _)| *id)
                 .collect();
@@ -886,7 +919,7 @@ impl Session {
             );
         }
         if let (false, Some(name)) = (already_present, &user) {
-            let joined = Payload::text(json::encode_user_event(&now.timestamp, true, name));
+            let joined = Payload::text(json::encode_user_event(now.timestamp(), true, name));
             self.send_to_json_members(&joined, None, out);
         }
     }
@@ -905,7 +938,7 @@ impl Session {
             self.awareness_check = None;
         }
         if let Some(user) = gone.and_then(|m| m.user).filter(|u| !self.has_user(u)) {
-            let left = Payload::text(json::encode_user_event(&now.timestamp, false, &user));
+            let left = Payload::text(json::encode_user_event(now.timestamp(), false, &user));
             self.send_to_json_members(&left, None, out);
         }
     }
@@ -1055,7 +1088,7 @@ impl Session {
                 let effects = self.scene.send_corrections_owed_to(peer);
                 self.emit(effects, None, now, out);
                 out.sends
-                    .push((peer, Payload::text(json::encode_pong(&now.timestamp))));
+                    .push((peer, Payload::text(json::encode_pong(now.timestamp()))));
             }
             // Only plain legacy connections take full states (PROTOCOL §4).
             ClientMessage::SyncRequest => {
@@ -1379,10 +1412,10 @@ impl Session {
                 .or_insert_with(|| {
                     Payload::text(match &*outgoing.message {
                         PeerMessage::Command(command) => {
-                            json::encode_command(&now.timestamp, command)
+                            json::encode_command(now.timestamp(), command)
                         }
                         PeerMessage::FullState(state) => {
-                            json::encode_full_state(&now.timestamp, state)
+                            json::encode_full_state(now.timestamp(), state)
                         }
                     })
                 })
@@ -1411,5 +1444,26 @@ impl Session {
                 out.sends.push((*id, message.clone()));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kept_connection_time_reads_as_the_timestamp_of_its_step() {
+        // Just under a millisecond boundary, where rounding instead of truncating would differ.
+        let walls = [
+            Duration::from_nanos(1_795_634_521_123_999_999),
+            Duration::from_millis(1_795_634_521_000),
+            Duration::from_nanos(999_999),
+        ];
+        for since_epoch in walls {
+            let now = Now::at(Instant::now(), SystemTime::UNIX_EPOCH + since_epoch);
+            assert_eq!(now.millis().timestamp(), *now.timestamp());
+        }
+        let late = Now::at(Instant::now(), SystemTime::UNIX_EPOCH + walls[0]);
+        assert_eq!(&**late.timestamp(), "2026-11-25T19:22:01.123Z");
     }
 }

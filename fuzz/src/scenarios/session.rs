@@ -1232,7 +1232,7 @@ impl World {
                 let user =
                     user.map(|u| Arc::from(REMOTE_NAMES[usize::from(u) % REMOTE_NAMES.len()]));
                 let connected_at: Arc<str> = match connected_at % 4 {
-                    0 => self.now.timestamp.clone(),
+                    0 => self.now.timestamp().clone(),
                     1 => Arc::from("2000-01-01T00:00:00.000Z"),
                     2 => Arc::from("2100-01-01T00:00:00.000Z"),
                     _ => Arc::from(format!("not a time {connected_at}")),
