@@ -37,13 +37,15 @@
 //!   that of the newest update it replaced, so the newest `created_at` of a session is when
 //!   its document last changed (what [`Store::list`] reports).
 
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::thread;
 
+use collab_core::protocol::json::timestamp;
 use rusqlite::config::DbConfig;
 use rusqlite::{params, Connection, OptionalExtension};
-use rustix::fs::{AtFlags, StatxAttributes, StatxFlags, CWD};
+use rustix::fs::{AtFlags, Mode, OFlags, StatxAttributes, StatxFlags};
 use tokio::sync::oneshot;
 use tracing::warn;
 
@@ -143,48 +145,46 @@ pub struct UnusableFile {
     reason: String,
 }
 
-/// The store's files as they were when it opened: the database, its WAL and WAL index.
+/// The store's files as they were when it opened: the database, its WAL and WAL index, each
+/// held open by a path-only descriptor, so a check follows the file, not its name, and makes
+/// no path lookup.
 struct StoreFiles {
-    /// Each file's path and (device, inode).
-    files: Vec<(PathBuf, (u32, u32, u64))>,
-}
-
-/// A file's identity and whether it can no longer be written.
-fn inspect(path: &Path) -> std::io::Result<((u32, u32, u64), bool)> {
-    let stat = rustix::fs::statx(CWD, path, AtFlags::empty(), StatxFlags::INO)?;
-    let frozen = stat
-        .stx_attributes
-        .intersects(StatxAttributes::IMMUTABLE | StatxAttributes::APPEND);
-    Ok((
-        (stat.stx_dev_major, stat.stx_dev_minor, stat.stx_ino),
-        frozen,
-    ))
+    files: Vec<(PathBuf, OwnedFd)>,
 }
 
 impl StoreFiles {
-    /// Records the files of the database at `path` (opened, in WAL mode).
+    /// Holds the files of the database at `path` (opened, in WAL mode).
     fn of(path: &Path) -> std::io::Result<StoreFiles> {
         let mut files = Vec::new();
         for suffix in ["", "-wal", "-shm"] {
             let mut name = path.as_os_str().to_owned();
             name.push(suffix);
             let file = PathBuf::from(name);
-            let (identity, _) = inspect(&file)?;
-            files.push((file, identity));
+            let fd = rustix::fs::open(&file, OFlags::PATH | OFlags::CLOEXEC, Mode::empty())?;
+            files.push((file, fd));
         }
         Ok(StoreFiles { files })
     }
 
-    /// Fails when a file is gone, replaced, immutable or append-only.
+    /// Fails when a file has no name left (removed, or replaced by another under its name:
+    /// what is committed to it would be lost with the process), or is immutable or
+    /// append-only. A file that still has a name elsewhere (moved, or linked) keeps its
+    /// commits there.
     fn check(&self) -> Result<(), UnusableFile> {
-        for (path, identity) in &self.files {
+        for (path, fd) in &self.files {
             let unusable = |reason: &str| UnusableFile {
                 path: path.clone(),
                 reason: reason.to_owned(),
             };
-            match inspect(path) {
-                Ok((now, _)) if now != *identity => return Err(unusable("replaced")),
-                Ok((_, true)) => return Err(unusable("immutable or append-only")),
+            match rustix::fs::statx(fd, "", AtFlags::EMPTY_PATH, StatxFlags::NLINK) {
+                Ok(stat) if stat.stx_nlink == 0 => return Err(unusable("removed or replaced")),
+                Ok(stat)
+                    if stat
+                        .stx_attributes
+                        .intersects(StatxAttributes::IMMUTABLE | StatxAttributes::APPEND) =>
+                {
+                    return Err(unusable("immutable or append-only"))
+                }
                 Ok(_) => {}
                 Err(e) => return Err(unusable(&e.to_string())),
             }
@@ -312,7 +312,7 @@ impl Store for SqliteStore {
         cutoff: std::time::SystemTime,
         keep: Vec<String>,
     ) -> StoreFuture<'_, Vec<String>> {
-        let cutoff = collab_core::protocol::json::timestamp(cutoff);
+        let cutoff = timestamp(cutoff);
         self.write(|r| WriteRequest::RemoveUntouched(cutoff, keep, r))
     }
 }
@@ -543,11 +543,14 @@ fn apply_write(
                 upsert_meta(conn, session, meta)?;
                 written.insert(session.clone(), meta.clone());
             }
+            // The time in the same text as SQLite's `strftime` default, made once here rather
+            // than by SQLite for every row.
+            let created_at = timestamp(std::time::SystemTime::now());
             let mut insert = conn.prepare_cached(
-                "INSERT INTO updates (session, kind, data) VALUES (?1, 'update', ?2)",
+                "INSERT INTO updates (session, kind, data, created_at) VALUES (?1, 'update', ?2, ?3)",
             )?;
             for update in updates {
-                insert.execute(params![session, update])?;
+                insert.execute(params![session, update, created_at])?;
             }
             if updates.is_empty() {
                 last_position(conn, session)
