@@ -35,7 +35,9 @@
 //! * `updates(id, session, kind, data, created_at)`: the session's document as a `snapshot`
 //!   followed by the `update`s accepted since, in `id` order. A snapshot's `created_at` is
 //!   that of the newest update it replaced, so the newest `created_at` of a session is when
-//!   its document last changed (what [`Store::list`] reports).
+//!   its document last changed (what [`Store::list`] reports). The writer numbers the rows
+//!   itself ([`Ledger`]); databases created before that keep an `AUTOINCREMENT` table, which
+//!   is read the same way.
 
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
@@ -59,7 +61,7 @@ CREATE TABLE IF NOT EXISTS sessions (
     updated_at  TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
 );
 CREATE TABLE IF NOT EXISTS updates (
-    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    id         INTEGER PRIMARY KEY,
     session    TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
     kind       TEXT NOT NULL CHECK (kind IN ('snapshot', 'update')),
     data       BLOB NOT NULL,
@@ -72,9 +74,9 @@ CREATE INDEX IF NOT EXISTS updates_by_session ON updates(session, id);
 const GROUP_LIMIT: usize = 1024;
 
 /// The writer asks for a checkpoint after this many transactions or bytes of data written,
-/// whichever comes first. A small commit adds about three pages to the WAL (the table's
-/// leaf, the index's leaf, `sqlite_sequence`), so 256 of them come near SQLite's own default
-/// of 1000 pages; the byte bound holds when updates are large.
+/// whichever comes first. A small commit adds a few pages to the WAL (the table's leaf, the
+/// index's leaf of each session in it), so 256 of them come near SQLite's own default of 1000
+/// pages; the byte bound holds when updates are large.
 const CHECKPOINT_AFTER_COMMITS: u32 = 256;
 const CHECKPOINT_AFTER_BYTES: usize = 4 << 20;
 
@@ -214,9 +216,10 @@ impl SqliteStore {
         let reader = connect(&path, synchronous).map_err(|e| fail(&e))?;
         let (reads, reads_rx) = mpsc::channel();
         let (writes, writes_rx) = mpsc::channel();
+        let ledger = Ledger::open(&conn).map_err(|e| fail(&e))?;
         let writer = Writer {
             conn,
-            written: WrittenMeta::new(),
+            ledger,
             files: StoreFiles::of(&path).map_err(|e| fail(&e))?,
             reads: reads.clone(),
             commits: 0,
@@ -320,7 +323,7 @@ impl Store for SqliteStore {
 /// The writer thread's connection and what its commits owe.
 struct Writer {
     conn: Connection,
-    written: WrittenMeta,
+    ledger: Ledger,
     files: StoreFiles,
     /// To the reader thread, for checkpoints.
     reads: mpsc::Sender<ReadRequest>,
@@ -345,7 +348,7 @@ impl Writer {
                     WriteRequest::RemoveUntouched(cutoff, keep, reply) => {
                         self.commit(&mut writes, &mut replies);
                         let removed = checked(&self.files, || {
-                            remove_untouched(&mut self.conn, &cutoff, &keep, &mut self.written)
+                            remove_untouched(&mut self.conn, &cutoff, &keep, &mut self.ledger)
                         });
                         let _ = reply.send(removed);
                     }
@@ -362,7 +365,7 @@ impl Writer {
             return;
         }
         let outcomes = match self.files.check() {
-            Ok(()) => commit_group(&mut self.conn, writes, &mut self.written),
+            Ok(()) => commit_group(&mut self.conn, writes, &mut self.ledger),
             Err(e) => writes.iter().map(|_| Err(e.clone().into())).collect(),
         };
         self.commits += 1;
@@ -450,10 +453,51 @@ fn checkpoint(conn: &Connection, limit: i64) -> rusqlite::Result<()> {
     Ok(())
 }
 
-/// The metadata the write connection last wrote per session. Sessions append with every
-/// batch and their metadata rarely changes: rewriting its row each time would add a page to
-/// every commit. Cleared when a transaction fails (its writes were rolled back).
-type WrittenMeta = std::collections::HashMap<String, SessionMeta>;
+/// What the write connection keeps of what it wrote, so that it writes less.
+struct Ledger {
+    /// The metadata it last wrote per session. Sessions append with every batch and their
+    /// metadata rarely changes: rewriting its row each time would add a page to every
+    /// commit. Forgotten when a transaction fails (its writes were rolled back).
+    meta: std::collections::HashMap<String, SessionMeta>,
+    /// The `id` the next row takes. Numbered here, not by SQLite: a plain rowid could go back
+    /// once the newest rows are deleted (a compaction), and `AUTOINCREMENT` rewrites
+    /// `sqlite_sequence` in every transaction (a page and a statement; BENCHMARKS.md). Never
+    /// goes back, not even when a transaction fails.
+    next_id: i64,
+}
+
+impl Ledger {
+    /// Starts after every `id` the database holds or, for a database created with an
+    /// `AUTOINCREMENT` table, ever handed out.
+    fn open(conn: &Connection) -> rusqlite::Result<Ledger> {
+        let highest: i64 =
+            conn.query_row("SELECT COALESCE(MAX(id), 0) FROM updates", [], |row| {
+                row.get(0)
+            })?;
+        let has_sequence = conn
+            .prepare("SELECT 1 FROM sqlite_master WHERE name = 'sqlite_sequence'")?
+            .exists([])?;
+        let handed_out: i64 = if has_sequence {
+            conn.query_row(
+                "SELECT COALESCE(MAX(seq), 0) FROM sqlite_sequence WHERE name = 'updates'",
+                [],
+                |row| row.get(0),
+            )?
+        } else {
+            0
+        };
+        Ok(Ledger {
+            meta: std::collections::HashMap::new(),
+            next_id: highest.max(handed_out) + 1,
+        })
+    }
+
+    fn take_id(&mut self) -> i64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+}
 
 /// Runs `body` in a transaction and commits it, or rolls it back.
 ///
@@ -461,20 +505,20 @@ type WrittenMeta = std::collections::HashMap<String, SessionMeta>;
 /// every commit (BENCHMARKS.md, "Where the CPU goes").
 fn in_transaction<T>(
     conn: &mut Connection,
-    written: &mut WrittenMeta,
-    body: impl FnOnce(&Connection, &mut WrittenMeta) -> rusqlite::Result<T>,
+    ledger: &mut Ledger,
+    body: impl FnOnce(&Connection, &mut Ledger) -> rusqlite::Result<T>,
 ) -> rusqlite::Result<T> {
     if !conn.is_autocommit() {
         // A panic inside an earlier `body` left its transaction open.
         conn.execute_batch("ROLLBACK")?;
     }
     conn.prepare_cached("BEGIN")?.execute([])?;
-    let result = body(conn, written).and_then(|value| {
+    let result = body(conn, ledger).and_then(|value| {
         conn.prepare_cached("COMMIT")?.execute([])?;
         Ok(value)
     });
     if result.is_err() {
-        written.clear();
+        ledger.meta.clear();
         if !conn.is_autocommit() {
             // What failed was rolled back by SQLite or is rolled back here; a failing
             // ROLLBACK leaves the transaction to the check above.
@@ -488,12 +532,10 @@ fn in_transaction<T>(
 fn commit_one(
     conn: &mut Connection,
     write: &Write,
-    written: &mut WrittenMeta,
+    ledger: &mut Ledger,
 ) -> Result<u64, StoreError> {
-    in_transaction(conn, written, |txn, written| {
-        apply_write(txn, write, written)
-    })
-    .map_err(StoreError::from)
+    in_transaction(conn, ledger, |txn, ledger| apply_write(txn, write, ledger))
+        .map_err(StoreError::from)
 }
 
 /// Runs a group of writes in one transaction; returns each one's outcome. If the transaction
@@ -501,12 +543,12 @@ fn commit_one(
 fn commit_group(
     conn: &mut Connection,
     writes: &[Write],
-    written: &mut WrittenMeta,
+    ledger: &mut Ledger,
 ) -> Vec<Result<u64, StoreError>> {
-    let group = in_transaction(conn, written, |txn, written| {
+    let group = in_transaction(conn, ledger, |txn, ledger| {
         writes
             .iter()
-            .map(|write| apply_write(txn, write, written))
+            .map(|write| apply_write(txn, write, ledger))
             .collect::<rusqlite::Result<Vec<u64>>>()
     });
     match group {
@@ -514,7 +556,7 @@ fn commit_group(
         Err(e) if writes.len() == 1 => vec![Err(StoreError::from(e))],
         Err(_) => writes
             .iter()
-            .map(|write| commit_one(conn, write, written))
+            .map(|write| commit_one(conn, write, ledger))
             .collect(),
     }
 }
@@ -532,35 +574,34 @@ fn upsert_meta(conn: &Connection, session: &str, meta: &SessionMeta) -> rusqlite
 
 /// Applies one write inside a transaction; returns the session's last update position
 /// afterwards (meaningful for appends).
-fn apply_write(
-    conn: &Connection,
-    write: &Write,
-    written: &mut WrittenMeta,
-) -> rusqlite::Result<u64> {
+fn apply_write(conn: &Connection, write: &Write, ledger: &mut Ledger) -> rusqlite::Result<u64> {
     match write {
         Write::Append(session, updates, meta) => {
-            if written.get(session) != Some(meta) {
+            if ledger.meta.get(session) != Some(meta) {
                 upsert_meta(conn, session, meta)?;
-                written.insert(session.clone(), meta.clone());
+                ledger.meta.insert(session.clone(), meta.clone());
             }
             // The time in the same text as SQLite's `strftime` default, made once here rather
             // than by SQLite for every row.
             let created_at = timestamp(std::time::SystemTime::now());
             let mut insert = conn.prepare_cached(
-                "INSERT INTO updates (session, kind, data, created_at) VALUES (?1, 'update', ?2, ?3)",
+                "INSERT INTO updates (id, session, kind, data, created_at)
+                 VALUES (?1, ?2, 'update', ?3, ?4)",
             )?;
+            let mut last = None;
             for update in updates {
-                insert.execute(params![session, update, created_at])?;
+                let id = ledger.take_id();
+                insert.execute(params![id, session, update, created_at])?;
+                last = Some(id);
             }
-            if updates.is_empty() {
-                last_position(conn, session)
-            } else {
-                Ok(conn.last_insert_rowid() as u64)
+            match last {
+                Some(id) => Ok(id as u64),
+                None => last_position(conn, session),
             }
         }
         Write::Compact(session, snapshot, upto, meta) => {
             upsert_meta(conn, session, meta)?;
-            written.insert(session.clone(), meta.clone());
+            ledger.meta.insert(session.clone(), meta.clone());
             // The snapshot changes nothing in the document: it keeps the time of the newest
             // change it holds (the session's last change, for `list`).
             let newest: Option<String> = conn.query_row(
@@ -573,9 +614,9 @@ fn apply_write(
                 params![session, upto],
             )?;
             conn.execute(
-                "INSERT INTO updates (session, kind, data, created_at) VALUES (?1, 'snapshot', ?2,
-                     COALESCE(?3, strftime('%Y-%m-%dT%H:%M:%fZ', 'now')))",
-                params![session, snapshot, newest],
+                "INSERT INTO updates (id, session, kind, data, created_at) VALUES (?1, ?2,
+                     'snapshot', ?3, COALESCE(?4, strftime('%Y-%m-%dT%H:%M:%fZ', 'now')))",
+                params![ledger.take_id(), session, snapshot, newest],
             )?;
             Ok(0)
         }
@@ -593,7 +634,7 @@ fn remove_untouched(
     conn: &mut Connection,
     cutoff: &str,
     keep: &[String],
-    written: &mut WrittenMeta,
+    ledger: &mut Ledger,
 ) -> rusqlite::Result<Vec<String>> {
     let keep = serde_json::to_string(keep).unwrap_or_else(|_| "[]".to_owned());
     let txn = conn.transaction()?;
@@ -612,7 +653,7 @@ fn remove_untouched(
         .collect::<rusqlite::Result<Vec<_>>>()?;
     txn.commit()?;
     for id in &removed {
-        written.remove(id);
+        ledger.meta.remove(id);
     }
     Ok(removed)
 }
@@ -686,21 +727,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut conn = connect(&dir.path().join("collab.db"), "NORMAL").unwrap();
         conn.execute_batch(SCHEMA).unwrap();
-        let mut written = WrittenMeta::new();
+        let mut ledger = Ledger::open(&conn).unwrap();
         let append = |session: &str| Write::Append(session.into(), vec![vec![1]], meta());
         let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             in_transaction(
                 &mut conn,
-                &mut written,
-                |txn, written| -> rusqlite::Result<()> {
-                    apply_write(txn, &append("lost"), written)?;
+                &mut ledger,
+                |txn, ledger| -> rusqlite::Result<()> {
+                    apply_write(txn, &append("lost"), ledger)?;
                     panic!("inside the transaction");
                 },
             )
         }));
         assert!(panicked.is_err());
         assert!(!conn.is_autocommit(), "the panic left the transaction open");
-        commit_one(&mut conn, &append("kept"), &mut written).unwrap();
+        commit_one(&mut conn, &append("kept"), &mut ledger).unwrap();
         let sessions: Vec<String> = conn
             .prepare("SELECT DISTINCT session FROM updates")
             .unwrap()
@@ -760,6 +801,60 @@ mod tests {
         assert_eq!(reloaded.updates, vec![vec![8]]);
         assert_eq!(reloaded.meta, SessionMeta::default());
         assert_eq!(reloaded.last_seq, meta_only);
+    }
+
+    #[tokio::test]
+    async fn positions_keep_growing_after_the_newest_rows_are_compacted_away() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path(), FsyncMode::Normal).unwrap();
+        let last = store
+            .append("s", vec![vec![1], vec![2], vec![3]], meta())
+            .await
+            .unwrap();
+        // The session's rows are the newest: its compaction deletes every one of them.
+        store.compact("s", vec![9], last, meta()).await.unwrap();
+        let snapshot = store.load("s").await.unwrap().unwrap().last_seq;
+        assert!(snapshot > last, "the snapshot takes a new position");
+        let after = store.append("s", vec![vec![4]], meta()).await.unwrap();
+        assert!(after > snapshot);
+        store.compact("s", vec![8], after, meta()).await.unwrap();
+        drop(store);
+        let reopened = SqliteStore::open(dir.path(), FsyncMode::Normal).unwrap();
+        let last_seq = reopened.load("s").await.unwrap().unwrap().last_seq;
+        let reopened_after = reopened.append("s", vec![vec![5]], meta()).await.unwrap();
+        assert!(reopened_after > last_seq && last_seq > after);
+        assert_eq!(
+            reopened.load("s").await.unwrap().unwrap().updates,
+            vec![vec![8], vec![5]]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_database_numbered_by_autoincrement_goes_on_after_every_id_it_handed_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = Connection::open(dir.path().join("collab.db")).unwrap();
+        conn.execute_batch(&SCHEMA.replace(
+            "id         INTEGER PRIMARY KEY,",
+            "id         INTEGER PRIMARY KEY AUTOINCREMENT,",
+        ))
+        .unwrap();
+        conn.execute_batch(
+            "INSERT INTO sessions (id) VALUES ('s');
+             INSERT INTO updates (session, kind, data) VALUES ('s', 'update', x'01');
+             INSERT INTO updates (session, kind, data) VALUES ('s', 'update', x'02');
+             INSERT INTO updates (session, kind, data) VALUES ('s', 'update', x'03');
+             DELETE FROM updates WHERE id > 1;",
+        )
+        .unwrap();
+        drop(conn);
+        let store = SqliteStore::open(dir.path(), FsyncMode::Normal).unwrap();
+        assert_eq!(store.load("s").await.unwrap().unwrap().last_seq, 1);
+        let position = store.append("s", vec![vec![4]], meta()).await.unwrap();
+        assert_eq!(position, 4, "ids 2 and 3 were handed out before");
+        assert_eq!(
+            store.load("s").await.unwrap().unwrap().updates,
+            vec![vec![1], vec![4]]
+        );
     }
 
     /// Retention deletes what was last written before the cutoff, with its updates, except
