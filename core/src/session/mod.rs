@@ -169,7 +169,7 @@ impl Now {
 
 /// A wall-clock time to the millisecond, as the protocol's timestamps have it: what a member
 /// keeps of its connection time (a fifth of the bytes of the text, and no allocation).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy)]
 struct UnixMillis(u64);
 
 impl UnixMillis {
@@ -673,15 +673,16 @@ impl Session {
 
     /// The user list: each name once, in the order of its first connection (on any node).
     fn users(&self) -> Vec<UserEntry> {
-        let local = self
-            .members
-            .values()
-            .map(|m| (m.joined, &m.user, m.connected_at.timestamp()));
+        // Anonymous connections are never listed: their times are not formatted.
+        let local = self.members.values().filter_map(|m| {
+            let name = m.user.as_ref()?;
+            Some((m.joined, name, m.connected_at.timestamp()))
+        });
         let remote = self
             .cluster
             .iter()
             .flat_map(|c| c.members.values())
-            .map(|m| (m.joined, &m.user, m.connected_at.clone()));
+            .filter_map(|m| Some((m.joined, m.user.as_ref()?, m.connected_at.clone())));
         let mut members: Vec<_> = local.chain(remote).collect();
         if self.cluster.is_some() {
             // Nodes hear of each other's joins late: the time of each join orders them.
@@ -690,14 +691,12 @@ impl Session {
             members.sort_unstable_by_key(|(joined, _, _)| *joined);
         }
         let mut users: Vec<UserEntry> = Vec::new();
-        for (_, user, connected_at) in members {
-            if let Some(name) = user {
-                if !users.iter().any(|u| &u.user_id == name) {
-                    users.push(UserEntry {
-                        user_id: name.clone(),
-                        connected_at,
-                    });
-                }
+        for (_, name, connected_at) in members {
+            if !users.iter().any(|u| &u.user_id == name) {
+                users.push(UserEntry {
+                    user_id: name.clone(),
+                    connected_at,
+                });
             }
         }
         users
